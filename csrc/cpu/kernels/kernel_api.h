@@ -1,0 +1,69 @@
+// Entry points of the CPU kernels, one copy per instruction set (see cpu_capability.h).
+// Plain structs of raw pointers: the kernels see no tensors, only memory and sizes.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace ether_kernels::cpu {
+
+// Ether loss forward, reduction part. The input is viewed as (B, C, R): B rows of
+// L = C * R contiguous elements, channel c of a row owning elements [c R, (c + 1) R).
+struct EtherStatsArgs {
+  const void* y_pred;
+  const void* y_true;
+  c10::ScalarType dtype;
+  int64_t B, C, R;
+  bool per_sample;
+  // Outputs (doubles, overwritten): the sum of squared errors and the sums of y_pred per
+  // channel: [C] over the whole batch, or [B, C] (one row per sample) when per_sample.
+  double* sse;
+  double* channel_sums;
+};
+
+// Ether loss backward, one elementwise pass:
+//   grad_pred[e] = g * (intra_scale * (p - t) + coef[chan(e)])
+//   grad_true[e] = -g * intra_scale * (p - t)
+// coef is [C] or [B, C] (per_sample) in opmath precision (double for fp64, else float).
+struct EtherBackwardArgs {
+  const void* y_pred;
+  const void* y_true;
+  c10::ScalarType dtype;
+  int64_t B, C, R;
+  bool per_sample;
+  const void* coef;
+  double upstream;     // g, the gradient flowing into the loss
+  double intra_scale;  // 2 / N for reduction="mean", 2 for "sum"
+  void* grad_pred;     // may be null: not requested
+  void* grad_true;     // may be null: not requested
+};
+
+// Fused MSE forward over n contiguous elements.
+//   reduction mean/sum: *sse = sum (p - t)^2; when grad is non-null also
+//                       grad[e] = grad_scale * (p - t)    (grad_scale = 2 / n or 2)
+//   reduction none:     out[e] = (p - t)^2
+struct MseForwardArgs {
+  const void* input;
+  const void* target;
+  c10::ScalarType dtype;
+  int64_t n;
+  double* sse;        // used unless elementwise
+  void* out;          // elementwise loss (reduction none), else null
+  void* grad;         // may be null
+  double grad_scale;
+};
+
+#define ETHER_KERNELS_DECLARE(ns)                  \
+  namespace ns {                                   \
+  void ether_loss_stats(const EtherStatsArgs&);    \
+  void ether_loss_backward(const EtherBackwardArgs&); \
+  void mse_forward(const MseForwardArgs&);         \
+  }
+
+ETHER_KERNELS_DECLARE(DEFAULT)
+ETHER_KERNELS_DECLARE(AVX2)
+ETHER_KERNELS_DECLARE(AVX512)
+#undef ETHER_KERNELS_DECLARE
+
+}  // namespace ether_kernels::cpu

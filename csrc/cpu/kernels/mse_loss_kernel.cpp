@@ -1,0 +1,94 @@
+// Fused MSE CPU kernel: one pass over input and target that produces the loss and, when the
+// input needs a gradient, the gradient itself (the backward is then one multiply by the
+// upstream gradient). Compiled once per instruction set (see setup.py).
+//
+//   mean/sum: sse = sum_e (p_e - t_e)^2,   grad_e = grad_scale * (p_e - t_e)
+//   none:     out_e = (p_e - t_e)^2
+//
+// The elements are cut into fixed chunks of kChunk; each chunk's sum has its own slot and
+// the slots are added in order, so the result does not depend on the thread count.
+
+#include "../vec_utils.h"
+#include "kernel_api.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace ether_kernels::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kChunk = 16384;       // elements per partial sum (fp32 lanes stay accurate)
+constexpr int64_t kGrainChunks = 4;     // 64K elements before a second thread helps
+
+template <typename scalar_t>
+double mse_chunk(const scalar_t* p, const scalar_t* t, int64_t n, scalar_t* out, scalar_t* grad,
+                 at::opmath_type<scalar_t> grad_scale) {
+  using P = OpmathPair<scalar_t>;
+  using Vec = typename P::Vec;
+  const Vec scale_v(grad_scale);
+  Vec sse_v(0), p_lo, p_hi, t_lo, t_hi;
+  int64_t i = 0;
+  auto body = [&](int64_t count, bool full) {
+    if (full) {
+      P::load(p + i, p_lo, p_hi);
+      P::load(t + i, t_lo, t_hi);
+    } else {
+      P::load_partial(p + i, count, p_lo, p_hi);
+      P::load_partial(t + i, count, t_lo, t_hi);
+    }
+    const Vec d_lo = p_lo - t_lo, d_hi = p_hi - t_hi;
+    if (out) {
+      if (full) P::store(out + i, d_lo * d_lo, d_hi * d_hi);
+      else P::store_partial(out + i, count, d_lo * d_lo, d_hi * d_hi);
+      return;
+    }
+    sse_v = at::vec::fmadd(d_lo, d_lo, at::vec::fmadd(d_hi, d_hi, sse_v));
+    if (grad) {
+      if (full) P::store(grad + i, scale_v * d_lo, scale_v * d_hi);
+      else P::store_partial(grad + i, count, scale_v * d_lo, scale_v * d_hi);
+    }
+  };
+  for (; i + P::kStep <= n; i += P::kStep) body(P::kStep, true);
+  if (i < n) body(n - i, false);
+  alignas(64) typename P::opmath_t lanes[Vec::size()];
+  sse_v.store(lanes);
+  double sse = 0.0;
+  for (int64_t k = 0; k < Vec::size(); ++k) sse += static_cast<double>(lanes[k]);
+  return sse;
+}
+
+template <typename scalar_t>
+void mse_impl(const MseForwardArgs& args) {
+  const auto* p = static_cast<const scalar_t*>(args.input);
+  const auto* t = static_cast<const scalar_t*>(args.target);
+  auto* out = static_cast<scalar_t*>(args.out);
+  auto* grad = static_cast<scalar_t*>(args.grad);
+  const auto grad_scale = static_cast<at::opmath_type<scalar_t>>(args.grad_scale);
+  const int64_t chunks = (args.n + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks, 0.0);
+  at::parallel_for(0, chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t start = k * kChunk, count = std::min(kChunk, args.n - start);
+      partial[k] = mse_chunk<scalar_t>(p + start, t + start, count, out ? out + start : nullptr,
+                                       grad ? grad + start : nullptr, grad_scale);
+    }
+  });
+  if (args.sse) {
+    double sse = 0.0;
+    for (double s : partial) sse += s;
+    *args.sse = sse;
+  }
+}
+
+}  // namespace
+
+void mse_forward(const MseForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "mse_forward",
+                                  [&] { mse_impl<scalar_t>(args); });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ether_kernels::cpu

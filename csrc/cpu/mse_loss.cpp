@@ -1,0 +1,46 @@
+// Fused MSE on the CPU: argument checks and the call into the vectorised kernel.
+#include "ops_cpu.h"
+
+#include "../common/ether_loss_math.h"
+#include "cpu_capability.h"
+#include "kernels/kernel_api.h"
+
+#include <ATen/ATen.h>
+
+namespace ether_kernels::cpu {
+
+std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
+                                                        const at::Tensor& target,
+                                                        int64_t reduction, bool compute_grad) {
+  TORCH_CHECK(input.sizes() == target.sizes(), "fused_mse_loss: input ", input.sizes(),
+              " and target ", target.sizes(), " must have the same shape");
+  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "fused_mse_loss: input (",
+              input.scalar_type(), ") and target (", target.scalar_type(),
+              ") must have the same dtype");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fused_mse_loss: input must be floating point, got ", input.scalar_type());
+  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum || reduction == math::kNone,
+              "fused_mse_loss: reduction code must be 0, 1 or 2, got ", reduction);
+  const at::Tensor p = input.contiguous(), t = target.contiguous();
+  const int64_t n = p.numel();
+
+  if (reduction == math::kNone) {
+    at::Tensor out = at::empty(p.sizes(), p.options());
+    MseForwardArgs args{p.data_ptr(), t.data_ptr(), p.scalar_type(), n, nullptr,
+                        out.data_ptr(), nullptr, 0.0};
+    ETHER_CPU_DISPATCH(mse_forward)(args);
+    return {out, at::empty({0}, p.options())};
+  }
+  const bool mean = reduction == math::kMean;
+  at::Tensor grad = compute_grad ? at::empty(p.sizes(), p.options()) : at::empty({0}, p.options());
+  double sse = 0.0;
+  MseForwardArgs args{p.data_ptr(), t.data_ptr(), p.scalar_type(), n, &sse, nullptr,
+                      compute_grad ? grad.data_ptr() : nullptr,
+                      mean ? 2.0 / static_cast<double>(n) : 2.0};
+  ETHER_CPU_DISPATCH(mse_forward)(args);
+  // An empty mean is 0 / 0 = NaN, as in torch.nn.functional.mse_loss.
+  const double loss = mean ? sse / static_cast<double>(n) : sse;
+  return {at::scalar_tensor(loss, p.options()), grad};
+}
+
+}  // namespace ether_kernels::cpu

@@ -1,0 +1,24 @@
+// Host-side CPU implementations of the ether_kernels ops (registered in register_cpu.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace ether_kernels::cpu {
+
+std::tuple<at::Tensor, at::Tensor> ether_loss_forward_cpu(
+    const at::Tensor& y_pred, const at::Tensor& y_true, const at::Tensor& member_channel,
+    const at::Tensor& member_group, const at::Tensor& weights, double alpha,
+    int64_t discrepancy, int64_t reduction, bool per_sample);
+
+std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& y_pred, const at::Tensor& y_true,
+    const at::Tensor& coef, double intra_scale, bool per_sample, bool need_pred_grad,
+    bool need_true_grad);
+
+std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
+                                                        const at::Tensor& target,
+                                                        int64_t reduction, bool compute_grad);
+
+}  // namespace ether_kernels::cpu

@@ -1,0 +1,64 @@
+// The ether_kernels operator library: every schema, in one place, and the Python module
+// `ether_kernels._C` that carries them. Device implementations live in csrc/<device>/<op>.*
+// (TORCH_LIBRARY_IMPL blocks); fake kernels and autograd are registered from Python
+// (ether_kernels/ops.py), so torch.compile and opcheck see every op.
+//
+// pybind11 serves only build information here: the ops themselves are dispatcher ops, which
+// torch.compile can trace, unlike pybind11 functions.
+#include <torch/extension.h>
+
+#include "cpu/cpu_capability.h"
+
+TORCH_LIBRARY(ether_kernels, m) {
+  // Ether loss. The modalities arrive as membership pairs: channel member_channel[e] belongs
+  // to modality member_group[e]; weights is (M,) float64. discrepancy: 0 = l1, 1 = l2;
+  // reduction of the intra term: 0 = mean, 1 = sum. Returns the loss (0-dim, input dtype)
+  // and the inter-term coefficient per channel, (C,) or (B, C) when per_sample, that the
+  // backward needs (fp32, or fp64 for fp64 inputs).
+  m.def(
+      "ether_loss_forward(Tensor y_pred, Tensor y_true, Tensor member_channel, "
+      "Tensor member_group, Tensor weights, float alpha, int discrepancy, int reduction, "
+      "bool per_sample) -> (Tensor, Tensor)");
+  // One elementwise pass: grad_pred = g * (intra_scale * (p - t) + coef[channel]) and
+  // grad_true = -g * intra_scale * (p - t). A gradient that is not needed comes back empty.
+  m.def(
+      "ether_loss_backward(Tensor grad_loss, Tensor y_pred, Tensor y_true, Tensor coef, "
+      "float intra_scale, bool per_sample, bool need_pred_grad, bool need_true_grad) "
+      "-> (Tensor, Tensor)");
+  // Fused MSE. reduction: 0 = mean, 1 = sum, 2 = none. With compute_grad (mean/sum only)
+  // the second output is d loss / d input for an upstream gradient of 1; else it is empty.
+  m.def("mse_loss_forward(Tensor input, Tensor target, int reduction, bool compute_grad) "
+        "-> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["simd"] = ether_kernels::cpu::capability_name();
+#if defined(ETHER_KERNELS_HAVE_AVX512) && defined(ETHER_KERNELS_HAVE_AVX2)
+  info["simd_compiled"] = pybind11::make_tuple("DEFAULT", "AVX2", "AVX512");
+#else
+  info["simd_compiled"] = pybind11::make_tuple("DEFAULT");
+#endif
+#if defined(_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#if defined(ETHER_KERNELS_WITH_CUDA)
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["compiler"] = std::string(__VERSION__);
+  info["torch_built_with"] = std::string(TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ether_kernels compiled operators (registered with the PyTorch dispatcher)";
+  m.def("build_info", &build_info, "What this build of ether_kernels._C contains.");
+}

@@ -1,0 +1,46 @@
+"""Argument checks shared by the public ops: every message names the argument at fault."""
+
+import math
+import numbers
+
+import torch
+
+
+def check_tensor(value, name):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_loss_pair(first, second, first_name, second_name, op_name):
+    """Both tensors, floating point, same dtype, shape and device."""
+    check_tensor(first, first_name)
+    check_tensor(second, second_name)
+    for value, name in ((first, first_name), (second, second_name)):
+        if not value.is_floating_point():
+            raise TypeError(f"{op_name}: {name} must be a floating-point tensor "
+                            f"(float32, float64, float16 or bfloat16), got {value.dtype}")
+    if first.dtype != second.dtype:
+        raise TypeError(f"{op_name}: {first_name} ({first.dtype}) and {second_name} "
+                        f"({second.dtype}) must have the same dtype")
+    if first.shape != second.shape:
+        raise ValueError(f"{op_name}: {first_name} has shape {tuple(first.shape)} but "
+                         f"{second_name} has shape {tuple(second.shape)}; they must match")
+    if first.device != second.device:
+        raise RuntimeError(f"{op_name}: {first_name} is on {first.device} but {second_name} is "
+                           f"on {second.device}; they must be on the same device")
+
+
+def check_choice(value, name, choices, op_name):
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{op_name}: {name} must be one of {options}, got {value!r}")
+
+
+def check_non_negative_real(value, name, op_name):
+    """A finite real number >= 0 (bool and tensors are refused); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op_name}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{op_name}: {name} must be a finite number >= 0, got {value}")
+    return value

@@ -1,0 +1,302 @@
+"""The Ether loss: public function, modality groups, and the ops' fake kernels and autograd.
+
+    loss = MSE(y_pred, y_true) + alpha * sum_m w_m * phi(mean_m(y_pred) - mean(y_pred))
+
+Semantics: specs/ether_loss.md; the readable version is reference/ether_loss.py. The fast
+paths are the ops ether_kernels::ether_loss_forward / _backward (C++ CPU, CUDA C++) and
+their *_triton twins, all with the same schemas:
+
+  forward(y_pred, y_true, member_channel, member_group, weights, alpha, discrepancy,
+          reduction, per_sample) -> (loss, coef)
+  backward(grad_loss, y_pred, y_true, coef, intra_scale, per_sample, need_pred_grad,
+           need_true_grad) -> (grad_pred, grad_true)
+
+The forward reads the inputs once and returns, next to the loss, the per-channel
+coefficient coef[c] = d(alpha * inter) / d y_pred[e] for any element e of channel c; the
+backward is then one elementwise pass (spec, "closed form of the gradient"):
+  d loss / d y_pred = g * (intra_scale * (y_pred - y_true) + coef[channel])
+  d loss / d y_true = -g * intra_scale * (y_pred - y_true)
+"""
+
+import numbers
+
+import torch
+
+from . import _dispatch, _extension
+from ._checks import check_choice, check_loss_pair, check_non_negative_real
+from ._triton_support import triton_import_error
+from .reference import ether_loss_reference
+
+_DISCREPANCIES = {"l1": 0, "l2": 1}
+_REDUCTIONS = {"mean": 0, "sum": 1}
+_OP = "ether_loss"
+
+
+class ModalityGroups:
+    """Which channels (dim 1 of y_pred) make up each modality.
+
+    Accepts the published list form (one entry per modality: an int, a slice, a list or
+    tuple of ints, or a 1-D integer tensor; negative ints count from the end) or a 1-D
+    integer tensor of modality ids, one per channel, in [0, M). Everything that can be
+    checked without knowing the channel count is checked here, at construction; the rest
+    (ranges, negative indices, slices) when the channel count is first seen.
+    """
+
+    def __init__(self, modalities):
+        self._ids = None
+        self._entries = None
+        self._resolved = {}  # channel count -> tuple of channel tuples
+        self._tensors = {}  # (channel count, device) -> tensors for the kernels / reference
+        if isinstance(modalities, ModalityGroups):
+            self._ids, self._entries = modalities._ids, modalities._entries
+        elif isinstance(modalities, torch.Tensor):
+            self._ids = self._parse_ids(modalities)
+        elif isinstance(modalities, (list, tuple)):
+            if len(modalities) == 0:
+                raise ValueError("modalities must name at least one modality, got an empty list")
+            self._entries = tuple(self._parse_entry(entry, i) for i, entry in enumerate(modalities))
+        else:
+            raise TypeError("modalities must be a list (one int, slice, list of ints or integer "
+                            "tensor per modality) or an integer tensor of modality ids, got "
+                            f"{type(modalities).__name__}")
+
+    @staticmethod
+    def _parse_ids(ids):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"modalities: a modality-id tensor must be an integer tensor, got {ids.dtype}")
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("modalities: a modality-id tensor must be 1-D with one id per channel, "
+                             f"got shape {tuple(ids.shape)}")
+        ids = tuple(int(v) for v in ids.tolist())
+        if min(ids) < 0:
+            raise ValueError(f"modalities: modality ids must be >= 0, got {min(ids)}")
+        present = set(ids)
+        missing = [m for m in range(max(ids) + 1) if m not in present]
+        if missing:
+            raise ValueError(f"modalities: modality ids must cover 0..{max(ids)}; modality "
+                             f"{missing[0]} has no channel (an empty group)")
+        return ids
+
+    @staticmethod
+    def _parse_entry(entry, i):
+        where = f"modalities[{i}]"
+        if isinstance(entry, bool):
+            raise TypeError(f"{where} must be an int, slice, list of ints or integer tensor, got bool")
+        if isinstance(entry, numbers.Integral):
+            return int(entry)
+        if isinstance(entry, slice):
+            for part in (entry.start, entry.stop, entry.step):
+                if part is not None and (isinstance(part, bool) or not isinstance(part, numbers.Integral)):
+                    raise TypeError(f"{where}: slice bounds must be ints or None, got {entry}")
+            if entry.step == 0:
+                raise ValueError(f"{where}: slice step cannot be zero")
+            start, stop, step = entry.start or 0, entry.stop, entry.step or 1
+            if stop is not None and start >= 0 and stop >= 0 and len(range(start, stop, step)) == 0:
+                raise ValueError(f"{where} = {entry} selects no channel (an empty group)")
+            return entry
+        if isinstance(entry, torch.Tensor):
+            if entry.dtype.is_floating_point or entry.dtype.is_complex or entry.dtype == torch.bool:
+                raise TypeError(f"{where} must hold integer channel indices, got {entry.dtype}")
+            if entry.dim() > 1:
+                raise ValueError(f"{where} must be a 1-D tensor of channel indices, got shape "
+                                 f"{tuple(entry.shape)}")
+            entry = [int(v) for v in entry.reshape(-1).tolist()]
+        if isinstance(entry, (list, tuple)):
+            if len(entry) == 0:
+                raise ValueError(f"{where} is empty: every modality needs at least one channel")
+            for value in entry:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise TypeError(f"{where} must hold ints, got {type(value).__name__}")
+            seen = set()
+            for value in entry:
+                if int(value) in seen:
+                    raise ValueError(f"{where} lists channel {int(value)} twice")
+                seen.add(int(value))
+            return tuple(int(v) for v in entry)
+        raise TypeError(f"{where} must be an int, slice, list of ints or integer tensor, got "
+                        f"{type(entry).__name__}")
+
+    @property
+    def num_modalities(self):
+        return (max(self._ids) + 1) if self._ids is not None else len(self._entries)
+
+    def channels(self, num_channels):
+        """One tuple of channel indices (non-negative, sorted as given) per modality."""
+        groups = self._resolved.get(num_channels)
+        if groups is None:
+            groups = self._resolve(num_channels)
+            self._resolved[num_channels] = groups
+        return groups
+
+    def _resolve(self, C):
+        if self._ids is not None:
+            if len(self._ids) != C:
+                raise ValueError(f"modalities: the modality-id tensor has {len(self._ids)} entries "
+                                 f"but y_pred has {C} channels (dim 1)")
+            return tuple(tuple(c for c in range(C) if self._ids[c] == m)
+                         for m in range(self.num_modalities))
+        groups = []
+        for i, entry in enumerate(self._entries):
+            where = f"modalities[{i}]"
+            if isinstance(entry, slice):
+                channels = tuple(range(*entry.indices(C)))
+                if not channels:
+                    raise ValueError(f"{where} = {entry} selects no channel of y_pred's {C} "
+                                     "(an empty group)")
+            else:
+                indices = (entry,) if isinstance(entry, int) else entry
+                channels = []
+                for index in indices:
+                    if not -C <= index < C:
+                        raise IndexError(f"{where}: channel index {index} is out of range for "
+                                         f"y_pred with {C} channels (dim 1)")
+                    channels.append(index % C)
+                if len(set(channels)) != len(channels):
+                    raise ValueError(f"{where} names the same channel twice (after resolving "
+                                     f"negative indices against {C} channels)")
+                channels = tuple(channels)
+            groups.append(channels)
+        return tuple(groups)
+
+    def tensors(self, num_channels, device):
+        """(member_channel, member_group, index tensors per group) on `device`, cached."""
+        key = (num_channels, str(device))
+        cached = self._tensors.get(key)
+        if cached is None:
+            groups = self.channels(num_channels)
+            member_channel = [c for g in groups for c in g]
+            member_group = [m for m, g in enumerate(groups) for _ in g]
+            cached = (
+                torch.tensor(member_channel, dtype=torch.int64, device=device),
+                torch.tensor(member_group, dtype=torch.int64, device=device),
+                [torch.tensor(g, dtype=torch.int64, device=device) for g in groups],
+            )
+            self._tensors[key] = cached
+        return cached
+
+    def __repr__(self):
+        if self._ids is not None:
+            return f"ModalityGroups(ids={list(self._ids)})"
+        return f"ModalityGroups({list(self._entries)})"
+
+
+def normalize_weights(weights, num_modalities):
+    """Per-modality weights as a tuple of floats (all ones by default)."""
+    if weights is None:
+        return (1.0,) * num_modalities
+    if isinstance(weights, torch.Tensor):
+        if weights.requires_grad:
+            raise ValueError("ether_loss: weights must be constants (a tensor that requires grad "
+                             "is not supported)")
+        weights = weights.detach().reshape(-1).tolist()
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"ether_loss: weights must be a sequence of {num_modalities} numbers, got "
+                        f"{type(weights).__name__}")
+    if len(weights) != num_modalities:
+        raise ValueError(f"ether_loss: weights has {len(weights)} entries but there are "
+                         f"{num_modalities} modalities")
+    return tuple(check_non_negative_real(w, f"weights[{i}]", "ether_loss")
+                 for i, w in enumerate(weights))
+
+
+def ether_loss(y_pred, y_true, modalities, alpha=1.0, *, discrepancy="l1", weights=None,
+               reduction="mean", per_sample=False):
+    """The Ether multimodal loss: MSE + alpha * sum_m w_m * phi(mean_m - overall mean).
+
+    Args:
+        y_pred, y_true: (B, C, *rest) floating-point tensors (fp32, fp64, fp16, bf16).
+        modalities: one entry per modality indexing dim 1 (int, slice, list of ints,
+            integer tensor), or an integer tensor of modality ids of shape (C,), or a
+            ModalityGroups. Groups may overlap and need not cover every channel.
+        alpha: weight of the inter-modal term, >= 0 (0 gives exactly the MSE).
+        discrepancy: "l1" (|x|, the published loss) or "l2" (x**2).
+        weights: per-modality weights w_m (length M, >= 0); default all ones.
+        reduction: "mean" (published) or "sum" for the MSE term.
+        per_sample: align every sample's modality means (averaged over the batch) instead
+            of the batch means.
+    Returns: a 0-dim tensor in the input dtype, differentiable in y_pred and y_true.
+    """
+    check_loss_pair(y_pred, y_true, "y_pred", "y_true", _OP)
+    if y_pred.dim() < 2:
+        raise ValueError(f"{_OP}: y_pred must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {tuple(y_pred.shape)}")
+    if y_pred.numel() == 0:
+        raise ValueError(f"{_OP}: y_pred must not be empty, got shape {tuple(y_pred.shape)}")
+    alpha = check_non_negative_real(alpha, "alpha", _OP)
+    check_choice(discrepancy, "discrepancy", tuple(_DISCREPANCIES), _OP)
+    check_choice(reduction, "reduction", tuple(_REDUCTIONS), _OP)
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"{_OP}: per_sample must be a bool, got {type(per_sample).__name__}")
+    groups = modalities if isinstance(modalities, ModalityGroups) else ModalityGroups(modalities)
+    weights = normalize_weights(weights, groups.num_modalities)
+    C = y_pred.shape[1]
+    member_channel, member_group, index_tensors = groups.tensors(C, y_pred.device)
+
+    backend = _dispatch.select(_OP, y_pred.device, cpu_backends=("cpp",),
+                               gpu_backends=("triton", "cuda"))
+    if backend == "reference":
+        return ether_loss_reference(y_pred, y_true, index_tensors, weights, alpha, discrepancy,
+                                    reduction, per_sample)
+    forward = (torch.ops.ether_kernels.ether_loss_forward_triton if backend == "triton"
+               else torch.ops.ether_kernels.ether_loss_forward)
+    weights_tensor = torch.tensor(weights, dtype=torch.float64, device=y_pred.device)
+    loss, _ = forward(y_pred, y_true, member_channel, member_group, weights_tensor, alpha,
+                      _DISCREPANCIES[discrepancy], _REDUCTIONS[reduction], per_sample)
+    return loss
+
+
+# ---- registration: fake kernels (shapes for torch.compile / meta) and autograd ----------
+
+def _forward_fake(y_pred, y_true, member_channel, member_group, weights, alpha, discrepancy,
+                  reduction, per_sample):
+    torch._check(y_pred.shape == y_true.shape)
+    torch._check(y_pred.dim() >= 2)
+    coef_dtype = torch.float64 if y_pred.dtype == torch.float64 else torch.float32
+    coef_shape = (y_pred.shape[0], y_pred.shape[1]) if per_sample else (y_pred.shape[1],)
+    return y_pred.new_empty(()), y_pred.new_empty(coef_shape, dtype=coef_dtype)
+
+
+def _backward_fake(grad_loss, y_pred, y_true, coef, intra_scale, per_sample, need_pred_grad,
+                   need_true_grad):
+    torch._check(y_pred.shape == y_true.shape)
+    grad_pred = y_pred.new_empty(y_pred.shape if need_pred_grad else (0,))
+    grad_true = y_pred.new_empty(y_pred.shape if need_true_grad else (0,))
+    return grad_pred, grad_true
+
+
+def _setup_context(ctx, inputs, output):
+    y_pred, y_true, _, _, _, _, _, reduction, per_sample = inputs
+    _, coef = output
+    ctx.mark_non_differentiable(coef)
+    ctx.save_for_backward(y_pred, y_true, coef)
+    ctx.intra_scale = 2.0 / y_pred.numel() if reduction == _REDUCTIONS["mean"] else 2.0
+    ctx.per_sample = per_sample
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_coef):
+        y_pred, y_true, coef = ctx.saved_tensors
+        need_pred, need_true = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_pred, grad_true = backward_op(grad_loss, y_pred, y_true, coef, ctx.intra_scale,
+                                           ctx.per_sample, need_pred, need_true)
+        return (grad_pred if need_pred else None, grad_true if need_true else None,
+                None, None, None, None, None, None, None)
+    return backward
+
+
+def _register(forward_name, backward_name, backward_op):
+    torch.library.register_fake(forward_name)(_forward_fake)
+    torch.library.register_fake(backward_name)(_backward_fake)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op),
+                                    setup_context=_setup_context)
+
+
+if _extension.cpp_available:
+    _register("ether_kernels::ether_loss_forward", "ether_kernels::ether_loss_backward",
+              torch.ops.ether_kernels.ether_loss_backward)
+if triton_import_error is None:
+    from .triton import ether_loss as _triton_ether_loss
+
+    _register("ether_kernels::ether_loss_forward_triton",
+              "ether_kernels::ether_loss_backward_triton",
+              _triton_ether_loss.ether_loss_backward_triton)

@@ -1,0 +1,131 @@
+"""Builds ether_kernels._C, the compiled operator library.
+
+Install with `pip install --no-build-isolation -e .` (build isolation would download a
+second, CUDA, torch just to build against).
+
+What gets built:
+  * always (unless ETHER_KERNELS_BUILD_EXTENSION=0): the C++ CPU operators, C++17 -O3 with
+    OpenMP. The kernels in csrc/cpu/kernels/ are compiled three times, for the x86-64
+    baseline, AVX2 and AVX-512, and the widest one the processor supports is chosen at run
+    time (no -march=native: the wheel runs on any x86-64).
+  * the CUDA operators (csrc/cuda/), only where both the CUDA toolkit (CUDA_HOME / nvcc)
+    and a CUDA build of torch exist. Decided from the toolkit, never from a visible GPU, so
+    a build machine without a GPU produces the same package. ETHER_KERNELS_WITH_CUDA=0/1
+    forces it off/on.
+
+If the build fails, the install still succeeds (the extension is optional) and the package
+runs on its pure-PyTorch reference, warning once; ETHER_KERNELS_REQUIRE_EXTENSION=1 (set by
+the Makefile) turns a failed build into a failed install instead.
+"""
+
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name):
+    """None when unset, else True/False from 1/0, yes/no, true/false, on/off."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return value.strip().lower() in ("1", "yes", "true", "on")
+
+
+def relative(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def cuda_build_wanted(torch_module, cpp_extension):
+    forced = env_flag("ETHER_KERNELS_WITH_CUDA")
+    has_toolkit = cpp_extension.CUDA_HOME is not None
+    has_cuda_torch = torch_module.version.cuda is not None
+    if forced is False:
+        return False
+    if forced is True and not (has_toolkit and has_cuda_torch):
+        raise RuntimeError(
+            "ETHER_KERNELS_WITH_CUDA=1 but "
+            + ("no CUDA toolkit was found (set CUDA_HOME)" if not has_toolkit else "")
+            + (" and " if not has_toolkit and not has_cuda_torch else "")
+            + ("torch is a CPU-only build" if not has_cuda_torch else "")
+        )
+    return has_toolkit and has_cuda_torch
+
+
+def extensions_and_cmdclass():
+    if env_flag("ETHER_KERNELS_BUILD_EXTENSION") is False:
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    # Per instruction set: the macros ATen's vector headers key on, and the compiler flags.
+    capabilities = {"DEFAULT": []}
+    if x86:
+        capabilities["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
+        capabilities["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                  "-mavx2", "-mfma", "-mf16c"]
+    kernel_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cpu", "kernels", "*.cpp")))
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    if x86:
+        cxx_flags += ["-DETHER_KERNELS_HAVE_AVX2", "-DETHER_KERNELS_HAVE_AVX512"]
+    sources = ["csrc/ether_kernels.cpp"] + [
+        s for s in relative(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    ]
+    depends = relative(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True))
+    with_cuda = cuda_build_wanted(torch, cpp_extension)
+    common = dict(
+        name="ether_kernels._C",
+        sources=sources,
+        depends=depends,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+        optional=not env_flag("ETHER_KERNELS_REQUIRE_EXTENSION"),
+    )
+    if with_cuda:
+        cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        cuda_sources += relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        common["sources"] = sources + cuda_sources
+        extension = cpp_extension.CUDAExtension(
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DETHER_KERNELS_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-DETHER_KERNELS_WITH_CUDA"],
+            },
+            **common,
+        )
+    else:
+        extension = cpp_extension.CppExtension(extra_compile_args={"cxx": cxx_flags}, **common)
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, plus one compile of each kernel file per instruction set."""
+
+        def build_extension(self, ext):
+            cxx = list(ext.extra_compile_args["cxx"])
+            for name, flags in capabilities.items():
+                post_args = dict(ext.extra_compile_args)
+                post_args["cxx"] = cxx + flags
+                objects = self.compiler.compile(
+                    kernel_sources,
+                    output_dir=os.path.join(self.build_temp, "capability", name),
+                    macros=[("CPU_CAPABILITY", name), ("CPU_CAPABILITY_" + name, None)],
+                    include_dirs=ext.include_dirs,
+                    extra_postargs=post_args if self.use_ninja else post_args["cxx"],
+                    depends=ext.depends,
+                )
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions_and_cmdclass()
+
+setup(
+    packages=find_packages(include=["ether_kernels", "ether_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
