@@ -47,12 +47,10 @@ def _stats_kernel(pred_ptr, true_ptr, partial_cols_ptr, partial_sse_ptr, B, L, R
     col_sum = tl.zeros([BLOCK_COLS], dtype=ACC_DTYPE)
     sq_err = tl.zeros([BLOCK_COLS], dtype=ACC_DTYPE)
     first_row = row_block.to(tl.int64) * ROWS
-    for i in range(0, ROWS):
-        row = first_row + i
-        mask = col_mask & (row < B)
-        offsets = row * L + cols
-        p = tl.load(pred_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        t = tl.load(true_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+    for i in range(0, tl.minimum(ROWS, B - first_row)):  # the last row block may be short
+        offsets = (first_row + i) * L + cols
+        p = tl.load(pred_ptr + offsets, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        t = tl.load(true_ptr + offsets, mask=col_mask, other=0.0).to(ACC_DTYPE)
         diff = p - t
         col_sum += p
         sq_err += diff * diff
