@@ -1,0 +1,92 @@
+"""Shared test fixtures: backends and devices to sweep, tolerances, fresh random seeds.
+
+Without a GPU the Triton kernels run under the interpreter on CPU tensors; the variable must
+be set before triton is first imported, which is why it is set here, at collection.
+"""
+
+import os
+import secrets
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import ether_kernels  # noqa: E402  (after TRITON_INTERPRET is set)
+from ether_kernels import _dispatch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Tolerances of a fast path against the fp64 reference computed from the same inputs:
+# (rtol, atol relative to the largest magnitude of the reference value). Half and bfloat16
+# store every output rounded to 11 / 8 significant bits; fp32 sums are blocked so their
+# error stays near a few ulps.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (4e-3, 2e-3),
+    torch.bfloat16: (3e-2, 1.6e-2),
+}
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def backend_params():
+    """(device, backend) pairs: every fast backend that can run here, GPU ones marked."""
+    params = []
+    for device in devices():
+        for backend in ("cpp", "cuda", "triton"):
+            if _dispatch.unsupported_reasons(backend, torch.device(device), ("cpp", "cuda", "triton")):
+                continue
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            if backend == "triton":
+                marks.append(pytest.mark.triton)
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return params
+
+
+def is_interpreted(device, backend):
+    """Triton under the interpreter: slow, and without bfloat16 support."""
+    return backend == "triton" and device == "cpu"
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """A new seed every run (printed, so that a failure can be replayed with it)."""
+    seed = int(os.environ.get("ETHER_KERNELS_TEST_SEED", secrets.randbits(31)))
+    torch.manual_seed(seed)
+    print(f"seed={seed} (replay with ETHER_KERNELS_TEST_SEED={seed})")
+    yield seed
+
+
+def assert_close(actual, expected, dtype, what):
+    """actual (any dtype) against expected (fp64), with the dtype's tolerance; says where."""
+    rtol, atol_scale = TOLERANCES[dtype]
+    expected = expected.detach().double().cpu()
+    actual = actual.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    atol = atol_scale * max(scale, 1e-30)
+    error = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    bad = ~(error <= bound)
+    if bad.any():
+        index = tuple(int(i) for i in torch.nonzero(bad)[0]) if bad.dim() else ()
+        worst = (error / bound).nan_to_num(float("inf")).max().item()
+        raise AssertionError(
+            f"{what} ({dtype}): {int(bad.sum())} of {bad.numel()} values off; first at {index}: "
+            f"got {actual[index].item():.10g}, expected {expected[index].item():.10g} "
+            f"(|error| {error[index].item():.3g} > bound {bound[index].item():.3g}); "
+            f"worst error / bound = {worst:.3g}")
+
+
+def random_pair(shape, dtype, device, requires_grad=(True, True)):
+    """y_pred, y_true with a modality-dependent offset so that the inter term matters."""
+    y_pred = torch.randn(shape, dtype=torch.float64)
+    offsets = torch.randn(shape[1], dtype=torch.float64).view(1, -1, *([1] * (len(shape) - 2)))
+    y_pred = (y_pred + offsets).to(device=device, dtype=dtype)
+    y_true = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    return y_pred.requires_grad_(requires_grad[0]), y_true.requires_grad_(requires_grad[1])
