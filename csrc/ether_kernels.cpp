@@ -26,7 +26,8 @@ TORCH_LIBRARY(ether_kernels, m) {
       "float intra_scale, bool per_sample, bool need_pred_grad, bool need_true_grad) "
       "-> (Tensor, Tensor)");
   // Fused MSE. reduction: 0 = mean, 1 = sum, 2 = none. With compute_grad (mean/sum only)
-  // the second output is d loss / d input for an upstream gradient of 1; else it is empty.
+  // the second output is 2 * (input - target), the gradient of the sum (the backward
+  // multiplies it by the upstream gradient, and 1 / N for the mean); else it is empty.
   m.def("mse_loss_forward(Tensor input, Tensor target, int reduction, bool compute_grad) "
         "-> (Tensor, Tensor)");
 }

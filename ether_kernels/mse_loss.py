@@ -3,8 +3,8 @@
 The ops ether_kernels::mse_loss_forward (C++ CPU, CUDA C++) and mse_loss_forward_triton:
   forward(input, target, reduction, compute_grad) -> (loss, grad)
 With reduction mean/sum and compute_grad, the forward pass also writes
-grad = d loss / d input (for an upstream gradient of 1) while it has the data in registers,
-so the backward is one multiply by the upstream gradient: two reads and one write in all,
+grad = 2 * (input - target) while it has the data in registers, so the backward is one
+multiply by the upstream gradient (times 1 / N for the mean): two reads and one write in all,
 against four reads and two writes for the unfused forward + backward.
 """
 
@@ -45,21 +45,28 @@ def _setup_context(ctx, inputs, output):
     input, target, reduction, compute_grad = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
-    ctx.reduction = reduction
+    # d loss / d input = factor * 2 * (input - target) * upstream
+    ctx.factor = 1.0 / max(input.numel(), 1) if reduction == _REDUCTIONS["mean"] else 1.0
     ctx.saved_grad = compute_grad and reduction != _REDUCTIONS["none"]
-    # The saved gradient replaces the inputs when the forward wrote it; otherwise the
-    # backward needs the inputs themselves.
+    # The forward's 2 * (input - target) replaces the inputs when it was written; otherwise
+    # the backward needs the inputs themselves.
     ctx.save_for_backward(*((grad,) if ctx.saved_grad else (input, target)))
 
 
 def _backward(ctx, grad_loss, _grad_grad):
     if ctx.saved_grad:
-        (grad,) = ctx.saved_tensors
-        grad_input = grad * grad_loss
+        (twice_diff,) = ctx.saved_tensors
     else:
         input, target = ctx.saved_tensors
-        scale = {0: 2.0 / input.numel(), 1: 2.0, 2: 2.0}[ctx.reduction]
-        grad_input = (input - target) * (grad_loss * scale)
+        twice_diff = 2.0 * (input - target)
+    if ctx.factor == 1.0:
+        grad_input = twice_diff * grad_loss
+    elif twice_diff.dtype in (torch.float16, torch.bfloat16):
+        # 1 / N is applied last, to the O(1) product: folded into the 16-bit upstream value
+        # first it would round to a subnormal and lose most of its bits.
+        grad_input = (twice_diff * grad_loss).mul_(ctx.factor)
+    else:
+        grad_input = twice_diff * (grad_loss * ctx.factor)
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     return (grad_input if need_input else None, -grad_input if need_target else None, None, None)
 

@@ -36,7 +36,9 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
   double sse = 0.0;
   MseForwardArgs args{p.data_ptr(), t.data_ptr(), p.scalar_type(), n, &sse, nullptr,
                       compute_grad ? grad.data_ptr() : nullptr,
-                      mean ? 2.0 / static_cast<double>(n) : 2.0};
+                      // 2 (p - t), without the mean's 1 / n: stored in 16 bits, 2 (p - t) / n
+                      // would be subnormal for large n. The backward applies 1 / n.
+                      2.0};
   ETHER_CPU_DISPATCH(mse_forward)(args);
   // An empty mean is 0 / 0 = NaN, as in torch.nn.functional.mse_loss.
   const double loss = mean ? sse / static_cast<double>(n) : sse;

@@ -1,0 +1,227 @@
+// Entry points of the CUDA kernels (ether_loss_kernels.cu, mse_loss_kernels.cu), the CUDA
+// twin of csrc/cpu/kernels/kernel_api.h. Plain structs of raw device pointers and sizes: no
+// torch here, so the .cu files build with nvcc alone; ops_cuda.cpp is the torch-facing side.
+//
+// Every launcher enqueues its kernels on `stream`, never synchronises (no host round trip,
+// no cudaMemcpy to the host), and returns the first launch error (cudaSuccess when every
+// launch was accepted). Outputs and workspaces are allocated by the caller; a workspace
+// must be at least the size that the matching *_workspace_bytes function returns for the
+// same arguments, and needs no initialisation (every byte that is read is written first).
+//
+// All tensors are contiguous. Sizes and indices are int64 throughout.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ether_kernels::cuda {
+
+// The element types the kernels are compiled for. The accumulation ("opmath") type is
+// float for the 16-bit types and float32, double for float64, as in ATen.
+enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Ether loss forward. The input (B, C, *rest) is viewed as (B, C, R), R = prod(rest): B rows
+// of L = C * R elements, channel c of a row owning elements [c R, (c + 1) R).
+//   loss = intra + alpha * inter (exactly intra when alpha == 0), intra = sse / N (reduction
+//   0, mean) or sse (1, sum); inter and coef come from math::finalize_row over the channel
+//   sums of the whole batch (one row) or of every sample (B rows, inter averaged over B).
+struct EtherForwardArgs {
+  const void* y_pred;  // [B, C, R], dtype
+  const void* y_true;  // [B, C, R], dtype
+  DType dtype;
+  int64_t B, C, R;     // each > 0
+  bool per_sample;
+  // Modalities as membership pairs: channel member_channel[e] belongs to group
+  // member_group[e] (e < E); weights[m] for m < M. Device memory. They are validated on the
+  // device as well: an out-of-range index or an empty group makes the coefficients and the
+  // inter term NaN (the loss too unless alpha == 0) instead of reading out of bounds.
+  const int64_t* member_channel;
+  const int64_t* member_group;
+  int64_t E;
+  const double* weights;
+  int64_t M;
+  double alpha;
+  int64_t discrepancy;  // math::kL1 or math::kL2
+  int64_t reduction;    // math::kMean or math::kSum
+  void* loss;           // out: 0-dim, dtype
+  void* coef;           // out: [C] or [B, C] (per_sample); float, double for kFloat64
+  void* workspace;      // ether_loss_forward_workspace_bytes(*this) bytes, 256-byte aligned
+  size_t workspace_bytes;
+};
+
+// Bytes of workspace ether_loss_forward needs. Depends only on dtype, B, C, R, per_sample
+// and M (not on pointers), so it can be called before anything is allocated.
+size_t ether_loss_forward_workspace_bytes(const EtherForwardArgs& args);
+cudaError_t ether_loss_forward(const EtherForwardArgs& args, cudaStream_t stream);
+
+// Ether loss backward, one elementwise pass (g = *grad_loss, read on the device):
+//   grad_pred[e] = g * (intra_scale * (p - t) + coef[chan(e)])
+//   grad_true[e] = -g * intra_scale * (p - t)
+// chan(e) = (e / R) % C, or the (b, c) row-major index e / R into coef [B, C] when
+// per_sample. coef is float (double for kFloat64), as ether_loss_forward wrote it.
+struct EtherBackwardArgs {
+  const void* grad_loss;  // one element, dtype
+  const void* y_pred;
+  const void* y_true;
+  DType dtype;
+  int64_t B, C, R;
+  bool per_sample;
+  const void* coef;
+  double intra_scale;  // 2 / N for reduction mean, 2 for sum
+  void* grad_pred;     // may be null: not requested
+  void* grad_true;     // may be null: not requested
+};
+
+cudaError_t ether_loss_backward(const EtherBackwardArgs& args, cudaStream_t stream);
+
+// Fused MSE forward over n contiguous elements.
+//   reduction mean (0) / sum (1): *loss = sse / n or sse (dtype; NaN for an empty mean, as in
+//                     torch); when grad is non-null also grad[e] = grad_scale * (p - t)
+//   reduction none (2): out[e] = (p - t)^2
+struct MseForwardArgs {
+  const void* input;
+  const void* target;
+  DType dtype;
+  int64_t n;
+  int64_t reduction;
+  void* loss;         // mean/sum: 0-dim, dtype
+  void* out;          // none: [n], dtype
+  void* grad;         // mean/sum, may be null
+  double grad_scale;  // 2 / n or 2
+  void* workspace;    // mse_forward_workspace_bytes(*this) bytes (0 for reduction none)
+  size_t workspace_bytes;
+};
+
+size_t mse_forward_workspace_bytes(const MseForwardArgs& args);
+cudaError_t mse_forward(const MseForwardArgs& args, cudaStream_t stream);
+
+}  // namespace ether_kernels::cuda
+
+// ---------------------------------------------------------------------------------------
+// Device-side helpers shared by the two .cu files (nvcc only; the host compiler that builds
+// ops_cuda.cpp never sees this part).
+#if defined(__CUDACC__)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace ether_kernels::cuda::detail {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ constexpr int64_t max64(int64_t a, int64_t b) { return a < b ? b : a; }
+__host__ __device__ constexpr int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+  return min64(max64(x, lo), hi);
+}
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Accumulation type per element type (ATen's opmath_type).
+template <typename T> struct AccType;
+template <> struct AccType<float> { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <> struct AccType<__half> { using type = float; };
+template <> struct AccType<__nv_bfloat16> { using type = float; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
+// Elements per 16-byte load: 4 fp32, 2 fp64, 8 fp16/bf16. The kernels work in "units" of
+// kVec consecutive elements, loaded with one 128-bit instruction when aligned.
+template <typename T> constexpr int kVec = static_cast<int>(16 / sizeof(T));
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round-to-nearest-even conversions back to the element type, like c10::Half/BFloat16.
+template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+// A double result (the loss) in the element type: through the accumulation type, as the CPU
+// op's at::scalar_tensor(double) does (double -> float -> half for the 16-bit types).
+template <typename T> __device__ __forceinline__ T from_double(double x) {
+  return from_acc<T>(static_cast<acc_t<T>>(x));
+}
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+template <typename T> struct alignas(16) Pack {
+  T v[kVec<T>];
+};
+
+__host__ __device__ inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Loads the first `valid` (<= kVec) elements at src as accumulation values; missing lanes
+// read as 0, which adds nothing to any sum. One 16-byte load when the caller knows the
+// address is aligned (kAligned) and the unit is full; element loads otherwise. Both paths
+// give the same values in the same lanes, so alignment never changes a result.
+template <typename T, bool kAligned>
+__device__ __forceinline__ void load_unit(const T* __restrict__ src, int64_t valid,
+                                          acc_t<T> (&x)[kVec<T>]) {
+  if (kAligned && valid == kVec<T>) {
+    const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(src);
+#pragma unroll
+    for (int v = 0; v < kVec<T>; ++v) x[v] = to_acc(pack.v[v]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < kVec<T>; ++v) x[v] = v < valid ? to_acc(src[v]) : acc_t<T>(0);
+  }
+}
+
+// Stores the first `valid` lanes of x at dst, converted to T.
+template <typename T, bool kAligned>
+__device__ __forceinline__ void store_unit(T* __restrict__ dst, int64_t valid,
+                                           const acc_t<T> (&x)[kVec<T>]) {
+  if (kAligned && valid == kVec<T>) {
+    Pack<T> pack;
+#pragma unroll
+    for (int v = 0; v < kVec<T>; ++v) pack.v[v] = from_acc<T>(x[v]);
+    *reinterpret_cast<Pack<T>*>(dst) = pack;
+  } else {
+#pragma unroll
+    for (int v = 0; v < kVec<T>; ++v) {
+      if (v < valid) dst[v] = from_acc<T>(x[v]);
+    }
+  }
+}
+
+// Sum over the 32 lanes of a warp, in a fixed tree order; the total lands in lane 0.
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_down_sync(kFullMask, v, offset);
+  }
+  return v;
+}
+
+// Sum over a block of kThreads threads in a fixed order (warp trees, then a tree over the
+// warp totals); the total is valid in thread 0. Every thread of the block must call it. It
+// ends with a barrier, so it can be called again right away.
+template <int kThreads>
+__device__ __forceinline__ double block_sum(double v) {
+  static_assert(kThreads % kWarpSize == 0 && kThreads / kWarpSize <= kWarpSize, "block size");
+  __shared__ double warp_totals[kThreads / kWarpSize];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = warp_sum(v);
+  if (lane == 0) warp_totals[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  if (warp == 0) total = warp_sum(lane < kThreads / kWarpSize ? warp_totals[lane] : 0.0);
+  __syncthreads();
+  return total;
+}
+
+}  // namespace ether_kernels::cuda::detail
+
+#endif  // __CUDACC__

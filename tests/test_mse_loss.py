@@ -1,0 +1,185 @@
+"""Fused MSE: equal to torch.nn.functional.mse_loss in value and both gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ether_kernels as ek
+from conftest import assert_close, backend_params, is_interpreted
+
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(1,), (3,), (41,), (423,), (7, 5), (3, 4, 17), (2, 3, 4, 5), (70000,), (65, 1031)]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def reference_fp64(input, target, reduction, upstream):
+    x = input.detach().double().requires_grad_(True)
+    y = target.detach().double().requires_grad_(True)
+    loss = F.mse_loss(x, y, reduction=reduction)
+    grad_x, grad_y = torch.autograd.grad(loss, (x, y), upstream.double())
+    return loss, grad_x, grad_y
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backend_matches_reference(device, backend, dtype, shape, reduction):
+    if is_interpreted(device, backend) and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    # Scaled by 0.5 so that a float16 "sum" over 70k elements stays inside float16's range.
+    input = (0.5 * torch.randn(shape, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_(True)
+    target = (0.5 * torch.randn(shape, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_(True)
+    upstream = torch.randn(shape if reduction == "none" else (), dtype=dtype, device=device)
+    expected, expected_grad_x, expected_grad_y = reference_fp64(input, target, reduction, upstream)
+    with ek.use_backend(backend):
+        loss = ek.fused_mse_loss(input, target, reduction)
+    assert loss.dtype == dtype
+    grad_x, grad_y = torch.autograd.grad(loss, (input, target), upstream)
+    assert_close(loss, expected, dtype, "loss")
+    assert_close(grad_x, expected_grad_x, dtype, "d loss / d input")
+    assert_close(grad_y, expected_grad_y, dtype, "d loss / d target")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_fp64(device, backend, reduction):
+    input = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+
+    def loss_fn(x, y):
+        with ek.use_backend(backend):
+            return ek.fused_mse_loss(x, y, reduction)
+
+    assert torch.autograd.gradcheck(loss_fn, (input, target))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("which", ["input", "target", "neither"])
+def test_gradient_of_one_input_only(device, backend, which):
+    input = torch.randn(5, 6, device=device, requires_grad=which == "input")
+    target = torch.randn(5, 6, device=device, requires_grad=which == "target")
+    with ek.use_backend(backend):
+        loss = ek.fused_mse_loss(input, target)
+    expected = F.mse_loss(input.detach(), target.detach())
+    assert_close(loss, expected, torch.float32, "loss")
+    if which == "neither":
+        assert not loss.requires_grad
+        return
+    leaf = input if which == "input" else target
+    (grad,) = torch.autograd.grad(loss, (leaf,))
+    sign = 1.0 if which == "input" else -1.0
+    assert_close(grad, sign * 2 * (input - target).detach() / input.numel(), torch.float32, "gradient")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_no_grad_mode_writes_no_gradient(device, backend):
+    input = torch.randn(4, 4, device=device, requires_grad=True)
+    target = torch.randn(4, 4, device=device)
+    with torch.no_grad(), ek.use_backend(backend):
+        loss = ek.fused_mse_loss(input, target)
+    assert not loss.requires_grad
+    assert_close(loss, F.mse_loss(input.detach(), target), torch.float32, "loss")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_retain_graph_backward_twice(device, backend):
+    input = torch.randn(6, 3, device=device, requires_grad=True)
+    target = torch.randn(6, 3, device=device)
+    with ek.use_backend(backend):
+        loss = ek.fused_mse_loss(input, target)
+    loss.backward(retain_graph=True)
+    first = input.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(input.grad, 2 * first)
+
+
+@pytest.mark.parametrize("device,backend", backend_params() + [pytest.param("cpu", "reference")])
+def test_empty_input_matches_torch(device, backend):
+    input = torch.randn(0, 3, device=device, requires_grad=True)
+    target = torch.randn(0, 3, device=device)
+    with ek.use_backend(backend):
+        mean, total = ek.fused_mse_loss(input, target), ek.fused_mse_loss(input, target, "sum")
+    assert torch.isnan(mean) and torch.isnan(F.mse_loss(input, target))
+    assert total.item() == 0.0
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_nan_propagates_and_inputs_are_not_modified(device, backend):
+    input = torch.randn(5, 5, device=device)
+    input[1, 3] = float("nan")
+    input.requires_grad_(True)
+    target = torch.randn(5, 5, device=device)
+    before = input.detach().clone(), target.clone()
+    with ek.use_backend(backend):
+        loss = ek.fused_mse_loss(input, target)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(input.grad[1, 3]) and torch.isfinite(input.grad[0]).all()
+    assert torch.equal(input.detach().nan_to_num(7.0), before[0].nan_to_num(7.0))
+    assert torch.equal(target, before[1])
+
+
+def test_cpp_is_bitwise_deterministic_across_thread_counts():
+    input = torch.randn(3_000_001, requires_grad=True)
+    target = torch.randn(3_000_001)
+    threads_before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with ek.use_backend("cpp"):
+                loss = ek.fused_mse_loss(input, target)
+            results.append((loss.detach(), *torch.autograd.grad(loss, (input,))))
+    finally:
+        torch.set_num_threads(threads_before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def _forward_op(backend):
+    return (torch.ops.ether_kernels.mse_loss_forward_triton.default if backend == "triton"
+            else torch.ops.ether_kernels.mse_loss_forward.default)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(device, backend, reduction):
+    for requires_grad in (True, False):
+        input = torch.randn(3, 5, device=device, requires_grad=requires_grad)
+        target = torch.randn(3, 5, device=device)
+        torch.library.opcheck(_forward_op(backend), (input, target, reduction, requires_grad))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_compile_fullgraph(reduction):
+    module = ek.FusedMSELoss(reduction)
+    input = torch.randn(8, 5, requires_grad=True)
+    target = torch.randn(8, 5)
+    compiled = torch.compile(lambda x, y: module(x.sin(), y).sum(), fullgraph=True)
+    loss = compiled(input, target)
+    (grad,) = torch.autograd.grad(loss, (input,))
+    x = input.detach().requires_grad_(True)
+    expected = F.mse_loss(x.sin(), target, reduction=reduction).sum()
+    (expected_grad,) = torch.autograd.grad(expected, (x,))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(target=torch.randn(4, 6)), ValueError, r"input has shape \(4, 5\) but target has shape \(4, 6\)"),
+    (dict(target=torch.randn(4, 5, dtype=torch.float16)), TypeError, r"input \(torch.float32\) and target \(torch.float16\)"),
+    (dict(input=torch.ones(4, 5, dtype=torch.int32), target=torch.ones(4, 5, dtype=torch.int32)), TypeError, r"input must be a floating-point tensor"),
+    (dict(input=None), TypeError, r"input must be a torch.Tensor"),
+    (dict(reduction="avg"), ValueError, r"reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
+])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_bad_input_raises_a_clear_error(change, error, match, backend):
+    kwargs = {"input": torch.randn(4, 5), "target": torch.randn(4, 5), "reduction": "mean", **change}
+    with ek.use_backend(backend), pytest.raises(error, match=match):
+        ek.fused_mse_loss(**kwargs)
+
+
+def test_module_checks_reduction_at_construction():
+    with pytest.raises(ValueError, match=r"FusedMSELoss: reduction must be one of"):
+        ek.FusedMSELoss("median")
