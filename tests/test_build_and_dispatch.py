@@ -1,0 +1,187 @@
+"""The build (every .cu compiles, every SIMD variant is right), info(), backend choice and
+forcing, and the fallback to the reference when the extension is missing."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ether_kernels as ek
+from ether_kernels import _dispatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+
+
+def run_python(code, **env):
+    """Runs `code` in a fresh interpreter (import-time settings need one); returns stdout."""
+    full_env = {**os.environ, **env}
+    if "ETHER_KERNELS_BACKEND" not in env:  # the parent's choice must not leak in
+        full_env.pop("ETHER_KERNELS_BACKEND", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=full_env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------------------- build
+
+def test_cuda_sources_exist():
+    assert CUDA_SOURCES, "csrc/cuda/ holds no .cu file"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
+def test_cuda_source_compiles_without_torch(source, arch, tmp_path):
+    """Pure CUDA kernels stay free of torch headers, so they compile here without a GPU."""
+    with open(source) as f:
+        text = f.read()
+    for forbidden in ("<torch/", "<ATen/", "<c10/"):
+        assert forbidden not in text, f"{source} includes a torch header ({forbidden})"
+    result = subprocess.run(
+        ["nvcc", "-std=c++17", f"-arch={arch}", "-O3", "-c", source, "-I", os.path.join(ROOT, "csrc"),
+         "-o", str(tmp_path / "kernel.o")],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"nvcc failed for {source} ({arch}):\n{result.stderr}"
+
+
+def test_info_reports_what_loaded():
+    info = ek.info()
+    for key in ("cpp", "cuda", "triton", "simd", "threads", "torch", "version", "backends"):
+        assert key in info, f"info() lacks {key!r}"
+    assert isinstance(info["cpp"], bool) and isinstance(info["cuda"], bool)
+    assert isinstance(info["triton"], bool)
+    assert info["threads"] == torch.get_num_threads()
+    assert info["version"] == ek.__version__
+    if info["cpp"]:
+        assert info["simd"] in ("DEFAULT", "AVX2", "AVX512")
+        assert "cpp" in info["backends"]["cpu"]
+
+
+def test_the_extension_is_built_when_the_makefile_requires_it():
+    # The Makefile installs with ETHER_KERNELS_REQUIRE_EXTENSION=1: the suite must then be
+    # testing the compiled kernels, not silently the reference.
+    if os.environ.get("ETHER_KERNELS_DISABLE_EXTENSION") == "1":
+        pytest.skip("extension disabled on purpose")
+    assert ek.info()["cpp"], f"the C++ extension did not load: {ek.info()['cpp_error']}"
+
+
+SIMD_CHECK = """
+import json, torch, ether_kernels as ek
+torch.manual_seed(0)
+results = {"simd": ek.info()["simd"]}
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    for shape in ((37, 45), (5, 3, 70), (300, 7)):
+        p = torch.randn(shape, dtype=torch.float64)
+        t = torch.randn(shape, dtype=torch.float64)
+        pred = p.to(dtype).requires_grad_(True)
+        loss = ek.ether_loss(pred, t.to(dtype), [0, [1, 2]], 0.7)
+        (grad,) = torch.autograd.grad(loss, (pred,))
+        ref_pred = pred.detach().double().requires_grad_(True)
+        with ek.use_backend("reference"):
+            ref = ek.ether_loss(ref_pred, t.to(dtype).double(), [0, [1, 2]], 0.7)
+        (ref_grad,) = torch.autograd.grad(ref, (ref_pred,))
+        mse = ek.fused_mse_loss(pred.detach(), t.to(dtype))
+        ref_mse = torch.nn.functional.mse_loss(pred.detach().double(), t.to(dtype).double())
+        results[f"{dtype}-{shape}"] = [
+            abs(loss.double().item() - ref.item()) / abs(ref.item()),
+            ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item(),
+            abs(mse.double().item() - ref_mse.item()) / ref_mse.item()]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_simd_variant_matches_the_reference(capability):
+    if not ek.info()["cpp"]:
+        pytest.skip("the C++ extension is not loaded")
+    if capability.upper() not in ek.info()["simd_compiled"]:
+        pytest.skip(f"{capability} is not compiled on this platform")
+    machine = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    if machine in order and order.index(capability.upper()) > order.index(machine):
+        pytest.skip(f"this processor has no {capability}")
+    stdout, _ = run_python(SIMD_CHECK, ATEN_CPU_CAPABILITY=capability)
+    results = json.loads(stdout)
+    assert results.pop("simd") == capability.upper()
+    bounds = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+    for case, errors in results.items():
+        bound = bounds[case.split("-")[0].replace("torch.", "")]
+        assert max(errors) < bound, f"{capability} {case}: relative errors {errors} exceed {bound}"
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+def test_automatic_choice_on_cpu():
+    cpu = torch.device("cpu")
+    expected = "cpp" if ek.info()["cpp"] else "reference"
+    assert _dispatch.select("ether_loss", cpu, ("cpp",), ("triton", "cuda")) == expected
+
+
+def test_use_backend_forces_and_nests():
+    cpu = torch.device("cpu")
+    with ek.use_backend("reference"):
+        assert _dispatch.select("x", cpu) == "reference"
+        with ek.use_backend("auto"):
+            assert _dispatch.select("x", cpu) == ("cpp" if ek.info()["cpp"] else "reference")
+        assert _dispatch.select("x", cpu) == "reference"
+
+
+def test_forcing_a_backend_that_cannot_run_lists_the_reasons():
+    with ek.use_backend("cuda"), pytest.raises(ek.BackendUnavailableError) as error:
+        ek.ether_loss(torch.randn(3, 2), torch.randn(3, 2), [0, 1])
+    message = str(error.value)
+    assert "backend 'cuda' was forced" in message
+    assert "cuda runs on CUDA tensors, these are on cpu" in message
+
+
+def test_unknown_backend_name_is_refused():
+    with pytest.raises(ValueError, match=r"use_backend\(name\) must be one of reference, cpp, cuda, triton"):
+        with ek.use_backend("fast"):
+            pass
+
+
+def test_environment_variable_forces_the_backend():
+    code = ("import torch, ether_kernels as ek\n"
+            "from ether_kernels import _dispatch\n"
+            "print(_dispatch.select('ether_loss', torch.device('cpu'), ('cpp',), ('triton',)))\n")
+    stdout, _ = run_python(code, ETHER_KERNELS_BACKEND="reference")
+    assert stdout.strip() == "reference"
+    bad = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True,
+                         env={**os.environ, "ETHER_KERNELS_BACKEND": "gpu-please"}, cwd=ROOT)
+    assert bad.returncode != 0
+    assert "ETHER_KERNELS_BACKEND must be one of reference, cpp, cuda, triton or 'auto', got 'gpu-please'" in bad.stderr
+
+
+def test_without_the_extension_the_package_warns_once_and_runs_the_reference():
+    code = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import ether_kernels as ek
+    import ether_kernels.ether_loss, ether_kernels.mse_loss
+print(sum("compiled extension is not available" in str(w.message) for w in caught))
+info = ek.info()
+print(info["cpp"], "disabled by ETHER_KERNELS_DISABLE_EXTENSION" in info["cpp_error"])
+p = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+t = torch.randn(6, 4, dtype=torch.float64)
+loss = ek.ether_loss(p, t, [0, [1, 2]], 0.5)
+loss.backward()
+intra = torch.mean((p - t) ** 2)
+inter = (p[:, 0].mean() - p.mean()).abs() + (p[:, [1, 2]].mean() - p.mean()).abs()
+print(torch.allclose(loss, intra + 0.5 * inter, rtol=1e-12, atol=0))
+print(torch.allclose(ek.fused_mse_loss(p, t), torch.nn.functional.mse_loss(p, t)))
+try:
+    with ek.use_backend("cpp"):
+        ek.ether_loss(p, t, [0, 1], 0.5)
+except ek.BackendUnavailableError as error:
+    print("refused:", "the compiled extension did not load" in str(error))
+"""
+    stdout, _ = run_python(code, ETHER_KERNELS_DISABLE_EXTENSION="1")
+    assert stdout.split() == ["1", "False", "True", "True", "True", "refused:", "True"], stdout
