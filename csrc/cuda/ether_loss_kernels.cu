@@ -240,6 +240,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tx = tid % static_cast<int>(plan.tx), ty = tid / static_cast<int>(plan.tx);
   const int64_t pitch = plan.tx * V;
   const int64_t col = static_cast<int64_t>(tx) * V;  // this thread's first column in the run
+  // Rows of column sums the batch epilogue adds: 8 warp rows when tx < 32, else ty rows.
   const int row_span = plan.tx > kWarpSize ? static_cast<int>(plan.tx) : kWarpSize;
   const int64_t group = plan.sum_group, groups_per_warp = kWarpSize / group;
   const int64_t sub = lane / group, glane = lane % group;
@@ -251,10 +252,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t r_begin = chunk * plan.rows_per_chunk;
     const int64_t r_end = min64(plan.B, r_begin + plan.rows_per_chunk);
 
-    double sums[V];
-    double sse = 0.0;
+    // fp64 column sums live in this thread's private slots of `columns` (touched only on a
+    // flush, which keeps them out of registers): columns[tid kVec + v], which is also entry
+    // [ty][tx kVec + v] of the pitch layout below.
+    double* slot = columns + static_cast<int64_t>(tid) * V;
 #pragma unroll
-    for (int v = 0; v < V; ++v) sums[v] = 0.0;
+    for (int v = 0; v < V; ++v) slot[v] = 0.0;
+    double sse = 0.0;
     if (col < width) {
       const int64_t valid = min64(V, width - col);
       acc part[V], p[V], t[V];
@@ -275,7 +279,7 @@ __global__ void __launch_bounds__(kThreads)
         if (++steps == kFlushSteps) {
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            sums[v] += static_cast<double>(part[v]);
+            slot[v] += static_cast<double>(part[v]);
             part[v] = 0;
           }
           sse += static_cast<double>(sse_part);
@@ -284,24 +288,28 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
 #pragma unroll
-      for (int v = 0; v < V; ++v) sums[v] += static_cast<double>(part[v]);
+      for (int v = 0; v < V; ++v) slot[v] += static_cast<double>(part[v]);
       sse += static_cast<double>(sse_part);
     }
     sse_total += sse;
 
-    // Column sums into shared memory.
+    // Batch statistics with tx < 32: a warp holds 32 / tx rows of the same columns; combine
+    // them (xor over the row bits of the lane) and let the warp's first row write them as
+    // row `warp` of the pitch layout. Otherwise the private slots already are that layout
+    // (row ty).
     if (!plan.per_sample && plan.tx < kWarpSize) {
-      // A warp holds 32 / tx rows of the same columns: combine them (xor over the row bits).
+      double sums[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) sums[v] = slot[v];
+      __syncthreads();  // every slot read before any is overwritten
       for (int offset = static_cast<int>(plan.tx); offset < kWarpSize; offset *= 2) {
 #pragma unroll
         for (int v = 0; v < V; ++v) sums[v] += __shfl_xor_sync(kFullMask, sums[v], offset);
       }
-    }
-    const bool writer = plan.per_sample || plan.tx >= kWarpSize || lane < plan.tx;
-    const int64_t srow = plan.per_sample ? ty : tid / row_span;
-    if (writer) {
+      if (lane < plan.tx) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) columns[srow * pitch + col + v] = sums[v];
+        for (int v = 0; v < V; ++v) columns[warp * pitch + col + v] = sums[v];
+      }
     }
     __syncthreads();
 

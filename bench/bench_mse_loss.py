@@ -1,0 +1,35 @@
+"""Fused MSE: torch.nn.functional.mse_loss eager, torch.compile of it, and ours (fp32)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ether_kernels as ek
+from _common import MODES, TRAFFIC, rounds_for, run_mode
+from conftest import devices, record
+
+SHAPES = {"cpu": [(256, 64), (1024, 256), (4096, 1024)],
+          "cuda": [(256, 64), (4096, 1024), (16384, 4096)]}
+PROVIDERS = ["eager", "torch.compile", "ether_kernels"]
+_compiled_mse = torch.compile(F.mse_loss, dynamic=False)
+
+
+def cases():
+    for device in devices():
+        for shape in SHAPES[device]:
+            for mode in MODES:
+                for provider in PROVIDERS:
+                    yield pytest.param(device, shape, mode, provider,
+                                       id=f"{device}-{shape[0]}x{shape[1]}-{mode}-{provider}")
+
+
+@pytest.mark.parametrize("device,shape,mode,provider", list(cases()))
+def test_mse_loss(benchmark, device, shape, mode, provider):
+    pred = torch.randn(shape, device=device, requires_grad=True)
+    true = torch.randn(shape, device=device)
+    loss_fn = {"eager": F.mse_loss, "torch.compile": _compiled_mse,
+               "ether_kernels": ek.fused_mse_loss}[provider]
+    benchmark.group = f"mse_loss {device} {shape[0]}x{shape[1]} {mode}"
+    run_mode(benchmark, mode, loss_fn, pred, true, device, rounds_for(pred.numel(), device))
+    record(benchmark, op="mse_loss", mode=mode, shape=shape, dtype=pred.dtype, device=device,
+           provider=provider, bytes_moved=TRAFFIC[mode] * pred.numel() * pred.element_size())
