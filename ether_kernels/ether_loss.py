@@ -158,9 +158,13 @@ class ModalityGroups:
             groups.append(channels)
         return tuple(groups)
 
-    def tensors(self, num_channels, device):
-        """(member_channel, member_group, index tensors per group) on `device`, cached."""
-        key = (num_channels, str(device))
+    def tensors(self, num_channels, device, weights):
+        """(member_channel, member_group, weights, index tensor per group) on `device`.
+
+        Cached, so that a training loop builds them once (on a GPU, building them means a
+        host-to-device copy).
+        """
+        key = (num_channels, str(device), weights)
         cached = self._tensors.get(key)
         if cached is None:
             groups = self.channels(num_channels)
@@ -169,6 +173,7 @@ class ModalityGroups:
             cached = (
                 torch.tensor(member_channel, dtype=torch.int64, device=device),
                 torch.tensor(member_group, dtype=torch.int64, device=device),
+                torch.tensor(weights, dtype=torch.float64, device=device),
                 [torch.tensor(g, dtype=torch.int64, device=device) for g in groups],
             )
             self._tensors[key] = cached
@@ -216,12 +221,6 @@ def ether_loss(y_pred, y_true, modalities, alpha=1.0, *, discrepancy="l1", weigh
             of the batch means.
     Returns: a 0-dim tensor in the input dtype, differentiable in y_pred and y_true.
     """
-    check_loss_pair(y_pred, y_true, "y_pred", "y_true", _OP)
-    if y_pred.dim() < 2:
-        raise ValueError(f"{_OP}: y_pred must have at least 2 dimensions (batch, channels, ...), "
-                         f"got shape {tuple(y_pred.shape)}")
-    if y_pred.numel() == 0:
-        raise ValueError(f"{_OP}: y_pred must not be empty, got shape {tuple(y_pred.shape)}")
     alpha = check_non_negative_real(alpha, "alpha", _OP)
     check_choice(discrepancy, "discrepancy", tuple(_DISCREPANCIES), _OP)
     check_choice(reduction, "reduction", tuple(_REDUCTIONS), _OP)
@@ -229,8 +228,21 @@ def ether_loss(y_pred, y_true, modalities, alpha=1.0, *, discrepancy="l1", weigh
         raise TypeError(f"{_OP}: per_sample must be a bool, got {type(per_sample).__name__}")
     groups = modalities if isinstance(modalities, ModalityGroups) else ModalityGroups(modalities)
     weights = normalize_weights(weights, groups.num_modalities)
-    C = y_pred.shape[1]
-    member_channel, member_group, index_tensors = groups.tensors(C, y_pred.device)
+    return ether_loss_checked(y_pred, y_true, groups, alpha, discrepancy, weights, reduction,
+                              per_sample)
+
+
+def ether_loss_checked(y_pred, y_true, groups, alpha, discrepancy, weights, reduction, per_sample):
+    """ether_loss once the options are known to be valid (EtherLoss checks them once, at
+    construction); only the tensors are checked here."""
+    check_loss_pair(y_pred, y_true, "y_pred", "y_true", _OP)
+    if y_pred.dim() < 2:
+        raise ValueError(f"{_OP}: y_pred must have at least 2 dimensions (batch, channels, ...), "
+                         f"got shape {tuple(y_pred.shape)}")
+    if y_pred.numel() == 0:
+        raise ValueError(f"{_OP}: y_pred must not be empty, got shape {tuple(y_pred.shape)}")
+    member_channel, member_group, weights_tensor, index_tensors = groups.tensors(
+        y_pred.shape[1], y_pred.device, weights)
 
     backend = _dispatch.select(_OP, y_pred.device, cpu_backends=("cpp",),
                                gpu_backends=("triton", "cuda"))
@@ -239,7 +251,6 @@ def ether_loss(y_pred, y_true, modalities, alpha=1.0, *, discrepancy="l1", weigh
                                     reduction, per_sample)
     forward = (torch.ops.ether_kernels.ether_loss_forward_triton if backend == "triton"
                else torch.ops.ether_kernels.ether_loss_forward)
-    weights_tensor = torch.tensor(weights, dtype=torch.float64, device=y_pred.device)
     loss, _ = forward(y_pred, y_true, member_channel, member_group, weights_tensor, alpha,
                       _DISCREPANCIES[discrepancy], _REDUCTIONS[reduction], per_sample)
     return loss

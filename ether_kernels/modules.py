@@ -2,7 +2,7 @@
 
 import torch
 
-from .ether_loss import ModalityGroups, ether_loss, normalize_weights
+from .ether_loss import ModalityGroups, ether_loss_checked, normalize_weights
 from .mse_loss import fused_mse_loss
 from ._checks import check_choice, check_non_negative_real
 
@@ -31,9 +31,8 @@ class EtherLoss(torch.nn.Module):
         self.per_sample = per_sample
 
     def forward(self, y_pred, y_true):
-        return ether_loss(y_pred, y_true, self.modalities, self.alpha,
-                          discrepancy=self.discrepancy, weights=self.weights,
-                          reduction=self.reduction, per_sample=self.per_sample)
+        return ether_loss_checked(y_pred, y_true, self.modalities, self.alpha, self.discrepancy,
+                                  self.weights, self.reduction, self.per_sample)
 
     def extra_repr(self):
         return (f"modalities={self.modalities!r}, alpha={self.alpha}, "
