@@ -30,6 +30,10 @@ TORCH_LIBRARY(ether_kernels, m) {
   // multiplies it by the upstream gradient, and 1 / N for the mean); else it is empty.
   m.def("mse_loss_forward(Tensor input, Tensor target, int reduction, bool compute_grad) "
         "-> (Tensor, Tensor)");
+  // The backward of a mean/sum MSE whose forward kept twice_diff = 2 * (input - target):
+  // grad_input = twice_diff * grad_loss * factor (factor = 1 / N for the mean, 1 for the
+  // sum), one pass, the product formed in fp32 (fp64 for fp64) and rounded once.
+  m.def("mse_loss_backward(Tensor grad_loss, Tensor twice_diff, float factor) -> Tensor");
 }
 
 namespace {

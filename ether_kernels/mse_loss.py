@@ -53,32 +53,39 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*((grad,) if ctx.saved_grad else (input, target)))
 
 
-def _backward(ctx, grad_loss, _grad_grad):
-    if ctx.saved_grad:
-        (twice_diff,) = ctx.saved_tensors
-    else:
-        input, target = ctx.saved_tensors
-        twice_diff = 2.0 * (input - target)
-    if ctx.factor == 1.0:
-        grad_input = twice_diff * grad_loss
-    elif twice_diff.dtype in (torch.float16, torch.bfloat16):
-        # 1 / N is applied last, to the O(1) product: folded into the 16-bit upstream value
-        # first it would round to a subnormal and lose most of its bits.
-        grad_input = (twice_diff * grad_loss).mul_(ctx.factor)
-    else:
-        grad_input = twice_diff * (grad_loss * ctx.factor)
-    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    return (grad_input if need_input else None, -grad_input if need_target else None, None, None)
+def _backward_fake(grad_loss, twice_diff, factor):
+    return torch.empty_like(twice_diff)
 
 
-def _register(forward_name):
+def _make_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_grad):
+        if ctx.saved_grad:
+            # One pass: twice_diff * grad_loss * factor, rounded once.
+            (twice_diff,) = ctx.saved_tensors
+            grad_input = backward_op(grad_loss, twice_diff, ctx.factor)
+        else:  # the forward kept nothing (reduction "none", or no gradient was expected)
+            input, target = ctx.saved_tensors
+            grad_input = 2.0 * (input - target) * grad_loss
+            if ctx.factor != 1.0:
+                grad_input = grad_input * ctx.factor
+        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (grad_input if need_input else None, -grad_input if need_target else None,
+                None, None)
+    return backward
+
+
+def _register(forward_name, backward_name, backward_op):
     torch.library.register_fake(forward_name)(_forward_fake)
-    torch.library.register_autograd(forward_name, _backward, setup_context=_setup_context)
+    torch.library.register_fake(backward_name)(_backward_fake)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op),
+                                    setup_context=_setup_context)
 
 
 if _extension.cpp_available:
-    _register("ether_kernels::mse_loss_forward")
+    _register("ether_kernels::mse_loss_forward", "ether_kernels::mse_loss_backward",
+              torch.ops.ether_kernels.mse_loss_backward)
 if triton_import_error is None:
-    from .triton import mse_loss as _triton_mse_loss  # noqa: F401  (defines the op)
+    from .triton import mse_loss as _triton_mse_loss
 
-    _register("ether_kernels::mse_loss_forward_triton")
+    _register("ether_kernels::mse_loss_forward_triton", "ether_kernels::mse_loss_backward_triton",
+              _triton_mse_loss.mse_loss_backward_triton)

@@ -142,6 +142,11 @@ def _forward_op(backend):
             else torch.ops.ether_kernels.mse_loss_forward.default)
 
 
+def _backward_op(backend):
+    return (torch.ops.ether_kernels.mse_loss_backward_triton.default if backend == "triton"
+            else torch.ops.ether_kernels.mse_loss_backward.default)
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck(device, backend, reduction):
@@ -149,6 +154,8 @@ def test_opcheck(device, backend, reduction):
         input = torch.randn(3, 5, device=device, requires_grad=requires_grad)
         target = torch.randn(3, 5, device=device)
         torch.library.opcheck(_forward_op(backend), (input, target, reduction, requires_grad))
+    torch.library.opcheck(_backward_op(backend),
+                          (torch.tensor(0.5, device=device), torch.randn(4, 3, device=device), 0.25))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -45,4 +45,18 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
   return {at::scalar_tensor(loss, p.options()), grad};
 }
 
+at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
+                                 double factor) {
+  TORCH_CHECK(grad_loss.numel() == 1, "mse_loss_backward: grad_loss must hold one value, got ",
+              grad_loss.numel());
+  TORCH_CHECK(at::isFloatingType(twice_diff.scalar_type()),
+              "mse_loss_backward: twice_diff must be floating point");
+  const at::Tensor in = twice_diff.contiguous();
+  at::Tensor out = at::empty(in.sizes(), in.options());
+  ScaleArgs args{in.data_ptr(), out.data_ptr(), in.scalar_type(), in.numel(),
+                 grad_loss.item<double>() * factor};
+  ETHER_CPU_DISPATCH(scale)(args);
+  return out;
+}
+
 }  // namespace ether_kernels::cpu

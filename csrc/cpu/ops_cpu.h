@@ -21,4 +21,7 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
                                                         const at::Tensor& target,
                                                         int64_t reduction, bool compute_grad);
 
+at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
+                                 double factor);
+
 }  // namespace ether_kernels::cpu

@@ -7,4 +7,5 @@ TORCH_LIBRARY_IMPL(ether_kernels, CPU, m) {
   m.impl("ether_loss_forward", &ether_kernels::cpu::ether_loss_forward_cpu);
   m.impl("ether_loss_backward", &ether_kernels::cpu::ether_loss_backward_cpu);
   m.impl("mse_loss_forward", &ether_kernels::cpu::mse_loss_forward_cpu);
+  m.impl("mse_loss_backward", &ether_kernels::cpu::mse_loss_backward_cpu);
 }

@@ -54,11 +54,21 @@ struct MseForwardArgs {
   double grad_scale;
 };
 
+// out[e] = in[e] * scale over n contiguous elements (the fused MSE's backward).
+struct ScaleArgs {
+  const void* in;
+  void* out;
+  c10::ScalarType dtype;
+  int64_t n;
+  double scale;
+};
+
 #define ETHER_KERNELS_DECLARE(ns)                  \
   namespace ns {                                   \
   void ether_loss_stats(const EtherStatsArgs&);    \
   void ether_loss_backward(const EtherBackwardArgs&); \
   void mse_forward(const MseForwardArgs&);         \
+  void scale(const ScaleArgs&);                    \
   }
 
 ETHER_KERNELS_DECLARE(DEFAULT)

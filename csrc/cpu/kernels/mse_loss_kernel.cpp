@@ -83,7 +83,33 @@ void mse_impl(const MseForwardArgs& args) {
   }
 }
 
+template <typename scalar_t>
+void scale_impl(const ScaleArgs& args) {
+  using P = OpmathPair<scalar_t>;
+  using Vec = typename P::Vec;
+  const auto* in = static_cast<const scalar_t*>(args.in);
+  auto* out = static_cast<scalar_t*>(args.out);
+  const Vec factor(static_cast<typename P::opmath_t>(args.scale));
+  at::parallel_for(0, args.n, kGrainChunks * kChunk, [&](int64_t begin, int64_t end) {
+    Vec lo, hi;
+    int64_t i = begin;
+    for (; i + P::kStep <= end; i += P::kStep) {
+      P::load(in + i, lo, hi);
+      P::store(out + i, lo * factor, hi * factor);
+    }
+    if (i < end) {
+      P::load_partial(in + i, end - i, lo, hi);
+      P::store_partial(out + i, end - i, lo * factor, hi * factor);
+    }
+  });
+}
+
 }  // namespace
+
+void scale(const ScaleArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "scale",
+                                  [&] { scale_impl<scalar_t>(args); });
+}
 
 void mse_forward(const MseForwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "mse_forward",
