@@ -373,3 +373,38 @@ def test_module_construction_checks_early(modalities, error, match):
 def test_module_options_are_checked_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         ek.EtherLoss([0, 1], **kwargs)
+
+
+# ------------------------------------------------------------- property-based: any groups
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def shapes_and_groups(draw):
+    C = draw(st.integers(1, 12))
+    B = draw(st.integers(1, 6))
+    rest = draw(st.lists(st.integers(1, 3), max_size=2))
+    channel = st.integers(-C, C - 1)
+    group = st.one_of(
+        channel,
+        st.lists(channel, min_size=1, max_size=C, unique_by=lambda i: i % C),
+        st.builds(slice, st.integers(0, C - 1), st.integers(1, C)).filter(
+            lambda s: len(range(*s.indices(C))) > 0),
+    )
+    groups = draw(st.lists(group, min_size=1, max_size=5))
+    return (B, C, *rest), groups
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=shapes_and_groups(), alpha=st.floats(0.0, 4.0))
+def test_any_valid_groups_match_the_published_formula(case, alpha):
+    shape, groups = case
+    y_pred = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y_true = torch.randn(shape, dtype=torch.float64)
+    expected = published_ether(y_pred, y_true, groups, alpha)
+    (expected_grad,) = torch.autograd.grad(expected, (y_pred,))
+    loss = ek.ether_loss(y_pred, y_true, groups, alpha)  # automatic backend: C++ on CPU
+    (grad,) = torch.autograd.grad(loss, (y_pred,))
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
