@@ -120,6 +120,23 @@ def test_backend_matches_reference(device, backend, dtype, shape, options):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_many_modalities(device, backend, per_sample):
+    # More modalities and membership pairs than one block of the GPU finalize step (256).
+    C = 300
+    modalities = list(range(C)) + [slice(0, C, 2), [5, 299, 17]]
+    y_pred, y_true = random_pair((3, C, 2), torch.float64, device)
+    weights = torch.rand(len(modalities)).tolist()
+    options = dict(weights=weights, per_sample=per_sample, discrepancy="l1")
+    expected, expected_grad_pred, _ = reference_fp64(y_pred, y_true, modalities, 0.3, **options)
+    with ek.use_backend(backend):
+        loss = ek.ether_loss(y_pred, y_true, modalities, 0.3, **options)
+    (grad_pred,) = torch.autograd.grad(loss, (y_pred,))
+    assert_close(loss, expected, torch.float64, "loss")
+    assert_close(grad_pred, expected_grad_pred, torch.float64, "d loss / d y_pred")
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("which", ["y_pred", "y_true"])
 def test_gradient_of_one_input_only(device, backend, which):
     y_pred, y_true = random_pair((7, 5, 3), torch.float32, device,

@@ -12,9 +12,10 @@ Forward
      input) and squared errors, and writes one partial row of column sums and one partial
      squared-error sum. No atomics: partials have fixed slots, so the result is
      deterministic.
-  2. Small torch reductions fold the partials: columns -> channels (sum over R), row blocks
-     -> total; then the finalize (means, discrepancy, per-channel coefficients) on the few
-     per-channel numbers, on the device, without a host sync.
+  2. torch reductions fold the partials: row blocks -> one row, columns -> channels (sum
+     over R); then _finalize_kernel (one program per row of channel sums) computes the
+     means, the discrepancy, the loss and the per-channel coefficients on the device,
+     without a host sync.
   Per-sample statistics use one row per program (ROWS = 1), so the partials are the
   per-sample column sums.
 Backward
@@ -35,6 +36,7 @@ from ._launch import accumulator_dtype, as_tl_dtype
 BLOCK_COLS = 1024
 ROWS_PER_PROGRAM = 64
 BLOCK_ELEMENTS = 2048  # backward: elements per program
+FINALIZE_BLOCK = 256   # finalize: channels / pairs / groups per step of its one program per row
 
 
 @triton.jit
@@ -78,39 +80,84 @@ def _backward_kernel(pred_ptr, true_ptr, coef_ptr, upstream_ptr, grad_pred_ptr, 
         tl.store(grad_true_ptr + offsets, (-g_diff).to(grad_true_ptr.dtype.element_ty), mask=mask)
 
 
-def _finalize(channel_sums, sse, numel, member_channel, member_group, weights, alpha,
-              discrepancy, reduction, per_sample, C, elements_per_channel, batch):
-    """Loss and coefficients from the (rows, C) channel sums, in fp64 torch ops on the device.
+@triton.jit
+def _finalize_kernel(sums_ptr, sse_ptr, n_sse, member_channel_ptr, member_group_ptr, E,
+                     weights_ptr, M, scratch_ptr, coef_ptr, inter_ptr, loss_ptr, C, n, scale,
+                     alpha, numel, L2: tl.constexpr, MEAN: tl.constexpr,
+                     WRITE_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of channel sums: the math of csrc/common/ether_loss_math.h.
 
-    The same math as csrc/common/ether_loss_math.h (see there for the derivation).
+    scratch (fp64, zeroed) holds per row [group sums (M) | group sizes (M) | coef (C)].
+    Groups are gathered and scattered through the membership pairs with fp64 atomics of
+    this program only, so the cost is O(C + E + M) whatever the number of modalities.
     """
-    sums = channel_sums.double()
-    rows = sums.shape[0]
-    n = float(elements_per_channel)
-    M = weights.numel()
-    ones = torch.ones_like(member_group, dtype=torch.float64)
-    group_size = torch.zeros(M, dtype=torch.float64, device=sums.device).index_add_(
-        0, member_group, ones)
-    overall = sums.sum(dim=1, keepdim=True) / (C * n)
-    group_sum = torch.zeros(rows, M, dtype=torch.float64, device=sums.device).index_add_(
-        1, member_group, sums.index_select(1, member_channel))
-    gap = group_sum / (group_size * n) - overall
-    if discrepancy == 0:
-        inter_rows = (weights * gap.abs()).sum(dim=1)
-        slope = torch.sign(gap)  # 0 at 0, NaN stays NaN
-    else:
-        inter_rows = (weights * gap * gap).sum(dim=1)
-        slope = 2.0 * gap
-    weighted_slope = weights * slope
-    scale = alpha / batch if per_sample else alpha
-    per_member = (weighted_slope / (group_size * n)).index_select(1, member_group)
-    coef = torch.zeros(rows, C, dtype=torch.float64, device=sums.device).index_add_(
-        1, member_channel, per_member)
-    coef = scale * (coef - weighted_slope.sum(dim=1, keepdim=True) / (C * n))
-    inter = inter_rows.mean() if per_sample else inter_rows[0]
-    intra = sse / numel if reduction == 0 else sse
-    loss = intra if alpha == 0 else intra + alpha * inter
-    return loss, (coef if per_sample else coef[0])
+    row = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    sums = sums_ptr + row * C
+    group_sum = scratch_ptr + row * (2 * M + C)
+    group_size = group_sum + M
+    coef_acc = group_size + M
+
+    # 1. The overall mean.
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    for c0 in range(0, C, BLOCK):
+        total += tl.load(sums + c0 + lanes, mask=c0 + lanes < C, other=0.0).to(tl.float64)
+    overall = tl.sum(total, axis=0) / (C * n)
+
+    # 2. Sum and size of every group, through the membership pairs.
+    for e0 in range(0, E, BLOCK):
+        mask = e0 + lanes < E
+        channel = tl.load(member_channel_ptr + e0 + lanes, mask=mask, other=0)
+        group = tl.load(member_group_ptr + e0 + lanes, mask=mask, other=0)
+        value = tl.load(sums + channel, mask=mask, other=0.0).to(tl.float64)
+        tl.atomic_add(group_sum + group, value, mask=mask)
+        tl.atomic_add(group_size + group, tl.full([BLOCK], 1.0, tl.float64), mask=mask)
+    tl.debug_barrier()
+
+    # 3. Gaps, the inter term, and w_m s_m / (|g_m| n) kept in place of the group sums.
+    inter = tl.zeros([BLOCK], dtype=tl.float64)
+    shared = tl.zeros([BLOCK], dtype=tl.float64)
+    for m0 in range(0, M, BLOCK):
+        mask = m0 + lanes < M
+        size = tl.load(group_size + m0 + lanes, mask=mask, other=1.0)
+        gap = tl.load(group_sum + m0 + lanes, mask=mask, other=0.0) / (size * n) - overall
+        weight = tl.load(weights_ptr + m0 + lanes, mask=mask, other=0.0)
+        if L2:
+            inter += tl.where(mask, weight * gap * gap, 0.0)
+            slope = 2.0 * gap
+        else:
+            inter += tl.where(mask, weight * tl.abs(gap), 0.0)
+            # sign(gap), 0 at 0, NaN kept (gap != gap only for NaN)
+            slope = tl.where(gap > 0, 1.0, tl.where(gap < 0, -1.0, tl.where(gap != gap, gap, 0.0)))
+        weighted = tl.where(mask, weight * slope, 0.0)
+        shared += weighted
+        tl.store(group_sum + m0 + lanes, weighted / (size * n), mask=mask)
+    shared_term = tl.sum(shared, axis=0) / (C * n)
+    tl.debug_barrier()
+
+    # 4. coef[c] = scale * (sum over c's groups of w s / (|g| n) - shared term).
+    for e0 in range(0, E, BLOCK):
+        mask = e0 + lanes < E
+        channel = tl.load(member_channel_ptr + e0 + lanes, mask=mask, other=0)
+        group = tl.load(member_group_ptr + e0 + lanes, mask=mask, other=0)
+        tl.atomic_add(coef_acc + channel, tl.load(group_sum + group, mask=mask, other=0.0), mask=mask)
+    tl.debug_barrier()
+    for c0 in range(0, C, BLOCK):
+        mask = c0 + lanes < C
+        value = scale * (tl.load(coef_acc + c0 + lanes, mask=mask, other=0.0) - shared_term)
+        tl.store(coef_ptr + row * C + c0 + lanes, value.to(coef_ptr.dtype.element_ty), mask=mask)
+
+    inter_total = tl.sum(inter, axis=0)
+    tl.store(inter_ptr + row, inter_total)
+    if WRITE_LOSS:  # batch statistics: one row, so this program also has the whole loss
+        sse = tl.zeros([BLOCK], dtype=tl.float64)
+        for i0 in range(0, n_sse, BLOCK):
+            sse += tl.load(sse_ptr + i0 + lanes, mask=i0 + lanes < n_sse, other=0.0).to(tl.float64)
+        intra = tl.sum(sse, axis=0)
+        if MEAN:
+            intra = intra / numel
+        loss = tl.where(alpha == 0.0, intra, intra + alpha * inter_total)  # alpha 0: exactly the MSE
+        tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
 
 @torch.library.custom_op("ether_kernels::ether_loss_forward_triton", mutates_args=())
@@ -123,22 +170,42 @@ def ether_loss_forward_triton(y_pred: torch.Tensor, y_true: torch.Tensor,
     L = pred.numel() // B
     R = L // C
     acc = accumulator_dtype(pred.dtype)
-    rows = 1 if per_sample else min(ROWS_PER_PROGRAM, B)
-    row_blocks = triton.cdiv(B, rows)
+    rows_per_program = 1 if per_sample else min(ROWS_PER_PROGRAM, B)
+    row_blocks = triton.cdiv(B, rows_per_program)
     col_blocks = triton.cdiv(L, BLOCK_COLS)
     partial_cols = torch.empty(row_blocks, L, dtype=acc, device=pred.device)
     partial_sse = torch.empty(row_blocks * col_blocks, dtype=acc, device=pred.device)
     _stats_kernel[(row_blocks, col_blocks)](
-        pred, target, partial_cols, partial_sse, B, L, rows,
+        pred, target, partial_cols, partial_sse, B, L, rows_per_program,
         BLOCK_COLS=BLOCK_COLS, ACC_DTYPE=as_tl_dtype(acc))
+    # Fold the partials into channel sums: (rows, C) with rows = B or 1.
     if per_sample:
-        channel_sums = partial_cols.view(B, C, R).sum(dim=2)
+        channel_sums = partial_cols.view(B, C, R)
     else:
-        channel_sums = partial_cols.sum(dim=0).view(1, C, R).sum(dim=2)
-    loss, coef = _finalize(channel_sums, partial_sse.double().sum(), pred.numel(),
-                           member_channel, member_group, weights, alpha, discrepancy, reduction,
-                           per_sample, C, R if per_sample else B * R, B)
-    return loss.to(pred.dtype), coef.to(acc)
+        channel_sums = partial_cols.sum(dim=0).view(1, C, R) if row_blocks > 1 else partial_cols.view(1, C, R)
+    if R > 1:
+        channel_sums = channel_sums.sum(dim=2)
+    channel_sums = channel_sums.reshape(-1, C)
+    rows = channel_sums.shape[0]
+
+    M = weights.numel()
+    scratch = torch.zeros(rows, 2 * M + C, dtype=torch.float64, device=pred.device)
+    coef = torch.empty(rows, C, dtype=acc, device=pred.device)
+    inter_rows = torch.empty(rows, dtype=torch.float64, device=pred.device)
+    loss = torch.empty((), dtype=pred.dtype, device=pred.device)
+    elements_per_channel = R if per_sample else B * R
+    _finalize_kernel[(rows,)](
+        channel_sums, partial_sse, partial_sse.numel(), member_channel, member_group,
+        member_channel.numel(), weights, M, scratch, coef, inter_rows, loss, C,
+        float(elements_per_channel), alpha / B if per_sample else alpha, alpha, float(pred.numel()),
+        L2=discrepancy == 1, MEAN=reduction == 0, WRITE_LOSS=not per_sample, BLOCK=FINALIZE_BLOCK)
+    if not per_sample:
+        return loss, coef.view(C)
+    # Per-sample statistics: the inter term is the mean of the rows' terms.
+    sse = partial_sse.double().sum()
+    intra = sse / pred.numel() if reduction == 0 else sse
+    total = intra if alpha == 0 else intra + alpha * inter_rows.mean()
+    return total.to(pred.dtype), coef
 
 
 @torch.library.custom_op("ether_kernels::ether_loss_backward_triton", mutates_args=())
