@@ -19,11 +19,13 @@ TORCH_LIBRARY(ether_kernels, m) {
       "ether_loss_forward(Tensor y_pred, Tensor y_true, Tensor member_channel, "
       "Tensor member_group, Tensor weights, float alpha, int discrepancy, int reduction, "
       "bool per_sample) -> (Tensor, Tensor)");
-  // One elementwise pass: grad_pred = g * (intra_scale * (p - t) + coef[channel]) and
-  // grad_true = -g * intra_scale * (p - t). A gradient that is not needed comes back empty.
+  // One elementwise pass: grad_pred = g * (k * (p - t) + coef[channel]) and
+  // grad_true = -g * k * (p - t), k = 2 / N for reduction 0 (mean), 2 for 1 (sum).
+  // A gradient that is not needed comes back empty. (Scales travel as integer codes, not
+  // floats, so that no kernel receives them rounded to fp32.)
   m.def(
       "ether_loss_backward(Tensor grad_loss, Tensor y_pred, Tensor y_true, Tensor coef, "
-      "float intra_scale, bool per_sample, bool need_pred_grad, bool need_true_grad) "
+      "int reduction, bool per_sample, bool need_pred_grad, bool need_true_grad) "
       "-> (Tensor, Tensor)");
   // Fused MSE. reduction: 0 = mean, 1 = sum, 2 = none. With compute_grad (mean/sum only)
   // the second output is 2 * (input - target), the gradient of the sum (the backward
@@ -31,9 +33,9 @@ TORCH_LIBRARY(ether_kernels, m) {
   m.def("mse_loss_forward(Tensor input, Tensor target, int reduction, bool compute_grad) "
         "-> (Tensor, Tensor)");
   // The backward of a mean/sum MSE whose forward kept twice_diff = 2 * (input - target):
-  // grad_input = twice_diff * grad_loss * factor (factor = 1 / N for the mean, 1 for the
-  // sum), one pass, the product formed in fp32 (fp64 for fp64) and rounded once.
-  m.def("mse_loss_backward(Tensor grad_loss, Tensor twice_diff, float factor) -> Tensor");
+  // grad_input = twice_diff * grad_loss (/ N for the mean), one pass, the product formed in
+  // fp32 (fp64 for fp64) and rounded once.
+  m.def("mse_loss_backward(Tensor grad_loss, Tensor twice_diff, bool mean) -> Tensor");
 }
 
 namespace {

@@ -8,14 +8,15 @@ their *_triton twins, all with the same schemas:
 
   forward(y_pred, y_true, member_channel, member_group, weights, alpha, discrepancy,
           reduction, per_sample) -> (loss, coef)
-  backward(grad_loss, y_pred, y_true, coef, intra_scale, per_sample, need_pred_grad,
+  backward(grad_loss, y_pred, y_true, coef, reduction, per_sample, need_pred_grad,
            need_true_grad) -> (grad_pred, grad_true)
 
 The forward reads the inputs once and returns, next to the loss, the per-channel
 coefficient coef[c] = d(alpha * inter) / d y_pred[e] for any element e of channel c; the
 backward is then one elementwise pass (spec, "closed form of the gradient"):
-  d loss / d y_pred = g * (intra_scale * (y_pred - y_true) + coef[channel])
-  d loss / d y_true = -g * intra_scale * (y_pred - y_true)
+  d loss / d y_pred = g * (k * (y_pred - y_true) + coef[channel])
+  d loss / d y_true = -g * k * (y_pred - y_true)
+with k = 2 / N for reduction="mean" and 2 for "sum".
 """
 
 import numbers
@@ -267,7 +268,7 @@ def _forward_fake(y_pred, y_true, member_channel, member_group, weights, alpha, 
     return y_pred.new_empty(()), y_pred.new_empty(coef_shape, dtype=coef_dtype)
 
 
-def _backward_fake(grad_loss, y_pred, y_true, coef, intra_scale, per_sample, need_pred_grad,
+def _backward_fake(grad_loss, y_pred, y_true, coef, reduction, per_sample, need_pred_grad,
                    need_true_grad):
     torch._check(y_pred.shape == y_true.shape)
     grad_pred = y_pred.new_empty(y_pred.shape if need_pred_grad else (0,))
@@ -280,7 +281,7 @@ def _setup_context(ctx, inputs, output):
     _, coef = output
     ctx.mark_non_differentiable(coef)
     ctx.save_for_backward(y_pred, y_true, coef)
-    ctx.intra_scale = 2.0 / y_pred.numel() if reduction == _REDUCTIONS["mean"] else 2.0
+    ctx.reduction = reduction
     ctx.per_sample = per_sample
 
 
@@ -288,7 +289,7 @@ def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_coef):
         y_pred, y_true, coef = ctx.saved_tensors
         need_pred, need_true = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_pred, grad_true = backward_op(grad_loss, y_pred, y_true, coef, ctx.intra_scale,
+        grad_pred, grad_true = backward_op(grad_loss, y_pred, y_true, coef, ctx.reduction,
                                            ctx.per_sample, need_pred, need_true)
         return (grad_pred if need_pred else None, grad_true if need_true else None,
                 None, None, None, None, None, None, None)

@@ -45,29 +45,29 @@ def _setup_context(ctx, inputs, output):
     input, target, reduction, compute_grad = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
-    # d loss / d input = factor * 2 * (input - target) * upstream
-    ctx.factor = 1.0 / max(input.numel(), 1) if reduction == _REDUCTIONS["mean"] else 1.0
+    # d loss / d input = 2 * (input - target) * upstream, / N for the mean
+    ctx.mean = reduction == _REDUCTIONS["mean"]
     ctx.saved_grad = compute_grad and reduction != _REDUCTIONS["none"]
     # The forward's 2 * (input - target) replaces the inputs when it was written; otherwise
     # the backward needs the inputs themselves.
     ctx.save_for_backward(*((grad,) if ctx.saved_grad else (input, target)))
 
 
-def _backward_fake(grad_loss, twice_diff, factor):
+def _backward_fake(grad_loss, twice_diff, mean):
     return torch.empty_like(twice_diff)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_grad):
         if ctx.saved_grad:
-            # One pass: twice_diff * grad_loss * factor, rounded once.
+            # One pass: twice_diff * grad_loss (/ N), rounded once.
             (twice_diff,) = ctx.saved_tensors
-            grad_input = backward_op(grad_loss, twice_diff, ctx.factor)
+            grad_input = backward_op(grad_loss, twice_diff, ctx.mean)
         else:  # the forward kept nothing (reduction "none", or no gradient was expected)
             input, target = ctx.saved_tensors
             grad_input = 2.0 * (input - target) * grad_loss
-            if ctx.factor != 1.0:
-                grad_input = grad_input * ctx.factor
+            if ctx.mean:
+                grad_input = grad_input / input.numel()
         need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (grad_input if need_input else None, -grad_input if need_target else None,
                 None, None)

@@ -155,7 +155,7 @@ def test_opcheck(device, backend, reduction):
         target = torch.randn(3, 5, device=device)
         torch.library.opcheck(_forward_op(backend), (input, target, reduction, requires_grad))
     torch.library.opcheck(_backward_op(backend),
-                          (torch.tensor(0.5, device=device), torch.randn(4, 3, device=device), 0.25))
+                          (torch.tensor(0.5, device=device), torch.randn(4, 3, device=device), True))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -123,10 +123,14 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_forward_cpu(
 
 std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& y_pred, const at::Tensor& y_true,
-    const at::Tensor& coef, double intra_scale, bool per_sample, bool need_pred_grad,
+    const at::Tensor& coef, int64_t reduction, bool per_sample, bool need_pred_grad,
     bool need_true_grad) {
   check_pair(y_pred, y_true);
   TORCH_CHECK(grad_loss.numel() == 1, "ether_loss_backward: grad_loss must hold one value");
+  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum,
+              "ether_loss_backward: reduction code must be 0 (mean) or 1 (sum), got ", reduction);
+  const double intra_scale =
+      reduction == math::kMean ? 2.0 / static_cast<double>(y_pred.numel()) : 2.0;
   const at::Tensor pred = y_pred.contiguous(), target = y_true.contiguous();
   const auto [B, C, R] = view3(pred);
   const at::Tensor coef_c = coef.contiguous();

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
 }
 
 at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
-                                 double factor) {
+                                 bool mean) {
   TORCH_CHECK(grad_loss.numel() == 1, "mse_loss_backward: grad_loss must hold one value, got ",
               grad_loss.numel());
   TORCH_CHECK(at::isFloatingType(twice_diff.scalar_type()),
@@ -54,7 +54,8 @@ at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   const at::Tensor in = twice_diff.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   ScaleArgs args{in.data_ptr(), out.data_ptr(), in.scalar_type(), in.numel(),
-                 grad_loss.item<double>() * factor};
+                 mean ? grad_loss.item<double>() / static_cast<double>(in.numel())
+                      : grad_loss.item<double>()};
   ETHER_CPU_DISPATCH(scale)(args);
   return out;
 }

@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_forward_cpu(
 
 std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& y_pred, const at::Tensor& y_true,
-    const at::Tensor& coef, double intra_scale, bool per_sample, bool need_pred_grad,
+    const at::Tensor& coef, int64_t reduction, bool per_sample, bool need_pred_grad,
     bool need_true_grad);
 
 std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
@@ -22,6 +22,6 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
                                                         int64_t reduction, bool compute_grad);
 
 at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
-                                 double factor);
+                                 bool mean);
 
 }  // namespace ether_kernels::cpu

@@ -29,9 +29,9 @@
 // partial sums from there on are fp64.
 //
 // Determinism: the grid, the tiles and the order of every addition depend only on the shape
-// and dtype (never on the device or on timing), so the results are bitwise reproducible,
-// also across GPUs. Alignment only chooses between a 16-byte load and element loads of the
-// same values.
+// and dtype (not on timing, nor on the GPU's SM count), so the results are bitwise
+// reproducible from run to run. Alignment only chooses between a 16-byte load and element
+// loads of the same values, in the same lanes.
 //
 // Backward: one grid-stride elementwise pass, see backward_kernel.
 
@@ -57,8 +57,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 // Stats grid: at most 1024 blocks, about one full wave of 256-thread blocks on an H100 (132
 // SMs x 8) or an A100 (108 x 8); larger inputs are covered by the grid-stride loops. It is a
-// constant rather than a function of the SM count so that the result does not depend on the
-// GPU, and it bounds the number of partial sums the second stage has to add.
+// constant rather than a function of the SM count so that the summation order does not
+// depend on the GPU model, and it bounds the partial sums the second stage has to add.
 constexpr int64_t kMaxBlocks = 1024;
 // fp32 running sums are folded into fp64 every 64 steps: each fp32 partial holds at most
 // 64 * kVec (<= 512) terms, which keeps its rounding error near that of a pairwise sum.
@@ -181,17 +181,25 @@ StatsPlan make_plan(int64_t B, int64_t C, int64_t R, bool per_sample, int64_t ve
   return p;
 }
 
-// Byte offsets of the workspace regions (all fp64):
-//   partials      plan.partials        tile partial sums of y_pred (stage 1 -> 2)
-//   sse_partials  plan.grid            one sse partial per stats block
+// Byte offsets of the workspace regions, all fp64, each rounded up to 256 bytes:
+//   partials      plan.partials          tile partial sums of y_pred (stage 1 -> 2):
+//                                          short channels, batch: row_chunks x C, where
+//                                            row_chunks <= max(1, kMaxBlocks / channel_blocks);
+//                                          short channels, per sample: none (stage 1 writes
+//                                            channel_sums directly);
+//                                          long channels: one per tile, row_chunks x C x
+//                                            pieces; a tile spans > 256 units, so this is
+//                                            below numel / (256 kVec) + C x pieces.
+//   sse_partials  plan.grid (<= 1024)    one sse partial per stats block
 //   sse           1
-//   channel_sums  rows x C             stage 2 output (written by stage 1 directly for
-//                                      per-sample short channels)
-//   inter_rows    rows                 finalize output
-//   scratch       finalize_threads x 2M  group sizes + finalize_row's group scratch
-// i.e. about 8 bytes x (partials + grid + rows (C + 1) + finalize_threads 2 M) in total,
-// where partials <= max(row_chunks C, tiles) is bounded by roughly kMaxBlocks x C (batch) or
-// B C x pieces (per sample): small next to the input.
+//   channel_sums  rows x C               rows = B per sample, else 1
+//   inter_rows    rows                   finalize output
+//   scratch       finalize_threads x 2M  group sizes + finalize_row's group scratch;
+//                                        finalize_threads = clamp(2^20 / 2M, 1, rows)
+// Total = 8 bytes x (partials + grid + 1 + rows (C + 1) + finalize_threads 2 M) + padding.
+// With batch statistics it is small next to the input (1.5 KiB for a (4096, 8) fp32 batch,
+// 10 KiB for (64, 3, 224, 224)); per sample, channel_sums alone holds B x C doubles (as the
+// CPU op's host buffer does), i.e. 8 / (R x itemsize) of the input's size.
 struct Layout {
   int64_t partials, sse_partials, sse, channel_sums, inter_rows, scratch, bytes;
 };
@@ -566,10 +574,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-#define ETHER_RETURN_IF_LAUNCH_FAILED()                 \
-  do {                                                  \
-    const cudaError_t launch_error = cudaGetLastError(); \
-    if (launch_error != cudaSuccess) return launch_error; \
+// Launch errors (bad configuration, no kernel image for the device, ...) are reported by
+// cudaGetLastError right after the launch; return the first one.
+#define ETHER_RETURN_IF_LAUNCH_FAILED()                     \
+  do {                                                      \
+    const cudaError_t launch_error = cudaGetLastError();    \
+    if (launch_error != cudaSuccess) return launch_error;   \
   } while (0)
 
 template <typename T>

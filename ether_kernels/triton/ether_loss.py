@@ -62,13 +62,14 @@ def _stats_kernel(pred_ptr, true_ptr, partial_cols_ptr, partial_sse_ptr, B, L, R
 
 @triton.jit
 def _backward_kernel(pred_ptr, true_ptr, coef_ptr, upstream_ptr, grad_pred_ptr, grad_true_ptr,
-                     N, C, R, intra_scale, PER_SAMPLE: tl.constexpr, NEED_PRED: tl.constexpr,
+                     N, C, R, MEAN: tl.constexpr, PER_SAMPLE: tl.constexpr, NEED_PRED: tl.constexpr,
                      NEED_TRUE: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < N
     p = tl.load(pred_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     t = tl.load(true_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     g = tl.load(upstream_ptr).to(ACC_DTYPE)
+    intra_scale = 2.0 / N.to(ACC_DTYPE) if MEAN else 2.0
     g_diff = (g * intra_scale) * (p - t)
     if NEED_PRED:
         segment = offsets // R  # b * C + c
@@ -210,7 +211,7 @@ def ether_loss_forward_triton(y_pred: torch.Tensor, y_true: torch.Tensor,
 
 @torch.library.custom_op("ether_kernels::ether_loss_backward_triton", mutates_args=())
 def ether_loss_backward_triton(grad_loss: torch.Tensor, y_pred: torch.Tensor,
-                               y_true: torch.Tensor, coef: torch.Tensor, intra_scale: float,
+                               y_true: torch.Tensor, coef: torch.Tensor, reduction: int,
                                per_sample: bool, need_pred_grad: bool,
                                need_true_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     pred, target = y_pred.contiguous(), y_true.contiguous()
@@ -223,7 +224,7 @@ def ether_loss_backward_triton(grad_loss: torch.Tensor, y_pred: torch.Tensor,
     if need_pred_grad or need_true_grad:
         _backward_kernel[(triton.cdiv(N, BLOCK_ELEMENTS),)](
             pred, target, coef.contiguous(), grad_loss.reshape(1), grad_pred if need_pred_grad else pred,
-            grad_true if need_true_grad else pred, N, C, R, intra_scale,
+            grad_true if need_true_grad else pred, N, C, R, MEAN=reduction == 0,
             PER_SAMPLE=per_sample, NEED_PRED=need_pred_grad, NEED_TRUE=need_true_grad,
             BLOCK=BLOCK_ELEMENTS, ACC_DTYPE=as_tl_dtype(accumulator_dtype(pred.dtype)))
     return grad_pred, grad_true

@@ -36,12 +36,14 @@ def _mse_kernel(input_ptr, target_ptr, partial_ptr, out_ptr, grad_ptr, N, grad_s
 
 
 @triton.jit
-def _scale_kernel(in_ptr, out_ptr, upstream_ptr, factor, N, BLOCK: tl.constexpr,
+def _scale_kernel(in_ptr, out_ptr, upstream_ptr, N, MEAN: tl.constexpr, BLOCK: tl.constexpr,
                   ACC_DTYPE: tl.constexpr):
-    """out = in * (upstream * factor), formed in fp32 (fp64) and rounded once."""
+    """out = in * upstream (/ N for the mean), formed in fp32 (fp64) and rounded once."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < N
-    scale = tl.load(upstream_ptr).to(ACC_DTYPE) * factor
+    scale = tl.load(upstream_ptr).to(ACC_DTYPE)
+    if MEAN:
+        scale = scale / N.to(ACC_DTYPE)
     x = tl.load(in_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     tl.store(out_ptr + offsets, (x * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -75,12 +77,12 @@ def mse_loss_forward_triton(input: torch.Tensor, target: torch.Tensor, reduction
 
 @torch.library.custom_op("ether_kernels::mse_loss_backward_triton", mutates_args=())
 def mse_loss_backward_triton(grad_loss: torch.Tensor, twice_diff: torch.Tensor,
-                             factor: float) -> torch.Tensor:
+                             mean: bool) -> torch.Tensor:
     src = twice_diff.contiguous()
     out = torch.empty_like(src)
     N = src.numel()
     if N > 0:
         _scale_kernel[(triton.cdiv(N, BLOCK),)](
-            src, out, grad_loss.reshape(1), factor, N, BLOCK=BLOCK,
+            src, out, grad_loss.reshape(1), N, MEAN=mean, BLOCK=BLOCK,
             ACC_DTYPE=as_tl_dtype(accumulator_dtype(src.dtype)))
     return out
