@@ -280,6 +280,9 @@ def _setup_context(ctx, inputs, output):
     y_pred, y_true, _, _, _, _, _, reduction, per_sample = inputs
     _, coef = output
     ctx.mark_non_differentiable(coef)
+    # The second output never gets a gradient: without this, autograd would fill a tensor of
+    # zeros of its size on every backward (for the MSE, a whole input-sized pass).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(y_pred, y_true, coef)
     ctx.reduction = reduction
     ctx.per_sample = per_sample

@@ -45,6 +45,9 @@ def _setup_context(ctx, inputs, output):
     input, target, reduction, compute_grad = inputs
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # The second output never gets a gradient: without this, autograd would fill a tensor of
+    # zeros of its size on every backward (for the MSE, a whole input-sized pass).
+    ctx.set_materialize_grads(False)
     # d loss / d input = 2 * (input - target) * upstream, / N for the mean
     ctx.mean = reduction == _REDUCTIONS["mean"]
     ctx.saved_grad = compute_grad and reduction != _REDUCTIONS["none"]

@@ -23,38 +23,61 @@ namespace {
 constexpr int64_t kChunk = 16384;       // elements per partial sum (fp32 lanes stay accurate)
 constexpr int64_t kGrainChunks = 4;     // 64K elements before a second thread helps
 
+// One chunk. Three loop variants (elementwise / sum + gradient / sum) keep the hot loops free
+// of branches, and the accumulators are plain locals the stores cannot alias.
 template <typename scalar_t>
 double mse_chunk(const scalar_t* p, const scalar_t* t, int64_t n, scalar_t* out, scalar_t* grad,
                  at::opmath_type<scalar_t> grad_scale) {
   using P = OpmathPair<scalar_t>;
   using Vec = typename P::Vec;
-  const Vec scale_v(grad_scale);
-  Vec sse_v(0), p_lo, p_hi, t_lo, t_hi;
-  int64_t i = 0;
-  auto body = [&](int64_t count, bool full) {
-    if (full) {
+  const int64_t full = n - n % P::kStep;
+  const int64_t tail = n - full;
+  Vec p_lo, p_hi, t_lo, t_hi;
+  if (out) {  // reduction "none": out = (p - t)^2
+    for (int64_t i = 0; i < full; i += P::kStep) {
       P::load(p + i, p_lo, p_hi);
       P::load(t + i, t_lo, t_hi);
-    } else {
-      P::load_partial(p + i, count, p_lo, p_hi);
-      P::load_partial(t + i, count, t_lo, t_hi);
+      const Vec d_lo = p_lo - t_lo, d_hi = p_hi - t_hi;
+      P::store(out + i, d_lo * d_lo, d_hi * d_hi);
     }
+    if (tail) {
+      P::load_partial(p + full, tail, p_lo, p_hi);
+      P::load_partial(t + full, tail, t_lo, t_hi);
+      const Vec d_lo = p_lo - t_lo, d_hi = p_hi - t_hi;
+      P::store_partial(out + full, tail, d_lo * d_lo, d_hi * d_hi);
+    }
+    return 0.0;
+  }
+  const Vec scale(grad_scale);
+  Vec sse_lo(0), sse_hi(0);  // two independent accumulator chains
+  if (grad) {
+    for (int64_t i = 0; i < full; i += P::kStep) {
+      P::load(p + i, p_lo, p_hi);
+      P::load(t + i, t_lo, t_hi);
+      const Vec d_lo = p_lo - t_lo, d_hi = p_hi - t_hi;
+      sse_lo = at::vec::fmadd(d_lo, d_lo, sse_lo);
+      sse_hi = at::vec::fmadd(d_hi, d_hi, sse_hi);
+      P::store(grad + i, scale * d_lo, scale * d_hi);
+    }
+  } else {
+    for (int64_t i = 0; i < full; i += P::kStep) {
+      P::load(p + i, p_lo, p_hi);
+      P::load(t + i, t_lo, t_hi);
+      const Vec d_lo = p_lo - t_lo, d_hi = p_hi - t_hi;
+      sse_lo = at::vec::fmadd(d_lo, d_lo, sse_lo);
+      sse_hi = at::vec::fmadd(d_hi, d_hi, sse_hi);
+    }
+  }
+  if (tail) {  // missing lanes load as zero and add nothing
+    P::load_partial(p + full, tail, p_lo, p_hi);
+    P::load_partial(t + full, tail, t_lo, t_hi);
     const Vec d_lo = p_lo - t_lo, d_hi = p_hi - t_hi;
-    if (out) {
-      if (full) P::store(out + i, d_lo * d_lo, d_hi * d_hi);
-      else P::store_partial(out + i, count, d_lo * d_lo, d_hi * d_hi);
-      return;
-    }
-    sse_v = at::vec::fmadd(d_lo, d_lo, at::vec::fmadd(d_hi, d_hi, sse_v));
-    if (grad) {
-      if (full) P::store(grad + i, scale_v * d_lo, scale_v * d_hi);
-      else P::store_partial(grad + i, count, scale_v * d_lo, scale_v * d_hi);
-    }
-  };
-  for (; i + P::kStep <= n; i += P::kStep) body(P::kStep, true);
-  if (i < n) body(n - i, false);
+    sse_lo = at::vec::fmadd(d_lo, d_lo, sse_lo);
+    sse_hi = at::vec::fmadd(d_hi, d_hi, sse_hi);
+    if (grad) P::store_partial(grad + full, tail, scale * d_lo, scale * d_hi);
+  }
   alignas(64) typename P::opmath_t lanes[Vec::size()];
-  sse_v.store(lanes);
+  (sse_lo + sse_hi).store(lanes);
   double sse = 0.0;
   for (int64_t k = 0; k < Vec::size(); ++k) sse += static_cast<double>(lanes[k]);
   return sse;
