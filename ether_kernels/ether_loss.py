@@ -290,6 +290,8 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_coef):
+        if grad_loss is None:  # the loss itself was not used (grads are not materialized)
+            return (None,) * 9
         y_pred, y_true, coef = ctx.saved_tensors
         need_pred, need_true = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_pred, grad_true = backward_op(grad_loss, y_pred, y_true, coef, ctx.reduction,

@@ -62,6 +62,8 @@ def _backward_fake(grad_loss, twice_diff, mean):
 
 def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_grad):
+        if grad_loss is None:  # the loss itself was not used (grads are not materialized)
+            return None, None, None, None
         if ctx.saved_grad:
             # One pass: twice_diff * grad_loss (/ N), rounded once.
             (twice_diff,) = ctx.saved_tensors
