@@ -190,3 +190,19 @@ def test_bad_input_raises_a_clear_error(change, error, match, backend):
 def test_module_checks_reduction_at_construction():
     with pytest.raises(ValueError, match=r"FusedMSELoss: reduction must be one of"):
         ek.FusedMSELoss("median")
+
+
+@pytest.mark.skipif(not ek.info()["cpp"], reason="the C++ extension is not loaded")
+def test_automatic_choice_on_cpu_uses_the_kernel_only_where_it_pays(monkeypatch):
+    from ether_kernels import mse_loss as module
+    calls = []
+    monkeypatch.setattr(module, "mse_loss_reference", lambda *a: calls.append("reference") or F.mse_loss(*a))
+    small = torch.randn(8, 8)
+    ek.fused_mse_loss(small, small)
+    assert calls == ["reference"]
+    big = torch.randn(module.CPU_MIN_ELEMENTS)
+    ek.fused_mse_loss(big, big)
+    assert calls == ["reference"]  # the C++ kernel ran
+    with ek.use_backend("cpp"):
+        ek.fused_mse_loss(small, small)
+    assert calls == ["reference"]  # a forced backend is always honoured
