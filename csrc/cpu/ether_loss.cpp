@@ -3,6 +3,7 @@
 #include "ops_cpu.h"
 
 #include "../common/ether_loss_math.h"
+#include "../common/op_checks.h"
 #include "cpu_capability.h"
 #include "kernels/kernel_api.h"
 
@@ -16,32 +17,11 @@ namespace ether_kernels::cpu {
 
 namespace {
 
-// (B, C, R) view of a (B, C, *rest) input.
-struct Shape3 {
-  int64_t B, C, R;
-};
-
-Shape3 view3(const at::Tensor& t) {
-  const int64_t B = t.size(0), C = t.size(1);
-  return {B, C, B * C == 0 ? 0 : t.numel() / (B * C)};
-}
-
 void check_pair(const at::Tensor& y_pred, const at::Tensor& y_true) {
-  TORCH_CHECK(y_pred.dim() >= 2, "ether_loss: y_pred must have at least 2 dims (B, C, ...), got ",
-              y_pred.sizes());
-  TORCH_CHECK(y_pred.sizes() == y_true.sizes(), "ether_loss: y_pred ", y_pred.sizes(),
-              " and y_true ", y_true.sizes(), " must have the same shape");
-  TORCH_CHECK(y_pred.scalar_type() == y_true.scalar_type(), "ether_loss: y_pred (",
-              y_pred.scalar_type(), ") and y_true (", y_true.scalar_type(),
-              ") must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(y_pred.scalar_type()),
-              "ether_loss: y_pred must be floating point, got ", y_pred.scalar_type());
+  check_ether_pair(y_pred, y_true);
   TORCH_CHECK(y_pred.device().is_cpu() && y_true.device().is_cpu(),
-              "ether_loss (CPU kernel): y_pred and y_true must be CPU tensors");
-}
-
-at::ScalarType coef_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+              "ether_loss (CPU kernel): y_pred and y_true must be CPU tensors, got ",
+              y_pred.device(), " and ", y_true.device());
 }
 
 }  // namespace
@@ -51,17 +31,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_forward_cpu(
     const at::Tensor& member_group, const at::Tensor& weights, double alpha,
     int64_t discrepancy, int64_t reduction, bool per_sample) {
   check_pair(y_pred, y_true);
-  TORCH_CHECK(member_channel.scalar_type() == at::kLong && member_group.scalar_type() == at::kLong,
-              "ether_loss: member_channel and member_group must be int64");
-  TORCH_CHECK(member_channel.numel() == member_group.numel(),
-              "ether_loss: member_channel and member_group must have the same length");
-  TORCH_CHECK(weights.scalar_type() == at::kDouble && weights.dim() == 1,
-              "ether_loss: weights must be a 1-D float64 tensor");
-  TORCH_CHECK(discrepancy == math::kL1 || discrepancy == math::kL2,
-              "ether_loss: discrepancy code must be 0 (l1) or 1 (l2), got ", discrepancy);
-  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum,
-              "ether_loss: reduction code must be 0 (mean) or 1 (sum), got ", reduction);
-  TORCH_CHECK(y_pred.numel() > 0, "ether_loss: y_pred must not be empty");
+  check_ether_options(y_pred, member_channel, member_group, weights, discrepancy, reduction);
 
   const at::Tensor pred = y_pred.contiguous(), target = y_true.contiguous();
   const auto [B, C, R] = view3(pred);
@@ -70,17 +40,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_forward_cpu(
   const int64_t E = channels.numel(), M = w.numel();
   const int64_t* channel_ptr = channels.data_ptr<int64_t>();
   const int64_t* group_ptr = groups.data_ptr<int64_t>();
-  std::vector<double> group_size(M, 0.0);
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(channel_ptr[e] >= 0 && channel_ptr[e] < C, "ether_loss: member_channel[", e,
-                "] = ", channel_ptr[e], " is out of range for ", C, " channels");
-    TORCH_CHECK(group_ptr[e] >= 0 && group_ptr[e] < M, "ether_loss: member_group[", e, "] = ",
-                group_ptr[e], " is out of range for ", M, " modalities");
-    group_size[group_ptr[e]] += 1.0;
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    TORCH_CHECK(group_size[m] > 0, "ether_loss: modality ", m, " has no channel");
-  }
+  const std::vector<double> group_size = checked_group_sizes(channel_ptr, group_ptr, E, C, M);
 
   // 1. One pass over the data: sum of squared errors and sums per channel (or per sample
   //    and channel).
@@ -127,10 +87,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cpu(
     bool need_true_grad) {
   check_pair(y_pred, y_true);
   TORCH_CHECK(grad_loss.numel() == 1, "ether_loss_backward: grad_loss must hold one value");
-  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum,
-              "ether_loss_backward: reduction code must be 0 (mean) or 1 (sum), got ", reduction);
-  const double intra_scale =
-      reduction == math::kMean ? 2.0 / static_cast<double>(y_pred.numel()) : 2.0;
+  const double k = intra_scale(reduction, y_pred.numel());
   const at::Tensor pred = y_pred.contiguous(), target = y_true.contiguous();
   const auto [B, C, R] = view3(pred);
   const at::Tensor coef_c = coef.contiguous();
@@ -145,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cpu(
                                         : at::empty({0}, pred.options());
   if (need_pred_grad || need_true_grad) {
     EtherBackwardArgs args{pred.data_ptr(), target.data_ptr(), pred.scalar_type(), B, C, R,
-                           per_sample, coef_c.data_ptr(), grad_loss.item<double>(), intra_scale,
+                           per_sample, coef_c.data_ptr(), grad_loss.item<double>(), k,
                            need_pred_grad ? grad_pred.data_ptr() : nullptr,
                            need_true_grad ? grad_true.data_ptr() : nullptr};
     ETHER_CPU_DISPATCH(ether_loss_backward)(args);

@@ -2,6 +2,7 @@
 #include "ops_cpu.h"
 
 #include "../common/ether_loss_math.h"
+#include "../common/op_checks.h"
 #include "cpu_capability.h"
 #include "kernels/kernel_api.h"
 
@@ -12,15 +13,10 @@ namespace ether_kernels::cpu {
 std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
                                                         const at::Tensor& target,
                                                         int64_t reduction, bool compute_grad) {
-  TORCH_CHECK(input.sizes() == target.sizes(), "fused_mse_loss: input ", input.sizes(),
-              " and target ", target.sizes(), " must have the same shape");
-  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "fused_mse_loss: input (",
-              input.scalar_type(), ") and target (", target.scalar_type(),
-              ") must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "fused_mse_loss: input must be floating point, got ", input.scalar_type());
-  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum || reduction == math::kNone,
-              "fused_mse_loss: reduction code must be 0, 1 or 2, got ", reduction);
+  check_mse_args(input, target, reduction);
+  TORCH_CHECK(input.device().is_cpu() && target.device().is_cpu(),
+              "fused_mse_loss (CPU kernel): input and target must be CPU tensors, got ",
+              input.device(), " and ", target.device());
   const at::Tensor p = input.contiguous(), t = target.contiguous();
   const int64_t n = p.numel();
 

@@ -8,6 +8,7 @@
 #include "kernels_cuda.h"
 
 #include "../common/ether_loss_math.h"
+#include "../common/op_checks.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,16 +21,6 @@
 
 namespace ether_kernels::cuda {
 namespace {
-
-// (B, C, R) view of a (B, C, *rest) input.
-struct Shape3 {
-  int64_t B, C, R;
-};
-
-Shape3 view3(const at::Tensor& t) {
-  const int64_t B = t.size(0), C = t.size(1);
-  return {B, C, B * C == 0 ? 0 : t.numel() / (B * C)};
-}
 
 bool kernel_supports(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -44,20 +35,8 @@ DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-at::ScalarType coef_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_pair(const at::Tensor& y_pred, const at::Tensor& y_true) {
-  TORCH_CHECK(y_pred.dim() >= 2, "ether_loss: y_pred must have at least 2 dims (B, C, ...), got ",
-              y_pred.sizes());
-  TORCH_CHECK(y_pred.sizes() == y_true.sizes(), "ether_loss: y_pred ", y_pred.sizes(),
-              " and y_true ", y_true.sizes(), " must have the same shape");
-  TORCH_CHECK(y_pred.scalar_type() == y_true.scalar_type(), "ether_loss: y_pred (",
-              y_pred.scalar_type(), ") and y_true (", y_true.scalar_type(),
-              ") must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(y_pred.scalar_type()),
-              "ether_loss: y_pred must be floating point, got ", y_pred.scalar_type());
+  check_ether_pair(y_pred, y_true);
   TORCH_CHECK(kernel_supports(y_pred.scalar_type()),
               "ether_loss (CUDA kernel): dtype ", y_pred.scalar_type(),
               " is not supported (float32, float64, float16, bfloat16)");
@@ -88,17 +67,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_forward_cuda(
     const at::Tensor& member_group, const at::Tensor& weights, double alpha,
     int64_t discrepancy, int64_t reduction, bool per_sample) {
   check_pair(y_pred, y_true);
-  TORCH_CHECK(member_channel.scalar_type() == at::kLong && member_group.scalar_type() == at::kLong,
-              "ether_loss: member_channel and member_group must be int64");
-  TORCH_CHECK(member_channel.numel() == member_group.numel(),
-              "ether_loss: member_channel and member_group must have the same length");
-  TORCH_CHECK(weights.scalar_type() == at::kDouble && weights.dim() == 1,
-              "ether_loss: weights must be a 1-D float64 tensor");
-  TORCH_CHECK(discrepancy == math::kL1 || discrepancy == math::kL2,
-              "ether_loss: discrepancy code must be 0 (l1) or 1 (l2), got ", discrepancy);
-  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum,
-              "ether_loss: reduction code must be 0 (mean) or 1 (sum), got ", reduction);
-  TORCH_CHECK(y_pred.numel() > 0, "ether_loss: y_pred must not be empty");
+  check_ether_options(y_pred, member_channel, member_group, weights, discrepancy, reduction);
 
   const c10::cuda::CUDAGuard guard(y_pred.device());
   const at::Tensor pred = y_pred.contiguous(), target = y_true.contiguous();
@@ -113,17 +82,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_forward_cuda(
     const at::Tensor channels = member_channel.contiguous(), groups = member_group.contiguous();
     const int64_t* channel_ptr = channels.data_ptr<int64_t>();
     const int64_t* group_ptr = groups.data_ptr<int64_t>();
-    std::vector<int64_t> group_size(M, 0);
-    for (int64_t e = 0; e < E; ++e) {
-      TORCH_CHECK(channel_ptr[e] >= 0 && channel_ptr[e] < shape.C, "ether_loss: member_channel[",
-                  e, "] = ", channel_ptr[e], " is out of range for ", shape.C, " channels");
-      TORCH_CHECK(group_ptr[e] >= 0 && group_ptr[e] < M, "ether_loss: member_group[", e, "] = ",
-                  group_ptr[e], " is out of range for ", M, " modalities");
-      ++group_size[group_ptr[e]];
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      TORCH_CHECK(group_size[m] > 0, "ether_loss: modality ", m, " has no channel");
-    }
+    checked_group_sizes(channel_ptr, group_ptr, E, shape.C, M);
   }
   const at::Device device = pred.device();
   const at::Tensor channels = on_device(member_channel, device, "member_channel");
@@ -172,8 +131,6 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cuda(
     bool need_true_grad) {
   check_pair(y_pred, y_true);
   TORCH_CHECK(grad_loss.numel() == 1, "ether_loss_backward: grad_loss must hold one value");
-  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum,
-              "ether_loss_backward: reduction code must be 0 (mean) or 1 (sum), got ", reduction);
   const c10::cuda::CUDAGuard guard(y_pred.device());
   const at::Tensor pred = y_pred.contiguous(), target = y_true.contiguous();
   const Shape3 shape = view3(pred);
@@ -203,9 +160,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cuda(
     args.R = shape.R;
     args.per_sample = per_sample;
     args.coef = coef_c.data_ptr();
-    // 2 / N for the mean, 2 for the sum, in double (the kernel argument is a double).
-    args.intra_scale =
-        reduction == math::kMean ? 2.0 / static_cast<double>(pred.numel()) : 2.0;
+    args.intra_scale = intra_scale(reduction, pred.numel());  // a double kernel argument
     args.grad_pred = need_pred_grad ? grad_pred.data_ptr() : nullptr;
     args.grad_true = need_true_grad ? grad_true.data_ptr() : nullptr;
     C10_CUDA_CHECK(ether_loss_backward(args, at::cuda::getCurrentCUDAStream()));
@@ -216,13 +171,7 @@ std::tuple<at::Tensor, at::Tensor> ether_loss_backward_cuda(
 std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cuda(const at::Tensor& input,
                                                          const at::Tensor& target,
                                                          int64_t reduction, bool compute_grad) {
-  TORCH_CHECK(input.sizes() == target.sizes(), "fused_mse_loss: input ", input.sizes(),
-              " and target ", target.sizes(), " must have the same shape");
-  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "fused_mse_loss: input (",
-              input.scalar_type(), ") and target (", target.scalar_type(),
-              ") must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "fused_mse_loss: input must be floating point, got ", input.scalar_type());
+  check_mse_args(input, target, reduction);
   TORCH_CHECK(kernel_supports(input.scalar_type()), "fused_mse_loss (CUDA kernel): dtype ",
               input.scalar_type(), " is not supported (float32, float64, float16, bfloat16)");
   TORCH_CHECK(input.is_cuda() && target.is_cuda(),
@@ -230,8 +179,6 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cuda(const at::Tensor& input
               input.device(), " and ", target.device());
   TORCH_CHECK(input.device() == target.device(), "fused_mse_loss: input (", input.device(),
               ") and target (", target.device(), ") must be on the same device");
-  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum || reduction == math::kNone,
-              "fused_mse_loss: reduction code must be 0, 1 or 2, got ", reduction);
 
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor p = input.contiguous(), t = target.contiguous();

@@ -1,0 +1,97 @@
+// Host-side argument checks and shape helpers shared by the CPU and CUDA ops (torch headers;
+// not for the pure .cu kernels). Each message names the op and the argument.
+#pragma once
+
+#include "ether_loss_math.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+namespace ether_kernels {
+
+// (B, C, R) view of a (B, C, *rest) input: B rows of C channels of R contiguous elements.
+struct Shape3 {
+  int64_t B, C, R;
+};
+
+inline Shape3 view3(const at::Tensor& t) {
+  const int64_t B = t.size(0), C = t.size(1);
+  return {B, C, B * C == 0 ? 0 : t.numel() / (B * C)};
+}
+
+// The per-channel coefficients are kept in the accumulation type: fp64 for fp64, else fp32.
+inline at::ScalarType coef_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Shape, dtype and rank of the Ether loss inputs (devices are checked by each backend).
+inline void check_ether_pair(const at::Tensor& y_pred, const at::Tensor& y_true) {
+  TORCH_CHECK(y_pred.dim() >= 2, "ether_loss: y_pred must have at least 2 dims (B, C, ...), got ",
+              y_pred.sizes());
+  TORCH_CHECK(y_pred.sizes() == y_true.sizes(), "ether_loss: y_pred ", y_pred.sizes(),
+              " and y_true ", y_true.sizes(), " must have the same shape");
+  TORCH_CHECK(y_pred.scalar_type() == y_true.scalar_type(), "ether_loss: y_pred (",
+              y_pred.scalar_type(), ") and y_true (", y_true.scalar_type(),
+              ") must have the same dtype");
+  TORCH_CHECK(at::isFloatingType(y_pred.scalar_type()),
+              "ether_loss: y_pred must be floating point, got ", y_pred.scalar_type());
+}
+
+// The non-tensor options of ether_loss_forward and the types of its small tensors.
+inline void check_ether_options(const at::Tensor& y_pred, const at::Tensor& member_channel,
+                                const at::Tensor& member_group, const at::Tensor& weights,
+                                int64_t discrepancy, int64_t reduction) {
+  TORCH_CHECK(member_channel.scalar_type() == at::kLong && member_group.scalar_type() == at::kLong,
+              "ether_loss: member_channel and member_group must be int64");
+  TORCH_CHECK(member_channel.numel() == member_group.numel(),
+              "ether_loss: member_channel and member_group must have the same length");
+  TORCH_CHECK(weights.scalar_type() == at::kDouble && weights.dim() == 1,
+              "ether_loss: weights must be a 1-D float64 tensor");
+  TORCH_CHECK(discrepancy == math::kL1 || discrepancy == math::kL2,
+              "ether_loss: discrepancy code must be 0 (l1) or 1 (l2), got ", discrepancy);
+  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum,
+              "ether_loss: reduction code must be 0 (mean) or 1 (sum), got ", reduction);
+  TORCH_CHECK(y_pred.numel() > 0, "ether_loss: y_pred must not be empty");
+}
+
+// Validates host-resident membership pairs against C channels and M modalities and returns
+// the size of every group (each must be > 0).
+inline std::vector<double> checked_group_sizes(const int64_t* channel, const int64_t* group,
+                                               int64_t E, int64_t C, int64_t M) {
+  std::vector<double> size(M, 0.0);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(channel[e] >= 0 && channel[e] < C, "ether_loss: member_channel[", e, "] = ",
+                channel[e], " is out of range for ", C, " channels");
+    TORCH_CHECK(group[e] >= 0 && group[e] < M, "ether_loss: member_group[", e, "] = ", group[e],
+                " is out of range for ", M, " modalities");
+    size[group[e]] += 1.0;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(size[m] > 0, "ether_loss: modality ", m, " has no channel");
+  }
+  return size;
+}
+
+// The backward's integer reduction code -> k in k * (p - t).
+inline double intra_scale(int64_t reduction, int64_t numel) {
+  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum,
+              "ether_loss_backward: reduction code must be 0 (mean) or 1 (sum), got ", reduction);
+  return reduction == math::kMean ? 2.0 / static_cast<double>(numel) : 2.0;
+}
+
+// Shape, dtype and reduction of the fused MSE inputs.
+inline void check_mse_args(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
+  TORCH_CHECK(input.sizes() == target.sizes(), "fused_mse_loss: input ", input.sizes(),
+              " and target ", target.sizes(), " must have the same shape");
+  TORCH_CHECK(input.scalar_type() == target.scalar_type(), "fused_mse_loss: input (",
+              input.scalar_type(), ") and target (", target.scalar_type(),
+              ") must have the same dtype");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fused_mse_loss: input must be floating point, got ", input.scalar_type());
+  TORCH_CHECK(reduction == math::kMean || reduction == math::kSum || reduction == math::kNone,
+              "fused_mse_loss: reduction code must be 0, 1 or 2, got ", reduction);
+}
+
+}  // namespace ether_kernels
