@@ -87,14 +87,27 @@ def unsupported_reasons(backend, device, op_backends):
 
 def select(op_name, device, cpu_backends=("cpp",), gpu_backends=("triton",)):
     """The backend that runs `op_name` on tensors on `device`."""
-    op_backends = tuple(cpu_backends) + tuple(b for b in gpu_backends if b not in cpu_backends)
     forced = forced_backend()
+    key = (op_name, device.type, cpu_backends, gpu_backends, forced)
+    choice = _choices.get(key)
+    if choice is None:  # what can run depends only on the key: decide once
+        choice = _choices[key] = _select_uncached(op_name, device, cpu_backends, gpu_backends, forced)
+    if isinstance(choice, BackendUnavailableError):
+        raise BackendUnavailableError(*choice.args)  # a fresh error: no traceback piles up
+    return choice
+
+
+_choices = {}  # select()'s decisions (or the error to raise), by what they depend on
+
+
+def _select_uncached(op_name, device, cpu_backends, gpu_backends, forced):
+    op_backends = tuple(cpu_backends) + tuple(b for b in gpu_backends if b not in cpu_backends)
     if forced is not None:
         reasons = unsupported_reasons(forced, device, op_backends)
         if reasons:
-            raise BackendUnavailableError(
-                f"{op_name}: backend {forced!r} was forced but cannot run on {device} tensors: "
-                + "; ".join(reasons))
+            return BackendUnavailableError(
+                f"{op_name}: backend {forced!r} was forced but cannot run on {device.type} "
+                "tensors: " + "; ".join(reasons))
         return forced
     order = cpu_backends if device.type == "cpu" else gpu_backends
     for backend in order:
