@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 comes from this machine's local disk (a CPU build); any other spec would
 # download several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-DEPS := triton==3.9.0 numpy pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis
+DEPS := triton==3.9.0 numpy pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis tslearn dtaidistance
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ether-kernels-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')

@@ -11,6 +11,8 @@ import torch
 from . import _extension  # loads ether_kernels._C (or warns once and carries on)
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
 from ._triton_support import triton_import_error, triton_interpret, triton_version
+from .dynamic_time_warping import (SoftDTWLoss, cdist_dtw, dtw, dtw_from_cost, dtw_path, soft_dtw,
+                  soft_dtw_alignment, soft_dtw_divergence, soft_dtw_from_cost)
 from .ether_loss import ModalityGroups, ether_loss
 from .modules import EtherLoss, FusedMSELoss
 from .mse_loss import fused_mse_loss
@@ -49,5 +51,7 @@ def info():
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "EtherLoss", "FusedMSELoss", "ModalityGroups",
-    "__version__", "available_backends", "ether_loss", "fused_mse_loss", "info", "use_backend",
+    "SoftDTWLoss", "__version__", "available_backends", "cdist_dtw", "dtw", "dtw_from_cost",
+    "dtw_path", "ether_loss", "fused_mse_loss", "info", "soft_dtw", "soft_dtw_alignment",
+    "soft_dtw_divergence", "soft_dtw_from_cost", "use_backend",
 ]

@@ -1,0 +1,270 @@
+"""Batched DTW and soft-DTW: public API, input normalisation and checks.
+
+Semantics and conventions: specs/dtw.md; the readable version is reference/dtw.py.
+Inputs: x (B, N, D) and y (B, M, D), or (N, D) / (N,) for a single pair, and a batch of 1
+on one side broadcast against B on the other. fp32 and fp64 (fp16 / bf16 are computed in
+fp32). Per-pair lengths, Sakoe-Chiba band (tslearn's sakoe_chiba_radius=r, dtaidistance's
+window=r+1), local cost "sqeuclidean" (default), "euclidean" or "l1". Hard DTW returns the
+accumulated cost R[n][m] (dtaidistance and tslearn return its square root).
+
+Backends: the C++ CPU kernels run the recurrence on the (B, N, M) local cost (computed by
+PyTorch from x and y, so its gradient flows back to them) when the extension has them;
+otherwise, and on GPUs for now, the reference runs.
+"""
+
+import math
+import numbers
+
+import torch
+
+from . import _dispatch, _extension
+from ._checks import check_choice, check_tensor
+from .reference.dtw import (METRICS, allowed_cells, dtw_from_cost_reference, dtw_path_reference,
+                            pairwise_cost)
+
+_OP = "dtw"
+
+
+# ------------------------------------------------------------------------ argument checks
+
+def _as_batch(series, name, op):
+    check_tensor(series, name)
+    if not (series.is_floating_point()):
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {series.dtype}")
+    if series.dim() == 1:
+        series = series.view(1, -1, 1)
+    elif series.dim() == 2:
+        series = series.unsqueeze(0)
+    elif series.dim() != 3:
+        raise ValueError(f"{op}: {name} must be (B, N, D), (N, D) or (N,), got shape "
+                         f"{tuple(series.shape)}")
+    if series.shape[1] == 0:
+        raise ValueError(f"{op}: {name} is an empty sequence (shape {tuple(series.shape)})")
+    if series.dtype in (torch.float16, torch.bfloat16):
+        series = series.float()
+    return series
+
+
+def _lengths(lengths, name, batch, full, device, op):
+    if lengths is None:
+        return torch.full((batch,), full, dtype=torch.int64, device=device)
+    check_tensor(lengths, name)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{op}: {name} must have shape ({batch},), one length per pair, got "
+                         f"{tuple(lengths.shape)}")
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    low, high = int(lengths.min()), int(lengths.max())  # a host read: lengths are metadata
+    if low < 1 or high > full:
+        bad = low if low < 1 else high
+        raise ValueError(f"{op}: {name} must lie in [1, {full}], got {bad}")
+    return lengths
+
+
+def _band(band, op):
+    if band is None:
+        return None
+    if isinstance(band, bool) or not isinstance(band, numbers.Integral):
+        raise TypeError(f"{op}: band must be an int >= 0 or None, got {type(band).__name__}")
+    if band < 0:
+        raise ValueError(f"{op}: band must be >= 0 (a Sakoe-Chiba radius), got {band}")
+    return int(band)
+
+
+def _gamma(gamma, op):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise TypeError(f"{op}: gamma must be a real number > 0, got {type(gamma).__name__}")
+    gamma = float(gamma)
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"{op}: gamma must be a finite number > 0, got {gamma}")
+    return gamma
+
+
+def _pairs(x, y, x_lengths, y_lengths, band, metric, op):
+    """Normalised (x, y, x_lengths, y_lengths, band) of B pairs; checks every argument."""
+    x, y = _as_batch(x, "x", op), _as_batch(y, "y", op)
+    if x.dtype != y.dtype:
+        raise TypeError(f"{op}: x ({x.dtype}) and y ({y.dtype}) must have the same dtype")
+    if x.device != y.device:
+        raise RuntimeError(f"{op}: x is on {x.device} but y is on {y.device}")
+    if x.shape[2] != y.shape[2]:
+        raise ValueError(f"{op}: x has {x.shape[2]} features per step but y has {y.shape[2]}")
+    if x.shape[0] != y.shape[0]:
+        if x.shape[0] == 1:
+            x = x.expand(y.shape[0], -1, -1)
+        elif y.shape[0] == 1:
+            y = y.expand(x.shape[0], -1, -1)
+        else:
+            raise ValueError(f"{op}: x has {x.shape[0]} series but y has {y.shape[0]}; they must "
+                             "match or one must be 1")
+    check_choice(metric, "metric", METRICS, op)
+    B = x.shape[0]
+    # Padding is never read: zero it before the cost is formed, so that whatever it holds
+    # (NaN, inf) can reach neither the values nor, through 0 * NaN, the gradients.
+    padded_x, padded_y = x_lengths is not None, y_lengths is not None
+    x_lengths = _lengths(x_lengths, "x_lengths", B, x.shape[1], x.device, op)
+    y_lengths = _lengths(y_lengths, "y_lengths", B, y.shape[1], x.device, op)
+    if padded_x:
+        x = _zero_padding(x, x_lengths)
+    if padded_y:
+        y = _zero_padding(y, y_lengths)
+    return x, y, x_lengths, y_lengths, _band(band, op)
+
+
+def _zero_padding(series, lengths):
+    steps = torch.arange(series.shape[1], device=series.device).view(1, -1, 1)
+    return torch.where(steps < lengths.view(-1, 1, 1), series, 0.0)
+
+
+def _cost_pairs(cost, x_lengths, y_lengths, band, op):
+    check_tensor(cost, "cost")
+    if not cost.is_floating_point():
+        raise TypeError(f"{op}: cost must be a floating-point tensor, got {cost.dtype}")
+    if cost.dim() == 2:
+        cost = cost.unsqueeze(0)
+    if cost.dim() != 3 or cost.shape[1] == 0 or cost.shape[2] == 0:
+        raise ValueError(f"{op}: cost must be a non-empty (B, N, M) tensor, got shape "
+                         f"{tuple(cost.shape)}")
+    if cost.dtype in (torch.float16, torch.bfloat16):
+        cost = cost.float()
+    B, N, M = cost.shape
+    x_lengths = _lengths(x_lengths, "x_lengths", B, N, cost.device, op)
+    y_lengths = _lengths(y_lengths, "y_lengths", B, M, cost.device, op)
+    return cost, x_lengths, y_lengths, _band(band, op)
+
+
+# ------------------------------------------------------------------------------- kernels
+
+def _run(cost, x_lengths, y_lengths, band, gamma):
+    """Hard (gamma None) or soft DTW of every pair of a checked (B, N, M) cost."""
+    backend = _dispatch.select(_OP, cost.device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
+    if backend == "reference":
+        return dtw_from_cost_reference(cost, x_lengths, y_lengths, band, gamma)
+    values, _ = torch.ops.ether_kernels.dtw_forward(
+        cost, x_lengths, y_lengths, -1 if band is None else band,
+        1.0 if gamma is None else gamma, gamma is not None,
+        torch.is_grad_enabled() and cost.requires_grad)
+    return values
+
+
+# ---------------------------------------------------------------------------- public API
+
+def dtw(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeuclidean"):
+    """Hard DTW of every pair: the accumulated local cost of the best path, shape (B,)."""
+    x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "dtw")
+    return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, None)
+
+
+def soft_dtw(x, y, gamma=1.0, *, band=None, x_lengths=None, y_lengths=None, metric="sqeuclidean"):
+    """Soft-DTW (Cuturi & Blondel 2017) of every pair, shape (B,); differentiable in x and y."""
+    gamma = _gamma(gamma, "soft_dtw")
+    x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "soft_dtw")
+    return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
+
+
+def soft_dtw_divergence(x, y, gamma=1.0, *, band=None, x_lengths=None, y_lengths=None,
+                        metric="sqeuclidean"):
+    """sdtw(x, y) - (sdtw(x, x) + sdtw(y, y)) / 2 (Blondel et al. 2021): >= 0, 0 when x == y."""
+    op = "soft_dtw_divergence"
+    gamma = _gamma(gamma, op)
+    x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, op)
+    xy = _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
+    xx = _run(pairwise_cost(x, x, metric), x_lengths, x_lengths, band, gamma)
+    yy = _run(pairwise_cost(y, y, metric), y_lengths, y_lengths, band, gamma)
+    return xy - 0.5 * (xx + yy)
+
+
+def dtw_from_cost(cost, *, band=None, x_lengths=None, y_lengths=None):
+    """Hard DTW of every pair from a precomputed (B, N, M) local cost."""
+    cost, x_lengths, y_lengths, band = _cost_pairs(cost, x_lengths, y_lengths, band, "dtw_from_cost")
+    return _run(cost, x_lengths, y_lengths, band, None)
+
+
+def soft_dtw_from_cost(cost, gamma=1.0, *, band=None, x_lengths=None, y_lengths=None):
+    """Soft-DTW of every pair from a precomputed (B, N, M) cost; differentiable in it."""
+    gamma = _gamma(gamma, "soft_dtw_from_cost")
+    cost, x_lengths, y_lengths, band = _cost_pairs(cost, x_lengths, y_lengths, band,
+                                                   "soft_dtw_from_cost")
+    return _run(cost, x_lengths, y_lengths, band, gamma)
+
+
+def soft_dtw_alignment(x, y, gamma=1.0, *, band=None, x_lengths=None, y_lengths=None,
+                       metric="sqeuclidean"):
+    """The expected alignment E = d soft_dtw / d cost of every pair, shape (B, N, M)."""
+    gamma = _gamma(gamma, "soft_dtw_alignment")
+    x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric,
+                                              "soft_dtw_alignment")
+    with torch.enable_grad():
+        cost = pairwise_cost(x.detach(), y.detach(), metric).requires_grad_(True)
+        values = _run(cost, x_lengths, y_lengths, band, gamma)
+        (alignment,) = torch.autograd.grad(values.sum(), (cost,))
+    return alignment
+
+
+def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeuclidean",
+             return_matrix=False):
+    """The optimal alignment path of every pair.
+
+    Returns a list of (L_b, 2) int64 tensors of 0-based (i, j) index pairs from (0, 0) to
+    (n_b - 1, m_b - 1); with return_matrix=True, the (B, N, M) 0/1 path matrices instead.
+    Ties prefer the diagonal step, then advancing x, then advancing y.
+    """
+    x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "dtw_path")
+    with torch.no_grad():
+        paths = dtw_path_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band)
+    if not return_matrix:
+        return paths
+    matrix = torch.zeros(x.shape[0], x.shape[1], y.shape[1], dtype=x.dtype, device=x.device)
+    for b, path in enumerate(paths):
+        matrix[b, path[:, 0], path[:, 1]] = 1
+    return matrix
+
+
+def cdist_dtw(X, Y, *, band=None, metric="sqeuclidean"):
+    """(P, Q) hard DTW between every series of X (P, N, D) and every series of Y (Q, M, D).
+
+    Each row is computed against all of Y at once with X[p] broadcast (a view, no copies of
+    the inputs); memory is one (Q, N, M) cost at a time.
+    """
+    X, Y = _as_batch(X, "X", "cdist_dtw"), _as_batch(Y, "Y", "cdist_dtw")
+    rows = [dtw(X[p:p + 1], Y, band=band, metric=metric) for p in range(X.shape[0])]
+    return torch.stack(rows)
+
+
+class SoftDTWLoss(torch.nn.Module):
+    """Soft-DTW (or, with normalize=True, the soft-DTW divergence) as a loss over a batch."""
+
+    def __init__(self, gamma=1.0, normalize=False, band=None, reduction="mean",
+                 metric="sqeuclidean"):
+        super().__init__()
+        self.gamma = _gamma(gamma, "SoftDTWLoss")
+        self.band = _band(band, "SoftDTWLoss")
+        check_choice(reduction, "reduction", ("mean", "sum", "none"), "SoftDTWLoss")
+        check_choice(metric, "metric", METRICS, "SoftDTWLoss")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"SoftDTWLoss: normalize must be a bool, got {type(normalize).__name__}")
+        self.normalize, self.reduction, self.metric = normalize, reduction, metric
+
+    def forward(self, x, y, x_lengths=None, y_lengths=None):
+        fn = soft_dtw_divergence if self.normalize else soft_dtw
+        values = fn(x, y, self.gamma, band=self.band, x_lengths=x_lengths, y_lengths=y_lengths,
+                    metric=self.metric)
+        if self.reduction == "mean":
+            return values.mean()
+        return values.sum() if self.reduction == "sum" else values
+
+    def extra_repr(self):
+        return (f"gamma={self.gamma}, normalize={self.normalize}, band={self.band}, "
+                f"reduction={self.reduction!r}, metric={self.metric!r}")
+
+
+# ---- registration of the C++ ops (when the extension has them) ---------------------------
+
+_CPU_BACKENDS = ()
+if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "dtw_forward"):
+    _CPU_BACKENDS = ("cpp",)
+
+
+__all__ = ["dtw", "soft_dtw", "soft_dtw_divergence", "dtw_from_cost", "soft_dtw_from_cost",
+           "soft_dtw_alignment", "dtw_path", "cdist_dtw", "SoftDTWLoss", "allowed_cells"]

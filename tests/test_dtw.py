@@ -1,0 +1,242 @@
+"""DTW and soft-DTW: the reference against a plain double loop of the spec, the peers'
+conventions (tslearn, dtaidistance), gradients, robustness and bad input; every available
+backend against the reference."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ether_kernels as ek
+from ether_kernels import _dispatch, dynamic_time_warping
+
+ALL_BACKENDS = ["reference"] + [
+    b for b in ("cpp",) if not _dispatch.unsupported_reasons(b, torch.device("cpu"), dynamic_time_warping._CPU_BACKENDS)
+]
+
+
+def naive_R(cost, n, m, band=None, gamma=None):
+    """The spec's recurrence as a plain double loop in float64 (the test's own oracle)."""
+    R = np.full((n + 1, m + 1), np.inf)
+    R[0, 0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            if band is not None and not (-band + min(0, m - n) <= j - i <= band + max(0, m - n)):
+                continue
+            prev = (R[i - 1, j - 1], R[i - 1, j], R[i, j - 1])
+            mu = min(prev)
+            if gamma is None or mu == np.inf:
+                best = mu
+            else:
+                best = mu - gamma * np.log(sum(np.exp(-(v - mu) / gamma) for v in prev))
+            R[i, j] = cost[i - 1, j - 1] + best
+    return R
+
+
+def random_case(B=4, N=7, M=9, D=2, dtype=torch.float64):
+    x = torch.randn(B, N, D, dtype=dtype)
+    y = torch.randn(B, M, D, dtype=dtype)
+    x_lengths = torch.randint(1, N + 1, (B,))
+    y_lengths = torch.randint(1, M + 1, (B,))
+    x_lengths[0], y_lengths[0] = N, M
+    return x, y, x_lengths, y_lengths
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("band", [None, 0, 1, 3])
+@pytest.mark.parametrize("gamma", [None, 1e-3, 0.1, 1.0, 10.0])
+def test_values_match_the_recurrence(backend, band, gamma):
+    x, y, x_lengths, y_lengths = random_case()
+    cost = ((x[:, :, None] - y[:, None]) ** 2).sum(-1)
+    with ek.use_backend(backend):
+        if gamma is None:
+            values = ek.dtw(x, y, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+        else:
+            values = ek.soft_dtw(x, y, gamma, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+    for b in range(x.shape[0]):
+        n, m = int(x_lengths[b]), int(y_lengths[b])
+        expected = naive_R(cost[b].numpy(), n, m, band, gamma)[n, m]
+        assert math.isclose(values[b].item(), expected, rel_tol=1e-10, abs_tol=1e-10), (b, values[b], expected)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("band", [None, 2])
+def test_soft_dtw_gradcheck_fp64(backend, band):
+    x, y, x_lengths, y_lengths = random_case(B=3, N=5, M=6, D=2)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+
+    def fn(a, b):
+        with ek.use_backend(backend):
+            return ek.soft_dtw(a, b, 0.7, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+
+    assert torch.autograd.gradcheck(fn, (x, y))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_soft_dtw_from_cost_gradient_is_the_expected_alignment(backend):
+    cost = torch.rand(2, 5, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(c):
+        with ek.use_backend(backend):
+            return ek.soft_dtw_from_cost(c, 0.5, band=1)
+
+    assert torch.autograd.gradcheck(fn, (cost,))
+    (E,) = torch.autograd.grad(fn(cost).sum(), (cost,))
+    # Every path goes from (0, 0) to (n-1, m-1): the expected alignment holds both ends fully.
+    torch.testing.assert_close(E[:, 0, 0], torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(E[:, -1, -1], torch.ones(2, dtype=torch.float64))
+    assert (E >= -1e-12).all() and (E <= 1 + 1e-12).all()
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 1e-2, 0.1, 1.0, 10.0])
+@pytest.mark.parametrize("band", [None, 1])
+def test_fp32_gradients_within_1e4_of_fp64_and_never_nan(gamma, band):
+    x, y, x_lengths, y_lengths = random_case(B=3, N=12, M=9, D=3)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        a = x.to(dtype).requires_grad_(True)
+        b = y.to(dtype).requires_grad_(True)
+        value = ek.soft_dtw(a, b, gamma, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+        grads[dtype] = torch.autograd.grad(value.sum(), (a, b))
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert torch.isfinite(g32).all()
+        scale = g64.abs().max()
+        assert ((g32.double() - g64).abs().max() / scale).item() < 1e-4
+
+
+def test_padding_is_never_read_and_gets_zero_gradient():
+    x, y, _, _ = random_case(B=2, N=6, M=5)
+    x_lengths, y_lengths = torch.tensor([4, 6]), torch.tensor([5, 3])
+    x[0, 4:] = float("nan")  # padding
+    y[1, 3:] = float("inf")
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    values = ek.soft_dtw(x, y, 1.0, x_lengths=x_lengths, y_lengths=y_lengths)
+    assert torch.isfinite(values).all()
+    gx, gy = torch.autograd.grad(values.sum(), (x, y))
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    assert (gx[0, 4:] == 0).all() and (gy[1, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
+def test_metrics_and_identical_points_give_finite_gradients(metric):
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    y = x.clone()  # zero distances on the diagonal: sqrt'(0) must not leak a NaN
+    x.requires_grad_(True)
+    value = ek.soft_dtw(x, y, 0.5, metric=metric)
+    (grad,) = torch.autograd.grad(value.sum(), (x,))
+    assert torch.isfinite(grad).all()
+    diff = (x.detach()[:, :, None] - y[:, None]).double()
+    cost = {"sqeuclidean": (diff ** 2).sum(-1), "euclidean": (diff ** 2).sum(-1).sqrt(),
+            "l1": diff.abs().sum(-1)}[metric]
+    torch.testing.assert_close(value.detach(), ek.soft_dtw_from_cost(cost, 0.5))
+
+
+def test_divergence_is_zero_on_equal_series_and_non_negative():
+    x, y, _, _ = random_case(B=3, N=8, M=5)
+    assert ek.soft_dtw_divergence(x, x, 1.0).abs().max() < 1e-10
+    assert (ek.soft_dtw_divergence(x, y, 1.0) >= -1e-10).all()  # n != m works
+    loss = ek.SoftDTWLoss(gamma=0.5, normalize=True)(x, y)
+    assert loss.shape == () and loss > 0
+
+
+def test_shapes_broadcast_and_single_pairs():
+    x = torch.randn(7, dtype=torch.float64)
+    y = torch.randn(3, 9, 1, dtype=torch.float64)
+    values = ek.dtw(x, y)  # (N,) against a batch of 3: broadcast
+    assert values.shape == (3,)
+    for b in range(3):
+        torch.testing.assert_close(ek.dtw(x, y[b, :, 0])[0], values[b])
+    assert ek.soft_dtw(torch.randn(5, 2), torch.randn(4, 2)).shape == (1,)
+
+
+def test_gamma_to_zero_tends_to_hard_dtw():
+    x, y, _, _ = random_case()
+    hard = ek.dtw(x, y)
+    torch.testing.assert_close(ek.soft_dtw(x, y, 1e-4), hard, rtol=1e-3, atol=1e-2)
+
+
+def test_dtw_path_is_monotone_optimal_and_matches_the_matrix():
+    x, y, x_lengths, y_lengths = random_case(B=3, N=6, M=8, D=1)
+    paths = ek.dtw_path(x, y, x_lengths=x_lengths, y_lengths=y_lengths)
+    matrices = ek.dtw_path(x, y, x_lengths=x_lengths, y_lengths=y_lengths, return_matrix=True)
+    values = ek.dtw(x, y, x_lengths=x_lengths, y_lengths=y_lengths)
+    cost = ((x[:, :, None] - y[:, None]) ** 2).sum(-1)
+    for b, path in enumerate(paths):
+        n, m = int(x_lengths[b]), int(y_lengths[b])
+        assert path[0].tolist() == [0, 0] and path[-1].tolist() == [n - 1, m - 1]
+        steps = (path[1:] - path[:-1]).tolist()
+        assert all(s in ([1, 1], [1, 0], [0, 1]) for s in steps)
+        torch.testing.assert_close(cost[b][path[:, 0], path[:, 1]].sum(), values[b])
+        assert matrices[b].sum() == len(path)
+
+
+def test_cdist_dtw_equals_pairwise_calls():
+    X = torch.randn(3, 6, 2, dtype=torch.float64)
+    Y = torch.randn(4, 5, 2, dtype=torch.float64)
+    table = ek.cdist_dtw(X, Y, band=2)
+    for p in range(3):
+        for q in range(4):
+            torch.testing.assert_close(table[p, q], ek.dtw(X[p], Y[q], band=2)[0])
+
+
+# ---------------------------------------------------------------- peers' conventions
+
+def test_parity_with_tslearn():
+    metrics = pytest.importorskip("tslearn.metrics")
+    for _ in range(3):
+        a = np.random.randn(9, 2)
+        b = np.random.randn(12, 2)
+        x, y = torch.from_numpy(a), torch.from_numpy(b)
+        # hard DTW: tslearn returns sqrt(R[n][m]); band r is its sakoe_chiba_radius r
+        for r in (None, 1, 4):
+            kwargs = {} if r is None else dict(global_constraint="sakoe_chiba", sakoe_chiba_radius=r)
+            ours = ek.dtw(x, y, band=r)[0].item()
+            assert math.isclose(math.sqrt(ours), metrics.dtw(a, b, **kwargs), rel_tol=1e-9)
+        # soft-DTW value and expected alignment
+        for gamma in (0.1, 1.0):
+            assert math.isclose(ek.soft_dtw(x, y, gamma)[0].item(), metrics.soft_dtw(a, b, gamma=gamma),
+                                rel_tol=1e-9, abs_tol=1e-9)
+            alignment, _ = metrics.soft_dtw_alignment(a, b, gamma=gamma)
+            np.testing.assert_allclose(ek.soft_dtw_alignment(x, y, gamma)[0].numpy(), alignment,
+                                       rtol=1e-8, atol=1e-10)
+
+
+def test_parity_with_dtaidistance():
+    dtai = pytest.importorskip("dtaidistance.dtw")
+    for _ in range(3):
+        a = np.random.randn(15)
+        b = np.random.randn(11)
+        for r in (None, 0, 2, 5):
+            kwargs = {} if r is None else dict(window=r + 1)  # our band r is its window r + 1
+            expected = dtai.distance(a, b, use_c=False, **kwargs)
+            ours = ek.dtw(torch.from_numpy(a), torch.from_numpy(b), band=r)[0].item()
+            assert math.isclose(math.sqrt(ours), expected, rel_tol=1e-9), (r, ours, expected)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, y: ek.soft_dtw(x, y, 0.0), ValueError, r"soft_dtw: gamma must be a finite number > 0, got 0.0"),
+    (lambda x, y: ek.soft_dtw(x, y, -1.0), ValueError, r"gamma must be a finite number > 0"),
+    (lambda x, y: ek.dtw(x, y, band=-1), ValueError, r"dtw: band must be >= 0"),
+    (lambda x, y: ek.dtw(x, y, band=1.5), TypeError, r"band must be an int"),
+    (lambda x, y: ek.dtw(x, y, x_lengths=torch.tensor([0, 3])), ValueError, r"x_lengths must lie in \[1, 5\], got 0"),
+    (lambda x, y: ek.dtw(x, y, y_lengths=torch.tensor([7, 3])), ValueError, r"y_lengths must lie in \[1, 6\], got 7"),
+    (lambda x, y: ek.dtw(x, y, x_lengths=torch.tensor([3])), ValueError, r"x_lengths must have shape \(2,\)"),
+    (lambda x, y: ek.dtw(x, y, x_lengths=torch.tensor([3.0, 2.0])), TypeError, r"x_lengths must be an integer tensor"),
+    (lambda x, y: ek.dtw(x, torch.randn(2, 6, 3)), ValueError, r"x has 2 features per step but y has 3"),
+    (lambda x, y: ek.dtw(x, torch.randn(2, 0, 2)), ValueError, r"y is an empty sequence"),
+    (lambda x, y: ek.dtw(x, torch.randn(3, 6, 2)), ValueError, r"x has 2 series but y has 3"),
+    (lambda x, y: ek.dtw(x.long(), y), TypeError, r"x must be a floating-point tensor"),
+    (lambda x, y: ek.dtw(x, y.double()), TypeError, r"x \(torch.float32\) and y \(torch.float64\)"),
+    (lambda x, y: ek.dtw(x, y, metric="cosine"), ValueError, r"metric must be one of"),
+    (lambda x, y: ek.SoftDTWLoss(reduction="max"), ValueError, r"SoftDTWLoss: reduction must be one of"),
+    (lambda x, y: ek.soft_dtw_from_cost(torch.randn(2, 3), 0.0), ValueError, r"soft_dtw_from_cost: gamma"),
+])
+def test_bad_input_raises_a_clear_error(call, error, match):
+    x, y = torch.randn(2, 5, 2), torch.randn(2, 6, 2)
+    with pytest.raises(error, match=match):
+        call(x, y)
