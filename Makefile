@@ -20,7 +20,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): | $(PY)
+$(DEPS_STAMP): Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet $(DEPS)
