@@ -36,6 +36,15 @@ TORCH_LIBRARY(ether_kernels, m) {
   // grad_input = twice_diff * grad_loss (/ N for the mean), one pass, the product formed in
   // fp32 (fp64 for fp64) and rounded once.
   m.def("mse_loss_backward(Tensor grad_loss, Tensor twice_diff, bool mean) -> Tensor");
+  // DTW / soft-DTW on a precomputed (B, N, M) cost, per-pair lengths (int64 (B,)), band r
+  // (-1 = none). Returns the values (B,) and, with keep, the accumulated cost R (B, N, M)
+  // that the backward needs (else an empty tensor).
+  m.def("dtw_forward(Tensor cost, Tensor x_lengths, Tensor y_lengths, int band, float gamma, "
+        "bool soft, bool keep) -> (Tensor, Tensor)");
+  // d value / d cost scaled by grad (B,): soft-DTW's expected alignment E (Cuturi & Blondel,
+  // Algorithm 2), or for hard DTW the 0/1 indicator of the optimal path.
+  m.def("dtw_backward(Tensor grad, Tensor cost, Tensor R, Tensor x_lengths, Tensor y_lengths, "
+        "int band, float gamma, bool soft) -> Tensor");
 }
 
 namespace {

@@ -142,7 +142,7 @@ def _run(cost, x_lengths, y_lengths, band, gamma):
     if backend == "reference":
         return dtw_from_cost_reference(cost, x_lengths, y_lengths, band, gamma)
     values, _ = torch.ops.ether_kernels.dtw_forward(
-        cost, x_lengths, y_lengths, -1 if band is None else band,
+        cost.contiguous(), x_lengths, y_lengths, -1 if band is None else band,
         1.0 if gamma is None else gamma, gamma is not None,
         torch.is_grad_enabled() and cost.requires_grad)
     return values
@@ -259,11 +259,46 @@ class SoftDTWLoss(torch.nn.Module):
                 f"reduction={self.reduction!r}, metric={self.metric!r}")
 
 
-# ---- registration of the C++ ops (when the extension has them) ---------------------------
+# ---- registration of the C++ ops: fake kernels and autograd --------------------------------
+
+def _forward_fake(cost, x_lengths, y_lengths, band, gamma, soft, keep):
+    torch._check(cost.dim() == 3)
+    return cost.new_empty(cost.shape[0]), cost.new_empty(cost.shape if keep else (0,))
+
+
+def _backward_fake(grad, cost, R, x_lengths, y_lengths, band, gamma, soft):
+    return torch.empty_like(cost)
+
+
+def _setup_context(ctx, inputs, output):
+    cost, x_lengths, y_lengths, band, gamma, soft, keep = inputs
+    _, R = output
+    ctx.mark_non_differentiable(R)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(cost, R, x_lengths, y_lengths)
+    ctx.options = (band, gamma, soft, keep)
+
+
+def _backward(ctx, grad_values, _grad_R):
+    band, gamma, soft, keep = ctx.options
+    if grad_values is None or not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    if not keep:
+        raise RuntimeError("dtw_forward was called without keep=True, so it kept no "
+                           "accumulated cost for the backward")
+    cost, R, x_lengths, y_lengths = ctx.saved_tensors
+    grad_cost = torch.ops.ether_kernels.dtw_backward(grad_values.contiguous(), cost, R, x_lengths,
+                                                     y_lengths, band, gamma, soft)
+    return grad_cost, None, None, None, None, None, None
+
 
 _CPU_BACKENDS = ()
 if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "dtw_forward"):
     _CPU_BACKENDS = ("cpp",)
+    torch.library.register_fake("ether_kernels::dtw_forward")(_forward_fake)
+    torch.library.register_fake("ether_kernels::dtw_backward")(_backward_fake)
+    torch.library.register_autograd("ether_kernels::dtw_forward", _backward,
+                                    setup_context=_setup_context)
 
 
 __all__ = ["dtw", "soft_dtw", "soft_dtw_divergence", "dtw_from_cost", "soft_dtw_from_cost",

@@ -240,3 +240,39 @@ def test_bad_input_raises_a_clear_error(call, error, match):
     x, y = torch.randn(2, 5, 2), torch.randn(2, 6, 2)
     with pytest.raises(error, match=match):
         call(x, y)
+
+
+# ------------------------------------------------------------------ registration (C++ ops)
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("soft", [False, True])
+def test_opcheck(soft):
+    for requires_grad in (True, False):
+        cost = torch.rand(3, 5, 4, dtype=torch.float64, requires_grad=requires_grad)
+        lengths = (torch.tensor([5, 3, 4]), torch.tensor([4, 4, 2]))
+        torch.library.opcheck(torch.ops.ether_kernels.dtw_forward.default,
+                              (cost, *lengths, 1, 0.5, soft, requires_grad))
+    R = torch.ops.ether_kernels.dtw_forward(cost, *lengths, 1, 0.5, soft, True)[1]
+    torch.library.opcheck(torch.ops.ether_kernels.dtw_backward.default,
+                          (torch.rand(3, dtype=torch.float64), cost, R, *lengths, 1, 0.5, soft))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    x = torch.randn(2, 6, 3, requires_grad=True)
+    y = torch.randn(2, 5, 3)
+    criterion = ek.SoftDTWLoss(gamma=0.5)
+
+    @torch.compile(fullgraph=True)
+    def loss_fn(a, b):
+        return criterion(a * 2.0, b)
+
+    with ek.use_backend(backend):
+        loss = loss_fn(x, y)
+        (grad,) = torch.autograd.grad(loss, (x,))
+    with ek.use_backend("reference"):
+        x_ref = x.detach().requires_grad_(True)
+        expected = criterion(x_ref * 2.0, y)
+        (expected_grad,) = torch.autograd.grad(expected, (x_ref,))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 // The CPU implementations of the ether_kernels ops: one registration block for the device.
 #include <torch/library.h>
 
+#include "dtw_ops.h"
 #include "ops_cpu.h"
 
 TORCH_LIBRARY_IMPL(ether_kernels, CPU, m) {
@@ -8,4 +9,6 @@ TORCH_LIBRARY_IMPL(ether_kernels, CPU, m) {
   m.impl("ether_loss_backward", &ether_kernels::cpu::ether_loss_backward_cpu);
   m.impl("mse_loss_forward", &ether_kernels::cpu::mse_loss_forward_cpu);
   m.impl("mse_loss_backward", &ether_kernels::cpu::mse_loss_backward_cpu);
+  m.impl("dtw_forward", &ether_kernels::cpu::dtw_forward_cpu);
+  m.impl("dtw_backward", &ether_kernels::cpu::dtw_backward_cpu);
 }

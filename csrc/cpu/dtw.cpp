@@ -1,0 +1,124 @@
+// Batched DTW / soft-DTW on the CPU: argument checks and the calls into kernels/dtw_kernel.cpp.
+#include "dtw_ops.h"
+
+#include "cpu_capability.h"
+#include "kernels/dtw_kernel_api.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace ether_kernels::cpu {
+
+namespace {
+
+void check_cost(const at::Tensor& cost, const char* op) {
+  TORCH_CHECK(cost.device().is_cpu(), op, " (CPU kernel): cost must be a CPU tensor, got ",
+              cost.device());
+  TORCH_CHECK(cost.dim() == 3, op, ": cost must be (B, N, M), got shape ", cost.sizes());
+  TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble, op,
+              ": cost must be float32 or float64, got ", cost.scalar_type());
+}
+
+// Returns the lengths as a contiguous int64 CPU tensor, checked against 1 <= len <= limit.
+at::Tensor checked_lengths(const at::Tensor& lengths, const char* name, int64_t B,
+                           int64_t limit, const char* dim, const char* op) {
+  TORCH_CHECK(lengths.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
+              lengths.device());
+  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) &&
+                  !at::isComplexType(lengths.scalar_type()) &&
+                  lengths.scalar_type() != at::kBool,
+              op, ": ", name, " must be an integer tensor (int64), got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": ", name,
+              " must have shape (B,) = (", B, ",), got ", lengths.sizes());
+  at::Tensor out = lengths.to(at::kLong).contiguous();
+  const int64_t* p = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 1 && p[b] <= limit, op, ": ", name, "[", b, "] = ", p[b],
+                " is out of range; need 1 <= ", name, " <= ", dim, " = ", limit);
+  }
+  return out;
+}
+
+void check_options(int64_t band, double gamma, bool soft, const char* op) {
+  TORCH_CHECK(band >= -1, op, ": band must be >= 0, or -1 for no band, got ", band);
+  if (soft) {
+    TORCH_CHECK(gamma > 0.0 && std::isfinite(gamma), op,
+                ": gamma must be a finite number > 0 for soft-DTW, got ", gamma);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dtw_forward_cpu(const at::Tensor& cost,
+                                                   const at::Tensor& x_lengths,
+                                                   const at::Tensor& y_lengths, int64_t band,
+                                                   double gamma, bool soft, bool keep) {
+  constexpr const char* op = "dtw_forward";
+  check_cost(cost, op);
+  check_options(band, gamma, soft, op);
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
+  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
+  const at::Tensor c = cost.contiguous();
+  at::Tensor values = at::empty({B}, c.options());
+  at::Tensor R = keep ? at::empty({B, N, M}, c.options()) : at::empty({0}, c.options());
+  if (B == 0) return {values, R};
+  DtwForwardArgs args{c.data_ptr(),
+                      c.scalar_type(),
+                      B,
+                      N,
+                      M,
+                      xl.data_ptr<int64_t>(),
+                      yl.data_ptr<int64_t>(),
+                      band,
+                      gamma,
+                      soft,
+                      values.data_ptr(),
+                      keep ? R.data_ptr() : nullptr};
+  ETHER_CPU_DISPATCH(dtw_forward)(args);
+  return {values, R};
+}
+
+at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, const at::Tensor& R,
+                            const at::Tensor& x_lengths, const at::Tensor& y_lengths,
+                            int64_t band, double gamma, bool soft) {
+  constexpr const char* op = "dtw_backward";
+  check_cost(cost, op);
+  check_options(band, gamma, soft, op);
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  TORCH_CHECK(R.device().is_cpu() && R.sizes() == cost.sizes(), op,
+              ": R must be the forward's kept (B, N, M) = ", cost.sizes(),
+              " CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
+  TORCH_CHECK(R.scalar_type() == cost.scalar_type(), op, ": R must have the cost dtype ",
+              cost.scalar_type(), ", got ", R.scalar_type());
+  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
+              ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
+              " on ", grad.device());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
+              ": grad must be a floating-point tensor, got ", grad.scalar_type());
+  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
+  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
+  const at::Tensor c = cost.contiguous();
+  const at::Tensor r = R.contiguous();
+  const at::Tensor g = grad.reshape({B}).to(c.scalar_type()).contiguous();
+  at::Tensor E = at::empty({B, N, M}, c.options());
+  if (B == 0) return E;
+  DtwBackwardArgs args{g.data_ptr(),
+                       c.data_ptr(),
+                       r.data_ptr(),
+                       c.scalar_type(),
+                       B,
+                       N,
+                       M,
+                       xl.data_ptr<int64_t>(),
+                       yl.data_ptr<int64_t>(),
+                       band,
+                       gamma,
+                       soft,
+                       E.data_ptr()};
+  ETHER_CPU_DISPATCH(dtw_backward)(args);
+  return E;
+}
+
+}  // namespace ether_kernels::cpu

@@ -1,0 +1,61 @@
+// Entry points of the batched DTW / soft-DTW CPU kernels, one copy per instruction set
+// (see cpu_capability.h). Plain structs of raw pointers: the kernels see no tensors.
+//
+// Conventions (shared/specs/dtw.md): pair b uses lengths n_b = x_lengths[b] (1 <= n_b <= N)
+// and m_b = y_lengths[b] (1 <= m_b <= M). 1-based cell (i, j) is allowed when
+//   -r + min(0, m - n) <= j - i <= r + max(0, m - n)      (r = band; band < 0: no band).
+// R[i][j] for 1-based cell (i, j) lives at [b, i - 1, j - 1] of a contiguous (B, N, M) array.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace ether_kernels::cpu {
+
+// Forward: values[b] = R[n_b][m_b] (hard DTW when !soft, soft-DTW with gamma when soft).
+// When R is non-null the full (B, N, M) matrix is written (cells outside the band or the
+// lengths = +inf), for the backward; otherwise each pair keeps O(M) state.
+struct DtwForwardArgs {
+  const void* cost;            // (B, N, M) contiguous, dtype
+  c10::ScalarType dtype;       // kFloat or kDouble; the kernel computes in this dtype
+  int64_t B, N, M;
+  const int64_t* x_lengths;    // (B,)
+  const int64_t* y_lengths;    // (B,)
+  int64_t band;                // < 0: no band
+  double gamma;                // > 0, used when soft
+  bool soft;
+  void* values;                // (B,), dtype
+  void* R;                     // (B, N, M), dtype, or null (value-only)
+};
+
+// Backward: E (B, N, M) = grad[b] * d R[n_b][m_b] / d cost[b], from the cost and the R the
+// forward kept. Soft: the expected alignment (Cuturi & Blondel, Algorithm 2). Hard: the 0/1
+// indicator of the optimal path (ties: diagonal, then (i-1, j), then (i, j-1)). Every
+// element of E is written (zero outside the band / lengths and on unreachable cells).
+struct DtwBackwardArgs {
+  const void* grad;            // (B,), dtype
+  const void* cost;            // (B, N, M), dtype
+  const void* R;               // (B, N, M), dtype
+  c10::ScalarType dtype;
+  int64_t B, N, M;
+  const int64_t* x_lengths;
+  const int64_t* y_lengths;
+  int64_t band;
+  double gamma;
+  bool soft;
+  void* E;                     // (B, N, M), dtype
+};
+
+#define ETHER_DTW_KERNELS_DECLARE(ns)          \
+  namespace ns {                               \
+  void dtw_forward(const DtwForwardArgs&);     \
+  void dtw_backward(const DtwBackwardArgs&);   \
+  }
+
+ETHER_DTW_KERNELS_DECLARE(DEFAULT)
+ETHER_DTW_KERNELS_DECLARE(AVX2)
+ETHER_DTW_KERNELS_DECLARE(AVX512)
+#undef ETHER_DTW_KERNELS_DECLARE
+
+}  // namespace ether_kernels::cpu
