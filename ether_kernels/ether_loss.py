@@ -180,10 +180,35 @@ class ModalityGroups:
             self._tensors[key] = cached
         return cached
 
+    def key(self):
+        """A hashable description of the groups (equal groups, equal keys)."""
+        if self._ids is not None:
+            return ("ids", self._ids)
+        return ("entries",) + tuple(
+            ("slice", e.start, e.stop, e.step) if isinstance(e, slice) else e for e in self._entries)
+
     def __repr__(self):
         if self._ids is not None:
             return f"ModalityGroups(ids={list(self._ids)})"
         return f"ModalityGroups({list(self._entries)})"
+
+
+_SHARED_GROUPS = {}  # key -> ModalityGroups, so that the functional API reuses its tensors
+_SHARED_GROUPS_MAX = 256
+
+
+def shared_groups(modalities):
+    """The ModalityGroups for `modalities`, one instance per distinct grouping: its cached
+    device tensors are built once, not on every call of the functional API (on a GPU,
+    building them is a host-to-device copy, i.e. a synchronisation)."""
+    groups = ModalityGroups(modalities)
+    key = groups.key()
+    cached = _SHARED_GROUPS.get(key)
+    if cached is None:
+        if len(_SHARED_GROUPS) >= _SHARED_GROUPS_MAX:
+            _SHARED_GROUPS.clear()
+        cached = _SHARED_GROUPS[key] = groups
+    return cached
 
 
 def normalize_weights(weights, num_modalities):
@@ -227,7 +252,7 @@ def ether_loss(y_pred, y_true, modalities, alpha=1.0, *, discrepancy="l1", weigh
     check_choice(reduction, "reduction", tuple(_REDUCTIONS), _OP)
     if not isinstance(per_sample, bool):
         raise TypeError(f"{_OP}: per_sample must be a bool, got {type(per_sample).__name__}")
-    groups = modalities if isinstance(modalities, ModalityGroups) else ModalityGroups(modalities)
+    groups = modalities if isinstance(modalities, ModalityGroups) else shared_groups(modalities)
     weights = normalize_weights(weights, groups.num_modalities)
     return ether_loss_checked(y_pred, y_true, groups, alpha, discrepancy, weights, reduction,
                               per_sample)

@@ -86,7 +86,7 @@ def test_modality_forms_are_equivalent():
 
 # -------------------------------------------------------------- every backend vs reference
 
-SHAPES = [(6, 1), (5, 3), (4, 41), (3, 423), (3, 4, 7), (2, 3, 4, 5), (2, 3, 130), (300, 5),
+SHAPES = [(1, 1), (6, 1), (5, 3), (4, 41), (3, 423), (3, 4, 7), (2, 3, 4, 5), (2, 3, 130), (300, 5),
           (3, 2100), (2, 3, 70, 3)]
 OPTIONS = [
     dict(discrepancy="l1", reduction="mean", per_sample=False, weights=None),
@@ -224,6 +224,34 @@ def test_user_tensors_are_not_modified(device, backend):
     loss.backward()
     assert torch.equal(y_pred.detach(), pred_before)
     assert torch.equal(y_true.detach(), true_before)
+
+
+def test_the_functional_api_builds_its_device_tensors_once():
+    import sys
+    module = sys.modules["ether_kernels.ether_loss"]
+    y_pred, y_true = random_pair((4, 6), torch.float32, "cpu", (False, False))
+    ek.ether_loss(y_pred, y_true, [slice(0, 3), [3, 5]], 0.5)
+    groups = module.shared_groups([slice(0, 3), [3, 5]])
+    cached = groups.tensors(6, y_pred.device, (1.0, 1.0))
+    ek.ether_loss(y_pred, y_true, [slice(0, 3), [3, 5]], 0.5)
+    assert groups.tensors(6, y_pred.device, (1.0, 1.0)) is cached
+    assert module.shared_groups([slice(0, 3), (3, 5)]) is groups  # equal groups, one entry
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b.values[1] for b in backend_params() if b.values[0] == "cuda"])
+def test_no_host_synchronisation_on_cuda(backend):
+    y_pred, y_true = random_pair((64, 12), torch.float32, "cuda")
+    with ek.use_backend(backend):
+        ek.ether_loss(y_pred, y_true, [slice(0, 6), [6, 7]], 0.5)  # builds the cached tensors
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = ek.ether_loss(y_pred, y_true, [slice(0, 6), [6, 7]], 0.5)
+            torch.autograd.grad(loss, (y_pred, y_true))
+            ek.fused_mse_loss(y_pred, y_true)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 # --------------------------------------------------------------------------- determinism

@@ -10,14 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, as_tl_dtype
+from ._launch import accumulator_dtype, as_tl_dtype, device_of
 
-# 4096 elements per program: 16 per thread of a 8-warp program, several 16-byte loads in
+# 4096 elements per program: 16 per thread of an 8-warp program, several 16-byte loads in
 # flight per thread, and few enough partial sums (N / 4096) to fold in one torch.sum.
 BLOCK = 4096
+NUM_WARPS = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _mse_kernel(input_ptr, target_ptr, partial_ptr, out_ptr, grad_ptr, N, grad_scale,
                 ELEMENTWISE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
                 ACC_DTYPE: tl.constexpr):
@@ -35,7 +36,7 @@ def _mse_kernel(input_ptr, target_ptr, partial_ptr, out_ptr, grad_ptr, N, grad_s
                      mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _scale_kernel(in_ptr, out_ptr, upstream_ptr, N, MEAN: tl.constexpr, BLOCK: tl.constexpr,
                   ACC_DTYPE: tl.constexpr):
     """out = in * upstream (/ N for the mean), formed in fp32 (fp64) and rounded once."""
@@ -51,6 +52,11 @@ def _scale_kernel(in_ptr, out_ptr, upstream_ptr, N, MEAN: tl.constexpr, BLOCK: t
 @torch.library.custom_op("ether_kernels::mse_loss_forward_triton", mutates_args=())
 def mse_loss_forward_triton(input: torch.Tensor, target: torch.Tensor, reduction: int,
                             compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with device_of(input):  # Triton launches on the current device: make it the inputs'
+        return _forward(input, target, reduction, compute_grad)
+
+
+def _forward(input, target, reduction, compute_grad):
     p, t = input.contiguous(), target.contiguous()
     N = p.numel()
     # The kept gradient is 2 * (p - t), without the 1 / N of the mean: in 16-bit storage
@@ -67,7 +73,7 @@ def mse_loss_forward_triton(input: torch.Tensor, target: torch.Tensor, reduction
         _mse_kernel[(programs,)](
             p, t, partial, out if elementwise else partial, grad if write_grad else partial, N,
             grad_scale, ELEMENTWISE=elementwise, WRITE_GRAD=write_grad, BLOCK=BLOCK,
-            ACC_DTYPE=as_tl_dtype(acc))
+            ACC_DTYPE=as_tl_dtype(acc), num_warps=NUM_WARPS)
     if elementwise:
         return out, grad
     sse = partial.sum()
@@ -82,7 +88,8 @@ def mse_loss_backward_triton(grad_loss: torch.Tensor, twice_diff: torch.Tensor,
     out = torch.empty_like(src)
     N = src.numel()
     if N > 0:
-        _scale_kernel[(triton.cdiv(N, BLOCK),)](
-            src, out, grad_loss.reshape(1), N, MEAN=mean, BLOCK=BLOCK,
-            ACC_DTYPE=as_tl_dtype(accumulator_dtype(src.dtype)))
+        with device_of(src):
+            _scale_kernel[(triton.cdiv(N, BLOCK),)](
+                src, out, grad_loss.reshape(1), N, MEAN=mean, BLOCK=BLOCK,
+                ACC_DTYPE=as_tl_dtype(accumulator_dtype(src.dtype)), num_warps=NUM_WARPS)
     return out
