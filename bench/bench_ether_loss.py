@@ -14,6 +14,8 @@ from conftest import devices, record
 SHAPES = {"cpu": [(256, 64), (1024, 256), (4096, 1024)],
           "cuda": [(256, 64), (4096, 1024), (16384, 4096)]}
 PROVIDERS = ["eager", "torch.compile", "ether_kernels"]
+# On a GPU the automatic choice is Triton; the CUDA C++ kernels are measured as well.
+GPU_PROVIDERS = PROVIDERS + ["ether_kernels-cuda"]
 
 
 def published_ether(y_pred, y_true, modalities, alpha):
@@ -33,7 +35,7 @@ def cases():
     for device in devices():
         for shape in SHAPES[device]:
             for mode in MODES:
-                for provider in PROVIDERS:
+                for provider in (GPU_PROVIDERS if device == "cuda" else PROVIDERS):
                     yield pytest.param(device, shape, mode, provider,
                                        id=f"{device}-{shape[0]}x{shape[1]}-{mode}-{provider}")
 
@@ -48,8 +50,14 @@ def test_ether_loss(benchmark, device, shape, mode, provider):
         loss_fn = lambda p, t: published_ether(p, t, modalities, 1.0)  # noqa: E731
     elif provider == "torch.compile":
         loss_fn = lambda p, t: _compiled_published(p, t, modalities, 1.0)  # noqa: E731
-    else:
+    elif provider == "ether_kernels":
         loss_fn = ek.EtherLoss(modalities, 1.0)
+    else:
+        module = ek.EtherLoss(modalities, 1.0)
+
+        def loss_fn(p, t):
+            with ek.use_backend("cuda"):
+                return module(p, t)
     benchmark.group = f"ether_loss {device} {shape[0]}x{shape[1]} {mode}"
     run_mode(benchmark, mode, loss_fn, pred, true, device, rounds_for(pred.numel(), device))
     record(benchmark, op="ether_loss", mode=mode, shape=shape, dtype=pred.dtype, device=device,
