@@ -582,6 +582,107 @@ __global__ void __launch_bounds__(kThreads)
     if (launch_error != cudaSuccess) return launch_error;   \
   } while (0)
 
+// Stage 3, batch statistics with few modalities (rows == 1, M <= kBlockFinalizeMaxGroups):
+// the same math as math::finalize_row, spread over one block instead of one thread (a
+// single thread walking C, E and M through global memory costs hundreds of microseconds
+// for C in the thousands). Deterministic: integer atomics for the group sizes, fixed-order
+// tree reductions for the sums, and the coefficient scatter done one group at a time
+// (a channel appears at most once in a group, so no two threads touch it at once).
+constexpr int kBlockFinalizeThreads = 256;
+constexpr int64_t kBlockFinalizeMaxGroups = 64;
+
+__device__ double block_sum(double value, double* buffer) {
+  buffer[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kBlockFinalizeThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) buffer[threadIdx.x] += buffer[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const double total = buffer[0];
+  __syncthreads();  // buffer is reused by the next call
+  return total;
+}
+
+template <typename coef_t>
+__global__ void finalize_batch_kernel(const double* __restrict__ channel_sums, int64_t C,
+                                      double n, const int64_t* __restrict__ member_channel,
+                                      const int64_t* __restrict__ member_group, int64_t E,
+                                      const double* __restrict__ weights, int64_t M,
+                                      int64_t discrepancy, double scale,
+                                      coef_t* __restrict__ coef, double* __restrict__ inter_out) {
+  __shared__ double buffer[kBlockFinalizeThreads];
+  __shared__ unsigned long long count[kBlockFinalizeMaxGroups];
+  __shared__ double group_sum[kBlockFinalizeMaxGroups];
+  __shared__ double member_term[kBlockFinalizeMaxGroups];  // w_m s_m / (|g_m| n)
+  __shared__ double shared_term;
+  __shared__ int valid;
+  const int64_t tid = threadIdx.x, step = blockDim.x;
+
+  // 1. Group sizes, and whether the membership is valid (else NaN, as finalize_kernel).
+  if (tid == 0) valid = 1;
+  for (int64_t m = tid; m < M; m += step) count[m] = 0;
+  __syncthreads();
+  for (int64_t e = tid; e < E; e += step) {
+    const int64_t ch = member_channel[e], g = member_group[e];
+    if (ch < 0 || ch >= C || g < 0 || g >= M) {
+      valid = 0;
+    } else {
+      atomicAdd(&count[g], 1ULL);
+    }
+  }
+  __syncthreads();
+  for (int64_t m = tid; m < M; m += step) {
+    if (count[m] == 0) valid = 0;
+  }
+  __syncthreads();
+  if (!valid) {
+    for (int64_t c = tid; c < C; c += step) coef[c] = static_cast<coef_t>(quiet_nan());
+    if (tid == 0) inter_out[0] = quiet_nan();
+    return;
+  }
+
+  // 2. The overall mean and every group's sum.
+  double partial = 0.0;
+  for (int64_t c = tid; c < C; c += step) partial += channel_sums[c];
+  const double overall = block_sum(partial, buffer) / (static_cast<double>(C) * n);
+  for (int64_t m = 0; m < M; ++m) {
+    partial = 0.0;
+    for (int64_t e = tid; e < E; e += step) {
+      if (member_group[e] == m) partial += channel_sums[member_channel[e]];
+    }
+    const double total = block_sum(partial, buffer);
+    if (tid == 0) group_sum[m] = total;
+  }
+  __syncthreads();
+
+  // 3. Gaps, inter term and per-group gradient terms (M is small: one thread, in order).
+  if (tid == 0) {
+    double inter = 0.0, shared = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      const double size = static_cast<double>(count[m]);
+      const double d = group_sum[m] / (size * n) - overall;
+      inter += weights[m] * math::discrepancy_value(d, discrepancy);
+      const double ws = weights[m] * math::discrepancy_slope(d, discrepancy);
+      shared += ws;
+      member_term[m] = ws / (size * n);
+    }
+    shared_term = shared / (static_cast<double>(C) * n);
+    inter_out[0] = inter;
+  }
+  __syncthreads();
+
+  // 4. coef[c] = scale * (sum over c's groups of member_term - shared_term).
+  for (int64_t c = tid; c < C; c += step) coef[c] = static_cast<coef_t>(-scale * shared_term);
+  __syncthreads();
+  for (int64_t m = 0; m < M; ++m) {
+    const coef_t add = static_cast<coef_t>(scale * member_term[m]);
+    for (int64_t e = tid; e < E; e += step) {
+      if (member_group[e] == m) coef[member_channel[e]] += add;
+    }
+    __syncthreads();
+  }
+}
+
 template <typename T>
 cudaError_t forward_impl(const EtherForwardArgs& a, cudaStream_t stream) {
   using coef_t = acc_t<T>;
@@ -639,11 +740,18 @@ cudaError_t forward_impl(const EtherForwardArgs& a, cudaStream_t stream) {
   //    alpha / B, the per-sample average).
   const double n = a.per_sample ? static_cast<double>(a.R) : static_cast<double>(a.B * a.R);
   const double scale = a.per_sample ? a.alpha / static_cast<double>(a.B) : a.alpha;
-  const int64_t finalize_blocks = ceil_div(plan.finalize_threads, kFinalizeThreads);
-  finalize_kernel<coef_t><<<static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0, stream>>>(
-      channel_sums, plan.rows, plan.finalize_threads, a.C, n, a.member_channel, a.member_group,
-      a.E, a.weights, a.M, a.discrepancy, scale, scratch, static_cast<coef_t*>(a.coef),
-      inter_rows);
+  if (plan.rows == 1 && a.M <= kBlockFinalizeMaxGroups) {
+    finalize_batch_kernel<coef_t><<<1, kBlockFinalizeThreads, 0, stream>>>(
+        channel_sums, a.C, n, a.member_channel, a.member_group, a.E, a.weights, a.M,
+        a.discrepancy, scale, static_cast<coef_t*>(a.coef), inter_rows);
+  } else {
+    const int64_t finalize_blocks = ceil_div(plan.finalize_threads, kFinalizeThreads);
+    finalize_kernel<coef_t><<<static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0,
+                              stream>>>(
+        channel_sums, plan.rows, plan.finalize_threads, a.C, n, a.member_channel,
+        a.member_group, a.E, a.weights, a.M, a.discrepancy, scale, scratch,
+        static_cast<coef_t*>(a.coef), inter_rows);
+  }
   ETHER_RETURN_IF_LAUNCH_FAILED();
 
   // 4. The loss.
