@@ -8,8 +8,9 @@ Backends (not every op has every one):
   triton     the Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
 
 Automatic choice: CPU tensors -> cpp; CUDA tensors -> the op's GPU backends in its own order
-(set from measurements: Triton then CUDA for the Ether loss, CUDA then Triton for the fused
-MSE); whatever cannot run is skipped, ending at the reference.
+(set from measurements on an H200: the CUDA C++ kernels first for the Ether loss and the
+fused MSE, Triton where the CUDA part was not built); whatever cannot run is skipped,
+ending at the reference.
 Force one with ETHER_KERNELS_BACKEND=<name> or `with ether_kernels.use_backend(name):` (the
 context manager wins over the variable). Forcing a backend that cannot run raises
 BackendUnavailableError listing every reason, never a silent fallback.
