@@ -41,6 +41,7 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q
 
 bench: $(BUILD_STAMP)
+	$(PY) -m pip install --quiet pysdtw  # a peer in bench/bench_dtw.py (pure Python + numba)
 	$(PY) -m pytest bench -q --benchmark-enable --benchmark-columns=min,median,iqr,ops --benchmark-sort=name
 
 clean:

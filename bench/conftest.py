@@ -32,13 +32,17 @@ def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def record(benchmark, *, op, mode, shape, dtype, device, provider, bytes_moved):
-    """Stores the finished benchmark's median for the summary table."""
+def record(benchmark, *, op, mode, shape, dtype, device, provider, bytes_moved=None, cells=None):
+    """Stores the finished benchmark's median for the summary table: throughput in GB/s
+    (bytes_moved, the bytes the op must move at least) or, for DTW, in G cells/s."""
     median = benchmark.stats.stats.median
     entry = dict(op=op, mode=mode, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
                  device=device, provider=provider, median_s=median,
-                 q1_s=benchmark.stats.stats.q1, q3_s=benchmark.stats.stats.q3,
-                 gbps=bytes_moved / median / 1e9)
+                 q1_s=benchmark.stats.stats.q1, q3_s=benchmark.stats.stats.q3)
+    if cells is not None:
+        entry["gcells_per_s"] = cells / median / 1e9
+    else:
+        entry["gbps"] = bytes_moved / median / 1e9
     if device == "cuda":
         entry["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     benchmark.extra_info.update({k: v for k, v in entry.items() if k not in ("shape",)})
@@ -110,12 +114,13 @@ def pytest_terminal_summary(terminalreporter):
                   f"{stamp['threads']} threads | SIMD {stamp['simd']} | copy bandwidth "
                   f"{stamp['copy_bandwidth_gbps']:.1f} GB/s")
         lines = [f"### ether_kernels benchmarks on {device}: {header}", "",
-                 "| op | mode | shape | dtype | provider | median | GB/s | vs eager | vs torch.compile |",
+                 "| op | mode | shape | dtype | provider | median | GB/s or G cells/s | vs eager | vs torch.compile |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            rate = (f"{r['gbps']:.1f} GB/s" if "gbps" in r else f"{r['gcells_per_s']:.3f} Gcells/s")
             lines.append(
                 f"| {r['op']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
-                f"{r['provider']} | {r['median_s'] * 1e6:.1f} us | {r['gbps']:.1f} | "
+                f"{r['provider']} | {r['median_s'] * 1e6:.1f} us | {rate} | "
                 f"{r.get('vs_eager', float('nan')):.2f}x | {r.get('vs_compile', float('nan')):.2f}x |")
         text = "\n".join(lines)
         terminalreporter.write_line("")
