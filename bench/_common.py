@@ -1,8 +1,9 @@
 """Helpers shared by the benchmark files: timing modes and the timed bodies."""
 
+import pytest
 import torch
 
-from conftest import sync
+from conftest import devices, sync
 
 MODES = ["forward", "backward", "forward+backward"]
 # Elements moved at least, per element of the input, by each mode (grad wanted for the
@@ -40,3 +41,13 @@ def run_mode(benchmark, mode, loss_fn, pred, true, device, rounds):
         benchmark.pedantic(backward, setup=lambda: ((forward(),), {}), rounds=rounds)
     else:
         benchmark.pedantic(forward_backward, rounds=rounds, warmup_rounds=1)
+
+
+def loss_cases(shapes, providers, gpu_providers):
+    """(device, shape, mode, provider) parameters of a loss benchmark, named for the table."""
+    for device in devices():
+        for shape in shapes[device]:
+            for mode in MODES:
+                for provider in (gpu_providers if device == "cuda" else providers):
+                    yield pytest.param(device, shape, mode, provider,
+                                       id=f"{device}-{shape[0]}x{shape[1]}-{mode}-{provider}")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ether_kernels as ek
-from _common import MODES, TRAFFIC, rounds_for, run_mode
-from conftest import devices, record
+from _common import TRAFFIC, loss_cases, rounds_for, run_mode
+from conftest import record
 
 SHAPES = {"cpu": [(256, 64), (1024, 256), (4096, 1024)],
           "cuda": [(256, 64), (4096, 1024), (16384, 4096)]}
@@ -31,16 +31,8 @@ def published_ether(y_pred, y_true, modalities, alpha):
 _compiled_published = torch.compile(published_ether, dynamic=False)
 
 
-def cases():
-    for device in devices():
-        for shape in SHAPES[device]:
-            for mode in MODES:
-                for provider in (GPU_PROVIDERS if device == "cuda" else PROVIDERS):
-                    yield pytest.param(device, shape, mode, provider,
-                                       id=f"{device}-{shape[0]}x{shape[1]}-{mode}-{provider}")
-
-
-@pytest.mark.parametrize("device,shape,mode,provider", list(cases()))
+@pytest.mark.parametrize("device,shape,mode,provider",
+                         list(loss_cases(SHAPES, PROVIDERS, GPU_PROVIDERS)))
 def test_ether_loss(benchmark, device, shape, mode, provider):
     C = shape[1]
     modalities = [slice(i * C // 4, (i + 1) * C // 4) for i in range(4)]

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import ether_kernels as ek
-from _common import MODES, TRAFFIC, rounds_for, run_mode
-from conftest import devices, record
+from _common import TRAFFIC, loss_cases, rounds_for, run_mode
+from conftest import record
 
 SHAPES = {"cpu": [(256, 64), (1024, 256), (4096, 1024)],
           "cuda": [(256, 64), (4096, 1024), (16384, 4096)]}
@@ -16,16 +16,8 @@ GPU_PROVIDERS = PROVIDERS + ["ether_kernels-cuda"]
 _compiled_mse = torch.compile(F.mse_loss, dynamic=False)
 
 
-def cases():
-    for device in devices():
-        for shape in SHAPES[device]:
-            for mode in MODES:
-                for provider in (GPU_PROVIDERS if device == "cuda" else PROVIDERS):
-                    yield pytest.param(device, shape, mode, provider,
-                                       id=f"{device}-{shape[0]}x{shape[1]}-{mode}-{provider}")
-
-
-@pytest.mark.parametrize("device,shape,mode,provider", list(cases()))
+@pytest.mark.parametrize("device,shape,mode,provider",
+                         list(loss_cases(SHAPES, PROVIDERS, GPU_PROVIDERS)))
 def test_mse_loss(benchmark, device, shape, mode, provider):
     pred = torch.randn(shape, device=device, requires_grad=True)
     true = torch.randn(shape, device=device)
