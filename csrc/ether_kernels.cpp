@@ -45,6 +45,14 @@ TORCH_LIBRARY(ether_kernels, m) {
   // Algorithm 2), or for hard DTW the 0/1 indicator of the optimal path.
   m.def("dtw_backward(Tensor grad, Tensor cost, Tensor R, Tensor x_lengths, Tensor y_lengths, "
         "int band, float gamma, bool soft) -> Tensor");
+  // The same from the series themselves: x (B, N, D), y (B, M, D), the local cost computed in
+  // the kernel (metric 0 = sqeuclidean, 1 = euclidean, 2 = l1), never a (B, N, M, D) tensor.
+  m.def("dtw_xy_forward(Tensor x, Tensor y, Tensor x_lengths, Tensor y_lengths, int metric, "
+        "int band, float gamma, bool soft, bool keep) -> (Tensor, Tensor)");
+  // Gradients for x and y (each empty when not needed) from E (soft) or the path (hard).
+  m.def("dtw_xy_backward(Tensor grad, Tensor x, Tensor y, Tensor R, Tensor x_lengths, "
+        "Tensor y_lengths, int metric, int band, float gamma, bool soft, bool need_x, "
+        "bool need_y) -> (Tensor, Tensor)");
 }
 
 namespace {

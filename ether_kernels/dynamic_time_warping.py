@@ -7,9 +7,10 @@ fp32). Per-pair lengths, Sakoe-Chiba band (tslearn's sakoe_chiba_radius=r, dtaid
 window=r+1), local cost "sqeuclidean" (default), "euclidean" or "l1". Hard DTW returns the
 accumulated cost R[n][m] (dtaidistance and tslearn return its square root).
 
-Backends: the C++ CPU kernels run the recurrence on the (B, N, M) local cost (computed by
-PyTorch from x and y, so its gradient flows back to them) when the extension has them;
-otherwise, and on GPUs for now, the reference runs.
+Backends: the C++ CPU kernels compute every local cost in place from x and y (value-only
+calls keep O(M) state per pair; 16 equal-length pairs share the lanes of one vector for hard
+DTW), and take a precomputed cost in the *_from_cost variants; otherwise, and on GPUs for
+now, the reference runs.
 """
 
 import math
@@ -148,19 +149,36 @@ def _run(cost, x_lengths, y_lengths, band, gamma):
     return values
 
 
+_METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "l1": 2}
+
+
+def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
+    """Hard or soft DTW of every pair of checked series: the C++ kernels form each local cost
+    in place from x and y; the reference forms the (B, N, M) cost with PyTorch."""
+    backend = _dispatch.select(_OP, x.device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
+    if backend == "reference":
+        return dtw_from_cost_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band,
+                                       gamma)
+    keep = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    values, _ = torch.ops.ether_kernels.dtw_xy_forward(
+        x.contiguous(), y.contiguous(), x_lengths, y_lengths, _METRIC_CODES[metric],
+        -1 if band is None else band, 1.0 if gamma is None else gamma, gamma is not None, keep)
+    return values
+
+
 # ---------------------------------------------------------------------------- public API
 
 def dtw(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeuclidean"):
     """Hard DTW of every pair: the accumulated local cost of the best path, shape (B,)."""
     x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "dtw")
-    return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, None)
+    return _run_series(x, y, x_lengths, y_lengths, band, None, metric)
 
 
 def soft_dtw(x, y, gamma=1.0, *, band=None, x_lengths=None, y_lengths=None, metric="sqeuclidean"):
     """Soft-DTW (Cuturi & Blondel 2017) of every pair, shape (B,); differentiable in x and y."""
     gamma = _gamma(gamma, "soft_dtw")
     x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "soft_dtw")
-    return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
+    return _run_series(x, y, x_lengths, y_lengths, band, gamma, metric)
 
 
 def soft_dtw_divergence(x, y, gamma=1.0, *, band=None, x_lengths=None, y_lengths=None,
@@ -169,9 +187,9 @@ def soft_dtw_divergence(x, y, gamma=1.0, *, band=None, x_lengths=None, y_lengths
     op = "soft_dtw_divergence"
     gamma = _gamma(gamma, op)
     x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, op)
-    xy = _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
-    xx = _run(pairwise_cost(x, x, metric), x_lengths, x_lengths, band, gamma)
-    yy = _run(pairwise_cost(y, y, metric), y_lengths, y_lengths, band, gamma)
+    xy = _run_series(x, y, x_lengths, y_lengths, band, gamma, metric)
+    xx = _run_series(x, x, x_lengths, x_lengths, band, gamma, metric)
+    yy = _run_series(y, y, y_lengths, y_lengths, band, gamma, metric)
     return xy - 0.5 * (xx + yy)
 
 
@@ -292,13 +310,53 @@ def _backward(ctx, grad_values, _grad_R):
     return grad_cost, None, None, None, None, None, None
 
 
+def _xy_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep):
+    torch._check(x.dim() == 3 and y.dim() == 3)
+    R_shape = (x.shape[0], x.shape[1], y.shape[1]) if keep else (0,)
+    return x.new_empty(x.shape[0]), x.new_empty(R_shape)
+
+
+def _xy_backward_fake(grad, x, y, R, x_lengths, y_lengths, metric, band, gamma, soft, need_x,
+                      need_y):
+    return x.new_empty(x.shape if need_x else (0,)), y.new_empty(y.shape if need_y else (0,))
+
+
+def _xy_setup_context(ctx, inputs, output):
+    x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep = inputs
+    _, R = output
+    ctx.mark_non_differentiable(R)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, y, R, x_lengths, y_lengths)
+    ctx.options = (metric, band, gamma, soft, keep)
+
+
+def _xy_backward(ctx, grad_values, _grad_R):
+    metric, band, gamma, soft, keep = ctx.options
+    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_values is None or not (need_x or need_y):
+        return (None,) * 9
+    if not keep:
+        raise RuntimeError("dtw_xy_forward was called without keep=True, so it kept no "
+                           "accumulated cost for the backward")
+    x, y, R, x_lengths, y_lengths = ctx.saved_tensors
+    grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_backward(
+        grad_values.contiguous(), x, y, R, x_lengths, y_lengths, metric, band, gamma, soft,
+        need_x, need_y)
+    return (grad_x if need_x else None, grad_y if need_y else None,
+            None, None, None, None, None, None, None)
+
+
 _CPU_BACKENDS = ()
-if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "dtw_forward"):
+if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "dtw_xy_forward"):
     _CPU_BACKENDS = ("cpp",)
-    torch.library.register_fake("ether_kernels::dtw_forward")(_forward_fake)
-    torch.library.register_fake("ether_kernels::dtw_backward")(_backward_fake)
+    for _name, _fake in (("dtw_forward", _forward_fake), ("dtw_backward", _backward_fake),
+                         ("dtw_xy_forward", _xy_forward_fake),
+                         ("dtw_xy_backward", _xy_backward_fake)):
+        torch.library.register_fake(f"ether_kernels::{_name}")(_fake)
     torch.library.register_autograd("ether_kernels::dtw_forward", _backward,
                                     setup_context=_setup_context)
+    torch.library.register_autograd("ether_kernels::dtw_xy_forward", _xy_backward,
+                                    setup_context=_xy_setup_context)
 
 
 __all__ = ["dtw", "soft_dtw", "soft_dtw_divergence", "dtw_from_cost", "soft_dtw_from_cost",

@@ -276,3 +276,45 @@ def test_torch_compile_fullgraph(backend):
         (expected_grad,) = torch.autograd.grad(expected, (x_ref,))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+def test_opcheck_series_ops():
+    x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    lengths = (torch.tensor([5, 3, 4]), torch.tensor([4, 4, 2]))
+    for soft in (False, True):
+        torch.library.opcheck(torch.ops.ether_kernels.dtw_xy_forward.default,
+                              (x, y, *lengths, 0, 1, 0.5, soft, True))
+        R = torch.ops.ether_kernels.dtw_xy_forward(x, y, *lengths, 0, 1, 0.5, soft, True)[1]
+        torch.library.opcheck(torch.ops.ether_kernels.dtw_xy_backward.default,
+                              (torch.rand(3, dtype=torch.float64), x.detach(), y.detach(), R,
+                               *lengths, 0, 1, 0.5, soft, True, True))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
+@pytest.mark.parametrize("gamma", [None, 0.05, 2.0])
+@pytest.mark.parametrize("ragged", [False, True], ids=["equal-lengths", "per-pair-lengths"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_series_values_and_gradients_match_the_reference(backend, metric, gamma, ragged, dtype):
+    # 17 pairs: one full group of 16 equal-length pairs (the vector path) and a remainder.
+    x, y, x_lengths, y_lengths = random_case(B=17, N=9, M=7, D=3)
+    if not ragged:
+        x_lengths, y_lengths = None, None
+    x32, y32 = x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
+    with ek.use_backend(backend):
+        fn = ek.dtw if gamma is None else (lambda *a, **k: ek.soft_dtw(a[0], a[1], gamma, **k))
+        values = fn(x32, y32, band=2, x_lengths=x_lengths, y_lengths=y_lengths, metric=metric)
+    grads = torch.autograd.grad(values.sum(), (x32, y32))
+    with ek.use_backend("reference"):
+        # the same (possibly fp32-rounded) inputs, in fp64
+        xr = x32.detach().double().requires_grad_(True)
+        yr = y32.detach().double().requires_grad_(True)
+        fn = ek.dtw if gamma is None else (lambda *a, **k: ek.soft_dtw(a[0], a[1], gamma, **k))
+        expected = fn(xr, yr, band=2, x_lengths=x_lengths, y_lengths=y_lengths, metric=metric)
+    expected_grads = torch.autograd.grad(expected.sum(), (xr, yr))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(values.double(), expected, **tol)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.double(), e, **tol)

@@ -121,4 +121,110 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
   return E;
 }
 
+namespace {
+
+void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op,
+              " (CPU kernel): x and y must be CPU tensors, got ", x.device(), " and ",
+              y.device());
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3, op, ": x must be (B, N, D) and y (B, M, D), got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have x's dtype ",
+              x.scalar_type(), ", got ", y.scalar_type());
+  TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same batch size B, got ",
+              x.size(0), " and ", y.size(0), " (broadcast a batch of 1 before the call)");
+  TORCH_CHECK(x.size(2) == y.size(2), op, ": x and y must have the same feature size D, got ",
+              x.size(2), " and ", y.size(2));
+  TORCH_CHECK(metric >= 0 && metric <= 2, op,
+              ": metric must be 0 (sqeuclidean), 1 (euclidean) or 2 (l1), got ", metric);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                      const at::Tensor& x_lengths,
+                                                      const at::Tensor& y_lengths,
+                                                      int64_t metric, int64_t band,
+                                                      double gamma, bool soft, bool keep) {
+  constexpr const char* op = "dtw_xy_forward";
+  check_series(x, y, metric, op);
+  check_options(band, gamma, soft, op);
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
+  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor yc = y.contiguous();
+  at::Tensor values = at::empty({B}, xc.options());
+  at::Tensor R = keep ? at::empty({B, N, M}, xc.options()) : at::empty({0}, xc.options());
+  if (B == 0) return {values, R};
+  DtwXYForwardArgs args{xc.data_ptr(),
+                        yc.data_ptr(),
+                        xc.scalar_type(),
+                        B,
+                        N,
+                        M,
+                        D,
+                        xl.data_ptr<int64_t>(),
+                        yl.data_ptr<int64_t>(),
+                        metric,
+                        band,
+                        gamma,
+                        soft,
+                        values.data_ptr(),
+                        keep ? R.data_ptr() : nullptr};
+  ETHER_CPU_DISPATCH(dtw_xy_forward)(args);
+  return {values, R};
+}
+
+std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& R,
+    const at::Tensor& x_lengths, const at::Tensor& y_lengths, int64_t metric, int64_t band,
+    double gamma, bool soft, bool need_x, bool need_y) {
+  constexpr const char* op = "dtw_xy_backward";
+  check_series(x, y, metric, op);
+  check_options(band, gamma, soft, op);
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  TORCH_CHECK(R.device().is_cpu() && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
+                  R.size(2) == M,
+              op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
+              ") CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
+  TORCH_CHECK(R.scalar_type() == x.scalar_type(), op, ": R must have x's dtype ",
+              x.scalar_type(), ", got ", R.scalar_type());
+  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
+              ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
+              " on ", grad.device());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
+              ": grad must be a floating-point tensor, got ", grad.scalar_type());
+  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
+  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor yc = y.contiguous();
+  const at::Tensor r = R.contiguous();
+  const at::Tensor g = grad.reshape({B}).to(xc.scalar_type()).contiguous();
+  at::Tensor gx = need_x ? at::empty({B, N, D}, xc.options()) : at::empty({0}, xc.options());
+  at::Tensor gy = need_y ? at::empty({B, M, D}, xc.options()) : at::empty({0}, xc.options());
+  if (B == 0 || (!need_x && !need_y)) return {gx, gy};
+  DtwXYBackwardArgs args{g.data_ptr(),
+                         xc.data_ptr(),
+                         yc.data_ptr(),
+                         r.data_ptr(),
+                         xc.scalar_type(),
+                         B,
+                         N,
+                         M,
+                         D,
+                         xl.data_ptr<int64_t>(),
+                         yl.data_ptr<int64_t>(),
+                         metric,
+                         band,
+                         gamma,
+                         soft,
+                         need_x ? gx.data_ptr() : nullptr,
+                         need_y ? gy.data_ptr() : nullptr};
+  ETHER_CPU_DISPATCH(dtw_xy_backward)(args);
+  return {gx, gy};
+}
+
 }  // namespace ether_kernels::cpu

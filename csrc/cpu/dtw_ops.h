@@ -27,4 +27,28 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
                             const at::Tensor& x_lengths, const at::Tensor& y_lengths,
                             int64_t band, double gamma, bool soft);
 
+// DTW / soft-DTW directly on the series, the local cost computed per cell (no (B, N, M)
+// cost, no (B, N, M, D) temporary). Schemas (ether_kernels.cpp):
+//   dtw_xy_forward(Tensor x, Tensor y, Tensor x_lengths, Tensor y_lengths, int metric,
+//                  int band, float gamma, bool soft, bool keep) -> (Tensor, Tensor)
+//   dtw_xy_backward(Tensor grad, Tensor x, Tensor y, Tensor R, Tensor x_lengths,
+//                   Tensor y_lengths, int metric, int band, float gamma, bool soft,
+//                   bool need_x, bool need_y) -> (Tensor, Tensor)
+// x (B, N, D), y (B, M, D), same dtype fp32/fp64 (the caller broadcasts a batch of 1);
+// metric 0 sqeuclidean, 1 euclidean, 2 l1. Returns (values (B,), R (B, N, M) when keep,
+// else an empty tensor); value-only calls keep O(M) state per pair.
+std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                      const at::Tensor& x_lengths,
+                                                      const at::Tensor& y_lengths,
+                                                      int64_t metric, int64_t band,
+                                                      double gamma, bool soft, bool keep);
+
+// Returns (grad_x (B, N, D), grad_y (B, M, D)), each an empty tensor when not needed:
+// grad[b] times the gradient of values[b] (expected alignment / optimal path contracted
+// with the local cost's gradient); zero rows for padding.
+std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& R,
+    const at::Tensor& x_lengths, const at::Tensor& y_lengths, int64_t metric, int64_t band,
+    double gamma, bool soft, bool need_x, bool need_y);
+
 }  // namespace ether_kernels::cpu

@@ -32,6 +32,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -73,8 +74,14 @@ inline T softmin3(T a, T b, T c, T gamma, T inv_gamma) {
   const T mu = std::min(a, std::min(b, c));
   if (mu == std::numeric_limits<T>::infinity()) return mu;
   // (mu - inf) * inv_gamma = -inf and exp(-inf) = 0: an unreachable predecessor adds 0.
-  const T s = std::exp((mu - a) * inv_gamma) + std::exp((mu - b) * inv_gamma) +
-              std::exp((mu - c) * inv_gamma);
+  // The minimum's term is exp(0) = 1 exactly, so only the other two exponentials are
+  // evaluated (branch-free selects); the sum is formed in the order a, b, c, bit-identical
+  // to exp(.) + exp(.) + exp(.).
+  const bool a_min = a == mu, b_min = !a_min && b == mu;
+  const T p = a_min ? b : a;
+  const T q = (a_min || b_min) ? c : b;
+  const T ep = std::exp((mu - p) * inv_gamma), eq = std::exp((mu - q) * inv_gamma);
+  const T s = (a_min || b_min) ? (T(1) + ep) + eq : (ep + eq) + T(1);
   return mu - gamma * std::log(s);
 }
 
@@ -180,9 +187,13 @@ void soft_backward_pair(const A* Rb, int64_t ldr, const PairBand& pb, A gamma, A
       const A l = r_at(Rb, ldr, pb, p, q - 1);
       const A mu = std::min(d, std::min(u, l));
       if (!(mu < kInf)) continue;  // no reachable predecessor (or NaN): push nothing
-      const A wd = std::exp(std::min(A(0), (mu - d) * inv_gamma));
-      const A wu = std::exp(std::min(A(0), (mu - u) * inv_gamma));
-      const A wl = std::exp(std::min(A(0), (mu - l) * inv_gamma));
+      // The minimum's weight is exp(0) = 1 exactly: evaluate only the other two.
+      const bool d_min = d == mu, u_min = !d_min && u == mu;
+      const A e1 = std::exp(std::min(A(0), (mu - (d_min ? u : d)) * inv_gamma));
+      const A e2 = std::exp(std::min(A(0), (mu - ((d_min || u_min) ? l : u)) * inv_gamma));
+      const A wd = d_min ? A(1) : e1;
+      const A wu = d_min ? e1 : (u_min ? A(1) : e2);
+      const A wl = (d_min || u_min) ? e2 : A(1);
       const A scale = e / (wd + wu + wl);  // the sum is >= 1
       if (p > 1 && q > 1 && wd > A(0)) Eb[(p - 2) * ldr + (q - 2)] += scale * wd;
       if (p > 1 && wu > A(0)) Eb[(p - 2) * ldr + (q - 1)] += scale * wu;
@@ -261,6 +272,372 @@ void backward_impl(const DtwBackwardArgs& a) {
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// DTW on the series (x, y): the local cost is computed per cell from x[i - 1] and y[j - 1].
+// ---------------------------------------------------------------------------------------
+
+enum : int { kSqEuclidean = 0, kEuclidean = 1, kL1 = 2 };
+
+// cost(x_i, y_j) in A; kD1: D == 1 known at compile time.
+template <int kMetric, bool kD1, typename A, typename T>
+inline A local_cost(const T* xi, const T* yj, int64_t D) {
+  if constexpr (kD1) {
+    const A t = static_cast<A>(xi[0]) - static_cast<A>(yj[0]);
+    if constexpr (kMetric == kL1) return std::abs(t);
+    else if constexpr (kMetric == kEuclidean) return std::abs(t);  // sqrt(t^2), exact
+    else return t * t;
+  } else {
+    A s = A(0);
+    for (int64_t d = 0; d < D; ++d) {
+      const A t = static_cast<A>(xi[d]) - static_cast<A>(yj[d]);
+      if constexpr (kMetric == kL1) s += std::abs(t);
+      else s += t * t;
+    }
+    if constexpr (kMetric == kEuclidean) return std::sqrt(s);
+    else return s;
+  }
+}
+
+// One pair on the series: as forward_pair, with cost(i, j) = local_cost(x[i-1], y[j-1]).
+// x has row stride D (pair's rows 0..n-1), y likewise (0..m-1).
+template <int kMetric, bool kD1, bool kSoft, typename T, typename A, typename O>
+A xy_forward_pair(const T* x, const T* y, int64_t D, const PairBand& pb, A gamma, A* prev,
+                  A* cur, O* R_out, int64_t ldr, int64_t rows) {
+  constexpr A kInf = std::numeric_limits<A>::infinity();
+  const A inv_gamma = A(1) / gamma;
+  const int64_t n = pb.n, m = pb.m;
+  std::fill(prev, prev + m + 1, kInf);
+  std::fill(cur, cur + m + 1, kInf);
+  prev[0] = A(0);
+  int64_t prev_first = 0, prev_last = 0;
+  int64_t cur_first = 1, cur_last = 0;
+  for (int64_t i = 1; i <= n; ++i) {
+    for (int64_t j = cur_first; j <= cur_last; ++j) cur[j] = kInf;
+    const int64_t jf = pb.first(i), jl = pb.last(i);
+    const T* xi = x + (i - 1) * D;
+    A left = kInf;
+    for (int64_t j = jf; j <= jl; ++j) {
+      const A d = prev[j - 1], u = prev[j];
+      A best;
+      if constexpr (kSoft) {
+        best = softmin3(d, u, left, gamma, inv_gamma);
+      } else {
+        best = std::min(d, std::min(u, left));
+      }
+      const A v = local_cost<kMetric, kD1, A>(xi, y + (j - 1) * D, D) + best;
+      cur[j] = v;
+      left = v;
+    }
+    if (R_out != nullptr) {
+      O* rrow = R_out + (i - 1) * ldr;
+      std::fill(rrow, rrow + (jf - 1), std::numeric_limits<O>::infinity());
+      for (int64_t j = jf; j <= jl; ++j) rrow[j - 1] = static_cast<O>(cur[j]);
+      std::fill(rrow + jl, rrow + ldr, std::numeric_limits<O>::infinity());
+    }
+    std::swap(prev, cur);
+    cur_first = prev_first;
+    cur_last = prev_last;
+    prev_first = jf;
+    prev_last = jl;
+  }
+  if (R_out != nullptr && rows > n) {
+    std::fill(R_out + n * ldr, R_out + rows * ldr, std::numeric_limits<O>::infinity());
+  }
+  return prev[m];
+}
+
+// Calls f(std::integral_constant<int, metric>, std::integral_constant<bool, D == 1>).
+template <typename F>
+void dispatch_metric_d(int64_t metric, int64_t D, F&& f) {
+  using I0 = std::integral_constant<int, kSqEuclidean>;
+  using I1 = std::integral_constant<int, kEuclidean>;
+  using I2 = std::integral_constant<int, kL1>;
+  using D1 = std::true_type;
+  using DN = std::false_type;
+  const bool d1 = D == 1;
+  switch (metric) {
+    case kSqEuclidean: d1 ? f(I0{}, D1{}) : f(I0{}, DN{}); break;
+    case kEuclidean: d1 ? f(I1{}, D1{}) : f(I1{}, DN{}); break;
+    default: d1 ? f(I2{}, D1{}) : f(I2{}, DN{}); break;
+  }
+}
+
+// Hard value-only DTW of kLanes pairs at once, pair k in lane k of at::vec::Vectorized<T>
+// (all pairs of the group share n, m, hence the band). xt: (n, D, lanes) and yt: (m, D,
+// lanes) interleaved copies of the pairs' series; prev / cur: (m + 1) vectors each.
+template <int kMetric, typename T>
+void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D, const PairBand& pb,
+                           at::vec::Vectorized<T>* prev, at::vec::Vectorized<T>* cur,
+                           T* out) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const V inf(std::numeric_limits<T>::infinity());
+  const int64_t n = pb.n, m = pb.m;
+  for (int64_t j = 0; j <= m; ++j) {
+    prev[j] = inf;
+    cur[j] = inf;
+  }
+  prev[0] = V(T(0));
+  int64_t prev_first = 0, prev_last = 0;
+  int64_t cur_first = 1, cur_last = 0;
+  for (int64_t i = 1; i <= n; ++i) {
+    for (int64_t j = cur_first; j <= cur_last; ++j) cur[j] = inf;
+    const int64_t jf = pb.first(i), jl = pb.last(i);
+    const T* xi = xt + (i - 1) * D * L;
+    V left = inf;
+    if (D == 1) {
+      const V xv = V::loadu(xi);
+      for (int64_t j = jf; j <= jl; ++j) {
+        const V t = xv - V::loadu(yt + (j - 1) * L);
+        V c;
+        if constexpr (kMetric == kSqEuclidean) c = t * t;
+        else c = t.abs();
+        const V v = c + at::vec::minimum(at::vec::minimum(prev[j - 1], prev[j]), left);
+        cur[j] = v;
+        left = v;
+      }
+    } else {
+      for (int64_t j = jf; j <= jl; ++j) {
+        const T* yj = yt + (j - 1) * D * L;
+        V c(T(0));
+        for (int64_t d = 0; d < D; ++d) {
+          const V t = V::loadu(xi + d * L) - V::loadu(yj + d * L);
+          if constexpr (kMetric == kL1) c = c + t.abs();
+          else c = c + t * t;  // no FMA: the same rounding as the scalar path
+        }
+        if constexpr (kMetric == kEuclidean) c = c.sqrt();
+        const V v = c + at::vec::minimum(at::vec::minimum(prev[j - 1], prev[j]), left);
+        cur[j] = v;
+        left = v;
+      }
+    }
+    std::swap(prev, cur);
+    cur_first = prev_first;
+    cur_last = prev_last;
+    prev_first = jf;
+    prev_last = jl;
+  }
+  prev[m].store(out);
+}
+
+template <typename T>
+void xy_forward_impl(const DtwXYForwardArgs& a) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  T* values = static_cast<T*>(a.values);
+  T* R = static_cast<T*>(a.R);
+  const int64_t B = a.B, N = a.N, M = a.M, D = a.D;
+  const int64_t cells = std::max<int64_t>(1, N * M * std::max<int64_t>(1, D));
+  dispatch_metric_d(a.metric, D, [&](auto metric_c, auto d1_c) {
+    constexpr int kMetric = decltype(metric_c)::value;
+    constexpr bool kD1 = decltype(d1_c)::value;
+    if (a.soft) {
+      using A = Acc<T>;
+      const A gamma = static_cast<A>(a.gamma);
+      const int64_t grain = std::max<int64_t>(1, 32768 / cells);
+      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+        std::vector<A> buf(2 * (M + 1));
+        for (int64_t b = begin; b < end; ++b) {
+          const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
+          T* Rb = R != nullptr ? R + b * N * M : nullptr;
+          values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, T>(
+              x + b * N * D, y + b * M * D, D, pb, gamma, buf.data(), buf.data() + M + 1, Rb,
+              M, N));
+        }
+      });
+      return;
+    }
+    // Hard DTW, computed in T. Value-only: groups of L consecutive pairs with equal lengths
+    // run in the lanes of one vector; the other pairs run one by one.
+    using V = at::vec::Vectorized<T>;
+    constexpr int64_t L = V::size();
+    const int64_t groups = (R == nullptr && L > 1) ? B / L : 0;
+    auto lanes_ok = [&](int64_t g) {
+      for (int64_t k = 1; k < L; ++k) {
+        if (a.x_lengths[g * L + k] != a.x_lengths[g * L] ||
+            a.y_lengths[g * L + k] != a.y_lengths[g * L]) {
+          return false;
+        }
+      }
+      return true;
+    };
+    // Task t < groups: group t (lanes or, if mixed lengths, its pairs one by one);
+    // task t >= groups: the remaining single pair groups * L + (t - groups).
+    const int64_t tasks = groups + (B - groups * L);
+    const int64_t grain = std::max<int64_t>(1, 32768 / cells);
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(2 * (M + 1));
+      std::vector<V> vbuf;
+      std::vector<T> xt, yt;
+      auto single = [&](int64_t b) {
+        const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
+        T* Rb = R != nullptr ? R + b * N * M : nullptr;
+        values[b] = xy_forward_pair<kMetric, kD1, false, T, T, T>(
+            x + b * N * D, y + b * M * D, D, pb, T(1), buf.data(), buf.data() + M + 1, Rb, M,
+            N);
+      };
+      for (int64_t t = begin; t < end; ++t) {
+        if (t >= groups) {
+          single(groups * L + (t - groups));
+          continue;
+        }
+        if (!lanes_ok(t)) {
+          for (int64_t k = 0; k < L; ++k) single(t * L + k);
+          continue;
+        }
+        const int64_t b0 = t * L;
+        const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
+        const int64_t n = pb.n, m = pb.m;
+        xt.resize(n * D * L);
+        yt.resize(m * D * L);
+        for (int64_t k = 0; k < L; ++k) {
+          const T* xb = x + (b0 + k) * N * D;
+          const T* yb = y + (b0 + k) * M * D;
+          for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = xb[e];
+          for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = yb[e];
+        }
+        vbuf.resize(2 * (m + 1));
+        alignas(64) T out[L];
+        xy_forward_hard_lanes<kMetric, T>(xt.data(), yt.data(), D, pb, vbuf.data(),
+                                          vbuf.data() + m + 1, out);
+        for (int64_t k = 0; k < L; ++k) values[b0 + k] = out[k];
+      }
+    });
+  });
+}
+
+// d cost(x_i, y_j) / d x_i into gd (D values); d / d y_j = -gd.
+template <int kMetric, typename A, typename T>
+inline void local_cost_grad(const T* xi, const T* yj, int64_t D, A* gd) {
+  if constexpr (kMetric == kEuclidean) {
+    A s = A(0);
+    for (int64_t d = 0; d < D; ++d) {
+      const A t = static_cast<A>(xi[d]) - static_cast<A>(yj[d]);
+      gd[d] = t;
+      s += t * t;
+    }
+    if (s > A(0)) {
+      const A inv = A(1) / std::sqrt(s);
+      for (int64_t d = 0; d < D; ++d) gd[d] *= inv;
+    } else {
+      for (int64_t d = 0; d < D; ++d) gd[d] = A(0);
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) {
+      const A t = static_cast<A>(xi[d]) - static_cast<A>(yj[d]);
+      if constexpr (kMetric == kL1) gd[d] = A((t > A(0)) - (t < A(0)));
+      else gd[d] = A(2) * t;
+    }
+  }
+}
+
+template <typename T>
+void xy_backward_impl(const DtwXYBackwardArgs& a) {
+  using A = Acc<T>;
+  constexpr bool kSameType = std::is_same_v<T, A>;
+  const T* grad = static_cast<const T*>(a.grad);
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  const T* R = static_cast<const T*>(a.R);
+  T* gx_out = static_cast<T*>(a.grad_x);
+  T* gy_out = static_cast<T*>(a.grad_y);
+  const int64_t B = a.B, N = a.N, M = a.M, D = a.D;
+  const A gamma = static_cast<A>(a.gamma);
+  const int64_t cells = std::max<int64_t>(1, N * M * std::max<int64_t>(1, D));
+  const int64_t grain = std::max<int64_t>(1, 32768 / cells);
+  dispatch_metric_d(a.metric, D, [&](auto metric_c, auto d1_c) {
+    constexpr int kMetric = decltype(metric_c)::value;
+    constexpr bool kD1 = decltype(d1_c)::value;
+    (void)kD1;  // used by the fp32 soft recompute only
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<A> rows, r_scratch, e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
+      for (int64_t b = begin; b < end; ++b) {
+        const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
+        const int64_t n = pb.n, m = pb.m;
+        const T* xb = x + b * N * D;
+        const T* yb = y + b * M * D;
+        const T* Rb = R + b * N * M;
+        gx.assign(n * D, A(0));
+        gy.assign(m * D, A(0));
+        // Adds e * d cost(i, j) (1-based) to gx[i], gy[j].
+        auto push = [&](int64_t i, int64_t j, A e) {
+          const T* xi = xb + (i - 1) * D;
+          const T* yj = yb + (j - 1) * D;
+          local_cost_grad<kMetric, A>(xi, yj, D, gd.data());
+          A* gxi = gx.data() + (i - 1) * D;
+          A* gyj = gy.data() + (j - 1) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            gxi[d] += e * gd[d];
+            gyj[d] -= e * gd[d];
+          }
+        };
+        const A g = static_cast<A>(grad[b]);
+        if (!a.soft) {
+          int64_t i = n, j = m;
+          while (true) {
+            push(i, j, g);
+            if (i == 1 && j == 1) break;
+            if (i == 1) {
+              --j;
+            } else if (j == 1) {
+              --i;
+            } else {
+              const T dd = r_at(Rb, M, pb, i - 1, j - 1);
+              const T uu = r_at(Rb, M, pb, i - 1, j);
+              const T ll = r_at(Rb, M, pb, i, j - 1);
+              if (dd <= uu && dd <= ll) {
+                --i;
+                --j;
+              } else if (uu <= ll) {
+                --i;
+              } else {
+                --j;
+              }
+            }
+          }
+        } else {
+          const A* Ra;
+          int64_t ldr;
+          if constexpr (kSameType) {
+            Ra = reinterpret_cast<const A*>(Rb);
+            ldr = M;
+          } else {
+            // The kept fp32 R is only rounded: recompute the pair's R in A (bit-identical
+            // to what the forward computed before rounding).
+            rows.resize(2 * (m + 1));
+            r_scratch.resize(n * m);
+            xy_forward_pair<kMetric, kD1, true, T, A, A>(xb, yb, D, pb, gamma, rows.data(),
+                                                          rows.data() + m + 1,
+                                                          r_scratch.data(), m, n);
+            Ra = r_scratch.data();
+            ldr = m;
+          }
+          e_scratch.assign(n * ldr, A(0));
+          soft_backward_pair<A>(Ra, ldr, pb, gamma, g, e_scratch.data());
+          for (int64_t i = 1; i <= n; ++i) {
+            const int64_t jf = pb.first(i), jl = pb.last(i);
+            const A* erow = e_scratch.data() + (i - 1) * ldr;
+            for (int64_t j = jf; j <= jl; ++j) {
+              const A e = erow[j - 1];
+              if (e != A(0)) push(i, j, e);
+            }
+          }
+        }
+        if (gx_out != nullptr) {
+          T* o = gx_out + b * N * D;
+          for (int64_t e = 0; e < n * D; ++e) o[e] = static_cast<T>(gx[e]);
+          std::fill(o + n * D, o + N * D, T(0));
+        }
+        if (gy_out != nullptr) {
+          T* o = gy_out + b * M * D;
+          for (int64_t e = 0; e < m * D; ++e) o[e] = static_cast<T>(gy[e]);
+          std::fill(o + m * D, o + M * D, T(0));
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 void dtw_forward(const DtwForwardArgs& args) {
@@ -270,6 +647,16 @@ void dtw_forward(const DtwForwardArgs& args) {
 void dtw_backward(const DtwBackwardArgs& args) {
   AT_DISPATCH_FLOATING_TYPES(args.dtype, "dtw_backward",
                              [&] { backward_impl<scalar_t>(args); });
+}
+
+void dtw_xy_forward(const DtwXYForwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES(args.dtype, "dtw_xy_forward",
+                             [&] { xy_forward_impl<scalar_t>(args); });
+}
+
+void dtw_xy_backward(const DtwXYBackwardArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES(args.dtype, "dtw_xy_backward",
+                             [&] { xy_backward_impl<scalar_t>(args); });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -47,10 +47,53 @@ struct DtwBackwardArgs {
   void* E;                     // (B, N, M), dtype
 };
 
+// DTW / soft-DTW directly on the series: the local cost of cell (i, j) is computed inside
+// the kernel from x[b, i - 1] and y[b, j - 1] (a D-length loop); nothing of size N * M * D
+// is ever formed. metric: 0 sqeuclidean sum_d (x - y)^2, 1 euclidean (its sqrt),
+// 2 l1 sum_d |x - y|. Precision: soft-DTW computes fp32 inputs in fp64 (as above); hard
+// DTW computes in the input dtype (min is exact, so only the cost sums round).
+struct DtwXYForwardArgs {
+  const void* x;               // (B, N, D) contiguous, dtype
+  const void* y;               // (B, M, D) contiguous, dtype
+  c10::ScalarType dtype;       // kFloat or kDouble
+  int64_t B, N, M, D;
+  const int64_t* x_lengths;    // (B,)
+  const int64_t* y_lengths;    // (B,)
+  int64_t metric;
+  int64_t band;
+  double gamma;
+  bool soft;
+  void* values;                // (B,), dtype
+  void* R;                     // (B, N, M), dtype, or null (value-only, O(M) state per pair)
+};
+
+// grad_x[b, i] = grad[b] sum_j E_ij d cost(x_i, y_j) / d x_i, grad_y likewise, with E the
+// soft-DTW expected alignment or the hard optimal-path indicator (see DtwBackwardArgs).
+// Padding rows are zeroed. Gradients of the cost: sqeuclidean 2 (x - y); euclidean
+// (x - y) / |x - y| (0 when |x - y| = 0); l1 sign(x - y) (sign(0) = 0).
+struct DtwXYBackwardArgs {
+  const void* grad;            // (B,), dtype
+  const void* x;               // (B, N, D)
+  const void* y;               // (B, M, D)
+  const void* R;               // (B, N, M), the forward's kept R
+  c10::ScalarType dtype;
+  int64_t B, N, M, D;
+  const int64_t* x_lengths;
+  const int64_t* y_lengths;
+  int64_t metric;
+  int64_t band;
+  double gamma;
+  bool soft;
+  void* grad_x;                // (B, N, D) or null
+  void* grad_y;                // (B, M, D) or null
+};
+
 #define ETHER_DTW_KERNELS_DECLARE(ns)          \
   namespace ns {                               \
   void dtw_forward(const DtwForwardArgs&);     \
   void dtw_backward(const DtwBackwardArgs&);   \
+  void dtw_xy_forward(const DtwXYForwardArgs&);   \
+  void dtw_xy_backward(const DtwXYBackwardArgs&); \
   }
 
 ETHER_DTW_KERNELS_DECLARE(DEFAULT)
