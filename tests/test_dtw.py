@@ -314,7 +314,11 @@ def test_series_values_and_gradients_match_the_reference(backend, metric, gamma,
         fn = ek.dtw if gamma is None else (lambda *a, **k: ek.soft_dtw(a[0], a[1], gamma, **k))
         expected = fn(xr, yr, band=2, x_lengths=x_lengths, y_lengths=y_lengths, metric=metric)
     expected_grads = torch.autograd.grad(expected.sum(), (xr, yr))
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(values.double(), expected, **tol)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g.double(), e, **tol)
+    if dtype == torch.float64:
+        torch.testing.assert_close(values, expected, rtol=1e-10, atol=1e-10)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    else:  # the spec's bound for fp32: within 1e-4 relative of fp64 (relative to the largest)
+        torch.testing.assert_close(values.double(), expected, rtol=2e-5, atol=1e-5)
+        for g, e in zip(grads, expected_grads):
+            assert ((g.double() - e).abs().max() / e.abs().max()).item() < 1e-4
