@@ -420,6 +420,206 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D, const PairBand& 
   prev[m].store(out);
 }
 
+// ---------------------------------------------------------------------------------------
+// Soft-DTW on the series, kLanes pairs at once (pair k in lane k of at::vec::Vectorized
+// <double>; all pairs of the group share n, m, hence the band). The same recurrence and
+// numerics contract as softmin3 / soft_backward_pair, with the vectorised exp / log
+// (Sleef u10 in the AVX2 / AVX512 builds, std::exp / std::log in DEFAULT).
+// xt: (n, D, L) and yt: (m, D, L) interleaved copies of the pairs' series, widened to A.
+// ---------------------------------------------------------------------------------------
+using VA = at::vec::Vectorized<double>;
+static_assert(sizeof(VA) == VA::size() * sizeof(double), "lanes are read as doubles");
+
+inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
+                         const VA& inv_gamma) {
+  const VA inf(std::numeric_limits<double>::infinity());
+  const VA one(1.0);
+  const VA mu = at::vec::minimum(a, at::vec::minimum(b, c));
+  const VA a_min = (a == mu);
+  const VA b_min = VA::blendv(b == mu, VA(0.0), a_min);  // !a_min && b == mu
+  const VA ab_min = a_min | b_min;
+  const VA p = VA::blendv(a, b, a_min);
+  const VA q = VA::blendv(b, c, ab_min);
+  // (mu - inf) * inv_gamma = -inf and exp(-inf) = 0; mu = +inf lanes are replaced below.
+  const VA ep = ((mu - p) * inv_gamma).exp();
+  const VA eq = ((mu - q) * inv_gamma).exp();
+  const VA s = (one + ep) + eq;
+  const VA r = mu - gamma * s.log();
+  return VA::blendv(r, inf, mu == inf);
+}
+
+// Local cost of cell (i, j) for all lanes; xi: (D, L), yj: (D, L).
+template <int kMetric>
+inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D) {
+  constexpr int64_t L = VA::size();
+  VA c(0.0);
+  for (int64_t d = 0; d < D; ++d) {
+    const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
+    if constexpr (kMetric == kL1) c = c + t.abs();
+    else c = c + t * t;
+  }
+  if constexpr (kMetric == kEuclidean) c = c.sqrt();
+  return c;
+}
+
+// Rl: (n + 1) * (m + 1) vectors when kStore (1-based R with its row 0 / column 0; cells
+// outside the band stay +inf), else 2 * (m + 1) rolling rows. Returns R[n][m].
+template <int kMetric, bool kStore>
+VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
+                         double gamma, VA* Rl) {
+  constexpr int64_t L = VA::size();
+  const VA inf(std::numeric_limits<double>::infinity());
+  const VA g(gamma), ig(1.0 / gamma);
+  const int64_t n = pb.n, m = pb.m, ld = m + 1;
+  const int64_t rows = kStore ? n + 1 : 2;
+  for (int64_t e = 0; e < rows * ld; ++e) Rl[e] = inf;
+  Rl[0] = VA(0.0);
+  auto row = [&](int64_t i) { return kStore ? Rl + i * ld : Rl + (i & 1) * ld; };
+  for (int64_t i = 1; i <= n; ++i) {
+    VA* cur = row(i);
+    const VA* prev = row(i - 1);
+    if constexpr (!kStore) {
+      if (i >= 2) {  // drop row i - 2 (row 0 held only column 0)
+        const int64_t f = i == 2 ? 0 : pb.first(i - 2), l = i == 2 ? 0 : pb.last(i - 2);
+        for (int64_t j = f; j <= l; ++j) cur[j] = inf;
+      }
+    }
+    const int64_t jf = pb.first(i), jl = pb.last(i);
+    const double* xi = xt + (i - 1) * D * L;
+    VA left = inf;
+    for (int64_t j = jf; j <= jl; ++j) {
+      const VA best = softmin3_lanes(prev[j - 1], prev[j], left, g, ig);
+      const VA v = local_cost_lanes<kMetric>(xi, yt + (j - 1) * D * L, D) + best;
+      cur[j] = v;
+      left = v;
+    }
+  }
+  return row(n)[m];
+}
+
+// Backward of one lane group: Rl as written by xy_soft_forward_lanes<kStore = true>;
+// El: (n + 1) * (m + 1) vectors (zeroed here; E of cell (i, j) at i * (m + 1) + j).
+// Then gx (n, D, L) and gy (m, D, L) get sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
+template <int kMetric>
+void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
+                            double gamma, const VA& g, const VA* Rl, VA* El, VA* gx, VA* gy) {
+  constexpr int64_t L = VA::size();
+  (void)L;
+  const VA inf(std::numeric_limits<double>::infinity());
+  const VA zero(0.0), one(1.0), two(2.0), ig(1.0 / gamma);
+  const int64_t n = pb.n, m = pb.m, ld = m + 1;
+  for (int64_t e = 0; e < (n + 1) * ld; ++e) El[e] = zero;
+  El[n * ld + m] = g;
+  for (int64_t p = n; p >= 1; --p) {
+    const int64_t jf = pb.first(p), jl = pb.last(p);
+    VA* erow = El + p * ld;
+    VA* eup = El + (p - 1) * ld;
+    const VA* rrow = Rl + p * ld;
+    const VA* rup = Rl + (p - 1) * ld;
+    // carry: the push of (p, q + 1) to its left neighbour (p, q), kept in a register so
+    // the only dependency from one cell to the next is an add and two multiplies.
+    VA carry = zero;
+    for (int64_t q = jl; q >= jf; --q) {
+      const VA e = erow[q] + carry;
+      erow[q] = e;
+      const VA d = rup[q - 1], u = rup[q], l = rrow[q - 1];
+      const VA mu = at::vec::minimum(d, at::vec::minimum(u, l));
+      const VA valid = mu < inf;  // false for NaN too: push nothing
+      const VA d_min = (d == mu);
+      const VA u_min = VA::blendv(u == mu, zero, d_min);
+      const VA du_min = d_min | u_min;
+      const VA x1 = VA::blendv(d, u, d_min);
+      const VA x2 = VA::blendv(u, l, du_min);
+      // Invalid lanes (mu = +inf gives inf - inf = NaN here) get zero weights.
+      const VA e1 = VA::blendv(zero, at::vec::minimum(zero, (mu - x1) * ig).exp(), valid);
+      const VA e2 = VA::blendv(zero, at::vec::minimum(zero, (mu - x2) * ig).exp(), valid);
+      const VA wd = VA::blendv(e1, one, d_min);
+      const VA wu = VA::blendv(VA::blendv(e2, one, u_min), e1, d_min);
+      const VA wl = VA::blendv(one, e2, du_min);
+      // 1 / sum (the sum is >= 1) does not depend on e; invalid lanes push nothing.
+      const VA inv = VA::blendv(zero, one / ((wd + wu) + wl), valid);
+      const VA scale = e * inv;
+      // Row 0 / column 0 receive pushes too (always zero weight, or ignored).
+      eup[q - 1] = eup[q - 1] + scale * wd;
+      eup[q] = eup[q] + scale * wu;
+      carry = scale * wl;
+    }
+    erow[jf - 1] = erow[jf - 1] + carry;
+  }
+  for (int64_t e = 0; e < n * D; ++e) gx[e] = zero;
+  for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
+  for (int64_t i = 1; i <= n; ++i) {
+    const int64_t jf = pb.first(i), jl = pb.last(i);
+    const VA* erow = El + i * ld;
+    const double* xi = xt + (i - 1) * D * L;
+    VA* gxi = gx + (i - 1) * D;
+    for (int64_t j = jf; j <= jl; ++j) {
+      const VA e = erow[j];
+      const double* yj = yt + (j - 1) * D * L;
+      VA* gyj = gy + (j - 1) * D;
+      if constexpr (kMetric == kEuclidean) {
+        VA s = zero;
+        for (int64_t d = 0; d < D; ++d) {
+          const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
+          s = s + t * t;
+        }
+        const VA pos = s > zero;
+        const VA inv = VA::blendv(zero, e / s.sqrt(), pos);
+        for (int64_t d = 0; d < D; ++d) {
+          const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
+          const VA c = t * inv;
+          gxi[d] = gxi[d] + c;
+          gyj[d] = gyj[d] - c;
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
+          VA gd;
+          if constexpr (kMetric == kL1) {
+            gd = VA::blendv(zero, one, t > zero) - VA::blendv(zero, one, t < zero);
+          } else {
+            gd = two * t;
+          }
+          const VA c = e * gd;
+          gxi[d] = gxi[d] + c;
+          gyj[d] = gyj[d] - c;
+        }
+      }
+    }
+  }
+}
+
+// Groups of L consecutive pairs with equal lengths: task t < groups is group t (its
+// pairs one by one if its lengths differ); task t >= groups is the single pair
+// groups * L + (t - groups).
+struct LaneGroups {
+  int64_t L, B, groups;
+  const int64_t* xl;
+  const int64_t* yl;
+  int64_t tasks() const { return groups + (B - groups * L); }
+  bool uniform(int64_t g) const {
+    for (int64_t k = 1; k < L; ++k) {
+      if (xl[g * L + k] != xl[g * L] || yl[g * L + k] != yl[g * L]) return false;
+    }
+    return true;
+  }
+};
+
+// Interleaves the group's series (starting at pair b0) into xt (n, D, L), yt (m, D, L).
+template <typename T>
+void gather_lanes(const T* x, const T* y, int64_t N, int64_t M, int64_t D, int64_t b0,
+                  int64_t n, int64_t m, std::vector<double>& xt, std::vector<double>& yt) {
+  constexpr int64_t L = VA::size();
+  xt.resize(n * D * L);
+  yt.resize(m * D * L);
+  for (int64_t k = 0; k < L; ++k) {
+    const T* xb = x + (b0 + k) * N * D;
+    const T* yb = y + (b0 + k) * M * D;
+    for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = static_cast<double>(xb[e]);
+    for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = static_cast<double>(yb[e]);
+  }
+}
+
 template <typename T>
 void xy_forward_impl(const DtwXYForwardArgs& a) {
   const T* x = static_cast<const T*>(a.x);
@@ -435,14 +635,58 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       using A = Acc<T>;
       const A gamma = static_cast<A>(a.gamma);
       const int64_t grain = std::max<int64_t>(1, 32768 / cells);
-      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      constexpr int64_t LA = VA::size();
+      const LaneGroups lg{LA, B, LA > 1 ? B / LA : 0, a.x_lengths, a.y_lengths};
+      at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
         std::vector<A> buf(2 * (M + 1));
-        for (int64_t b = begin; b < end; ++b) {
+        std::vector<double> xt, yt;
+        std::vector<VA> rl;
+        auto single = [&](int64_t b) {
           const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
           T* Rb = R != nullptr ? R + b * N * M : nullptr;
           values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, T>(
               x + b * N * D, y + b * M * D, D, pb, gamma, buf.data(), buf.data() + M + 1, Rb,
               M, N));
+        };
+        for (int64_t t = begin; t < end; ++t) {
+          if (t >= lg.groups) {
+            single(lg.groups * LA + (t - lg.groups));
+            continue;
+          }
+          if (!lg.uniform(t)) {
+            for (int64_t k = 0; k < LA; ++k) single(t * LA + k);
+            continue;
+          }
+          const int64_t b0 = t * LA;
+          const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
+          const int64_t n = pb.n, m = pb.m, ld = m + 1;
+          gather_lanes<T>(x, y, N, M, D, b0, n, m, xt, yt);
+          alignas(64) double out[LA];
+          if (R == nullptr) {
+            rl.resize(2 * ld);
+            xy_soft_forward_lanes<kMetric, false>(xt.data(), yt.data(), D, pb, a.gamma,
+                                                  rl.data()).store(out);
+          } else {
+            rl.resize((n + 1) * ld);
+            xy_soft_forward_lanes<kMetric, true>(xt.data(), yt.data(), D, pb, a.gamma,
+                                                 rl.data()).store(out);
+            constexpr T kInfT = std::numeric_limits<T>::infinity();
+            alignas(64) double tmp[LA];
+            for (int64_t k = 0; k < LA; ++k) {
+              T* Rb = R + (b0 + k) * N * M;
+              std::fill(Rb, Rb + N * M, kInfT);
+            }
+            (void)tmp;
+            for (int64_t i = 1; i <= n; ++i) {  // row by row: contiguous writes per pair
+              const int64_t jf = pb.first(i), jl = pb.last(i);
+              const double* src = reinterpret_cast<const double*>(rl.data() + i * ld);
+              for (int64_t k = 0; k < LA; ++k) {
+                T* dst = R + (b0 + k) * N * M + (i - 1) * M;
+                for (int64_t j = jf; j <= jl; ++j) dst[j - 1] = static_cast<T>(src[j * LA + k]);
+              }
+            }
+          }
+          for (int64_t k = 0; k < LA; ++k) values[b0 + k] = static_cast<T>(out[k]);
         }
       });
       return;
@@ -549,9 +793,13 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
     constexpr int kMetric = decltype(metric_c)::value;
     constexpr bool kD1 = decltype(d1_c)::value;
     (void)kD1;  // used by the fp32 soft recompute only
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t LA = VA::size();
+    const LaneGroups lg{LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths};
+    at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
       std::vector<A> rows, r_scratch, e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
-      for (int64_t b = begin; b < end; ++b) {
+      std::vector<double> xt, yt;
+      std::vector<VA> rl, el, gxl, gyl;
+      auto single = [&](int64_t b) {
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         const int64_t n = pb.n, m = pb.m;
         const T* xb = x + b * N * D;
@@ -632,6 +880,66 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
           T* o = gy_out + b * M * D;
           for (int64_t e = 0; e < m * D; ++e) o[e] = static_cast<T>(gy[e]);
           std::fill(o + m * D, o + M * D, T(0));
+        }
+      };
+      for (int64_t t = begin; t < end; ++t) {
+        if (t >= lg.groups) {
+          single(lg.groups * LA + (t - lg.groups));
+          continue;
+        }
+        if (!lg.uniform(t)) {
+          for (int64_t k = 0; k < LA; ++k) single(t * LA + k);
+          continue;
+        }
+        const int64_t b0 = t * LA;
+        const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
+        const int64_t n = pb.n, m = pb.m, ld = m + 1;
+        gather_lanes<T>(x, y, N, M, D, b0, n, m, xt, yt);
+        rl.resize((n + 1) * ld);
+        if constexpr (kSameType) {
+          // The forward's kept R (fp64), with the boundary row / column of the recurrence.
+          for (int64_t j = 0; j <= m; ++j) rl[j] = VA(std::numeric_limits<double>::infinity());
+          rl[0] = VA(0.0);
+          for (int64_t i = 1; i <= n; ++i) {  // row by row: contiguous reads per pair
+            rl[i * ld] = VA(std::numeric_limits<double>::infinity());
+            double* dst = reinterpret_cast<double*>(rl.data() + i * ld);
+            for (int64_t k = 0; k < LA; ++k) {
+              const T* src = R + (b0 + k) * N * M + (i - 1) * M;
+              for (int64_t j = 1; j <= m; ++j) dst[j * LA + k] = static_cast<double>(src[j - 1]);
+            }
+          }
+        } else {
+          // The kept fp32 R is only rounded: recompute the group's R in fp64.
+          xy_soft_forward_lanes<kMetric, true>(xt.data(), yt.data(), D, pb, a.gamma,
+                                               rl.data());
+        }
+        alignas(64) double gv[LA];
+        for (int64_t k = 0; k < LA; ++k) gv[k] = static_cast<double>(grad[b0 + k]);
+        el.resize((n + 1) * ld);
+        gxl.resize(n * D);
+        gyl.resize(m * D);
+        xy_soft_backward_lanes<kMetric>(xt.data(), yt.data(), D, pb, a.gamma, VA::loadu(gv),
+                                        rl.data(), el.data(), gxl.data(), gyl.data());
+        alignas(64) double tmp[LA];
+        for (int64_t k = 0; k < LA; ++k) {
+          if (gx_out != nullptr) {
+            std::fill(gx_out + (b0 + k) * N * D, gx_out + (b0 + k + 1) * N * D, T(0));
+          }
+          if (gy_out != nullptr) {
+            std::fill(gy_out + (b0 + k) * M * D, gy_out + (b0 + k + 1) * M * D, T(0));
+          }
+        }
+        if (gx_out != nullptr) {
+          for (int64_t e = 0; e < n * D; ++e) {
+            gxl[e].store(tmp);
+            for (int64_t k = 0; k < LA; ++k) gx_out[(b0 + k) * N * D + e] = static_cast<T>(tmp[k]);
+          }
+        }
+        if (gy_out != nullptr) {
+          for (int64_t e = 0; e < m * D; ++e) {
+            gyl[e].store(tmp);
+            for (int64_t k = 0; k < LA; ++k) gy_out[(b0 + k) * M * D + e] = static_cast<T>(tmp[k]);
+          }
         }
       }
     });
