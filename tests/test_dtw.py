@@ -322,3 +322,24 @@ def test_series_values_and_gradients_match_the_reference(backend, metric, gamma,
         torch.testing.assert_close(values.double(), expected, rtol=2e-5, atol=1e-5)
         for g, e in zip(grads, expected_grads):
             assert ((g.double() - e).abs().max() / e.abs().max()).item() < 1e-4
+
+
+def test_long_sequences_stay_finite_and_fp32_tracks_fp64():
+    # N = M = 4000 on the CPU (the spec's robustness case), value only.
+    x = torch.randn(1, 4000, 1, dtype=torch.float64)
+    y = torch.randn(1, 4000, 1, dtype=torch.float64)
+    for gamma in (None, 0.1):
+        run = ek.dtw if gamma is None else (lambda a, b: ek.soft_dtw(a, b, gamma))
+        exact = run(x, y)
+        single = run(x.float(), y.float())
+        assert torch.isfinite(exact).all() and torch.isfinite(single).all()
+        assert abs(single.double().item() - exact.item()) <= 1e-4 * abs(exact.item())
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 10.0])
+def test_large_values_give_finite_gradients(gamma):
+    x = (1e3 * torch.randn(4, 30, 2)).requires_grad_(True)
+    y = 1e3 * torch.randn(4, 25, 2)
+    values = ek.soft_dtw(x, y, gamma, band=3)
+    (grad,) = torch.autograd.grad(values.sum(), (x,))
+    assert torch.isfinite(values).all() and torch.isfinite(grad).all()
