@@ -343,3 +343,27 @@ def test_large_values_give_finite_gradients(gamma):
     values = ek.soft_dtw(x, y, gamma, band=3)
     (grad,) = torch.autograd.grad(values.sum(), (x,))
     assert torch.isfinite(values).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+def test_the_cpp_ops_check_their_arguments():
+    ops = torch.ops.ether_kernels
+    cost = torch.rand(2, 3, 4)
+    xl, yl = torch.tensor([3, 2]), torch.tensor([4, 4])
+    x, y = torch.randn(2, 3, 2), torch.randn(2, 4, 2)
+    cases = [
+        (lambda: ops.dtw_forward(cost, xl, yl, -1, 0.0, True, False), r"gamma"),
+        (lambda: ops.dtw_forward(cost, torch.tensor([0, 2]), yl, -1, 1.0, True, False), r"x_lengths"),
+        (lambda: ops.dtw_backward(torch.ones(2), cost, torch.rand(2, 3, 3), xl, yl, -1, 1.0, True),
+         r"dtw_backward: R must be the forward's kept \(B, N, M\)"),
+        (lambda: ops.dtw_backward(torch.ones(3), cost, cost, xl, yl, -1, 1.0, True),
+         r"dtw_backward: grad must be a \(B,\)"),
+        (lambda: ops.dtw_xy_forward(x, y, xl, yl, 5, -1, 1.0, True, False), r"metric must be 0"),
+        (lambda: ops.dtw_xy_forward(x, torch.randn(2, 4, 3), xl, yl, 0, -1, 1.0, True, False),
+         r"same feature size D"),
+        (lambda: ops.dtw_xy_backward(torch.ones(2), x, y, cost.double(), xl, yl, 0, -1, 1.0, True,
+                                     True, True), r"R must have the inputs' dtype"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()

@@ -453,3 +453,25 @@ def test_any_valid_groups_match_the_published_formula(case, alpha):
     (grad,) = torch.autograd.grad(loss, (y_pred,))
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not ek.info()["cpp"], reason="the C++ extension is not loaded")
+def test_the_cpp_op_checks_its_arguments():
+    op = torch.ops.ether_kernels.ether_loss_forward
+    p, t = torch.randn(4, 3), torch.randn(4, 3)
+    w = torch.ones(2, dtype=torch.float64)
+    good = (torch.tensor([0, 1]), torch.tensor([0, 1]))
+    cases = [
+        ((p, t, torch.tensor([0, 3]), good[1], w, 1.0, 0, 0, False), r"member_channel\[1\] = 3 is out of range"),
+        ((p, t, good[0], torch.tensor([0, 2]), w, 1.0, 0, 0, False), r"member_group\[1\] = 2 is out of range"),
+        ((p, t, good[0], torch.tensor([0, 0]), w, 1.0, 0, 0, False), r"modality 1 has no channel"),
+        ((p, t, *good, w, 1.0, 7, 0, False), r"discrepancy code must be 0"),
+        ((p, t, *good, w, 1.0, 0, 2, False), r"reduction code must be 0"),
+        ((p, t, *good, w.float(), 1.0, 0, 0, False), r"weights must be a 1-D float64"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+    with pytest.raises(RuntimeError, match=r"reduction code must be 0"):
+        torch.ops.ether_kernels.ether_loss_backward(torch.tensor(1.0), p, t, torch.zeros(3), 5,
+                                                    False, True, True)

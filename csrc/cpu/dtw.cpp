@@ -48,6 +48,22 @@ void check_options(int64_t band, double gamma, bool soft, const char* op) {
   }
 }
 
+// The backward's upstream gradient (B,) and the forward's kept accumulated cost R (B, N, M).
+void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B, int64_t N,
+                           int64_t M, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(R.device().is_cpu() && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
+                  R.size(2) == M,
+              op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
+              ") CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
+  TORCH_CHECK(R.scalar_type() == dtype, op, ": R must have the inputs' dtype ", dtype, ", got ",
+              R.scalar_type());
+  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
+              ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
+              " on ", grad.device());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
+              ": grad must be a floating-point tensor, got ", grad.scalar_type());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> dtw_forward_cpu(const at::Tensor& cost,
@@ -87,16 +103,7 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
   check_cost(cost, op);
   check_options(band, gamma, soft, op);
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  TORCH_CHECK(R.device().is_cpu() && R.sizes() == cost.sizes(), op,
-              ": R must be the forward's kept (B, N, M) = ", cost.sizes(),
-              " CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
-  TORCH_CHECK(R.scalar_type() == cost.scalar_type(), op, ": R must have the cost dtype ",
-              cost.scalar_type(), ", got ", R.scalar_type());
-  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
-              ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
-              " on ", grad.device());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
-              ": grad must be a floating-point tensor, got ", grad.scalar_type());
+  check_backward_inputs(grad, R, B, N, M, cost.scalar_type(), op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const at::Tensor c = cost.contiguous();
@@ -186,17 +193,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
   check_series(x, y, metric, op);
   check_options(band, gamma, soft, op);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
-  TORCH_CHECK(R.device().is_cpu() && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
-                  R.size(2) == M,
-              op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
-              ") CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
-  TORCH_CHECK(R.scalar_type() == x.scalar_type(), op, ": R must have x's dtype ",
-              x.scalar_type(), ", got ", R.scalar_type());
-  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
-              ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
-              " on ", grad.device());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
-              ": grad must be a floating-point tensor, got ", grad.scalar_type());
+  check_backward_inputs(grad, R, B, N, M, x.scalar_type(), op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const at::Tensor xc = x.contiguous();
