@@ -95,3 +95,96 @@ def test_soft_dtw_forward_backward(benchmark, provider):
     record(benchmark, op="soft_dtw", mode="forward+backward",
            shape=(SOFT["pairs"], SOFT["n"], SOFT["n"]), dtype=torch.float32, device="cpu",
            provider=provider, cells=cells)
+
+
+# --------------------------------------------------------------------------------- GPU
+# On a GPU: ours (the CUDA wavefront kernels) against the plain-PyTorch anti-diagonal loop
+# on the same GPU ("eager-cuda") and pysdtw's CUDA path where it is installed. Batches are
+# sized to fill the device (one thread block per pair); memory is the peak allocated by a
+# forward+backward of ONE pair, inputs included.
+from conftest import devices  # noqa: E402
+
+GPU = "cuda" in devices()
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a GPU")
+GPU_HARD = [(1024, 512), (256, 2048), (32, 8192)]          # (pairs, n), value only, D = 1
+GPU_SOFT = [(256, 512), (128, 1024), (128, 2048), (64, 4096)]  # fwd+bwd, D = 4
+GPU_MEMORY = [512, 2048, 8192]
+
+
+def _gpu_series(pairs, n, dim, seed):
+    return _series(pairs, n, dim, seed).cuda()
+
+
+def _timed_cuda(benchmark, fn, rounds):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    run()  # warm-up: lazy initialisation, allocator
+    torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+
+
+@gpu_only
+@pytest.mark.parametrize("pairs,n", GPU_HARD, ids=[f"{p}x{n}" for p, n in GPU_HARD])
+@pytest.mark.parametrize("provider", ["ether_kernels-cuda", "eager-cuda"])
+def test_gpu_hard_dtw(benchmark, provider, pairs, n):
+    if provider == "eager-cuda" and n > 512:
+        pytest.skip("the PyTorch loop takes minutes here")
+    x, y = _gpu_series(pairs, n, 1, 0), _gpu_series(pairs, n, 1, 1)
+    backend = "cuda" if provider == "ether_kernels-cuda" else "reference"
+
+    def fn():
+        with ek.use_backend(backend):
+            return ek.dtw(x, y)
+    benchmark.group = f"dtw hard cuda {pairs} x {n} x {n}"
+    _timed_cuda(benchmark, fn, rounds=5 if backend == "cuda" else 1)
+    record(benchmark, op="dtw", mode="forward", shape=(pairs, n, n), dtype=torch.float32,
+           device="cuda", provider=provider, cells=pairs * n * n)
+
+
+@gpu_only
+@pytest.mark.parametrize("pairs,n", GPU_SOFT, ids=[f"{p}x{n}" for p, n in GPU_SOFT])
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("provider", ["ether_kernels-cuda", "eager-cuda", "pysdtw-cuda"])
+def test_gpu_soft_dtw(benchmark, provider, mode, pairs, n):
+    if provider == "eager-cuda" and n > 512:
+        pytest.skip("the PyTorch loop takes minutes here")
+    x, y = _gpu_series(pairs, n, 4, 2), _gpu_series(pairs, n, 4, 3)
+    if provider == "pysdtw-cuda":
+        pysdtw = pytest.importorskip("pysdtw")
+        criterion = pysdtw.SoftDTW(gamma=1.0, use_cuda=True)
+        soft = lambda a, b: criterion(a, b)  # noqa: E731
+    else:
+        backend = "cuda" if provider == "ether_kernels-cuda" else "reference"
+
+        def soft(a, b):
+            with ek.use_backend(backend):
+                return ek.soft_dtw(a, b, 1.0)
+
+    def fn():
+        if mode == "forward":
+            with torch.no_grad():
+                return soft(x, y)
+        a = x.clone().requires_grad_(True)
+        return torch.autograd.grad(soft(a, y).sum(), (a,))
+    benchmark.group = f"soft_dtw cuda {pairs} x {n} x {n} D=4 {mode}"
+    _timed_cuda(benchmark, fn, rounds=5 if provider != "eager-cuda" else 1)
+    record(benchmark, op="soft_dtw", mode=mode, shape=(pairs, n, n), dtype=torch.float32,
+           device="cuda", provider=provider, cells=pairs * n * n)
+
+
+@gpu_only
+@pytest.mark.parametrize("n", GPU_MEMORY)
+@pytest.mark.parametrize("provider", ["ether_kernels-cuda"])
+def test_gpu_soft_dtw_memory_one_pair(benchmark, provider, n):
+    """Peak device memory of a soft-DTW forward+backward of one n x n pair (D = 1)."""
+    x, y = _gpu_series(1, n, 1, 4), _gpu_series(1, n, 1, 5)
+
+    def fn():
+        a = x.clone().requires_grad_(True)
+        with ek.use_backend("cuda"):
+            return torch.autograd.grad(ek.soft_dtw(a, y, 1.0).sum(), (a,))
+    benchmark.group = f"soft_dtw cuda memory 1 x {n} x {n}"
+    _timed_cuda(benchmark, fn, rounds=3)
+    record(benchmark, op="soft_dtw-memory", mode="forward+backward", shape=(1, n, n),
+           dtype=torch.float32, device="cuda", provider=provider, cells=n * n)

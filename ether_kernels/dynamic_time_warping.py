@@ -9,8 +9,10 @@ accumulated cost R[n][m] (dtaidistance and tslearn return its square root).
 
 Backends: the C++ CPU kernels compute every local cost in place from x and y (value-only
 calls keep O(M) state per pair; 16 equal-length pairs share the lanes of one vector for hard
-DTW), and take a precomputed cost in the *_from_cost variants; otherwise, and on GPUs for
-now, the reference runs.
+DTW), and take a precomputed cost in the *_from_cost variants. On CUDA tensors the wavefront
+kernels of csrc/cuda/dtw_kernels.cu do the same (one thread block per pair, no length cap;
+a batch of 1 broadcast against B is read in place, never copied). Otherwise the reference
+runs.
 """
 
 import math
@@ -139,7 +141,8 @@ def _cost_pairs(cost, x_lengths, y_lengths, band, op):
 
 def _run(cost, x_lengths, y_lengths, band, gamma):
     """Hard (gamma None) or soft DTW of every pair of a checked (B, N, M) cost."""
-    backend = _dispatch.select(_OP, cost.device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
+    backend = _dispatch.select(_OP, cost.device, cpu_backends=_CPU_BACKENDS,
+                               gpu_backends=_GPU_BACKENDS)
     if backend == "reference":
         return dtw_from_cost_reference(cost, x_lengths, y_lengths, band, gamma)
     values, _ = torch.ops.ether_kernels.dtw_forward(
@@ -155,13 +158,16 @@ _METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "l1": 2}
 def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     """Hard or soft DTW of every pair of checked series: the C++ kernels form each local cost
     in place from x and y; the reference forms the (B, N, M) cost with PyTorch."""
-    backend = _dispatch.select(_OP, x.device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
+    backend = _dispatch.select(_OP, x.device, cpu_backends=_CPU_BACKENDS,
+                               gpu_backends=_GPU_BACKENDS)
     if backend == "reference":
         return dtw_from_cost_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band,
                                        gamma)
     keep = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if backend == "cpp":  # the CUDA op reads a broadcast (stride-0) batch in place
+        x, y = x.contiguous(), y.contiguous()
     values, _ = torch.ops.ether_kernels.dtw_xy_forward(
-        x.contiguous(), y.contiguous(), x_lengths, y_lengths, _METRIC_CODES[metric],
+        x, y, x_lengths, y_lengths, _METRIC_CODES[metric],
         -1 if band is None else band, 1.0 if gamma is None else gamma, gamma is not None, keep)
     return values
 
@@ -279,9 +285,16 @@ class SoftDTWLoss(torch.nn.Module):
 
 # ---- registration of the C++ ops: fake kernels and autograd --------------------------------
 
+def _kept_dtype(tensor, soft):
+    # The CUDA kernels keep soft-DTW's R in float64 for every input dtype (the backward's
+    # weights need it at small gamma, see csrc/cuda/kernels_cuda.h); the CPU keeps the dtype.
+    return torch.float64 if soft and tensor.device.type == "cuda" else tensor.dtype
+
+
 def _forward_fake(cost, x_lengths, y_lengths, band, gamma, soft, keep):
     torch._check(cost.dim() == 3)
-    return cost.new_empty(cost.shape[0]), cost.new_empty(cost.shape if keep else (0,))
+    R = cost.new_empty(cost.shape, dtype=_kept_dtype(cost, soft)) if keep else cost.new_empty((0,))
+    return cost.new_empty(cost.shape[0]), R
 
 
 def _backward_fake(grad, cost, R, x_lengths, y_lengths, band, gamma, soft):
@@ -312,8 +325,9 @@ def _backward(ctx, grad_values, _grad_R):
 
 def _xy_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep):
     torch._check(x.dim() == 3 and y.dim() == 3)
-    R_shape = (x.shape[0], x.shape[1], y.shape[1]) if keep else (0,)
-    return x.new_empty(x.shape[0]), x.new_empty(R_shape)
+    R_shape = (x.shape[0], x.shape[1], y.shape[1])
+    R = x.new_empty(R_shape, dtype=_kept_dtype(x, soft)) if keep else x.new_empty((0,))
+    return x.new_empty(x.shape[0]), R
 
 
 def _xy_backward_fake(grad, x, y, R, x_lengths, y_lengths, metric, band, gamma, soft, need_x,
@@ -347,6 +361,7 @@ def _xy_backward(ctx, grad_values, _grad_R):
 
 
 _CPU_BACKENDS = ()
+_GPU_BACKENDS = ("cuda",)  # the CUDA C++ wavefront; no Triton DTW (see the README)
 if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "dtw_xy_forward"):
     _CPU_BACKENDS = ("cpp",)
     for _name, _fake in (("dtw_forward", _forward_fake), ("dtw_backward", _backward_fake),

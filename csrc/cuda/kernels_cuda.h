@@ -113,6 +113,57 @@ struct MseBackwardArgs {
 
 cudaError_t mse_backward(const MseBackwardArgs& args, cudaStream_t stream);
 
+// Batched DTW / soft-DTW (dtw_kernels.cu). Semantics: shared/specs/dtw.md. Pair b uses rows
+// i < n = x_lengths[b] and columns j < m = y_lengths[b]; cell (i, j) is allowed when
+// lo <= j - i <= hi, lo = -band + min(0, m - n), hi = band + max(0, m - n) (band < 0: all).
+// The local cost comes either from a precomputed cost (B, N, M) (`cost` non-null) or from the
+// series x (B, N, D) and y (B, M, D) with `metric` (0 sqeuclidean, 1 euclidean, 2 l1), formed
+// cell by cell in the kernel. A pair's series start x_batch_stride (y_batch_stride) elements
+// apart: 0 broadcasts one series against every pair without a copy.
+//
+// Precision: hard DTW runs in the element type. Soft-DTW keeps R in fp64 for every dtype:
+// the backward's weights exp((S - R) / gamma) need differences of neighbouring R far below
+// fp32's resolution at small gamma (R ~ 1e3 has an fp32 ulp of 6e-5; gamma may be 1e-3).
+// The exp / log themselves run in the element type (their arguments are O(1) after the
+// fp64 subtraction), so fp32 soft-DTW still uses the fast fp32 special-function units.
+//
+// Lengths live on the device and are not read on the host; a pair whose lengths are out of
+// range [1, N] x [1, M] gets a NaN value and no gradient instead of an out-of-bounds read
+// (the Python layer has already rejected such lengths with a clear error).
+// B is at most 2^31 - 1 (one thread block per pair; cudaErrorInvalidValue beyond).
+struct DtwArgs {
+  const void* cost;  // [B, N, M] dtype, or nullptr: cost formed from x and y
+  const void* x;     // [B, N, D] dtype (pair b at x + b * x_batch_stride)
+  const void* y;     // [B, M, D] dtype
+  int64_t x_batch_stride, y_batch_stride;
+  DType dtype;       // kFloat32 or kFloat64
+  int64_t B, N, M, D;
+  const int64_t* x_lengths;  // [B], device
+  const int64_t* y_lengths;  // [B], device
+  int64_t metric;
+  int64_t band;      // >= 0, or -1 for none
+  double gamma;      // > 0 when soft
+  bool soft;
+  int max_threads;   // threads per pair (a multiple of 32, <= 512); 0 = the default 512
+  void* workspace;   // dtw_workspace_bytes(*this) bytes (two boundary rows per pair)
+  size_t workspace_bytes;
+};
+
+// Forward: values [B] (dtype); R [B, N, M] (fp64 when soft, dtype when hard) when non-null,
+// written on every allowed cell of each pair (other cells are left as they were).
+cudaError_t dtw_forward(const DtwArgs& args, void* values, void* R, cudaStream_t stream);
+
+// Backward: E [B, N, M] (dtype) = grad[b] * d values[b] / d cost, the expected alignment
+// (soft) or the optimal path's indicator (hard, ties broken diagonal, then (i - 1, j), then
+// (i, j - 1)). E must be zero-filled by the caller: only allowed cells are written. R is
+// the forward's. grad [B] (dtype) on the device.
+cudaError_t dtw_backward(const DtwArgs& args, const void* grad, const void* R, void* E,
+                         cudaStream_t stream);
+
+// Workspace bytes of dtw_forward / dtw_backward for these sizes (0 when every pair fits in
+// one stripe of rows).
+size_t dtw_workspace_bytes(const DtwArgs& args);
+
 }  // namespace ether_kernels::cuda
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,302 @@
+// The CUDA implementations of the DTW ops (schemas in csrc/ether_kernels.cpp, CPU twins in
+// csrc/cpu/dtw.cpp): argument checks, outputs and workspaces allocated with torch, launches
+// of the wavefront kernels of dtw_kernels.cu on the current stream, and for the series ops
+// the contraction of the alignment E with the local cost's gradient (batched matmuls).
+//
+// Nothing here reads device memory on the host: the lengths are checked for shape and
+// dtype only (the Python layer has checked their values; the kernels guard against bad
+// ones), so a call never synchronises.
+//
+// Kept state R: fp64 for soft-DTW whatever the dtype (kernels_cuda.h says why), the input
+// dtype for hard DTW. The op's fake kernel (dynamic_time_warping.py) says the same.
+#include "kernels_cuda.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace ether_kernels::cuda {
+namespace {
+
+// Threads per pair: 512, or ETHER_KERNELS_DTW_THREADS (a multiple of 32 in [32, 512]) so
+// that the tests can make small sequences span several stripes of rows.
+int max_threads_per_pair() {
+  const char* value = std::getenv("ETHER_KERNELS_DTW_THREADS");
+  if (value == nullptr || *value == '\0') return 0;
+  const int threads = std::atoi(value);
+  TORCH_CHECK(threads >= 32 && threads <= 512 && threads % 32 == 0,
+              "ETHER_KERNELS_DTW_THREADS must be a multiple of 32 in [32, 512], got '", value,
+              "'");
+  return threads;
+}
+
+void check_float(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), op, " (CUDA kernel): ", name, " must be a CUDA tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+// The lengths as contiguous int64 on `device` (copied there asynchronously if needed).
+at::Tensor device_lengths(const at::Tensor& lengths, const char* name, int64_t B,
+                          const at::Device& device, const char* op) {
+  TORCH_CHECK(!at::isFloatingType(lengths.scalar_type()) &&
+                  !at::isComplexType(lengths.scalar_type()) &&
+                  lengths.scalar_type() != at::kBool,
+              op, ": ", name, " must be an integer tensor (int64), got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, op, ": ", name,
+              " must have shape (B,) = (", B, ",), got ", lengths.sizes());
+  return lengths.to(lengths.options().device(device).dtype(at::kLong), /*non_blocking=*/true)
+      .contiguous();
+}
+
+void check_options(int64_t band, double gamma, bool soft, const char* op) {
+  TORCH_CHECK(band >= -1, op, ": band must be >= 0, or -1 for no band, got ", band);
+  if (soft) {
+    TORCH_CHECK(gamma > 0.0 && std::isfinite(gamma), op,
+                ": gamma must be a finite number > 0 for soft-DTW, got ", gamma);
+  }
+}
+
+// A series (B, L, D) and the elements between its pairs: a batch broadcast by expand()
+// (stride 0 over contiguous pairs) is used in place, anything else made contiguous.
+std::pair<at::Tensor, int64_t> batched_series(const at::Tensor& s) {
+  if (s.size(0) > 1 && s.stride(0) == 0 && s.select(0, 0).is_contiguous()) return {s, 0};
+  at::Tensor c = s.contiguous();
+  return {c, s.size(1) * s.size(2)};
+}
+
+void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, const char* op) {
+  check_float(x, "x", op);
+  check_float(y, "y", op);
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3, op, ": x must be (B, N, D) and y (B, M, D), got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have x's dtype ",
+              x.scalar_type(), ", got ", y.scalar_type());
+  TORCH_CHECK(x.device() == y.device(), op, ": x (", x.device(), ") and y (", y.device(),
+              ") must be on the same device");
+  TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same batch size B, got ",
+              x.size(0), " and ", y.size(0), " (broadcast a batch of 1 before the call)");
+  TORCH_CHECK(x.size(2) == y.size(2), op, ": x and y must have the same feature size D, got ",
+              x.size(2), " and ", y.size(2));
+  TORCH_CHECK(x.size(1) > 0 && y.size(1) > 0, op, ": x and y must be non-empty sequences");
+  TORCH_CHECK(metric >= 0 && metric <= 2, op,
+              ": metric must be 0 (sqeuclidean), 1 (euclidean) or 2 (l1), got ", metric);
+}
+
+void check_cost(const at::Tensor& cost, const char* op) {
+  check_float(cost, "cost", op);
+  TORCH_CHECK(cost.dim() == 3 && cost.size(1) > 0 && cost.size(2) > 0, op,
+              ": cost must be a non-empty (B, N, M) tensor, got shape ", cost.sizes());
+}
+
+at::ScalarType kept_dtype(at::ScalarType dtype, bool soft) {
+  return soft ? at::kDouble : dtype;
+}
+
+void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B, int64_t N,
+                           int64_t M, at::ScalarType dtype, bool soft, const at::Device& device,
+                           const char* op) {
+  TORCH_CHECK(R.device() == device && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
+                  R.size(2) == M,
+              op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
+              ") tensor on ", device, " (keep=True), got shape ", R.sizes(), " on ",
+              R.device());
+  TORCH_CHECK(R.scalar_type() == kept_dtype(dtype, soft), op, ": R must be ",
+              kept_dtype(dtype, soft), " (the CUDA forward keeps soft-DTW's R in float64), got ",
+              R.scalar_type());
+  TORCH_CHECK(grad.device() == device && grad.numel() == B && grad.dim() <= 1, op,
+              ": grad must be a (B,) = (", B, ",) tensor on ", device, ", got shape ",
+              grad.sizes(), " on ", grad.device());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op,
+              ": grad must be a floating-point tensor, got ", grad.scalar_type());
+}
+
+DtwArgs base_args(at::ScalarType dtype, int64_t B, int64_t N, int64_t M, int64_t D,
+                  const at::Tensor& xl, const at::Tensor& yl, int64_t metric, int64_t band,
+                  double gamma, bool soft) {
+  TORCH_CHECK(B <= 2147483647, "dtw (CUDA kernel): at most 2^31 - 1 pairs per call (one thread "
+              "block each), got ", B);
+  DtwArgs a{};
+  a.dtype = dtype == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  a.B = B;
+  a.N = N;
+  a.M = M;
+  a.D = D;
+  a.x_lengths = xl.data_ptr<int64_t>();
+  a.y_lengths = yl.data_ptr<int64_t>();
+  a.metric = metric;
+  a.band = band;
+  a.gamma = soft ? gamma : 1.0;
+  a.soft = soft;
+  a.max_threads = max_threads_per_pair();
+  return a;
+}
+
+// Allocates the workspace the kernels need for `a` and points `a` at it.
+at::Tensor attach_workspace(DtwArgs& a, const at::TensorOptions& options) {
+  const size_t bytes = dtw_workspace_bytes(a);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, options.dtype(at::kByte));
+  a.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
+  a.workspace_bytes = bytes;
+  return workspace;
+}
+
+std::tuple<at::Tensor, at::Tensor> run_forward(DtwArgs& a, const at::TensorOptions& options,
+                                               bool keep) {
+  at::Tensor values = at::empty({a.B}, options);
+  at::Tensor R = keep ? at::empty({a.B, a.N, a.M}, options.dtype(kept_dtype(
+                                                       options.dtype().toScalarType(), a.soft)))
+                      : at::empty({0}, options);
+  const at::Tensor workspace = attach_workspace(a, options);
+  C10_CUDA_CHECK(dtw_forward(a, values.data_ptr(), keep ? R.data_ptr() : nullptr,
+                             at::cuda::getCurrentCUDAStream()));
+  return {values, R};
+}
+
+// E = grad[b] * d values[b] / d cost, (B, N, M) in the inputs' dtype.
+at::Tensor run_backward(DtwArgs& a, const at::Tensor& grad, const at::Tensor& R,
+                        const at::TensorOptions& options) {
+  const at::Tensor g = grad.reshape({a.B}).to(options).contiguous();
+  const at::Tensor r = R.contiguous();
+  at::Tensor E = at::zeros({a.B, a.N, a.M}, options);  // only allowed cells are written
+  const at::Tensor workspace = attach_workspace(a, options);
+  C10_CUDA_CHECK(dtw_backward(a, g.data_ptr(), r.data_ptr(), E.data_ptr(),
+                              at::cuda::getCurrentCUDAStream()));
+  return E;
+}
+
+std::tuple<at::Tensor, at::Tensor> dtw_forward_cuda(const at::Tensor& cost,
+                                                    const at::Tensor& x_lengths,
+                                                    const at::Tensor& y_lengths, int64_t band,
+                                                    double gamma, bool soft, bool keep) {
+  constexpr const char* op = "dtw_forward";
+  check_cost(cost, op);
+  check_options(band, gamma, soft, op);
+  const c10::cuda::CUDAGuard guard(cost.device());
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, cost.device(), op);
+  const at::Tensor yl = device_lengths(y_lengths, "y_lengths", B, cost.device(), op);
+  const at::Tensor c = cost.contiguous();
+  DtwArgs a = base_args(c.scalar_type(), B, N, M, 1, xl, yl, 0, band, gamma, soft);
+  a.cost = c.data_ptr();
+  return run_forward(a, c.options(), keep);
+}
+
+at::Tensor dtw_backward_cuda(const at::Tensor& grad, const at::Tensor& cost, const at::Tensor& R,
+                             const at::Tensor& x_lengths, const at::Tensor& y_lengths,
+                             int64_t band, double gamma, bool soft) {
+  constexpr const char* op = "dtw_backward";
+  check_cost(cost, op);
+  check_options(band, gamma, soft, op);
+  const c10::cuda::CUDAGuard guard(cost.device());
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  check_backward_inputs(grad, R, B, N, M, cost.scalar_type(), soft, cost.device(), op);
+  const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, cost.device(), op);
+  const at::Tensor yl = device_lengths(y_lengths, "y_lengths", B, cost.device(), op);
+  const at::Tensor c = cost.contiguous();
+  DtwArgs a = base_args(c.scalar_type(), B, N, M, 1, xl, yl, 0, band, gamma, soft);
+  a.cost = c.data_ptr();
+  return run_backward(a, grad, R, c.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                       const at::Tensor& x_lengths,
+                                                       const at::Tensor& y_lengths,
+                                                       int64_t metric, int64_t band,
+                                                       double gamma, bool soft, bool keep) {
+  constexpr const char* op = "dtw_xy_forward";
+  check_series(x, y, metric, op);
+  check_options(band, gamma, soft, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, x.device(), op);
+  const at::Tensor yl = device_lengths(y_lengths, "y_lengths", B, x.device(), op);
+  const auto [xs, x_stride] = batched_series(x);
+  const auto [ys, y_stride] = batched_series(y);
+  DtwArgs a = base_args(x.scalar_type(), B, N, M, D, xl, yl, metric, band, gamma, soft);
+  a.x = xs.data_ptr();
+  a.y = ys.data_ptr();
+  a.x_batch_stride = x_stride;
+  a.y_batch_stride = y_stride;
+  return run_forward(a, x.options(), keep);
+}
+
+// d values / d x and d values / d y from E (already scaled by grad): for cell (i, j) the
+// local cost's gradient in x_i is 2 (x_i - y_j) (sqeuclidean), (x_i - y_j) / c_ij
+// (euclidean; 0 where c_ij = 0, as in the reference) or sign(x_i - y_j) (l1), and minus
+// that in y_j. The first two are batched matmuls; l1 goes feature by feature.
+std::tuple<at::Tensor, at::Tensor> contract(const at::Tensor& E, const at::Tensor& x,
+                                            const at::Tensor& y, int64_t metric, bool need_x,
+                                            bool need_y) {
+  at::Tensor gx, gy;
+  if (metric == 2) {
+    const int64_t D = x.size(2);
+    if (need_x) gx = at::empty(x.sizes(), x.options());
+    if (need_y) gy = at::empty(y.sizes(), y.options());
+    for (int64_t d = 0; d < D; ++d) {
+      const at::Tensor xd = x.select(2, d).unsqueeze(2), yd = y.select(2, d).unsqueeze(1);
+      const at::Tensor weighted = E * at::sign(xd - yd);  // (B, N, M)
+      if (need_x) gx.select(2, d).copy_(weighted.sum(2));
+      if (need_y) gy.select(2, d).copy_(weighted.sum(1).neg());
+    }
+  } else {
+    at::Tensor W = E;
+    double scale = 2.0;
+    if (metric == 1) {
+      const at::Tensor distance = at::cdist(x, y, 2.0, /*compute_mode=*/2);  // no matmul trick
+      W = at::where(distance > 0, E / distance, at::zeros({}, E.options()));
+      scale = 1.0;
+    }
+    if (need_x) gx = (x * W.sum(2).unsqueeze(2) - at::bmm(W, y)).mul_(scale);
+    if (need_y) gy = (y * W.sum(1).unsqueeze(2) - at::bmm(W.transpose(1, 2), x)).mul_(scale);
+  }
+  if (!need_x) gx = at::empty({0}, x.options());
+  if (!need_y) gy = at::empty({0}, y.options());
+  return {gx, gy};
+}
+
+std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& R,
+    const at::Tensor& x_lengths, const at::Tensor& y_lengths, int64_t metric, int64_t band,
+    double gamma, bool soft, bool need_x, bool need_y) {
+  constexpr const char* op = "dtw_xy_backward";
+  check_series(x, y, metric, op);
+  check_options(band, gamma, soft, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  check_backward_inputs(grad, R, B, N, M, x.scalar_type(), soft, x.device(), op);
+  if (B == 0 || (!need_x && !need_y)) {
+    return {need_x ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options()),
+            need_y ? at::zeros(y.sizes(), y.options()) : at::empty({0}, y.options())};
+  }
+  const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, x.device(), op);
+  const at::Tensor yl = device_lengths(y_lengths, "y_lengths", B, x.device(), op);
+  const auto [xs, x_stride] = batched_series(x);
+  const auto [ys, y_stride] = batched_series(y);
+  DtwArgs a = base_args(x.scalar_type(), B, N, M, D, xl, yl, metric, band, gamma, soft);
+  a.x = xs.data_ptr();
+  a.y = ys.data_ptr();
+  a.x_batch_stride = x_stride;
+  a.y_batch_stride = y_stride;
+  const at::Tensor E = run_backward(a, grad, R, x.options());
+  return contract(E, x, y, metric, need_x, need_y);
+}
+
+}  // namespace
+}  // namespace ether_kernels::cuda
+
+TORCH_LIBRARY_IMPL(ether_kernels, CUDA, m) {
+  m.impl("dtw_forward", &ether_kernels::cuda::dtw_forward_cuda);
+  m.impl("dtw_backward", &ether_kernels::cuda::dtw_backward_cuda);
+  m.impl("dtw_xy_forward", &ether_kernels::cuda::dtw_xy_forward_cuda);
+  m.impl("dtw_xy_backward", &ether_kernels::cuda::dtw_xy_backward_cuda);
+}

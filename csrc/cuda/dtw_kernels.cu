@@ -1,0 +1,515 @@
+// Batched DTW / soft-DTW on the GPU: the anti-diagonal wavefront with register tiling.
+// Semantics: shared/specs/dtw.md; API and precision: kernels_cuda.h.
+//
+// One thread block per pair; T threads (a multiple of 32), each owning K consecutive rows.
+// The rows are swept in stripes of T * K rows, top to bottom, and a stripe is swept column
+// by column with a skew: at step s thread t computes column j = j_begin + s - t for its K
+// rows, top to bottom. Cell (i, j) needs
+//   R[i-1][j-1], R[i-1][j]  (the row above: this thread's previous row, or for its first row
+//                            the last row of thread t - 1, computed one step earlier), and
+//   R[i][j-1]               (the same row one step earlier: a register per row).
+// So each step one value moves down the threads: by a warp shuffle inside a warp, and through
+// shared memory (double-buffered, one __syncthreads per step) from lane 31 of a warp to lane
+// 0 of the next. The stripe's last row is written to a boundary buffer that the next stripe's
+// first thread reads, so N and M have no cap (memory per pair: two rows). Only the columns a
+// stripe's band can reach are swept, so a banded pair evaluates ~ n * (band width) local
+// costs (the steps per stripe are still ~ T + band width: a barrier each).
+//
+// Backward (soft): Cuturi & Blondel's Algorithm 2 as a "pull" along the mirrored wavefront
+// (stripes bottom to top, columns right to left, the bottom thread leading):
+//   E[i][j] = sum over successors s in {(i+1, j), (i, j+1), (i+1, j+1)} of
+//             E[s] * exp((S[s] - R[i][j]) / gamma),     S[s] = R[s] - cost[s]
+// where S[s] is the soft-min of s's predecessors, so the weight is exactly the forward's
+// soft-argmin weight exp(-(R[i][j] - mu) / gamma) / sum_k exp(-(a_k - mu) / gamma); the
+// exponent is <= 0 by construction and is clamped to <= 0 against rounding. Each cell
+// computes its own cost once and passes (E, S) to its predecessors the way the forward
+// passes R. E of the end cell is grad[b]; unreachable cells (R = +inf) get E = 0.
+// Backward (hard): one thread per pair backtracks the optimal path through R.
+//
+// No host synchronisation anywhere; every kernel reads the lengths on the device.
+#include "kernels_cuda.h"
+
+#include <cmath>
+#include <type_traits>
+
+namespace ether_kernels::cuda {
+namespace {
+
+using detail::ceil_div;
+using detail::kFullMask;
+using detail::kWarpSize;
+using detail::max64;
+using detail::min64;
+
+constexpr int kMaxThreads = 512;  // threads per pair (16 warps); __launch_bounds__ below
+constexpr int kMaxWarps = kMaxThreads / kWarpSize;
+constexpr int kRowsSoft = 4;      // K: rows per thread (soft forward and backward)
+constexpr int kRowsHard = 8;
+constexpr int64_t kMaxPairs = 2147483647;  // one block per pair: the grid's x limit      // K for hard DTW: a cheaper cell, so more cells per barrier
+
+template <typename T> __device__ __forceinline__ T infinity();
+template <> __device__ __forceinline__ float infinity<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double infinity<double>() {
+  return __longlong_as_double(0x7ff0000000000000LL);
+}
+
+// exp / log in the element type: the fast special-function units for fp32.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+__device__ __forceinline__ float fast_log(float x) { return __logf(x); }
+__device__ __forceinline__ double fast_log(double x) { return log(x); }
+
+// Pair b's lengths and band. A pair with lengths out of range is marked invalid (NaN value,
+// no gradient), never read out of bounds.
+struct PairShape {
+  int64_t n, m, lo, hi;
+  bool ok;
+
+  __device__ PairShape(const DtwArgs& a, int64_t b) {
+    n = a.x_lengths[b];
+    m = a.y_lengths[b];
+    ok = n >= 1 && n <= a.N && m >= 1 && m <= a.M;
+    if (a.band < 0) {
+      lo = -(a.N + a.M);
+      hi = a.N + a.M;
+    } else {
+      lo = -a.band + min64(0, m - n);
+      hi = a.band + max64(0, m - n);
+    }
+  }
+  __device__ bool allowed(int64_t i, int64_t j) const {
+    return i >= 0 && i < n && j >= 0 && j < m && j - i >= lo && j - i <= hi;
+  }
+};
+
+// The local cost of cell (i, j) of one pair, from the series. kD > 0: D == kD (1) or
+// D <= kD (the features of column j held in registers); kD == 0: any D, read from memory.
+template <typename T, int kD>
+struct SeriesCost {
+  const T* __restrict__ x;  // this pair's (n, D) series
+  const T* __restrict__ y;  // this pair's (m, D) series
+  int64_t D;
+  int metric;
+  static constexpr int kRegs = kD > 0 ? kD : 1;
+  T yj[kRegs];
+  const T* ycol = nullptr;
+
+  __device__ void column(int64_t j) {
+    ycol = y + j * D;
+    if constexpr (kD > 0) {
+#pragma unroll
+      for (int d = 0; d < kD; ++d) yj[d] = (kD == 1 || d < D) ? __ldg(ycol + d) : T(0);
+    }
+  }
+
+  __device__ T at(int64_t i) const {
+    const T* xrow = x + i * D;
+    T total = 0;
+    if constexpr (kD > 0) {
+#pragma unroll
+      for (int d = 0; d < kD; ++d) {
+        if (kD == 1 || d < D) total += term(__ldg(xrow + d) - yj[d]);
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d) total += term(__ldg(xrow + d) - __ldg(ycol + d));
+    }
+    return metric == 1 ? sqrt(total) : total;
+  }
+
+  __device__ T term(T diff) const { return metric == 2 ? fabs(diff) : diff * diff; }
+};
+
+// The local cost read from a precomputed (N, M) matrix of one pair.
+template <typename T>
+struct MatrixCost {
+  const T* __restrict__ cost;
+  int64_t M;
+  int64_t j = 0;
+  __device__ void column(int64_t col) { j = col; }
+  __device__ T at(int64_t i) const { return __ldg(cost + i * M + j); }
+};
+
+template <typename T, int kD>
+__device__ SeriesCost<T, kD> make_cost(const DtwArgs& a, int64_t b, SeriesCost<T, kD>*) {
+  SeriesCost<T, kD> c;
+  c.x = static_cast<const T*>(a.x) + b * a.x_batch_stride;
+  c.y = static_cast<const T*>(a.y) + b * a.y_batch_stride;
+  c.D = a.D;
+  c.metric = static_cast<int>(a.metric);
+  return c;
+}
+
+template <typename T>
+__device__ MatrixCost<T> make_cost(const DtwArgs& a, int64_t b, MatrixCost<T>*) {
+  MatrixCost<T> c;
+  c.cost = static_cast<const T*>(a.cost) + b * a.N * a.M;
+  c.M = a.M;
+  return c;
+}
+
+// The stripe of rows [i0, i0 + T K) of a pair: its last row, the index of the last thread
+// owning a row below n, and the columns its allowed cells can reach.
+struct Stripe {
+  int64_t i0, i_last, j_begin, j_end;
+  int t_last;
+  __device__ Stripe(const PairShape& p, int64_t index, int rows_per_stripe, int K) {
+    i0 = index * rows_per_stripe;
+    i_last = min64(p.n, i0 + rows_per_stripe) - 1;
+    t_last = static_cast<int>((i_last - i0) / K);
+    j_begin = max64(0, i0 + p.lo);
+    j_end = min64(p.m - 1, i_last + p.hi);
+  }
+};
+
+// ------------------------------------------------------------------------------ forward
+
+// R value type: fp64 for soft-DTW (see kernels_cuda.h), the element type for hard DTW.
+template <typename T, bool kSoft> using value_t = std::conditional_t<kSoft, double, T>;
+
+// softmin_gamma(a, b, c) = mu - gamma log sum_k exp(-(a_k - mu) / gamma), +inf when mu is;
+// the differences in fp64, the exp / log in T. Hard: min(a, b, c).
+template <typename T, bool kSoft>
+__device__ __forceinline__ value_t<T, kSoft> best_predecessor(value_t<T, kSoft> a,
+                                                               value_t<T, kSoft> b,
+                                                               value_t<T, kSoft> c, double gamma,
+                                                               double inv_gamma) {
+  using V = value_t<T, kSoft>;
+  const V mu = fmin(fmin(a, b), c);
+  if constexpr (!kSoft) {
+    return mu;
+  } else {
+    if (mu == infinity<double>()) return mu;
+    const T sum = fast_exp(static_cast<T>((mu - a) * inv_gamma)) +
+                  fast_exp(static_cast<T>((mu - b) * inv_gamma)) +
+                  fast_exp(static_cast<T>((mu - c) * inv_gamma));
+    return mu - gamma * static_cast<double>(fast_log(sum));
+  }
+}
+
+template <typename T, bool kSoft, int K, typename Cost>
+__global__ void __launch_bounds__(kMaxThreads)
+    dtw_forward_kernel(const DtwArgs args, T* __restrict__ values,
+                       value_t<T, kSoft>* __restrict__ R_out) {
+  using V = value_t<T, kSoft>;
+  __shared__ V handoff[2][kMaxWarps];  // lane 31 of warp w -> lane 0 of warp w + 1
+  const int64_t b = blockIdx.x;
+  const PairShape pair(args, b);
+  if (!pair.ok) {  // block-uniform: the whole block leaves together
+    if (threadIdx.x == 0) values[b] = static_cast<T>(NAN);
+    return;
+  }
+  const int t = threadIdx.x, lane = t % kWarpSize, warp = t / kWarpSize;
+  const int rows_per_stripe = blockDim.x * K;
+  const int64_t N = args.N, M = args.M;
+  const double gamma = args.gamma, inv_gamma = 1.0 / args.gamma;
+  Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
+  V* R = R_out != nullptr ? R_out + b * N * M : nullptr;
+  // Two boundary rows (no workspace when the pair fits in one stripe: never touched then).
+  V* edge = args.workspace != nullptr ? static_cast<V*>(args.workspace) + b * 2 * M : nullptr;
+  const V inf = infinity<V>();
+
+  const int64_t stripes = ceil_div(pair.n, rows_per_stripe);
+  for (int64_t p = 0; p < stripes; ++p) {
+    const Stripe stripe(pair, p, rows_per_stripe, K);
+    const V* edge_above = edge + ((p + 1) % 2) * M;  // the previous stripe's last row
+    V* edge_below = edge + (p % 2) * M;              // this stripe's last row
+    const int64_t first_row = stripe.i0 + int64_t(t) * K;
+    const bool owns_rows = t <= stripe.t_last;
+    const bool owns_last_row = first_row + K - 1 == stripe.i0 + rows_per_stripe - 1 &&
+                               p + 1 < stripes;
+
+    V left[K];  // R[i_k][j - 1]: +inf left of the stripe's first column (outside the band)
+#pragma unroll
+    for (int k = 0; k < K; ++k) left[k] = inf;
+    // R[first_row - 1][j - 1] for the first column: R[-1][-1] = 0 for the first stripe;
+    // the previous stripe's boundary row for thread 0; outside the band for the others.
+    V above_left = inf;
+    if (t == 0) {
+      if (stripe.i0 == 0) {
+        above_left = stripe.j_begin == 0 ? V(0) : inf;
+      } else if (pair.allowed(stripe.i0 - 1, stripe.j_begin - 1)) {
+        above_left = edge_above[stripe.j_begin - 1];
+      }
+    }
+    V out = inf;  // R of this thread's last row at its previous column (passed down)
+    const int64_t steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
+    for (int64_t s = 0; s < steps; ++s) {
+      // R[first_row - 1][j]: thread t - 1's `out` from the previous step.
+      V above = __shfl_up_sync(kFullMask, out, 1);
+      if (lane == 0 && warp > 0) above = s > 0 ? handoff[(s + 1) % 2][warp - 1] : inf;
+      const int64_t j = stripe.j_begin + s - t;
+      if (t == 0) {
+        above = stripe.i0 > 0 && pair.allowed(stripe.i0 - 1, j) ? edge_above[j] : inf;
+      }
+      if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
+        cost.column(j);
+        V up = above, diag = above_left;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int64_t i = first_row + k;
+          if (i < pair.n) {
+            V r = inf;
+            if (pair.allowed(i, j)) {
+              r = static_cast<V>(cost.at(i)) +
+                  best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
+              if (R != nullptr) R[i * M + j] = r;
+              if (i == pair.n - 1 && j == pair.m - 1) values[b] = static_cast<T>(r);
+            }
+            diag = left[k];
+            up = r;
+            left[k] = r;
+          }
+        }
+        out = up;
+        if (owns_last_row) edge_below[j] = out;
+      }
+      above_left = above;
+      if (lane == kWarpSize - 1) handoff[s % 2][warp] = out;
+      __syncthreads();
+    }
+  }
+}
+
+// ----------------------------------------------------------------------- backward (soft)
+
+template <typename T, int K, typename Cost>
+__global__ void __launch_bounds__(kMaxThreads)
+    soft_dtw_backward_kernel(const DtwArgs args, const T* __restrict__ grad,
+                             const double* __restrict__ R_in, T* __restrict__ E_out) {
+  __shared__ T handoff_E[2][kMaxWarps];  // lane 0 of warp w -> lane 31 of warp w - 1
+  __shared__ double handoff_S[2][kMaxWarps];
+  const int64_t b = blockIdx.x;
+  const PairShape pair(args, b);
+  if (!pair.ok) return;
+  const int t = threadIdx.x, lane = t % kWarpSize, warp = t / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  const int rows_per_stripe = blockDim.x * K;
+  const int64_t N = args.N, M = args.M;
+  const double inv_gamma = 1.0 / args.gamma;
+  Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
+  const double* R = R_in + b * N * M;
+  T* E = E_out + b * N * M;
+  double* edge = args.workspace != nullptr  // S of the boundary rows (see the forward)
+                     ? static_cast<double*>(args.workspace) + b * 2 * M
+                     : nullptr;
+  const T seed = grad[b];
+  const double inf = infinity<double>();
+
+  // exp((S_succ - R_ij) / gamma), the exponent clamped to <= 0 (it is <= 0 in exact math).
+  auto weight = [&](double S_succ, double R_ij) -> T {
+    return fast_exp(static_cast<T>(fmin(0.0, (S_succ - R_ij) * inv_gamma)));
+  };
+
+  const int64_t stripes = ceil_div(pair.n, rows_per_stripe);
+  for (int64_t p = stripes - 1; p >= 0; --p) {
+    const Stripe stripe(pair, p, rows_per_stripe, K);
+    const double* edge_below = edge + ((p + 1) % 2) * M;  // S of the next stripe's first row
+    double* edge_above = edge + (p % 2) * M;               // S of this stripe's first row
+    const int64_t first_row = stripe.i0 + int64_t(t) * K;
+    const bool owns_rows = t <= stripe.t_last;
+    const int lag = stripe.t_last - t;  // the last owning thread leads
+    const int64_t below_row = stripe.i_last + 1;  // first row of the stripe below (if < n)
+
+    // (E, S) at column j + 1 of each row: outside the band / range right of j_end.
+    T right_E[K];
+    double right_S[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      right_E[k] = T(0);
+      right_S[k] = inf;
+    }
+    // (E, S) of the row below this thread's rows at column j + 1, for the first column.
+    T below_right_E = T(0);
+    double below_right_S = inf;
+    if (t == stripe.t_last && pair.allowed(below_row, stripe.j_end + 1)) {
+      below_right_E = E[below_row * M + stripe.j_end + 1];
+      below_right_S = edge_below[stripe.j_end + 1];
+    }
+    T out_E = T(0);  // (E, S) of this thread's first row at its previous column (passed up)
+    double out_S = inf;
+    const int64_t steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
+    for (int64_t s = 0; s < steps; ++s) {
+      T below_E = __shfl_down_sync(kFullMask, out_E, 1);
+      double below_S = __shfl_down_sync(kFullMask, out_S, 1);
+      if (lane == kWarpSize - 1 && warp + 1 < warps) {
+        below_E = s > 0 ? handoff_E[(s + 1) % 2][warp + 1] : T(0);
+        below_S = s > 0 ? handoff_S[(s + 1) % 2][warp + 1] : inf;
+      }
+      const int64_t j = stripe.j_end - (s - lag);
+      if (t == stripe.t_last) {  // the row below the stripe: written by the previous stripe
+        const bool ok = pair.allowed(below_row, j);
+        below_E = ok ? E[below_row * M + j] : T(0);
+        below_S = ok ? edge_below[j] : inf;
+      }
+      if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
+        cost.column(j);
+        T down_E = below_E, diag_E = below_right_E;
+        double down_S = below_S, diag_S = below_right_S;
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+          const int64_t i = first_row + k;
+          if (i < pair.n) {
+            T e = T(0);
+            double S = inf;
+            if (pair.allowed(i, j)) {
+              const double r = R[i * M + j];
+              S = r - static_cast<double>(cost.at(i));
+              if (i == pair.n - 1 && j == pair.m - 1) {
+                e = seed;
+              } else if (r != inf) {
+                e = down_E * weight(down_S, r) + right_E[k] * weight(right_S[k], r) +
+                    diag_E * weight(diag_S, r);
+              }
+              E[i * M + j] = e;
+            }
+            diag_E = right_E[k];
+            diag_S = right_S[k];
+            down_E = e;
+            down_S = S;
+            right_E[k] = e;
+            right_S[k] = S;
+          }
+        }
+        out_E = down_E;
+        out_S = down_S;
+        if (t == 0 && p > 0) edge_above[j] = out_S;
+      }
+      below_right_E = below_E;
+      below_right_S = below_S;
+      if (lane == 0) {
+        handoff_E[s % 2][warp] = out_E;
+        handoff_S[s % 2][warp] = out_S;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ----------------------------------------------------------------------- backward (hard)
+
+// One thread per pair walks the optimal path back from (n - 1, m - 1) through R, choosing
+// the smallest predecessor (ties: diagonal, then (i - 1, j), then (i, j - 1)), and writes
+// grad[b] on every cell of it.
+template <typename T>
+__global__ void hard_dtw_backtrack_kernel(const DtwArgs args, const T* __restrict__ grad,
+                                          const T* __restrict__ R_in, T* __restrict__ E_out) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= args.B) return;
+  const PairShape pair(args, b);
+  if (!pair.ok) return;
+  const int64_t M = args.M;
+  const T* R = R_in + b * args.N * M;
+  T* E = E_out + b * args.N * M;
+  const T g = grad[b];
+  int64_t i = pair.n - 1, j = pair.m - 1;
+  while (true) {
+    E[i * M + j] = g;
+    if (i == 0 && j == 0) break;
+    int move = -1;
+    T best = T(0);
+    if (pair.allowed(i - 1, j - 1)) {
+      best = R[(i - 1) * M + j - 1];
+      move = 0;
+    }
+    if (pair.allowed(i - 1, j)) {
+      const T v = R[(i - 1) * M + j];
+      if (move < 0 || v < best) {
+        best = v;
+        move = 1;
+      }
+    }
+    if (pair.allowed(i, j - 1)) {
+      const T v = R[i * M + j - 1];
+      if (move < 0 || v < best) {
+        best = v;
+        move = 2;
+      }
+    }
+    if (move < 0) break;  // unreachable for a valid pair: (i, j) != (0, 0) has a neighbour
+    if (move != 2) --i;
+    if (move != 1) --j;
+  }
+}
+
+// ------------------------------------------------------------------------------ launchers
+
+int threads_for(const DtwArgs& a, int K) {
+  // Whole warps only (the shuffles use the full mask), at most kMaxThreads.
+  const int cap = a.max_threads > 0
+                      ? static_cast<int>(min64(max64(a.max_threads / kWarpSize, 1), kMaxWarps)) *
+                            kWarpSize
+                      : kMaxThreads;
+  const int64_t wanted = ceil_div(ceil_div(a.N, K), kWarpSize) * kWarpSize;
+  return static_cast<int>(min64(max64(wanted, kWarpSize), cap));
+}
+
+int rows_per_thread(const DtwArgs& a) { return a.soft ? kRowsSoft : kRowsHard; }
+
+// Runs body.template operator()<Cost>() with the cost source matching the arguments.
+template <typename T, typename Body>
+cudaError_t with_cost(const DtwArgs& a, Body&& body) {
+  if (a.cost != nullptr) return body(static_cast<MatrixCost<T>*>(nullptr));
+  if (a.D == 1) return body(static_cast<SeriesCost<T, 1>*>(nullptr));
+  if (a.D <= 4) return body(static_cast<SeriesCost<T, 4>*>(nullptr));
+  return body(static_cast<SeriesCost<T, 0>*>(nullptr));
+}
+
+template <typename T>
+cudaError_t forward_typed(const DtwArgs& a, void* values, void* R, cudaStream_t stream) {
+  const int K = rows_per_thread(a);
+  const int threads = threads_for(a, K);
+  return with_cost<T>(a, [&](auto* cost_tag) {
+    using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+    if (a.soft) {
+      dtw_forward_kernel<T, true, kRowsSoft, Cost><<<a.B, threads, 0, stream>>>(
+          a, static_cast<T*>(values), static_cast<double*>(R));
+    } else {
+      dtw_forward_kernel<T, false, kRowsHard, Cost><<<a.B, threads, 0, stream>>>(
+          a, static_cast<T*>(values), static_cast<T*>(R));
+    }
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+cudaError_t backward_typed(const DtwArgs& a, const void* grad, const void* R, void* E,
+                           cudaStream_t stream) {
+  if (!a.soft) {
+    constexpr int kThreads = 128;
+    hard_dtw_backtrack_kernel<T><<<ceil_div(a.B, kThreads), kThreads, 0, stream>>>(
+        a, static_cast<const T*>(grad), static_cast<const T*>(R), static_cast<T*>(E));
+    return cudaGetLastError();
+  }
+  const int threads = threads_for(a, kRowsSoft);
+  return with_cost<T>(a, [&](auto* cost_tag) {
+    using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+    soft_dtw_backward_kernel<T, kRowsSoft, Cost><<<a.B, threads, 0, stream>>>(
+        a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace
+
+size_t dtw_workspace_bytes(const DtwArgs& args) {
+  const int K = rows_per_thread(args);
+  if (args.N <= int64_t(threads_for(args, K)) * K) return 0;  // one stripe: no boundary
+  return static_cast<size_t>(args.B) * 2 * static_cast<size_t>(args.M) * sizeof(double);
+}
+
+cudaError_t dtw_forward(const DtwArgs& args, void* values, void* R, cudaStream_t stream) {
+  if (args.B == 0) return cudaSuccess;
+  if (args.B > kMaxPairs) return cudaErrorInvalidValue;
+  if (args.dtype == DType::kFloat64) return forward_typed<double>(args, values, R, stream);
+  return forward_typed<float>(args, values, R, stream);
+}
+
+cudaError_t dtw_backward(const DtwArgs& args, const void* grad, const void* R, void* E,
+                         cudaStream_t stream) {
+  if (args.B == 0) return cudaSuccess;
+  if (args.B > kMaxPairs) return cudaErrorInvalidValue;
+  if (args.dtype == DType::kFloat64) return backward_typed<double>(args, grad, R, E, stream);
+  return backward_typed<float>(args, grad, R, E, stream);
+}
+
+}  // namespace ether_kernels::cuda

@@ -1,0 +1,226 @@
+"""DTW and soft-DTW on CUDA tensors: the CUDA wavefront kernels against the fp64 reference
+(values, gradients in x, y and cost; hard and soft; bands; per-pair lengths; every metric;
+D = 1 (the register path), D <= 4 and D > 4; several stripes of rows per pair), gradcheck,
+opcheck, torch.compile, no host synchronisation, broadcasting, long sequences.
+
+Every test here needs a GPU (marked `gpu`); without one they are skipped.
+"""
+
+import pytest
+import torch
+
+import ether_kernels as ek
+from ether_kernels import _dispatch, dynamic_time_warping
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available()
+        or bool(_dispatch.unsupported_reasons("cuda", torch.device("cuda"),
+                                              dynamic_time_warping._GPU_BACKENDS)),
+        reason="needs a GPU and the CUDA build of the extension"),
+]
+
+# (D, metric): the kernels' three cost paths (D == 1, D <= 4, any D) and the three metrics.
+FEATURES = [(1, "sqeuclidean"), (3, "euclidean"), (6, "l1")]
+
+
+def case(B, N, M, D, dtype):
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    y = torch.randn(B, M, D, dtype=torch.float64)
+    x_lengths = torch.randint(1, N + 1, (B,))
+    y_lengths = torch.randint(1, M + 1, (B,))
+    x_lengths[0], y_lengths[0] = N, M
+    return x.to(dtype), y.to(dtype), x_lengths, y_lengths
+
+
+def relative_error(actual, expected):
+    expected = expected.double().cpu()
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double().cpu() - expected).abs().max() / scale).item()
+
+
+def values_and_grads(x, y, x_lengths, y_lengths, weights, backend, device, **options):
+    """values and the gradients of sum(weights * values) in x and y, on `device`."""
+    a = x.to(device).requires_grad_(True)
+    b = y.to(device).requires_grad_(True)
+    gamma = options.pop("gamma")
+    with ek.use_backend(backend):
+        if gamma is None:
+            values = ek.dtw(a, b, x_lengths=x_lengths.to(device), y_lengths=y_lengths.to(device),
+                            **options)
+        else:
+            values = ek.soft_dtw(a, b, gamma, x_lengths=x_lengths.to(device),
+                                 y_lengths=y_lengths.to(device), **options)
+        grads = torch.autograd.grad((values * weights.to(device, values.dtype)).sum(), (a, b))
+    return values, grads
+
+
+@pytest.mark.parametrize("threads", [None, 32], ids=["default-block", "32-threads-several-stripes"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("features", FEATURES, ids=[f"D{d}-{m}" for d, m in FEATURES])
+@pytest.mark.parametrize("band", [None, 2])
+@pytest.mark.parametrize("gamma", [None, 0.1, 1.0])
+def test_cuda_matches_the_reference(gamma, band, features, dtype, threads, monkeypatch):
+    D, metric = features
+    if threads is not None:
+        # 32 threads per pair: stripes of 128 rows (soft) / 256 rows (hard), so these
+        # lengths cross two or three stripe boundaries.
+        monkeypatch.setenv("ETHER_KERNELS_DTW_THREADS", str(threads))
+        B, N, M = 3, 290, 203
+    else:
+        B, N, M = 5, 37, 29
+    x, y, x_lengths, y_lengths = case(B, N, M, D, dtype)
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    options = dict(gamma=gamma, band=band, metric=metric)
+    values, grads = values_and_grads(x, y, x_lengths, y_lengths, weights, "cuda", "cuda",
+                                     **dict(options))
+    ref_values, ref_grads = values_and_grads(x.double(), y.double(), x_lengths, y_lengths,
+                                             weights, "reference", "cpu", **dict(options))
+    assert values.dtype == dtype and values.device.type == "cuda"
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    assert relative_error(values, ref_values) < bound, "values"
+    if gamma is None and metric == "l1" and dtype == torch.float32:
+        return  # l1 in 1-D has exact ties between paths; fp32 rounding picks among them
+    grad_bound = 1e-9 if dtype == torch.float64 else 1e-4  # the spec's fp32 bound
+    for name, grad, ref in zip(("x", "y"), grads, ref_grads):
+        assert torch.isfinite(grad).all(), name
+        assert relative_error(grad, ref) < grad_bound, f"gradient in {name}"
+
+
+@pytest.mark.parametrize("threads", [None, 32])
+@pytest.mark.parametrize("gamma", [None, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_from_cost_matches_the_reference(gamma, dtype, threads, monkeypatch):
+    if threads is not None:
+        monkeypatch.setenv("ETHER_KERNELS_DTW_THREADS", str(threads))
+    B, N, M = (2, 300, 260) if threads else (4, 23, 31)
+    cost = torch.rand(B, N, M, dtype=torch.float64)
+    x_lengths = torch.randint(1, N + 1, (B,))
+    y_lengths = torch.randint(1, M + 1, (B,))
+    x_lengths[0], y_lengths[0] = N, M
+    results = []
+    for backend, device, dt in (("cuda", "cuda", dtype), ("reference", "cpu", torch.float64)):
+        c = cost.to(device, dt).requires_grad_(True)
+        with ek.use_backend(backend):
+            kwargs = dict(band=3, x_lengths=x_lengths.to(device), y_lengths=y_lengths.to(device))
+            values = (ek.dtw_from_cost(c, **kwargs) if gamma is None
+                      else ek.soft_dtw_from_cost(c, gamma, **kwargs))
+            (E,) = torch.autograd.grad(values.sum(), (c,))
+        results.append((values, E))
+    (values, E), (ref_values, ref_E) = results
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    assert relative_error(values, ref_values) < bound
+    assert relative_error(E, ref_E) < (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("band", [None, 1])
+def test_cuda_gradcheck_fp64(band):
+    x = torch.randn(3, 6, 2, dtype=torch.float64, device="cuda", requires_grad=True)
+    y = torch.randn(3, 5, 2, dtype=torch.float64, device="cuda", requires_grad=True)
+    x_lengths = torch.tensor([6, 4, 2], device="cuda")
+    y_lengths = torch.tensor([5, 5, 3], device="cuda")
+
+    def fn(a, b):
+        return ek.soft_dtw(a, b, 0.7, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+
+    assert torch.autograd.gradcheck(fn, (x, y))
+    cost = torch.rand(2, 5, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: ek.soft_dtw_from_cost(c, 0.5, band=band), (cost,))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_cuda_opcheck(soft):
+    ops = torch.ops.ether_kernels
+    x = torch.randn(3, 7, 2, device="cuda", requires_grad=True)
+    y = torch.randn(3, 5, 2, device="cuda", requires_grad=True)
+    lengths = (torch.tensor([7, 3, 5], device="cuda"), torch.tensor([5, 5, 2], device="cuda"))
+    torch.library.opcheck(ops.dtw_xy_forward, (x, y, *lengths, 0, 2, 0.5, soft, True))
+    torch.library.opcheck(ops.dtw_xy_forward, (x, y, *lengths, 2, -1, 0.5, soft, False))
+    cost = torch.rand(3, 7, 5, device="cuda", requires_grad=True)
+    torch.library.opcheck(ops.dtw_forward, (cost, *lengths, 1, 0.5, soft, True))
+
+
+def test_cuda_soft_dtw_never_synchronises_with_the_host():
+    x = torch.randn(4, 50, 3, device="cuda", requires_grad=True)
+    y = torch.randn(4, 40, 3, device="cuda", requires_grad=True)
+    ek.soft_dtw(x, y).sum().backward()  # warm-up (allocations, lazy initialisation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fn in (lambda: ek.soft_dtw(x, y, 0.5, band=5), lambda: ek.dtw(x, y)):
+            values = fn()
+            if values.requires_grad:
+                torch.autograd.grad(values.sum(), (x, y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cuda_broadcast_batch_and_cdist():
+    x = torch.randn(1, 30, 2, device="cuda", dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 25, 2, device="cuda", dtype=torch.float64)
+    values = ek.soft_dtw(x, y, 0.3)
+    (gx,) = torch.autograd.grad(values.sum(), (x,))
+    expected = torch.stack([ek.soft_dtw(x[0], y[b], 0.3)[0] for b in range(6)])
+    torch.testing.assert_close(values, expected)
+    (gx_loop,) = torch.autograd.grad(expected.sum(), (x,))
+    torch.testing.assert_close(gx, gx_loop)
+    X, Y = torch.randn(4, 20, 3, device="cuda"), torch.randn(5, 17, 3, device="cuda")
+    torch.testing.assert_close(ek.cdist_dtw(X, Y, band=3),
+                               ek.cdist_dtw(X.cpu(), Y.cpu(), band=3).cuda(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 1e-2, 0.1, 1.0, 10.0])
+def test_cuda_fp32_gradients_within_1e4_of_fp64(gamma):
+    x, y, x_lengths, y_lengths = case(3, 60, 45, 3, torch.float64)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        a = x.to("cuda", dtype).requires_grad_(True)
+        b = y.to("cuda", dtype).requires_grad_(True)
+        value = ek.soft_dtw(a, b, gamma, band=4, x_lengths=x_lengths.cuda(),
+                            y_lengths=y_lengths.cuda())
+        grads[dtype] = torch.autograd.grad(value.sum(), (a, b))
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert torch.isfinite(g32).all()
+        assert relative_error(g32, g64) < 1e-4
+
+
+def test_cuda_padding_is_never_read():
+    x = torch.randn(2, 6, 2, device="cuda", dtype=torch.float64)
+    y = torch.randn(2, 5, 2, device="cuda", dtype=torch.float64)
+    x[0, 4:] = float("nan")
+    y[1, 3:] = float("inf")
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    lengths = dict(x_lengths=torch.tensor([4, 6], device="cuda"),
+                   y_lengths=torch.tensor([5, 3], device="cuda"))
+    values = ek.soft_dtw(x, y, 1.0, **lengths)
+    gx, gy = torch.autograd.grad(values.sum(), (x, y))
+    assert torch.isfinite(values).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    assert (gx[0, 4:] == 0).all() and (gy[1, 3:] == 0).all()
+
+
+def test_cuda_long_sequences_match_the_cpu():
+    """N = M = 4096 (two stripes of rows at the default block): soft value and gradient
+    against the C++ CPU kernel in fp64; hard DTW at 8192."""
+    x = torch.randn(1, 4096, 1, dtype=torch.float64)
+    y = torch.randn(1, 4096, 1, dtype=torch.float64)
+    results = []
+    for device in ("cuda", "cpu"):
+        a = x.to(device).requires_grad_(True)
+        value = ek.soft_dtw(a, y.to(device), 1.0)
+        (grad,) = torch.autograd.grad(value.sum(), (a,))
+        results.append((value, grad))
+    assert relative_error(results[0][0], results[1][0]) < 1e-10
+    assert relative_error(results[0][1], results[1][1]) < 1e-9
+    x, y = torch.randn(2, 8192, 1), torch.randn(2, 8192, 1)
+    assert relative_error(ek.dtw(x.cuda(), y.cuda()), ek.dtw(x, y)) < 1e-5
+
+
+def test_cuda_torch_compile_fullgraph():
+    x = torch.randn(3, 20, 2, device="cuda", requires_grad=True)
+    y = torch.randn(3, 16, 2, device="cuda")
+    compiled = torch.compile(lambda a, b: ek.soft_dtw(a, b, 0.5).sum(), fullgraph=True)
+    (grad,) = torch.autograd.grad(compiled(x, y), (x,))
+    (expected,) = torch.autograd.grad(ek.soft_dtw(x, y, 0.5).sum(), (x,))
+    torch.testing.assert_close(grad, expected)
