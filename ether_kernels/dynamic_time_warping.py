@@ -17,6 +17,7 @@ runs.
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -285,16 +286,35 @@ class SoftDTWLoss(torch.nn.Module):
 
 # ---- registration of the C++ ops: fake kernels and autograd --------------------------------
 
-def _kept_dtype(tensor, soft):
-    # The CUDA kernels keep soft-DTW's R in float64 for every input dtype (the backward's
-    # weights need it at small gamma, see csrc/cuda/kernels_cuda.h); the CPU keeps the dtype.
-    return torch.float64 if soft and tensor.device.type == "cuda" else tensor.dtype
+def _cuda_threads_per_pair():
+    """csrc/cuda/dtw_cuda.cpp's threads per pair: ETHER_KERNELS_DTW_THREADS or 512."""
+    value = os.environ.get("ETHER_KERNELS_DTW_THREADS", "").strip()
+    return int(value) if value else 512
+
+
+def _kept_R(like, B, N, M, soft):
+    """An empty tensor shaped like the kept R of the backend `like` lives on.
+
+    CPU: (B, N, M) in the inputs' dtype. CUDA: (B, L) in the kernels' coalesced layout,
+    float64 for soft-DTW whatever the dtype (the backward's weights need it at small gamma),
+    L = dtw_kept_per_pair in csrc/cuda/kernels_cuda.h: ceil(N / (T K)) (M + T - 1) T K for
+    K = 4 (soft) / 16 (hard) rows per thread and T = min(cap, 32 ceil(N / (32 K))) threads.
+    """
+    if like.device.type != "cuda":
+        return like.new_empty((B, N, M))
+    K = 4 if soft else 16
+    cap = _cuda_threads_per_pair() // 32 * 32
+    threads = torch.sym_min(torch.sym_max(-(-(-(-N // K)) // 32) * 32, 32), cap)
+    rows = threads * K
+    kept = (-(-N // rows)) * (M + threads - 1) * rows
+    return like.new_empty((B, kept), dtype=torch.float64 if soft else like.dtype)
 
 
 def _forward_fake(cost, x_lengths, y_lengths, band, gamma, soft, keep):
     torch._check(cost.dim() == 3)
-    R = cost.new_empty(cost.shape, dtype=_kept_dtype(cost, soft)) if keep else cost.new_empty((0,))
-    return cost.new_empty(cost.shape[0]), R
+    B, N, M = cost.shape
+    R = _kept_R(cost, B, N, M, soft) if keep else cost.new_empty((0,))
+    return cost.new_empty(B), R
 
 
 def _backward_fake(grad, cost, R, x_lengths, y_lengths, band, gamma, soft):
@@ -325,8 +345,7 @@ def _backward(ctx, grad_values, _grad_R):
 
 def _xy_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep):
     torch._check(x.dim() == 3 and y.dim() == 3)
-    R_shape = (x.shape[0], x.shape[1], y.shape[1])
-    R = x.new_empty(R_shape, dtype=_kept_dtype(x, soft)) if keep else x.new_empty((0,))
+    R = _kept_R(x, x.shape[0], x.shape[1], y.shape[1], soft) if keep else x.new_empty((0,))
     return x.new_empty(x.shape[0]), R
 
 

@@ -64,10 +64,10 @@ def values_and_grads(x, y, x_lengths, y_lengths, weights, backend, device, **opt
 def test_cuda_matches_the_reference(gamma, band, features, dtype, threads, monkeypatch):
     D, metric = features
     if threads is not None:
-        # 32 threads per pair: stripes of 128 rows (soft) / 256 rows (hard), so these
-        # lengths cross two or three stripe boundaries.
+        # 32 threads per pair: stripes of 128 rows (soft) / 512 rows (hard), so these
+        # lengths cross one (hard) to four (soft) stripe boundaries.
         monkeypatch.setenv("ETHER_KERNELS_DTW_THREADS", str(threads))
-        B, N, M = 3, 290, 203
+        B, N, M = 3, 530, 190
     else:
         B, N, M = 5, 37, 29
     x, y, x_lengths, y_lengths = case(B, N, M, D, dtype)
@@ -94,7 +94,7 @@ def test_cuda_matches_the_reference(gamma, band, features, dtype, threads, monke
 def test_cuda_from_cost_matches_the_reference(gamma, dtype, threads, monkeypatch):
     if threads is not None:
         monkeypatch.setenv("ETHER_KERNELS_DTW_THREADS", str(threads))
-    B, N, M = (2, 300, 260) if threads else (4, 23, 31)
+    B, N, M = (2, 560, 150) if threads else (4, 23, 31)
     cost = torch.rand(B, N, M, dtype=torch.float64)
     x_lengths = torch.randint(1, N + 1, (B,))
     y_lengths = torch.randint(1, M + 1, (B,))

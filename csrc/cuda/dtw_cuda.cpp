@@ -8,7 +8,8 @@
 // ones), so a call never synchronises.
 //
 // Kept state R: fp64 for soft-DTW whatever the dtype (kernels_cuda.h says why), the input
-// dtype for hard DTW. The op's fake kernel (dynamic_time_warping.py) says the same.
+// dtype for hard DTW, shaped [B, dtw_kept_per_pair] (the kernels' coalesced layout). The
+// op's fake kernel (dynamic_time_warping.py) computes the same shape and dtype.
 #include "kernels_cuda.h"
 
 #include <ATen/ATen.h>
@@ -102,12 +103,11 @@ at::ScalarType kept_dtype(at::ScalarType dtype, bool soft) {
   return soft ? at::kDouble : dtype;
 }
 
-void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B, int64_t N,
-                           int64_t M, at::ScalarType dtype, bool soft, const at::Device& device,
-                           const char* op) {
-  TORCH_CHECK(R.device() == device && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
-                  R.size(2) == M,
-              op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
+void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B,
+                           int64_t kept, at::ScalarType dtype, bool soft,
+                           const at::Device& device, const char* op) {
+  TORCH_CHECK(R.device() == device && R.dim() == 2 && R.size(0) == B && R.size(1) == kept, op,
+              ": R must be the CUDA forward's kept (B, ", kept, ") = (", B, ", ", kept,
               ") tensor on ", device, " (keep=True), got shape ", R.sizes(), " on ",
               R.device());
   TORCH_CHECK(R.scalar_type() == kept_dtype(dtype, soft), op, ": R must be ",
@@ -153,8 +153,10 @@ at::Tensor attach_workspace(DtwArgs& a, const at::TensorOptions& options) {
 std::tuple<at::Tensor, at::Tensor> run_forward(DtwArgs& a, const at::TensorOptions& options,
                                                bool keep) {
   at::Tensor values = at::empty({a.B}, options);
-  at::Tensor R = keep ? at::empty({a.B, a.N, a.M}, options.dtype(kept_dtype(
-                                                       options.dtype().toScalarType(), a.soft)))
+  // Zero-filled: the kernels write only the cells they compute, and the kept state should
+  // not hold whatever the allocator handed out (torch.compile / opcheck compare it).
+  at::Tensor R = keep ? at::zeros({a.B, dtw_kept_per_pair(a)},
+                                  options.dtype(kept_dtype(options.dtype().toScalarType(), a.soft)))
                       : at::empty({0}, options);
   const at::Tensor workspace = attach_workspace(a, options);
   C10_CUDA_CHECK(dtw_forward(a, values.data_ptr(), keep ? R.data_ptr() : nullptr,
@@ -199,11 +201,12 @@ at::Tensor dtw_backward_cuda(const at::Tensor& grad, const at::Tensor& cost, con
   check_options(band, gamma, soft, op);
   const c10::cuda::CUDAGuard guard(cost.device());
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  check_backward_inputs(grad, R, B, N, M, cost.scalar_type(), soft, cost.device(), op);
   const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, cost.device(), op);
   const at::Tensor yl = device_lengths(y_lengths, "y_lengths", B, cost.device(), op);
   const at::Tensor c = cost.contiguous();
   DtwArgs a = base_args(c.scalar_type(), B, N, M, 1, xl, yl, 0, band, gamma, soft);
+  check_backward_inputs(grad, R, B, dtw_kept_per_pair(a), cost.scalar_type(), soft,
+                        cost.device(), op);
   a.cost = c.data_ptr();
   return run_backward(a, grad, R, c.options());
 }
@@ -273,7 +276,6 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cuda(
   check_options(band, gamma, soft, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
-  check_backward_inputs(grad, R, B, N, M, x.scalar_type(), soft, x.device(), op);
   if (B == 0 || (!need_x && !need_y)) {
     return {need_x ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options()),
             need_y ? at::zeros(y.sizes(), y.options()) : at::empty({0}, y.options())};
@@ -283,6 +285,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cuda(
   const auto [xs, x_stride] = batched_series(x);
   const auto [ys, y_stride] = batched_series(y);
   DtwArgs a = base_args(x.scalar_type(), B, N, M, D, xl, yl, metric, band, gamma, soft);
+  check_backward_inputs(grad, R, B, dtw_kept_per_pair(a), x.scalar_type(), soft, x.device(),
+                        op);
   a.x = xs.data_ptr();
   a.y = ys.data_ptr();
   a.x_batch_stride = x_stride;

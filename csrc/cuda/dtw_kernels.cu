@@ -44,7 +44,7 @@ using detail::min64;
 constexpr int kMaxThreads = 512;  // threads per pair (16 warps); __launch_bounds__ below
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr int kRowsSoft = 4;      // K: rows per thread (soft forward and backward)
-constexpr int kRowsHard = 8;
+constexpr int kRowsHard = 16;
 constexpr int64_t kMaxPairs = 2147483647;  // one block per pair: the grid's x limit      // K for hard DTW: a cheaper cell, so more cells per barrier
 
 template <typename T> __device__ __forceinline__ T infinity();
@@ -82,17 +82,34 @@ struct PairShape {
   }
 };
 
-// The local cost of cell (i, j) of one pair, from the series. kD > 0: D == kD (1) or
-// D <= kD (the features of column j held in registers); kD == 0: any D, read from memory.
-template <typename T, int kD>
+// The local cost of cell (i, j) of one pair, from the series, for the K rows a thread owns.
+// kD > 0: D == kD (1) or D <= kD: the thread's K rows of x are loaded into registers once
+// per stripe (rows(), no reloads in the sweep: neighbouring threads' rows are K * D
+// elements apart, so reloading them every step costs many cache lines per load) and the
+// features of column j once per step (column()). kD == 0: any D, both read from memory.
+template <typename T, int kD, int K>
 struct SeriesCost {
   const T* __restrict__ x;  // this pair's (n, D) series
   const T* __restrict__ y;  // this pair's (m, D) series
   int64_t D;
   int metric;
   static constexpr int kRegs = kD > 0 ? kD : 1;
+  T xr[K][kRegs];
   T yj[kRegs];
   const T* ycol = nullptr;
+
+  __device__ void rows(int64_t first_row, int64_t n) {
+    if constexpr (kD > 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+#pragma unroll
+        for (int d = 0; d < kD; ++d) {
+          xr[k][d] = (first_row + k < n && (kD == 1 || d < D))
+                         ? __ldg(x + (first_row + k) * D + d) : T(0);
+        }
+      }
+    }
+  }
 
   __device__ void column(int64_t j) {
     ycol = y + j * D;
@@ -102,15 +119,16 @@ struct SeriesCost {
     }
   }
 
-  __device__ T at(int64_t i) const {
-    const T* xrow = x + i * D;
+  // Row k of the thread (global row i).
+  __device__ T at(int k, int64_t i) const {
     T total = 0;
     if constexpr (kD > 0) {
 #pragma unroll
       for (int d = 0; d < kD; ++d) {
-        if (kD == 1 || d < D) total += term(__ldg(xrow + d) - yj[d]);
+        if (kD == 1 || d < D) total += term(xr[k][d] - yj[d]);
       }
     } else {
+      const T* xrow = x + i * D;
       for (int64_t d = 0; d < D; ++d) total += term(__ldg(xrow + d) - __ldg(ycol + d));
     }
     return metric == 1 ? sqrt(total) : total;
@@ -120,18 +138,19 @@ struct SeriesCost {
 };
 
 // The local cost read from a precomputed (N, M) matrix of one pair.
-template <typename T>
+template <typename T, int K>
 struct MatrixCost {
   const T* __restrict__ cost;
   int64_t M;
   int64_t j = 0;
+  __device__ void rows(int64_t, int64_t) {}
   __device__ void column(int64_t col) { j = col; }
-  __device__ T at(int64_t i) const { return __ldg(cost + i * M + j); }
+  __device__ T at(int, int64_t i) const { return __ldg(cost + i * M + j); }
 };
 
-template <typename T, int kD>
-__device__ SeriesCost<T, kD> make_cost(const DtwArgs& a, int64_t b, SeriesCost<T, kD>*) {
-  SeriesCost<T, kD> c;
+template <typename T, int kD, int K>
+__device__ SeriesCost<T, kD, K> make_cost(const DtwArgs& a, int64_t b, SeriesCost<T, kD, K>*) {
+  SeriesCost<T, kD, K> c;
   c.x = static_cast<const T*>(a.x) + b * a.x_batch_stride;
   c.y = static_cast<const T*>(a.y) + b * a.y_batch_stride;
   c.D = a.D;
@@ -139,9 +158,9 @@ __device__ SeriesCost<T, kD> make_cost(const DtwArgs& a, int64_t b, SeriesCost<T
   return c;
 }
 
-template <typename T>
-__device__ MatrixCost<T> make_cost(const DtwArgs& a, int64_t b, MatrixCost<T>*) {
-  MatrixCost<T> c;
+template <typename T, int K>
+__device__ MatrixCost<T, K> make_cost(const DtwArgs& a, int64_t b, MatrixCost<T, K>*) {
+  MatrixCost<T, K> c;
   c.cost = static_cast<const T*>(a.cost) + b * a.N * a.M;
   c.M = a.M;
   return c;
@@ -158,6 +177,25 @@ struct Stripe {
     t_last = static_cast<int>((i_last - i0) / K);
     j_begin = max64(0, i0 + p.lo);
     j_end = min64(p.m - 1, i_last + p.hi);
+  }
+};
+
+// ---------------------------------------------------------------------- kept R layout
+// R is kept "step-major" per stripe, so that the threads of one step (cells (i, j) with
+// j + t fixed) touch consecutive addresses: cell (i, j), i = p T K + t K + k, lives at
+//   p * stripe_size + ((j + t) * K + k) * T + t,      stripe_size = (M + T - 1) * K * T.
+// A row-major R would give every thread of a warp its own cache line per access.
+struct KeptLayout {
+  int64_t T, K, stripe_size;
+  __host__ __device__ KeptLayout(int64_t threads, int64_t rows, int64_t M)
+      : T(threads), K(rows), stripe_size((M + threads - 1) * rows * threads) {}
+  // The address of (stripe p, thread t, column j); row k of the thread is k * T further.
+  __host__ __device__ int64_t at(int64_t p, int64_t t, int64_t j) const {
+    return p * stripe_size + (j + t) * K * T + t;
+  }
+  __host__ __device__ int64_t of_cell(int64_t i, int64_t j) const {
+    const int64_t p = i / (T * K), r = i - p * T * K, t = r / K, k = r - t * K;
+    return at(p, t, j) + k * T;
   }
 };
 
@@ -203,7 +241,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t N = args.N, M = args.M;
   const double gamma = args.gamma, inv_gamma = 1.0 / args.gamma;
   Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
-  V* R = R_out != nullptr ? R_out + b * N * M : nullptr;
+  const KeptLayout layout(blockDim.x, K, M);
+  V* R = R_out != nullptr ? R_out + b * args.kept_per_pair : nullptr;
   // Two boundary rows (no workspace when the pair fits in one stripe: never touched then).
   V* edge = args.workspace != nullptr ? static_cast<V*>(args.workspace) + b * 2 * M : nullptr;
   const V inf = infinity<V>();
@@ -217,6 +256,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const bool owns_rows = t <= stripe.t_last;
     const bool owns_last_row = first_row + K - 1 == stripe.i0 + rows_per_stripe - 1 &&
                                p + 1 < stripes;
+    cost.rows(first_row, pair.n);
 
     V left[K];  // R[i_k][j - 1]: +inf left of the stripe's first column (outside the band)
 #pragma unroll
@@ -243,6 +283,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
         cost.column(j);
+        V* R_here = R != nullptr ? R + layout.at(p, t, j) : nullptr;
         V up = above, diag = above_left;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -250,9 +291,9 @@ __global__ void __launch_bounds__(kMaxThreads)
           if (i < pair.n) {
             V r = inf;
             if (pair.allowed(i, j)) {
-              r = static_cast<V>(cost.at(i)) +
+              r = static_cast<V>(cost.at(k, i)) +
                   best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
-              if (R != nullptr) R[i * M + j] = r;
+              if (R_here != nullptr) R_here[k * blockDim.x] = r;
               if (i == pair.n - 1 && j == pair.m - 1) values[b] = static_cast<T>(r);
             }
             diag = left[k];
@@ -287,7 +328,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t N = args.N, M = args.M;
   const double inv_gamma = 1.0 / args.gamma;
   Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
-  const double* R = R_in + b * N * M;
+  const KeptLayout layout(blockDim.x, K, M);
+  const double* R = R_in + b * args.kept_per_pair;
   T* E = E_out + b * N * M;
   double* edge = args.workspace != nullptr  // S of the boundary rows (see the forward)
                      ? static_cast<double*>(args.workspace) + b * 2 * M
@@ -309,6 +351,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const bool owns_rows = t <= stripe.t_last;
     const int lag = stripe.t_last - t;  // the last owning thread leads
     const int64_t below_row = stripe.i_last + 1;  // first row of the stripe below (if < n)
+    cost.rows(first_row, pair.n);
 
     // (E, S) at column j + 1 of each row: outside the band / range right of j_end.
     T right_E[K];
@@ -343,6 +386,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
         cost.column(j);
+        const double* R_here = R + layout.at(p, t, j);
         T down_E = below_E, diag_E = below_right_E;
         double down_S = below_S, diag_S = below_right_S;
 #pragma unroll
@@ -352,8 +396,8 @@ __global__ void __launch_bounds__(kMaxThreads)
             T e = T(0);
             double S = inf;
             if (pair.allowed(i, j)) {
-              const double r = R[i * M + j];
-              S = r - static_cast<double>(cost.at(i));
+              const double r = R_here[k * blockDim.x];
+              S = r - static_cast<double>(cost.at(k, i));
               if (i == pair.n - 1 && j == pair.m - 1) {
                 e = seed;
               } else if (r != inf) {
@@ -398,7 +442,8 @@ __global__ void hard_dtw_backtrack_kernel(const DtwArgs args, const T* __restric
   const PairShape pair(args, b);
   if (!pair.ok) return;
   const int64_t M = args.M;
-  const T* R = R_in + b * args.N * M;
+  const KeptLayout layout(args.threads, kRowsHard, M);
+  const T* R = R_in + b * args.kept_per_pair;
   T* E = E_out + b * args.N * M;
   const T g = grad[b];
   int64_t i = pair.n - 1, j = pair.m - 1;
@@ -408,18 +453,18 @@ __global__ void hard_dtw_backtrack_kernel(const DtwArgs args, const T* __restric
     int move = -1;
     T best = T(0);
     if (pair.allowed(i - 1, j - 1)) {
-      best = R[(i - 1) * M + j - 1];
+      best = R[layout.of_cell(i - 1, j - 1)];
       move = 0;
     }
     if (pair.allowed(i - 1, j)) {
-      const T v = R[(i - 1) * M + j];
+      const T v = R[layout.of_cell(i - 1, j)];
       if (move < 0 || v < best) {
         best = v;
         move = 1;
       }
     }
     if (pair.allowed(i, j - 1)) {
-      const T v = R[i * M + j - 1];
+      const T v = R[layout.of_cell(i, j - 1)];
       if (move < 0 || v < best) {
         best = v;
         move = 2;
@@ -445,45 +490,65 @@ int threads_for(const DtwArgs& a, int K) {
 
 int rows_per_thread(const DtwArgs& a) { return a.soft ? kRowsSoft : kRowsHard; }
 
-// Runs body.template operator()<Cost>() with the cost source matching the arguments.
-template <typename T, typename Body>
+}  // namespace
+
+int64_t dtw_kept_per_pair(const DtwArgs& args) {
+  const int K = rows_per_thread(args);
+  const int T = threads_for(args, K);
+  return ceil_div(args.N, int64_t(T) * K) * KeptLayout(T, K, args.M).stripe_size;
+}
+
+namespace {
+
+// Calls body(Cost*) with the cost source matching the arguments (K rows per thread).
+template <typename T, int K, typename Body>
 cudaError_t with_cost(const DtwArgs& a, Body&& body) {
-  if (a.cost != nullptr) return body(static_cast<MatrixCost<T>*>(nullptr));
-  if (a.D == 1) return body(static_cast<SeriesCost<T, 1>*>(nullptr));
-  if (a.D <= 4) return body(static_cast<SeriesCost<T, 4>*>(nullptr));
-  return body(static_cast<SeriesCost<T, 0>*>(nullptr));
+  if (a.cost != nullptr) return body(static_cast<MatrixCost<T, K>*>(nullptr));
+  if (a.D == 1) return body(static_cast<SeriesCost<T, 1, K>*>(nullptr));
+  if (a.D <= 4) return body(static_cast<SeriesCost<T, 4, K>*>(nullptr));
+  return body(static_cast<SeriesCost<T, 0, K>*>(nullptr));
+}
+
+// The arguments with the launch-derived fields filled in.
+DtwArgs resolved(const DtwArgs& args) {
+  DtwArgs a = args;
+  a.threads = threads_for(a, rows_per_thread(a));
+  a.kept_per_pair = dtw_kept_per_pair(a);
+  return a;
 }
 
 template <typename T>
-cudaError_t forward_typed(const DtwArgs& a, void* values, void* R, cudaStream_t stream) {
-  const int K = rows_per_thread(a);
-  const int threads = threads_for(a, K);
-  return with_cost<T>(a, [&](auto* cost_tag) {
-    using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    if (a.soft) {
-      dtw_forward_kernel<T, true, kRowsSoft, Cost><<<a.B, threads, 0, stream>>>(
+cudaError_t forward_typed(const DtwArgs& args, void* values, void* R, cudaStream_t stream) {
+  const DtwArgs a = resolved(args);
+  if (a.soft) {
+    return with_cost<T, kRowsSoft>(a, [&](auto* cost_tag) {
+      using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+      dtw_forward_kernel<T, true, kRowsSoft, Cost><<<a.B, a.threads, 0, stream>>>(
           a, static_cast<T*>(values), static_cast<double*>(R));
-    } else {
-      dtw_forward_kernel<T, false, kRowsHard, Cost><<<a.B, threads, 0, stream>>>(
-          a, static_cast<T*>(values), static_cast<T*>(R));
-    }
+      return cudaGetLastError();
+    });
+  }
+  return with_cost<T, kRowsHard>(a, [&](auto* cost_tag) {
+    using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+    dtw_forward_kernel<T, false, kRowsHard, Cost><<<a.B, a.threads, 0, stream>>>(
+        a, static_cast<T*>(values), static_cast<T*>(R));
     return cudaGetLastError();
   });
 }
 
 template <typename T>
-cudaError_t backward_typed(const DtwArgs& a, const void* grad, const void* R, void* E,
+cudaError_t backward_typed(const DtwArgs& args, const void* grad, const void* R, void* E,
                            cudaStream_t stream) {
+  const DtwArgs a = resolved(args);
   if (!a.soft) {
     constexpr int kThreads = 128;
     hard_dtw_backtrack_kernel<T><<<ceil_div(a.B, kThreads), kThreads, 0, stream>>>(
         a, static_cast<const T*>(grad), static_cast<const T*>(R), static_cast<T*>(E));
     return cudaGetLastError();
   }
-  const int threads = threads_for(a, kRowsSoft);
-  return with_cost<T>(a, [&](auto* cost_tag) {
+  return with_cost<T, kRowsSoft>(a, [&](auto* cost_tag) {
     using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    soft_dtw_backward_kernel<T, kRowsSoft, Cost><<<a.B, threads, 0, stream>>>(
+    soft_dtw_backward_kernel<T, kRowsSoft, Cost><<<a.B, a.threads, 0, stream>>>(
         a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E));
     return cudaGetLastError();
   });

@@ -147,10 +147,20 @@ struct DtwArgs {
   int max_threads;   // threads per pair (a multiple of 32, <= 512); 0 = the default 512
   void* workspace;   // dtw_workspace_bytes(*this) bytes (two boundary rows per pair)
   size_t workspace_bytes;
+  // Set by the launchers (callers leave them 0): threads per pair, kept R elements per pair.
+  int threads;
+  int64_t kept_per_pair;
 };
 
-// Forward: values [B] (dtype); R [B, N, M] (fp64 when soft, dtype when hard) when non-null,
-// written on every allowed cell of each pair (other cells are left as they were).
+// Elements of the kept R per pair: R is kept in the kernels' own "step-major" layout (see
+// dtw_kernels.cu), slightly larger than N * M: ceil(N / (T K)) * (M + T - 1) * T * K for T
+// threads of K rows (K = 4 soft, 16 hard; T = min(max_threads, 32 * ceil(N / (32 K)))).
+// The kept R is a [B, dtw_kept_per_pair(args)] tensor.
+int64_t dtw_kept_per_pair(const DtwArgs& args);
+
+// Forward: values [B] (dtype); R [B, dtw_kept_per_pair] (fp64 when soft, dtype when hard)
+// when non-null, written on every allowed cell of each pair (other elements are left as
+// they were: the op fills it with zeros first so that its content is deterministic).
 cudaError_t dtw_forward(const DtwArgs& args, void* values, void* R, cudaStream_t stream);
 
 // Backward: E [B, N, M] (dtype) = grad[b] * d values[b] / d cost, the expected alignment
