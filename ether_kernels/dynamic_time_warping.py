@@ -292,17 +292,18 @@ def _cuda_threads_per_pair():
     return int(value) if value else 512
 
 
-def _kept_R(like, B, N, M, soft):
+def _kept_R(like, B, N, M, soft, D=None):
     """An empty tensor shaped like the kept R of the backend `like` lives on.
 
     CPU: (B, N, M) in the inputs' dtype. CUDA: (B, L) in the kernels' coalesced layout,
     float64 for soft-DTW whatever the dtype (the backward's weights need it at small gamma),
     L = dtw_kept_per_pair in csrc/cuda/kernels_cuda.h: ceil(N / (T K)) (M + T - 1) T K for
-    K = 4 (soft) / 16 (hard) rows per thread and T = min(cap, 32 ceil(N / (32 K))) threads.
+    K rows per thread (4 soft; hard: 16 on a precomputed cost (D None) or D = 1, else 8)
+    and T = min(cap, 32 ceil(N / (32 K))) threads.
     """
     if like.device.type != "cuda":
         return like.new_empty((B, N, M))
-    K = 4 if soft else 16
+    K = 4 if soft else (16 if D is None or D == 1 else 8)
     cap = _cuda_threads_per_pair() // 32 * 32
     threads = torch.sym_min(torch.sym_max(-(-(-(-N // K)) // 32) * 32, 32), cap)
     rows = threads * K
@@ -345,7 +346,8 @@ def _backward(ctx, grad_values, _grad_R):
 
 def _xy_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep):
     torch._check(x.dim() == 3 and y.dim() == 3)
-    R = _kept_R(x, x.shape[0], x.shape[1], y.shape[1], soft) if keep else x.new_empty((0,))
+    R = (_kept_R(x, x.shape[0], x.shape[1], y.shape[1], soft, x.shape[2]) if keep
+         else x.new_empty((0,)))
     return x.new_empty(x.shape[0]), R
 
 

@@ -136,7 +136,12 @@ def test_cuda_opcheck(soft):
     y = torch.randn(3, 5, 2, device="cuda", requires_grad=True)
     lengths = (torch.tensor([7, 3, 5], device="cuda"), torch.tensor([5, 5, 2], device="cuda"))
     torch.library.opcheck(ops.dtw_xy_forward, (x, y, *lengths, 0, 2, 0.5, soft, True))
-    torch.library.opcheck(ops.dtw_xy_forward, (x, y, *lengths, 2, -1, 0.5, soft, False))
+    x6 = torch.randn(3, 7, 6, device="cuda", requires_grad=True)  # the generic-D kernels
+    y6 = torch.randn(3, 5, 6, device="cuda", requires_grad=True)
+    torch.library.opcheck(ops.dtw_xy_forward, (x6, y6, *lengths, 1, 1, 0.5, soft, True))
+    # keep=False keeps nothing for a backward: checked without gradients
+    torch.library.opcheck(ops.dtw_xy_forward,
+                          (x.detach(), y.detach(), *lengths, 2, -1, 0.5, soft, False))
     cost = torch.rand(3, 7, 5, device="cuda", requires_grad=True)
     torch.library.opcheck(ops.dtw_forward, (cost, *lengths, 1, 0.5, soft, True))
 

@@ -125,6 +125,9 @@ DtwArgs base_args(at::ScalarType dtype, int64_t B, int64_t N, int64_t M, int64_t
                   double gamma, bool soft) {
   TORCH_CHECK(B <= 2147483647, "dtw (CUDA kernel): at most 2^31 - 1 pairs per call (one thread "
               "block each), got ", B);
+  TORCH_CHECK(N < (int64_t(1) << 30) && M < (int64_t(1) << 30),
+              "dtw (CUDA kernel): sequence lengths must be below 2^30 (32-bit indices within a "
+              "pair), got N = ", N, ", M = ", M);
   DtwArgs a{};
   a.dtype = dtype == at::kDouble ? DType::kFloat64 : DType::kFloat32;
   a.B = B;

@@ -59,68 +59,74 @@ __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 __device__ __forceinline__ float fast_log(float x) { return __logf(x); }
 __device__ __forceinline__ double fast_log(double x) { return log(x); }
 
-// Pair b's lengths and band. A pair with lengths out of range is marked invalid (NaN value,
-// no gradient), never read out of bounds.
+// Pair b's lengths and band, as 32-bit ints (the op checks N, M < 2^30): index arithmetic
+// inside a pair is 32-bit, which halves the integer instructions of a cell. A pair with
+// lengths out of range is marked invalid (NaN value, no gradient), never read out of bounds.
 struct PairShape {
-  int64_t n, m, lo, hi;
+  int n, m, lo, hi;
   bool ok;
 
   __device__ PairShape(const DtwArgs& a, int64_t b) {
-    n = a.x_lengths[b];
-    m = a.y_lengths[b];
-    ok = n >= 1 && n <= a.N && m >= 1 && m <= a.M;
-    if (a.band < 0) {
-      lo = -(a.N + a.M);
-      hi = a.N + a.M;
-    } else {
-      lo = -a.band + min64(0, m - n);
-      hi = a.band + max64(0, m - n);
-    }
+    const int64_t n64 = a.x_lengths[b], m64 = a.y_lengths[b];
+    ok = n64 >= 1 && n64 <= a.N && m64 >= 1 && m64 <= a.M;
+    n = ok ? static_cast<int>(n64) : 1;
+    m = ok ? static_cast<int>(m64) : 1;
+    const int radius = static_cast<int>(a.band < 0 ? a.N + a.M : min64(a.band, a.N + a.M));
+    lo = -radius + min(0, m - n);
+    hi = radius + max(0, m - n);
   }
-  __device__ bool allowed(int64_t i, int64_t j) const {
-    return i >= 0 && i < n && j >= 0 && j < m && j - i >= lo && j - i <= hi;
+  // Cell (i, j) with 0 <= i < n and 0 <= j < m (the caller's loops guarantee it) is allowed.
+  __device__ bool in_band(int i, int j) const { return j - i >= lo && j - i <= hi; }
+  __device__ bool allowed(int i, int j) const {
+    return i >= 0 && i < n && j >= 0 && j < m && in_band(i, j);
   }
 };
 
 // The local cost of cell (i, j) of one pair, from the series, for the K rows a thread owns.
+// kSq: the squared Euclidean cost compiled as such (the default metric: no branch and no
+// square root per cell); otherwise `metric` is read at run time.
 // kD > 0: D == kD (1) or D <= kD: the thread's K rows of x are loaded into registers once
 // per stripe (rows(), no reloads in the sweep: neighbouring threads' rows are K * D
 // elements apart, so reloading them every step costs many cache lines per load) and the
 // features of column j once per step (column()). kD == 0: any D, both read from memory.
-template <typename T, int kD, int K>
+template <typename T, int kD, int K, bool kSq>
 struct SeriesCost {
   const T* __restrict__ x;  // this pair's (n, D) series
   const T* __restrict__ y;  // this pair's (m, D) series
   int64_t D;
   int metric;
   static constexpr int kRegs = kD > 0 ? kD : 1;
+  static constexpr int kRows = K;
   T xr[K][kRegs];
   T yj[kRegs];
   const T* ycol = nullptr;
+  int last_row = 0;
 
-  __device__ void rows(int64_t first_row, int64_t n) {
+  __device__ void rows(int first_row, int n) {
+    last_row = n - 1;
     if constexpr (kD > 0) {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
 #pragma unroll
         for (int d = 0; d < kD; ++d) {
           xr[k][d] = (first_row + k < n && (kD == 1 || d < D))
-                         ? __ldg(x + (first_row + k) * D + d) : T(0);
+                         ? __ldg(x + int64_t(first_row + k) * D + d) : T(0);
         }
       }
     }
   }
 
-  __device__ void column(int64_t j) {
-    ycol = y + j * D;
+  __device__ void column(int j) {
+    ycol = y + int64_t(j) * D;
     if constexpr (kD > 0) {
 #pragma unroll
       for (int d = 0; d < kD; ++d) yj[d] = (kD == 1 || d < D) ? __ldg(ycol + d) : T(0);
     }
   }
 
-  // Row k of the thread (global row i).
-  __device__ T at(int k, int64_t i) const {
+  // Row k of the thread (global row i; rows past the pair's end are computed and discarded
+  // by the callers: zeros in registers, row n - 1 from memory).
+  __device__ T at(int k, int i) const {
     T total = 0;
     if constexpr (kD > 0) {
 #pragma unroll
@@ -128,29 +134,37 @@ struct SeriesCost {
         if (kD == 1 || d < D) total += term(xr[k][d] - yj[d]);
       }
     } else {
-      const T* xrow = x + i * D;
+      const T* xrow = x + int64_t(min(i, last_row)) * D;
       for (int64_t d = 0; d < D; ++d) total += term(__ldg(xrow + d) - __ldg(ycol + d));
     }
+    if constexpr (kSq) return total;
     return metric == 1 ? sqrt(total) : total;
   }
 
-  __device__ T term(T diff) const { return metric == 2 ? fabs(diff) : diff * diff; }
+  __device__ T term(T diff) const {
+    if constexpr (kSq) return diff * diff;
+    return metric == 2 ? fabs(diff) : diff * diff;
+  }
 };
 
 // The local cost read from a precomputed (N, M) matrix of one pair.
 template <typename T, int K>
 struct MatrixCost {
+  static constexpr int kRows = K;
   const T* __restrict__ cost;
   int64_t M;
-  int64_t j = 0;
-  __device__ void rows(int64_t, int64_t) {}
-  __device__ void column(int64_t col) { j = col; }
-  __device__ T at(int, int64_t i) const { return __ldg(cost + i * M + j); }
+  const T* col = nullptr;
+  int last_row = 0;
+  __device__ void rows(int, int n) { last_row = n - 1; }
+  __device__ void column(int j) { col = cost + j; }
+  // Rows past the pair's end are computed and discarded by the callers: read row n - 1.
+  __device__ T at(int, int i) const { return __ldg(col + int64_t(min(i, last_row)) * M); }
 };
 
-template <typename T, int kD, int K>
-__device__ SeriesCost<T, kD, K> make_cost(const DtwArgs& a, int64_t b, SeriesCost<T, kD, K>*) {
-  SeriesCost<T, kD, K> c;
+template <typename T, int kD, int K, bool kSq>
+__device__ SeriesCost<T, kD, K, kSq> make_cost(const DtwArgs& a, int64_t b,
+                                              SeriesCost<T, kD, K, kSq>*) {
+  SeriesCost<T, kD, K, kSq> c;
   c.x = static_cast<const T*>(a.x) + b * a.x_batch_stride;
   c.y = static_cast<const T*>(a.y) + b * a.y_batch_stride;
   c.D = a.D;
@@ -169,14 +183,13 @@ __device__ MatrixCost<T, K> make_cost(const DtwArgs& a, int64_t b, MatrixCost<T,
 // The stripe of rows [i0, i0 + T K) of a pair: its last row, the index of the last thread
 // owning a row below n, and the columns its allowed cells can reach.
 struct Stripe {
-  int64_t i0, i_last, j_begin, j_end;
-  int t_last;
-  __device__ Stripe(const PairShape& p, int64_t index, int rows_per_stripe, int K) {
+  int i0, i_last, j_begin, j_end, t_last;
+  __device__ Stripe(const PairShape& p, int index, int rows_per_stripe, int K) {
     i0 = index * rows_per_stripe;
-    i_last = min64(p.n, i0 + rows_per_stripe) - 1;
-    t_last = static_cast<int>((i_last - i0) / K);
-    j_begin = max64(0, i0 + p.lo);
-    j_end = min64(p.m - 1, i_last + p.hi);
+    i_last = min(p.n, i0 + rows_per_stripe) - 1;
+    t_last = (i_last - i0) / K;
+    j_begin = max(0, i0 + p.lo);
+    j_end = min(p.m - 1, i_last + p.hi);
   }
 };
 
@@ -212,15 +225,17 @@ __device__ __forceinline__ value_t<T, kSoft> best_predecessor(value_t<T, kSoft> 
                                                                value_t<T, kSoft> c, double gamma,
                                                                double inv_gamma) {
   using V = value_t<T, kSoft>;
-  const V mu = fmin(fmin(a, b), c);
+  const V mu = fmin(fmin(a, c), b);  // b (the row above) arrives last: min it in last
   if constexpr (!kSoft) {
     return mu;
   } else {
-    if (mu == infinity<double>()) return mu;
-    const T sum = fast_exp(static_cast<T>((mu - a) * inv_gamma)) +
-                  fast_exp(static_cast<T>((mu - b) * inv_gamma)) +
-                  fast_exp(static_cast<T>((mu - c) * inv_gamma));
-    return mu - gamma * static_cast<double>(fast_log(sum));
+    // Branch-free +inf case: with mu = +inf, base = 0 makes every exponential exp(-inf) = 0,
+    // log(0) = -inf and the result 0 - gamma * (-inf) = +inf, with no inf - inf anywhere.
+    const double base = mu < infinity<double>() ? mu : 0.0;
+    const T sum = fast_exp(static_cast<T>((base - a) * inv_gamma)) +
+                  fast_exp(static_cast<T>((base - b) * inv_gamma)) +
+                  fast_exp(static_cast<T>((base - c) * inv_gamma));
+    return base - gamma * static_cast<double>(fast_log(sum));
   }
 }
 
@@ -247,12 +262,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   V* edge = args.workspace != nullptr ? static_cast<V*>(args.workspace) + b * 2 * M : nullptr;
   const V inf = infinity<V>();
 
-  const int64_t stripes = ceil_div(pair.n, rows_per_stripe);
-  for (int64_t p = 0; p < stripes; ++p) {
+  const int stripes = (pair.n + rows_per_stripe - 1) / rows_per_stripe;
+  for (int p = 0; p < stripes; ++p) {
     const Stripe stripe(pair, p, rows_per_stripe, K);
     const V* edge_above = edge + ((p + 1) % 2) * M;  // the previous stripe's last row
     V* edge_below = edge + (p % 2) * M;              // this stripe's last row
-    const int64_t first_row = stripe.i0 + int64_t(t) * K;
+    const int first_row = stripe.i0 + t * K;
     const bool owns_rows = t <= stripe.t_last;
     const bool owns_last_row = first_row + K - 1 == stripe.i0 + rows_per_stripe - 1 &&
                                p + 1 < stripes;
@@ -272,34 +287,36 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     }
     V out = inf;  // R of this thread's last row at its previous column (passed down)
-    const int64_t steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
-    for (int64_t s = 0; s < steps; ++s) {
+    const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
+    for (int s = 0; s < steps; ++s) {
       // R[first_row - 1][j]: thread t - 1's `out` from the previous step.
       V above = __shfl_up_sync(kFullMask, out, 1);
       if (lane == 0 && warp > 0) above = s > 0 ? handoff[(s + 1) % 2][warp - 1] : inf;
-      const int64_t j = stripe.j_begin + s - t;
+      const int j = stripe.j_begin + s - t;
       if (t == 0) {
         above = stripe.i0 > 0 && pair.allowed(stripe.i0 - 1, j) ? edge_above[j] : inf;
       }
       if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
         cost.column(j);
         V* R_here = R != nullptr ? R + layout.at(p, t, j) : nullptr;
+        // Branch-free cells: every cell is computed and an invalid one (outside the band, or
+        // a row past the pair's end: only in the last thread of the last stripe) is replaced
+        // by +inf; such rows only feed rows below them, which are invalid as well.
+        const int offset = j - first_row;       // j - i for k = 0
+        const int valid_rows = pair.n - first_row;
+        const int end_row = j == pair.m - 1 ? pair.n - 1 - first_row : -1;  // k of (n-1, m-1)
         V up = above, diag = above_left;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const int64_t i = first_row + k;
-          if (i < pair.n) {
-            V r = inf;
-            if (pair.allowed(i, j)) {
-              r = static_cast<V>(cost.at(k, i)) +
-                  best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
-              if (R_here != nullptr) R_here[k * blockDim.x] = r;
-              if (i == pair.n - 1 && j == pair.m - 1) values[b] = static_cast<T>(r);
-            }
-            diag = left[k];
-            up = r;
-            left[k] = r;
-          }
+          const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
+          V r = static_cast<V>(cost.at(k, first_row + k)) +
+                best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
+          r = ok ? r : inf;
+          if (R_here != nullptr && k < valid_rows) R_here[k * int(blockDim.x)] = r;
+          if (k == end_row) values[b] = static_cast<T>(r);
+          diag = left[k];
+          up = r;
+          left[k] = r;
         }
         out = up;
         if (owns_last_row) edge_below[j] = out;
@@ -342,15 +359,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     return fast_exp(static_cast<T>(fmin(0.0, (S_succ - R_ij) * inv_gamma)));
   };
 
-  const int64_t stripes = ceil_div(pair.n, rows_per_stripe);
-  for (int64_t p = stripes - 1; p >= 0; --p) {
+  const int stripes = (pair.n + rows_per_stripe - 1) / rows_per_stripe;
+  for (int p = stripes - 1; p >= 0; --p) {
     const Stripe stripe(pair, p, rows_per_stripe, K);
     const double* edge_below = edge + ((p + 1) % 2) * M;  // S of the next stripe's first row
     double* edge_above = edge + (p % 2) * M;               // S of this stripe's first row
-    const int64_t first_row = stripe.i0 + int64_t(t) * K;
+    const int first_row = stripe.i0 + t * K;
     const bool owns_rows = t <= stripe.t_last;
     const int lag = stripe.t_last - t;  // the last owning thread leads
-    const int64_t below_row = stripe.i_last + 1;  // first row of the stripe below (if < n)
+    const int below_row = stripe.i_last + 1;  // first row of the stripe below (if < n)
     cost.rows(first_row, pair.n);
 
     // (E, S) at column j + 1 of each row: outside the band / range right of j_end.
@@ -365,20 +382,20 @@ __global__ void __launch_bounds__(kMaxThreads)
     T below_right_E = T(0);
     double below_right_S = inf;
     if (t == stripe.t_last && pair.allowed(below_row, stripe.j_end + 1)) {
-      below_right_E = E[below_row * M + stripe.j_end + 1];
+      below_right_E = E[below_row * M + stripe.j_end + 1];  // int64: M is
       below_right_S = edge_below[stripe.j_end + 1];
     }
     T out_E = T(0);  // (E, S) of this thread's first row at its previous column (passed up)
     double out_S = inf;
-    const int64_t steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
-    for (int64_t s = 0; s < steps; ++s) {
+    const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
+    for (int s = 0; s < steps; ++s) {
       T below_E = __shfl_down_sync(kFullMask, out_E, 1);
       double below_S = __shfl_down_sync(kFullMask, out_S, 1);
       if (lane == kWarpSize - 1 && warp + 1 < warps) {
         below_E = s > 0 ? handoff_E[(s + 1) % 2][warp + 1] : T(0);
         below_S = s > 0 ? handoff_S[(s + 1) % 2][warp + 1] : inf;
       }
-      const int64_t j = stripe.j_end - (s - lag);
+      const int j = stripe.j_end - (s - lag);
       if (t == stripe.t_last) {  // the row below the stripe: written by the previous stripe
         const bool ok = pair.allowed(below_row, j);
         below_E = ok ? E[below_row * M + j] : T(0);
@@ -387,32 +404,31 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
         cost.column(j);
         const double* R_here = R + layout.at(p, t, j);
+        T* E_here = E + int64_t(first_row) * M + j;
+        const bool last_column = j == pair.m - 1;
+        // Branch-free cells, as in the forward: invalid cells (outside the band, rows past
+        // the pair's end) become (E, S) = (0, +inf), so they pass nothing on.
+        const int offset = j - first_row;
+        const int valid_rows = pair.n - first_row;
+        const int end_row = last_column ? pair.n - 1 - first_row : -1;
         T down_E = below_E, diag_E = below_right_E;
         double down_S = below_S, diag_S = below_right_S;
 #pragma unroll
         for (int k = K - 1; k >= 0; --k) {
-          const int64_t i = first_row + k;
-          if (i < pair.n) {
-            T e = T(0);
-            double S = inf;
-            if (pair.allowed(i, j)) {
-              const double r = R_here[k * blockDim.x];
-              S = r - static_cast<double>(cost.at(k, i));
-              if (i == pair.n - 1 && j == pair.m - 1) {
-                e = seed;
-              } else if (r != inf) {
-                e = down_E * weight(down_S, r) + right_E[k] * weight(right_S[k], r) +
-                    diag_E * weight(diag_S, r);
-              }
-              E[i * M + j] = e;
-            }
-            diag_E = right_E[k];
-            diag_S = right_S[k];
-            down_E = e;
-            down_S = S;
-            right_E[k] = e;
-            right_S[k] = S;
-          }
+          const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
+          const double r = ok ? R_here[k * int(blockDim.x)] : inf;
+          T e = down_E * weight(down_S, r) + right_E[k] * weight(right_S[k], r) +
+                diag_E * weight(diag_S, r);
+          e = r < inf ? e : T(0);  // unreachable (or invalid): no alignment
+          e = k == end_row ? seed : e;
+          const double S = ok ? r - static_cast<double>(cost.at(k, first_row + k)) : inf;
+          if (ok) E_here[k * M] = e;
+          diag_E = right_E[k];
+          diag_S = right_S[k];
+          down_E = e;
+          down_S = S;
+          right_E[k] = e;
+          right_S[k] = S;
         }
         out_E = down_E;
         out_S = down_S;
@@ -442,11 +458,11 @@ __global__ void hard_dtw_backtrack_kernel(const DtwArgs args, const T* __restric
   const PairShape pair(args, b);
   if (!pair.ok) return;
   const int64_t M = args.M;
-  const KeptLayout layout(args.threads, kRowsHard, M);
+  const KeptLayout layout(args.threads, args.rows, M);
   const T* R = R_in + b * args.kept_per_pair;
   T* E = E_out + b * args.N * M;
   const T g = grad[b];
-  int64_t i = pair.n - 1, j = pair.m - 1;
+  int i = pair.n - 1, j = pair.m - 1;
   while (true) {
     E[i * M + j] = g;
     if (i == 0 && j == 0) break;
@@ -488,7 +504,12 @@ int threads_for(const DtwArgs& a, int K) {
   return static_cast<int>(min64(max64(wanted, kWarpSize), cap));
 }
 
-int rows_per_thread(const DtwArgs& a) { return a.soft ? kRowsSoft : kRowsHard; }
+// K: 4 rows per thread for soft-DTW; 16 for hard DTW on a precomputed cost or D = 1, 8 for
+// D > 1 (16 rows of D <= 4 cached features would not fit in the registers).
+int rows_per_thread(const DtwArgs& a) {
+  if (a.soft) return kRowsSoft;
+  return a.cost != nullptr || a.D == 1 ? kRowsHard : kRowsHard / 2;
+}
 
 }  // namespace
 
@@ -501,18 +522,25 @@ int64_t dtw_kept_per_pair(const DtwArgs& args) {
 namespace {
 
 // Calls body(Cost*) with the cost source matching the arguments (K rows per thread).
+template <typename T, int K, bool kSq, typename Body>
+cudaError_t with_series_cost(const DtwArgs& a, Body&& body) {
+  if (a.D == 1) return body(static_cast<SeriesCost<T, 1, K, kSq>*>(nullptr));
+  if (a.D <= 4) return body(static_cast<SeriesCost<T, 4, K, kSq>*>(nullptr));
+  return body(static_cast<SeriesCost<T, 0, K, kSq>*>(nullptr));
+}
+
 template <typename T, int K, typename Body>
 cudaError_t with_cost(const DtwArgs& a, Body&& body) {
   if (a.cost != nullptr) return body(static_cast<MatrixCost<T, K>*>(nullptr));
-  if (a.D == 1) return body(static_cast<SeriesCost<T, 1, K>*>(nullptr));
-  if (a.D <= 4) return body(static_cast<SeriesCost<T, 4, K>*>(nullptr));
-  return body(static_cast<SeriesCost<T, 0, K>*>(nullptr));
+  if (a.metric == 0) return with_series_cost<T, K, true>(a, body);
+  return with_series_cost<T, K, false>(a, body);
 }
 
 // The arguments with the launch-derived fields filled in.
 DtwArgs resolved(const DtwArgs& args) {
   DtwArgs a = args;
-  a.threads = threads_for(a, rows_per_thread(a));
+  a.rows = rows_per_thread(a);
+  a.threads = threads_for(a, a.rows);
   a.kept_per_pair = dtw_kept_per_pair(a);
   return a;
 }
@@ -528,12 +556,24 @@ cudaError_t forward_typed(const DtwArgs& args, void* values, void* R, cudaStream
       return cudaGetLastError();
     });
   }
-  return with_cost<T, kRowsHard>(a, [&](auto* cost_tag) {
+  auto hard = [&](auto* cost_tag) {
     using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    dtw_forward_kernel<T, false, kRowsHard, Cost><<<a.B, a.threads, 0, stream>>>(
+    dtw_forward_kernel<T, false, Cost::kRows, Cost><<<a.B, a.threads, 0, stream>>>(
         a, static_cast<T*>(values), static_cast<T*>(R));
     return cudaGetLastError();
-  });
+  };
+  constexpr int kWide = kRowsHard / 2;  // rows per thread when D > 1 (see rows_per_thread)
+  if (a.cost != nullptr) return hard(static_cast<MatrixCost<T, kRowsHard>*>(nullptr));
+  if (a.D == 1) {
+    if (a.metric == 0) return hard(static_cast<SeriesCost<T, 1, kRowsHard, true>*>(nullptr));
+    return hard(static_cast<SeriesCost<T, 1, kRowsHard, false>*>(nullptr));
+  }
+  if (a.metric == 0) {
+    if (a.D <= 4) return hard(static_cast<SeriesCost<T, 4, kWide, true>*>(nullptr));
+    return hard(static_cast<SeriesCost<T, 0, kWide, true>*>(nullptr));
+  }
+  if (a.D <= 4) return hard(static_cast<SeriesCost<T, 4, kWide, false>*>(nullptr));
+  return hard(static_cast<SeriesCost<T, 0, kWide, false>*>(nullptr));
 }
 
 template <typename T>

@@ -147,14 +147,16 @@ struct DtwArgs {
   int max_threads;   // threads per pair (a multiple of 32, <= 512); 0 = the default 512
   void* workspace;   // dtw_workspace_bytes(*this) bytes (two boundary rows per pair)
   size_t workspace_bytes;
-  // Set by the launchers (callers leave them 0): threads per pair, kept R elements per pair.
-  int threads;
+  // Set by the launchers (callers leave them 0): threads and rows per thread of a pair's
+  // block, kept R elements per pair.
+  int threads, rows;
   int64_t kept_per_pair;
 };
 
 // Elements of the kept R per pair: R is kept in the kernels' own "step-major" layout (see
 // dtw_kernels.cu), slightly larger than N * M: ceil(N / (T K)) * (M + T - 1) * T * K for T
-// threads of K rows (K = 4 soft, 16 hard; T = min(max_threads, 32 * ceil(N / (32 K)))).
+// threads of K rows (K = 4 soft; hard: 16 for a precomputed cost or D = 1, else 8;
+// T = min(max_threads, 32 * ceil(N / (32 K)))).
 // The kept R is a [B, dtw_kept_per_pair(args)] tensor.
 int64_t dtw_kept_per_pair(const DtwArgs& args);
 
