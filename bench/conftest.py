@@ -4,7 +4,8 @@ Each benchmark registers its median with `record(...)`; at the end of the sessio
 per (op, mode, shape) group is printed with every provider's median, the effective
 bandwidth (the bytes the op must move at least, over the median) and the speed-up against
 eager PyTorch and torch.compile, next to the machine's measured copy bandwidth. The same
-table goes to bench/results/<device>.json and .md, stamped with the device and versions.
+table goes to bench/results/<device>-<family>.json and .md (family: losses or dtw), stamped
+with the device and versions.
 """
 
 import datetime
@@ -93,45 +94,61 @@ def _summary_rows(records):
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3][0] * 10**9 + (k[3][1] if len(k[3]) > 1 else 0), k[4])):
         entries = groups[key]
         by_provider = {e["provider"]: e["median_s"] for e in entries}
+        eager = by_provider.get("eager", by_provider.get("eager-cuda"))  # same-device loop
         for e in entries:
             row = dict(e)
-            if "eager" in by_provider:
-                row["vs_eager"] = by_provider["eager"] / e["median_s"]
+            if eager is not None:
+                row["vs_eager"] = eager / e["median_s"]
             if "torch.compile" in by_provider:
                 row["vs_compile"] = by_provider["torch.compile"] / e["median_s"]
             rows.append(row)
     return rows
 
 
+def family(op):
+    """Results are written per device and op family, so a run of one family (say, DTW on a
+    GPU) never overwrites another's table."""
+    return "dtw" if "dtw" in op else "losses"
+
+
+def render(device, rows, stamp):
+    """The markdown table of one results file."""
+    header = (f"{stamp['device']} | torch {stamp['torch']} | triton {stamp['triton']} | "
+              f"{stamp['threads']} threads | SIMD {stamp['simd']} | copy bandwidth "
+              f"{stamp['copy_bandwidth_gbps']:.1f} GB/s")
+    memory = device == "cuda"
+    lines = [f"### ether_kernels benchmarks on {device}: {header}", "",
+             "| op | mode | shape | dtype | provider | median | GB/s or G cells/s | vs eager | "
+             "vs torch.compile |" + (" peak MiB |" if memory else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if memory else "")]
+    for r in rows:
+        rate = (f"{r['gbps']:.1f} GB/s" if "gbps" in r else f"{r['gcells_per_s']:.3f} Gcells/s")
+        lines.append(
+            f"| {r['op']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
+            f"{r['provider']} | {r['median_s'] * 1e6:.1f} us | {rate} | "
+            f"{r.get('vs_eager', float('nan')):.2f}x | {r.get('vs_compile', float('nan')):.2f}x |"
+            + (f" {r.get('peak_mem_mb', float('nan')):.0f} |" if memory else ""))
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _records:
         return
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    for device in sorted({r["device"] for r in _records}):
-        rows = _summary_rows([r for r in _records if r["device"] == device])
+    for device, kind in sorted({(r["device"], family(r["op"])) for r in _records}):
+        rows = _summary_rows([r for r in _records
+                              if r["device"] == device and family(r["op"]) == kind])
         stamp = machine_stamp(device)
-        header = (f"{stamp['device']} | torch {stamp['torch']} | triton {stamp['triton']} | "
-                  f"{stamp['threads']} threads | SIMD {stamp['simd']} | copy bandwidth "
-                  f"{stamp['copy_bandwidth_gbps']:.1f} GB/s")
-        lines = [f"### ether_kernels benchmarks on {device}: {header}", "",
-                 "| op | mode | shape | dtype | provider | median | GB/s or G cells/s | vs eager | vs torch.compile |",
-                 "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            rate = (f"{r['gbps']:.1f} GB/s" if "gbps" in r else f"{r['gcells_per_s']:.3f} Gcells/s")
-            lines.append(
-                f"| {r['op']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
-                f"{r['provider']} | {r['median_s'] * 1e6:.1f} us | {rate} | "
-                f"{r.get('vs_eager', float('nan')):.2f}x | {r.get('vs_compile', float('nan')):.2f}x |")
-        text = "\n".join(lines)
+        lines = render(device, rows, stamp)
         terminalreporter.write_line("")
         for line in lines:
             terminalreporter.write_line(line)
         slug = re.sub(r"[^a-z0-9]+", "-", stamp["device"].lower()).strip("-")
-        base = os.path.join(RESULTS_DIR, f"{device}-{slug}")
+        base = os.path.join(RESULTS_DIR, f"{device}-{slug}-{kind}")
         with open(base + ".json", "w") as f:
             json.dump({"machine": stamp, "results": rows}, f, indent=1)
         with open(base + ".md", "w") as f:
-            f.write(text + "\n")
+            f.write("\n".join(lines) + "\n")
         terminalreporter.write_line(f"results written to {base}.json / .md")
 
 
