@@ -1,0 +1,143 @@
+// Emulated test of the DTW CUDA kernels (dtw_kernels.cu compiled as C++, see cuda_runtime.h):
+// forward values (kept R and value-only), backward E (soft: Cuturi & Blondel's Algorithm 2;
+// hard: the backtracked path) against a double-precision loop of the spec, for fp32 and fp64,
+// hard and soft, bands, per-pair lengths, the three cost paths (D = 1, D <= 4, any D), the
+// precomputed cost, and 32-thread blocks so that pairs span several stripes of rows.
+// Usage: dtw_test SEED (fresh random inputs per seed); exit status 0 when every case passes.
+#include "cuda/kernels_cuda.h"
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+#include <cmath>
+#include <algorithm>
+using namespace ether_kernels::cuda;
+static const double INF = INFINITY;
+std::mt19937_64 rng;
+int failures = 0;
+
+struct Case { int B, N, M, D; int64_t band; bool soft; double gamma; int metric; bool matrix; int threads; };
+
+template <class T> void run(const Case& cs) {
+  int B = cs.B, N = cs.N, M = cs.M, D = cs.D;
+  std::normal_distribution<double> nd;
+  std::vector<T> x(B * N * D), y(B * M * D);
+  for (auto& v : x) v = (T)nd(rng);
+  for (auto& v : y) v = (T)nd(rng);
+  std::vector<int64_t> xl(B), yl(B);
+  for (int b = 0; b < B; ++b) { xl[b] = b == 0 ? N : 1 + rng() % N; yl[b] = b == 0 ? M : 1 + rng() % M; }
+  // cost (double, from the T values)
+  std::vector<double> c(B * N * M);
+  for (int b = 0; b < B; ++b) for (int i = 0; i < N; ++i) for (int j = 0; j < M; ++j) {
+    double t = 0;
+    for (int d = 0; d < D; ++d) { double df = (double)x[(b*N+i)*D+d] - (double)y[(b*M+j)*D+d]; t += cs.metric == 2 ? std::fabs(df) : df*df; }
+    c[(b*N+i)*M+j] = cs.metric == 1 ? std::sqrt(t) : t;
+  }
+  std::vector<T> costT(B * N * M);
+  for (size_t k = 0; k < c.size(); ++k) costT[k] = (T)c[k];
+  if (cs.matrix) for (size_t k = 0; k < c.size(); ++k) c[k] = (double)costT[k];
+  std::vector<T> grad(B);
+  for (auto& g : grad) g = (T)(0.5 + (rng() % 100) / 100.0);
+  // reference
+  std::vector<double> val(B), E(B * N * M, 0.0);
+  std::vector<std::vector<double>> Rref(B);
+  for (int b = 0; b < B; ++b) {
+    int n = xl[b], m = yl[b];
+    int64_t lo = cs.band < 0 ? -10000 : -cs.band + std::min(0, m - n), hi = cs.band < 0 ? 10000 : cs.band + std::max(0, m - n);
+    auto ok = [&](int i, int j) { return i >= 0 && i < n && j >= 0 && j < m && j - i >= lo && j - i <= hi; };
+    std::vector<double> R((n + 1) * (m + 1), INF);
+    auto Rat = [&](int i, int j) -> double& { return R[(i + 1) * (m + 1) + (j + 1)]; };
+    Rat(-1, -1) = 0;
+    for (int i = 0; i < n; ++i) for (int j = 0; j < m; ++j) {
+      if (!ok(i, j)) continue;
+      double a = Rat(i-1,j-1), u = Rat(i-1,j), l = Rat(i,j-1), mu = std::min({a,u,l}), best = mu;
+      if (cs.soft && mu < INF) best = mu - cs.gamma * std::log(std::exp(-(a-mu)/cs.gamma) + std::exp(-(u-mu)/cs.gamma) + std::exp(-(l-mu)/cs.gamma));
+      Rat(i, j) = c[(b*N+i)*M+j] + best;
+    }
+    val[b] = Rat(n-1, m-1);
+    Rref[b] = R;
+    double* Eb = &E[b*N*M];
+    if (cs.soft) {
+      for (int i = n - 1; i >= 0; --i) for (int j = m - 1; j >= 0; --j) {
+        if (!ok(i, j)) continue;
+        double e = 0;
+        if (i == n-1 && j == m-1) e = 1;
+        else if (Rat(i,j) < INF) {
+          int si[3] = {i+1, i, i+1}, sj[3] = {j, j+1, j+1};
+          for (int k = 0; k < 3; ++k) if (ok(si[k], sj[k]))
+            e += Eb[si[k]*M+sj[k]] * std::exp((Rat(si[k],sj[k]) - c[(b*N+si[k])*M+sj[k]] - Rat(i,j)) / cs.gamma);
+        }
+        Eb[i*M+j] = e;
+      }
+      for (int k = 0; k < N*M; ++k) Eb[k] *= (double)grad[b];
+    } else {
+      int i = n-1, j = m-1;
+      while (true) {
+        Eb[i*M+j] = grad[b];
+        if (i == 0 && j == 0) break;
+        int mv = -1; double best = 0;
+        if (ok(i-1,j-1)) { best = Rat(i-1,j-1); mv = 0; }
+        if (ok(i-1,j) && (mv < 0 || Rat(i-1,j) < best)) { best = Rat(i-1,j); mv = 1; }
+        if (ok(i,j-1) && (mv < 0 || Rat(i,j-1) < best)) { best = Rat(i,j-1); mv = 2; }
+        if (mv != 2) --i; if (mv != 1) --j;
+      }
+    }
+  }
+  // kernels
+  DtwArgs a{};
+  a.cost = cs.matrix ? costT.data() : nullptr;
+  a.x = x.data(); a.y = y.data(); a.x_batch_stride = N * D; a.y_batch_stride = M * D;
+  a.dtype = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+  a.B = B; a.N = N; a.M = M; a.D = D; a.x_lengths = xl.data(); a.y_lengths = yl.data();
+  a.metric = cs.metric; a.band = cs.band; a.gamma = cs.gamma; a.soft = cs.soft; a.max_threads = cs.threads;
+  std::vector<char> ws(dtw_workspace_bytes(a) + 8);
+  a.workspace = ws.data(); a.workspace_bytes = ws.size();
+  std::vector<T> values(B);
+  size_t vbytes = cs.soft ? 8 : sizeof(T);
+  std::vector<char> Rk(B * dtw_kept_per_pair(a) * vbytes);
+  dtw_forward(a, values.data(), Rk.data(), nullptr);
+  std::vector<T> Ek(B * N * M, T(0));
+  dtw_backward(a, grad.data(), Rk.data(), Ek.data(), nullptr);
+  // value-only forward must agree too
+  std::vector<T> values2(B);
+  dtw_forward(a, values2.data(), nullptr, nullptr);
+  double vtol = sizeof(T) == 8 ? 1e-10 : 1e-5;
+  double worst_v = 0, worst_e = 0, emax = 0;
+  for (int b = 0; b < B; ++b) {
+    double err = std::fabs((double)values[b] - val[b]) / std::max(1.0, std::fabs(val[b]));
+    double err2 = std::fabs((double)values2[b] - val[b]) / std::max(1.0, std::fabs(val[b]));
+    worst_v = std::max({worst_v, err, err2});
+  }
+  for (size_t k = 0; k < E.size(); ++k) emax = std::max(emax, std::fabs(E[k]));
+  for (size_t k = 0; k < E.size(); ++k) worst_e = std::max(worst_e, std::fabs((double)Ek[k] - E[k]) / std::max(emax, 1e-30));
+  double etol = sizeof(T) == 8 ? 1e-9 : 1e-4;
+  // Hard DTW with the l1 cost in 1-D has exact ties between paths (|a - b| + |b - c| sums):
+  // fp32 rounding picks among equally optimal paths, so only its value is compared.
+  const bool ties = !cs.soft && cs.metric == 2 && sizeof(T) == 4;
+  bool bad = !(worst_v <= vtol) || (!ties && !(worst_e <= etol));
+  if (bad) ++failures;
+  std::printf("%s %s B=%d N=%d M=%d D=%d band=%lld gamma=%g metric=%d matrix=%d thr=%d: val %.2e E %.2e%s\n",
+    sizeof(T)==8?"f64":"f32", cs.soft?"soft":"hard", B, N, M, D, (long long)cs.band, cs.gamma, cs.metric, cs.matrix, cs.threads, worst_v, worst_e, bad ? "  <-- FAIL" : "");
+}
+
+int main(int argc, char** argv) {
+  const unsigned long long seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 12345;
+  rng.seed(seed);
+  std::printf("seed %llu\n", seed);
+  std::vector<Case> cases;
+  for (int soft = 0; soft < 2; ++soft)
+    for (int64_t band : {-1LL, 0LL, 2LL})
+      for (int matrix = 0; matrix < 2; ++matrix) {
+        cases.push_back({3, 7, 5, 1, band, (bool)soft, 1.0, 0, (bool)matrix, 0});
+        cases.push_back({3, 5, 9, 3, band, (bool)soft, 0.1, matrix ? 0 : 1, (bool)matrix, 0});
+        cases.push_back({2, 300, 270, soft ? 6 : 1, band, (bool)soft, 1.0, matrix ? 0 : 2, (bool)matrix, 32});
+        cases.push_back({2, 70, 90, 2, band, (bool)soft, 0.01, 0, (bool)matrix, 32});
+        cases.push_back({2, 600, 150, 1, band, (bool)soft, 0.5, 0, (bool)matrix, 32});
+        cases.push_back({3, 40, 33, 6, band, (bool)soft, 0.3, matrix ? 0 : 1, (bool)matrix, 0});
+        cases.push_back({2, 300, 80, 3, band, (bool)soft, 0.2, 0, (bool)matrix, 32});
+        cases.push_back({2, 290, 70, 7, band, (bool)soft, 0.2, 0, (bool)matrix, 32});
+      }
+  for (auto& c : cases) { run<double>(c); run<float>(c); }
+  std::printf("%d failures\n", failures);
+  return failures != 0;
+}
