@@ -295,14 +295,14 @@ def _cuda_threads_per_pair():
 def _kept_R(like, B, N, M, soft, D=None):
     """An empty tensor shaped like the kept R of the backend `like` lives on.
 
-    CPU: (B, N, M) in the inputs' dtype. CUDA: (B, L) in the kernels' coalesced layout,
-    float64 for soft-DTW whatever the dtype (the backward's weights need it at small gamma),
+    CPU: (B, N, M); CUDA: (B, L) in the kernels' coalesced layout. Float64 for soft-DTW
+    whatever the dtype (the backward's weights need it at small gamma), else the dtype;
     L = dtw_kept_per_pair in csrc/cuda/kernels_cuda.h: ceil(N / (T K)) (M + T - 1) T K for
     K rows per thread (4 soft; hard: 16 on a precomputed cost (D None) or D = 1, else 8)
     and T = min(cap, 32 ceil(N / (32 K))) threads.
     """
-    if like.device.type != "cuda":
-        return like.new_empty((B, N, M))
+    if like.device.type != "cuda":  # soft-DTW keeps R in float64 on the CPU as well
+        return like.new_empty((B, N, M), dtype=torch.float64 if soft else like.dtype)
     K = 4 if soft else (16 if D is None or D == 1 else 8)
     cap = _cuda_threads_per_pair() // 32 * 32
     threads = torch.sym_min(torch.sym_max(-(-(-(-N // K)) // 32) * 32, 32), cap)

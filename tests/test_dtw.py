@@ -356,13 +356,16 @@ def test_the_cpp_ops_check_their_arguments():
         (lambda: ops.dtw_forward(cost, torch.tensor([0, 2]), yl, -1, 1.0, True, False), r"x_lengths"),
         (lambda: ops.dtw_backward(torch.ones(2), cost, torch.rand(2, 3, 3), xl, yl, -1, 1.0, True),
          r"dtw_backward: R must be the forward's kept \(B, N, M\)"),
-        (lambda: ops.dtw_backward(torch.ones(3), cost, cost, xl, yl, -1, 1.0, True),
+        (lambda: ops.dtw_backward(torch.ones(3), cost, cost.double(), xl, yl, -1, 1.0, True),
          r"dtw_backward: grad must be a \(B,\)"),
         (lambda: ops.dtw_xy_forward(x, y, xl, yl, 5, -1, 1.0, True, False), r"metric must be 0"),
         (lambda: ops.dtw_xy_forward(x, torch.randn(2, 4, 3), xl, yl, 0, -1, 1.0, True, False),
          r"same feature size D"),
-        (lambda: ops.dtw_xy_backward(torch.ones(2), x, y, cost.double(), xl, yl, 0, -1, 1.0, True,
-                                     True, True), r"R must have the inputs' dtype"),
+        # soft-DTW keeps R in float64 (hard DTW in the inputs' dtype)
+        (lambda: ops.dtw_xy_backward(torch.ones(2), x, y, cost, xl, yl, 0, -1, 1.0, True,
+                                     True, True), r"R must be Double \(soft-DTW keeps R in float64\)"),
+        (lambda: ops.dtw_xy_backward(torch.ones(2), x, y, cost.double(), xl, yl, 0, -1, 1.0, False,
+                                     True, True), r"R must be Float"),
     ]
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):

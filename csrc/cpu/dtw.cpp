@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 namespace ether_kernels::cpu {
 
@@ -49,14 +50,18 @@ void check_options(int64_t band, double gamma, bool soft, const char* op) {
 }
 
 // The backward's upstream gradient (B,) and the forward's kept accumulated cost R (B, N, M).
+// The kept R's dtype: float64 for soft-DTW (the backward's weights need it at small gamma),
+// the inputs' dtype for hard DTW.
+at::ScalarType kept_dtype(at::ScalarType dtype, bool soft) { return soft ? at::kDouble : dtype; }
+
 void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B, int64_t N,
-                           int64_t M, at::ScalarType dtype, const char* op) {
+                           int64_t M, at::ScalarType dtype, bool soft, const char* op) {
   TORCH_CHECK(R.device().is_cpu() && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
                   R.size(2) == M,
               op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
               ") CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
-  TORCH_CHECK(R.scalar_type() == dtype, op, ": R must have the inputs' dtype ", dtype, ", got ",
-              R.scalar_type());
+  TORCH_CHECK(R.scalar_type() == kept_dtype(dtype, soft), op, ": R must be ",
+              kept_dtype(dtype, soft), " (soft-DTW keeps R in float64), got ", R.scalar_type());
   TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
               ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
               " on ", grad.device());
@@ -78,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_forward_cpu(const at::Tensor& cost,
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const at::Tensor c = cost.contiguous();
   at::Tensor values = at::empty({B}, c.options());
-  at::Tensor R = keep ? at::empty({B, N, M}, c.options()) : at::empty({0}, c.options());
+  at::Tensor R = keep ? at::empty({B, N, M}, c.options().dtype(kept_dtype(c.scalar_type(), soft)))
+                      : at::empty({0}, c.options());
   if (B == 0) return {values, R};
   DtwForwardArgs args{c.data_ptr(),
                       c.scalar_type(),
@@ -103,7 +109,7 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
   check_cost(cost, op);
   check_options(band, gamma, soft, op);
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  check_backward_inputs(grad, R, B, N, M, cost.scalar_type(), op);
+  check_backward_inputs(grad, R, B, N, M, cost.scalar_type(), soft, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const at::Tensor c = cost.contiguous();
@@ -164,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const
   const at::Tensor xc = x.contiguous();
   const at::Tensor yc = y.contiguous();
   at::Tensor values = at::empty({B}, xc.options());
-  at::Tensor R = keep ? at::empty({B, N, M}, xc.options()) : at::empty({0}, xc.options());
+  at::Tensor R = keep ? at::empty({B, N, M}, xc.options().dtype(kept_dtype(xc.scalar_type(), soft)))
+                      : at::empty({0}, xc.options());
   if (B == 0) return {values, R};
   DtwXYForwardArgs args{xc.data_ptr(),
                         yc.data_ptr(),
@@ -193,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
   check_series(x, y, metric, op);
   check_options(band, gamma, soft, op);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
-  check_backward_inputs(grad, R, B, N, M, x.scalar_type(), op);
+  check_backward_inputs(grad, R, B, N, M, x.scalar_type(), soft, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const at::Tensor xc = x.contiguous();

@@ -22,11 +22,13 @@
 // Backward (hard): the optimal path, backtracked from (n, m) through the kept R with ties
 // broken diagonal, then (i - 1, j), then (i, j - 1); E = grad[b] on the path, 0 elsewhere.
 //
-// Precision: values and R are returned in the input dtype, but all arithmetic is fp64, for
-// fp32 inputs too (see Acc below); fp32 costs are read as fp32 and widened. The fp32 soft
-// backward therefore recomputes the pair's R in fp64 from the cost (the kept fp32 R is not
-// precise enough for the weights at small gamma), in O(n m) per-thread scratch; the hard
-// backward uses the kept R.
+// Precision: values are returned in the input dtype, but all soft-DTW arithmetic is fp64,
+// for fp32 inputs too (see Acc below); fp32 costs are read as fp32 and widened. Soft-DTW
+// keeps R in fp64 (an fp32 R is not precise enough for the backward's weights at small
+// gamma), so the backward never recomputes the forward; hard DTW keeps R in the dtype.
+// Kept R layout: (B, N, M), pair b's cell (i, j) at [b, i - 1, j - 1]; except the soft
+// series path, where a group of L pairs run in vector lanes keeps its rows interleaved in
+// the group's L * N * M block: cell (i, j) of lane k at ((i - 1) * m + (j - 1)) * L + k.
 
 #include "dtw_kernel_api.h"
 
@@ -36,6 +38,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -139,7 +142,8 @@ void forward_impl(const DtwForwardArgs& a) {
   using A = Acc<T>;
   const T* cost = static_cast<const T*>(a.cost);
   T* values = static_cast<T*>(a.values);
-  T* R = static_cast<T*>(a.R);
+  T* R = static_cast<T*>(a.R);               // hard: kept in the dtype
+  double* R_soft = static_cast<double*>(a.R);  // soft: kept in fp64
   const int64_t B = a.B, N = a.N, M = a.M;
   const A gamma = static_cast<A>(a.gamma);
   const int64_t cells = std::max<int64_t>(1, N * M);
@@ -151,9 +155,12 @@ void forward_impl(const DtwForwardArgs& a) {
     for (int64_t b = begin; b < end; ++b) {
       const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
       const T* cb = cost + b * N * M;
-      T* Rb = R != nullptr ? R + b * N * M : nullptr;
-      const A v = a.soft ? forward_pair<T, A, T, true>(cb, M, pb, gamma, prev, cur, Rb, M, N)
-                         : forward_pair<T, A, T, false>(cb, M, pb, gamma, prev, cur, Rb, M, N);
+      const A v =
+          a.soft ? forward_pair<T, A, double, true>(
+                       cb, M, pb, gamma, prev, cur, R != nullptr ? R_soft + b * N * M : nullptr,
+                       M, N)
+                 : forward_pair<T, A, T, false>(cb, M, pb, gamma, prev, cur,
+                                                R != nullptr ? R + b * N * M : nullptr, M, N);
       values[b] = static_cast<T>(v);
     }
   });
@@ -233,39 +240,32 @@ void backward_impl(const DtwBackwardArgs& a) {
   using A = Acc<T>;
   constexpr bool kSameType = std::is_same_v<T, A>;
   const T* grad = static_cast<const T*>(a.grad);
-  const T* cost = static_cast<const T*>(a.cost);
-  const T* R = static_cast<const T*>(a.R);
+  const T* R = static_cast<const T*>(a.R);                  // hard: the dtype
+  const double* R_soft = static_cast<const double*>(a.R);  // soft: fp64
   T* E = static_cast<T*>(a.E);
   const int64_t B = a.B, N = a.N, M = a.M;
   const A gamma = static_cast<A>(a.gamma);
   const int64_t cells = std::max<int64_t>(1, N * M);
   const int64_t grain = std::max<int64_t>(1, 32768 / cells);
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    // Soft backward when T != A (fp32): the kept R is only rounded, so the pair's R is
-    // recomputed in A (bit-identical to what the forward computed before rounding), and E
-    // is accumulated in A, both in (n, m) scratch buffers.
-    std::vector<A> rows, r_scratch, e_scratch;
+    // Soft backward for fp32: E is accumulated in A in an (n, M) scratch buffer.
+    std::vector<A> e_scratch;
     for (int64_t b = begin; b < end; ++b) {
       const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
       const int64_t n = pb.n, m = pb.m;
       T* Eb = E + b * N * M;
       std::fill(Eb, Eb + N * M, T(0));
-      const T* Rb = R + b * N * M;
       if (!a.soft) {
-        hard_backward_pair<T>(Rb, M, pb, grad[b], Eb);
+        hard_backward_pair<T>(R + b * N * M, M, pb, grad[b], Eb);
       } else if constexpr (kSameType) {
-        soft_backward_pair<A>(reinterpret_cast<const A*>(Rb), M, pb, gamma,
-                              static_cast<A>(grad[b]), reinterpret_cast<A*>(Eb));
+        soft_backward_pair<A>(R_soft + b * N * M, M, pb, gamma, static_cast<A>(grad[b]),
+                              reinterpret_cast<A*>(Eb));
       } else {
-        rows.resize(2 * (m + 1));
-        r_scratch.resize(n * m);
-        e_scratch.assign(n * m, A(0));
-        forward_pair<T, A, A, true>(cost + b * N * M, M, pb, gamma, rows.data(),
-                                    rows.data() + m + 1, r_scratch.data(), m, n);
-        soft_backward_pair<A>(r_scratch.data(), m, pb, gamma, static_cast<A>(grad[b]),
+        e_scratch.assign(n * M, A(0));
+        soft_backward_pair<A>(R_soft + b * N * M, M, pb, gamma, static_cast<A>(grad[b]),
                               e_scratch.data());
         for (int64_t i = 0; i < n; ++i) {
-          for (int64_t j = 0; j < m; ++j) Eb[i * M + j] = static_cast<T>(e_scratch[i * m + j]);
+          for (int64_t j = 0; j < m; ++j) Eb[i * M + j] = static_cast<T>(e_scratch[i * M + j]);
         }
       }
     }
@@ -462,67 +462,149 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D) {
   return c;
 }
 
-// Rl: (n + 1) * (m + 1) vectors when kStore (1-based R with its row 0 / column 0; cells
-// outside the band stay +inf), else 2 * (m + 1) rolling rows. Returns R[n][m].
-template <int kMetric, bool kStore>
+// Three rolling rows of m + 1 vectors in `rows` (1-based R with column 0; cells outside the
+// band are +inf). Rows are computed two at a time, skewed by one column: cell (i, j) and
+// cell (i + 1, j - 1) depend on nothing computed in the same step, so the two exp -> log
+// dependency chains (one per row) overlap instead of running back to back. When `kept` is
+// non-null, each finished row i (its m vectors, without the border) is copied to
+// kept + (i - 1) * m * L: the layout the backward reads. Returns R[n][m].
+template <int kMetric>
 VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
-                         double gamma, VA* Rl) {
+                         double gamma, VA* rows, double* kept) {
   constexpr int64_t L = VA::size();
   const VA inf(std::numeric_limits<double>::infinity());
   const VA g(gamma), ig(1.0 / gamma);
   const int64_t n = pb.n, m = pb.m, ld = m + 1;
-  const int64_t rows = kStore ? n + 1 : 2;
-  for (int64_t e = 0; e < rows * ld; ++e) Rl[e] = inf;
-  Rl[0] = VA(0.0);
-  auto row = [&](int64_t i) { return kStore ? Rl + i * ld : Rl + (i & 1) * ld; };
-  for (int64_t i = 1; i <= n; ++i) {
-    VA* cur = row(i);
-    const VA* prev = row(i - 1);
-    if constexpr (!kStore) {
-      if (i >= 2) {  // drop row i - 2 (row 0 held only column 0)
-        const int64_t f = i == 2 ? 0 : pb.first(i - 2), l = i == 2 ? 0 : pb.last(i - 2);
-        for (int64_t j = f; j <= l; ++j) cur[j] = inf;
+  for (int64_t e = 0; e < 3 * ld; ++e) rows[e] = inf;
+  rows[0] = VA(0.0);  // buffer 0 holds row 0: R[0][0] = 0
+  // The column range each buffer holds finite values in (to reset before reuse).
+  int64_t held_first[3] = {0, 1, 1}, held_last[3] = {0, 0, 0};
+  auto take = [&](int64_t slot, int64_t first, int64_t last) {
+    VA* row = rows + slot * ld;
+    for (int64_t j = held_first[slot]; j <= held_last[slot]; ++j) row[j] = inf;
+    held_first[slot] = first;
+    held_last[slot] = last;
+    return row;
+  };
+  auto cell = [&](const VA* above, VA left, const double* xi, int64_t j) {
+    return local_cost_lanes<kMetric>(xi, yt + (j - 1) * D * L, D) +
+           softmin3_lanes(above[j - 1], above[j], left, g, ig);
+  };
+  int64_t prev_slot = 0;
+  for (int64_t i = 1; i <= n; i += 2) {
+    const bool pair_of_rows = i + 1 <= n;
+    const int64_t f1 = pb.first(i), l1 = pb.last(i);
+    const int64_t f2 = pair_of_rows ? pb.first(i + 1) : 1;
+    const int64_t l2 = pair_of_rows ? pb.last(i + 1) : 0;  // empty when alone
+    const int64_t slot1 = (prev_slot + 1) % 3, slot2 = (prev_slot + 2) % 3;
+    const VA* prev = rows + prev_slot * ld;
+    VA* cur1 = take(slot1, f1, l1);
+    VA* cur2 = pair_of_rows ? take(slot2, f2, l2) : nullptr;
+    const double* x1 = xt + (i - 1) * D * L;
+    const double* x2 = x1 + D * L;
+    VA left1 = inf, left2 = inf;
+    // Step j: (i, j) if j <= l1, and (i + 1, j - 1) if f2 <= j - 1 <= l2. Row i + 1 starts
+    // at f2 >= f1 and ends at l2 >= l1 (the band only moves right), so every value of row i
+    // it reads has been computed one step earlier (or is +inf outside row i's range).
+    const int64_t last_step = std::max(l1, l2 + 1);
+    for (int64_t j = f1; j <= last_step; ++j) {
+      if (j <= l1) {
+        left1 = cell(prev, left1, x1, j);
+        cur1[j] = left1;
+      }
+      const int64_t j2 = j - 1;
+      if (j2 >= f2 && j2 <= l2) {
+        left2 = cell(cur1, left2, x2, j2);
+        cur2[j2] = left2;
       }
     }
-    const int64_t jf = pb.first(i), jl = pb.last(i);
-    const double* xi = xt + (i - 1) * D * L;
-    VA left = inf;
-    for (int64_t j = jf; j <= jl; ++j) {
-      const VA best = softmin3_lanes(prev[j - 1], prev[j], left, g, ig);
-      const VA v = local_cost_lanes<kMetric>(xi, yt + (j - 1) * D * L, D) + best;
-      cur[j] = v;
-      left = v;
+    if (kept != nullptr) {
+      std::memcpy(kept + (i - 1) * m * L, cur1 + 1, m * sizeof(VA));
+      if (pair_of_rows) std::memcpy(kept + i * m * L, cur2 + 1, m * sizeof(VA));
     }
+    prev_slot = pair_of_rows ? slot2 : slot1;
   }
-  return row(n)[m];
+  return rows[prev_slot * ld + m];
 }
 
-// Backward of one lane group: Rl as written by xy_soft_forward_lanes<kStore = true>;
-// El: (n + 1) * (m + 1) vectors (zeroed here; E of cell (i, j) at i * (m + 1) + j).
-// Then gx (n, D, L) and gy (m, D, L) get sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
+// Adds e * d cost(x_i, y_j) / d x_i to gxi (D vectors) and its negative to gyj.
+template <int kMetric>
+inline void contract_lanes(const double* xi, const double* yj, int64_t D, const VA& e,
+                           VA* gxi, VA* gyj) {
+  constexpr int64_t L = VA::size();
+  const VA zero(0.0), one(1.0), two(2.0);
+  if constexpr (kMetric == kEuclidean) {
+    VA s = zero;
+    for (int64_t d = 0; d < D; ++d) {
+      const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
+      s = s + t * t;
+    }
+    const VA inv = VA::blendv(zero, e / s.sqrt(), s > zero);
+    for (int64_t d = 0; d < D; ++d) {
+      const VA c = (VA::loadu(xi + d * L) - VA::loadu(yj + d * L)) * inv;
+      gxi[d] = gxi[d] + c;
+      gyj[d] = gyj[d] - c;
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) {
+      const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
+      VA gd;
+      if constexpr (kMetric == kL1) {
+        gd = VA::blendv(zero, one, t > zero) - VA::blendv(zero, one, t < zero);
+      } else {
+        gd = two * t;
+      }
+      const VA c = e * gd;
+      gxi[d] = gxi[d] + c;
+      gyj[d] = gyj[d] - c;
+    }
+  }
+}
+
+// Backward of one lane group, streaming: R is read row by row from `kept` (as written by
+// xy_soft_forward_lanes) into two rolling rows with the recurrence's border, E lives in two
+// rolling rows, and each cell's final E is contracted with the local cost's gradient as
+// soon as it is known (cells are visited in reverse row-major order, so E[p][q] is final
+// when (p, q) is visited). work: 4 * (m + 1) vectors. gx (n, D), gy (m, D) vectors get
+// sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
 template <int kMetric>
 void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
-                            double gamma, const VA& g, const VA* Rl, VA* El, VA* gx, VA* gy) {
+                            double gamma, const VA& g, const double* kept, VA* work, VA* gx,
+                            VA* gy) {
   constexpr int64_t L = VA::size();
-  (void)L;
   const VA inf(std::numeric_limits<double>::infinity());
-  const VA zero(0.0), one(1.0), two(2.0), ig(1.0 / gamma);
+  const VA zero(0.0), one(1.0), ig(1.0 / gamma);
   const int64_t n = pb.n, m = pb.m, ld = m + 1;
-  for (int64_t e = 0; e < (n + 1) * ld; ++e) El[e] = zero;
-  El[n * ld + m] = g;
+  VA* r_cur = work;           // R row p (1-based columns, [0] the border)
+  VA* r_up = work + ld;       // R row p - 1
+  VA* e_cur = work + 2 * ld;  // E row p: pushes received from row p + 1
+  VA* e_up = work + 3 * ld;   // E row p - 1: pushes from row p
+  auto load_row = [&](int64_t i, VA* dst) {
+    if (i == 0) {  // R[0][0] = 0, R[0][j] = +inf
+      for (int64_t j = 0; j <= m; ++j) dst[j] = inf;
+      dst[0] = zero;
+      return;
+    }
+    dst[0] = inf;
+    std::memcpy(dst + 1, kept + (i - 1) * m * L, m * sizeof(VA));
+  };
+  for (int64_t e = 0; e < n * D; ++e) gx[e] = zero;
+  for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
+  for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
+  e_cur[m] = g;
+  load_row(n, r_cur);
   for (int64_t p = n; p >= 1; --p) {
+    load_row(p - 1, r_up);
+    for (int64_t j = 0; j <= m; ++j) e_up[j] = zero;
     const int64_t jf = pb.first(p), jl = pb.last(p);
-    VA* erow = El + p * ld;
-    VA* eup = El + (p - 1) * ld;
-    const VA* rrow = Rl + p * ld;
-    const VA* rup = Rl + (p - 1) * ld;
+    const double* xp = xt + (p - 1) * D * L;
+    VA* gxp = gx + (p - 1) * D;
     // carry: the push of (p, q + 1) to its left neighbour (p, q), kept in a register so
     // the only dependency from one cell to the next is an add and two multiplies.
     VA carry = zero;
     for (int64_t q = jl; q >= jf; --q) {
-      const VA e = erow[q] + carry;
-      erow[q] = e;
-      const VA d = rup[q - 1], u = rup[q], l = rrow[q - 1];
+      const VA e = e_cur[q] + carry;  // final: every successor has pushed
+      const VA d = r_up[q - 1], u = r_up[q], l = r_cur[q - 1];
       const VA mu = at::vec::minimum(d, at::vec::minimum(u, l));
       const VA valid = mu < inf;  // false for NaN too: push nothing
       const VA d_min = (d == mu);
@@ -540,52 +622,13 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
       const VA inv = VA::blendv(zero, one / ((wd + wu) + wl), valid);
       const VA scale = e * inv;
       // Row 0 / column 0 receive pushes too (always zero weight, or ignored).
-      eup[q - 1] = eup[q - 1] + scale * wd;
-      eup[q] = eup[q] + scale * wu;
+      e_up[q - 1] = e_up[q - 1] + scale * wd;
+      e_up[q] = e_up[q] + scale * wu;
       carry = scale * wl;
+      contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
     }
-    erow[jf - 1] = erow[jf - 1] + carry;
-  }
-  for (int64_t e = 0; e < n * D; ++e) gx[e] = zero;
-  for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
-  for (int64_t i = 1; i <= n; ++i) {
-    const int64_t jf = pb.first(i), jl = pb.last(i);
-    const VA* erow = El + i * ld;
-    const double* xi = xt + (i - 1) * D * L;
-    VA* gxi = gx + (i - 1) * D;
-    for (int64_t j = jf; j <= jl; ++j) {
-      const VA e = erow[j];
-      const double* yj = yt + (j - 1) * D * L;
-      VA* gyj = gy + (j - 1) * D;
-      if constexpr (kMetric == kEuclidean) {
-        VA s = zero;
-        for (int64_t d = 0; d < D; ++d) {
-          const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
-          s = s + t * t;
-        }
-        const VA pos = s > zero;
-        const VA inv = VA::blendv(zero, e / s.sqrt(), pos);
-        for (int64_t d = 0; d < D; ++d) {
-          const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
-          const VA c = t * inv;
-          gxi[d] = gxi[d] + c;
-          gyj[d] = gyj[d] - c;
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
-          VA gd;
-          if constexpr (kMetric == kL1) {
-            gd = VA::blendv(zero, one, t > zero) - VA::blendv(zero, one, t < zero);
-          } else {
-            gd = two * t;
-          }
-          const VA c = e * gd;
-          gxi[d] = gxi[d] + c;
-          gyj[d] = gyj[d] - c;
-        }
-      }
-    }
+    std::swap(e_cur, e_up);
+    std::swap(r_cur, r_up);
   }
 }
 
@@ -641,10 +684,11 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
         std::vector<A> buf(2 * (M + 1));
         std::vector<double> xt, yt;
         std::vector<VA> rl;
+        double* R_soft = static_cast<double*>(a.R);  // soft-DTW keeps R in fp64
         auto single = [&](int64_t b) {
           const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
-          T* Rb = R != nullptr ? R + b * N * M : nullptr;
-          values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, T>(
+          double* Rb = R_soft != nullptr ? R_soft + b * N * M : nullptr;
+          values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, double>(
               x + b * N * D, y + b * M * D, D, pb, gamma, buf.data(), buf.data() + M + 1, Rb,
               M, N));
         };
@@ -662,29 +706,16 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           const int64_t n = pb.n, m = pb.m, ld = m + 1;
           gather_lanes<T>(x, y, N, M, D, b0, n, m, xt, yt);
           alignas(64) double out[LA];
-          if (R == nullptr) {
-            rl.resize(2 * ld);
-            xy_soft_forward_lanes<kMetric, false>(xt.data(), yt.data(), D, pb, a.gamma,
-                                                  rl.data()).store(out);
-          } else {
-            rl.resize((n + 1) * ld);
-            xy_soft_forward_lanes<kMetric, true>(xt.data(), yt.data(), D, pb, a.gamma,
-                                                 rl.data()).store(out);
-            constexpr T kInfT = std::numeric_limits<T>::infinity();
-            alignas(64) double tmp[LA];
-            for (int64_t k = 0; k < LA; ++k) {
-              T* Rb = R + (b0 + k) * N * M;
-              std::fill(Rb, Rb + N * M, kInfT);
-            }
-            (void)tmp;
-            for (int64_t i = 1; i <= n; ++i) {  // row by row: contiguous writes per pair
-              const int64_t jf = pb.first(i), jl = pb.last(i);
-              const double* src = reinterpret_cast<const double*>(rl.data() + i * ld);
-              for (int64_t k = 0; k < LA; ++k) {
-                T* dst = R + (b0 + k) * N * M + (i - 1) * M;
-                for (int64_t j = jf; j <= jl; ++j) dst[j - 1] = static_cast<T>(src[j * LA + k]);
-              }
-            }
+          rl.resize(3 * ld);
+          // Kept interleaved (see the file comment), row by row.
+          double* group = R_soft != nullptr ? R_soft + b0 * N * M : nullptr;
+          xy_soft_forward_lanes<kMetric>(xt.data(), yt.data(), D, pb, a.gamma, rl.data(),
+                                         group).store(out);
+          if (group != nullptr) {
+            // The rest of the block (pairs shorter than N x M) gets +inf: the kept state
+            // holds no allocator garbage.
+            std::fill(group + n * m * LA, group + LA * N * M,
+                      std::numeric_limits<double>::infinity());
           }
           for (int64_t k = 0; k < LA; ++k) values[b0 + k] = static_cast<T>(out[k]);
         }
@@ -778,11 +809,11 @@ inline void local_cost_grad(const T* xi, const T* yj, int64_t D, A* gd) {
 template <typename T>
 void xy_backward_impl(const DtwXYBackwardArgs& a) {
   using A = Acc<T>;
-  constexpr bool kSameType = std::is_same_v<T, A>;
   const T* grad = static_cast<const T*>(a.grad);
   const T* x = static_cast<const T*>(a.x);
   const T* y = static_cast<const T*>(a.y);
-  const T* R = static_cast<const T*>(a.R);
+  const T* R = static_cast<const T*>(a.R);                  // hard: the dtype
+  const double* R_soft = static_cast<const double*>(a.R);  // soft: fp64 (file comment)
   T* gx_out = static_cast<T*>(a.grad_x);
   T* gy_out = static_cast<T*>(a.grad_y);
   const int64_t B = a.B, N = a.N, M = a.M, D = a.D;
@@ -791,20 +822,18 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
   const int64_t grain = std::max<int64_t>(1, 32768 / cells);
   dispatch_metric_d(a.metric, D, [&](auto metric_c, auto d1_c) {
     constexpr int kMetric = decltype(metric_c)::value;
-    constexpr bool kD1 = decltype(d1_c)::value;
-    (void)kD1;  // used by the fp32 soft recompute only
     constexpr int64_t LA = VA::size();
     const LaneGroups lg{LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths};
     at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> rows, r_scratch, e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
+      std::vector<A> e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
       std::vector<double> xt, yt;
-      std::vector<VA> rl, el, gxl, gyl;
+      std::vector<VA> rl, gxl, gyl;
       auto single = [&](int64_t b) {
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         const int64_t n = pb.n, m = pb.m;
         const T* xb = x + b * N * D;
         const T* yb = y + b * M * D;
-        const T* Rb = R + b * N * M;
+        const T* Rb = R + b * N * M;  // hard only
         gx.assign(n * D, A(0));
         gy.assign(m * D, A(0));
         // Adds e * d cost(i, j) (1-based) to gx[i], gy[j].
@@ -844,22 +873,8 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
             }
           }
         } else {
-          const A* Ra;
-          int64_t ldr;
-          if constexpr (kSameType) {
-            Ra = reinterpret_cast<const A*>(Rb);
-            ldr = M;
-          } else {
-            // The kept fp32 R is only rounded: recompute the pair's R in A (bit-identical
-            // to what the forward computed before rounding).
-            rows.resize(2 * (m + 1));
-            r_scratch.resize(n * m);
-            xy_forward_pair<kMetric, kD1, true, T, A, A>(xb, yb, D, pb, gamma, rows.data(),
-                                                          rows.data() + m + 1,
-                                                          r_scratch.data(), m, n);
-            Ra = r_scratch.data();
-            ldr = m;
-          }
+          const A* Ra = R_soft + b * N * M;
+          const int64_t ldr = M;
           e_scratch.assign(n * ldr, A(0));
           soft_backward_pair<A>(Ra, ldr, pb, gamma, g, e_scratch.data());
           for (int64_t i = 1; i <= n; ++i) {
@@ -895,31 +910,14 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
         const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
         const int64_t n = pb.n, m = pb.m, ld = m + 1;
         gather_lanes<T>(x, y, N, M, D, b0, n, m, xt, yt);
-        rl.resize((n + 1) * ld);
-        if constexpr (kSameType) {
-          // The forward's kept R (fp64), with the boundary row / column of the recurrence.
-          for (int64_t j = 0; j <= m; ++j) rl[j] = VA(std::numeric_limits<double>::infinity());
-          rl[0] = VA(0.0);
-          for (int64_t i = 1; i <= n; ++i) {  // row by row: contiguous reads per pair
-            rl[i * ld] = VA(std::numeric_limits<double>::infinity());
-            double* dst = reinterpret_cast<double*>(rl.data() + i * ld);
-            for (int64_t k = 0; k < LA; ++k) {
-              const T* src = R + (b0 + k) * N * M + (i - 1) * M;
-              for (int64_t j = 1; j <= m; ++j) dst[j * LA + k] = static_cast<double>(src[j - 1]);
-            }
-          }
-        } else {
-          // The kept fp32 R is only rounded: recompute the group's R in fp64.
-          xy_soft_forward_lanes<kMetric, true>(xt.data(), yt.data(), D, pb, a.gamma,
-                                               rl.data());
-        }
         alignas(64) double gv[LA];
         for (int64_t k = 0; k < LA; ++k) gv[k] = static_cast<double>(grad[b0 + k]);
-        el.resize((n + 1) * ld);
+        rl.resize(4 * (m + 1));
         gxl.resize(n * D);
         gyl.resize(m * D);
         xy_soft_backward_lanes<kMetric>(xt.data(), yt.data(), D, pb, a.gamma, VA::loadu(gv),
-                                        rl.data(), el.data(), gxl.data(), gyl.data());
+                                        R_soft + b0 * N * M, rl.data(), gxl.data(),
+                                        gyl.data());
         alignas(64) double tmp[LA];
         for (int64_t k = 0; k < LA; ++k) {
           if (gx_out != nullptr) {
