@@ -370,3 +370,54 @@ def test_the_cpp_ops_check_their_arguments():
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("band", [None, 2])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
+def test_lane_groups_match_the_reference(backend, dtype, band, metric):
+    """19 pairs: two groups of 8 equal-length pairs (the C++ kernels run them in the lanes of
+    one vector; fp32 groups keep the soft-argmin weights instead of R) and 3 pairs one by one;
+    the second group mixes lengths, so it runs pair by pair as well."""
+    B, N, M, D = 19, 23, 17, 3
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    y = torch.randn(B, M, D, dtype=torch.float64)
+    x_lengths = torch.full((B,), N)
+    y_lengths = torch.full((B,), M)
+    x_lengths[8:16] = torch.randint(1, N + 1, (8,))
+    y_lengths[12] = 5
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    results = []
+    for name, dt in ((backend, dtype), ("reference", torch.float64)):
+        a = x.to(dt).requires_grad_(True)
+        b = y.to(dt).requires_grad_(True)
+        with ek.use_backend(name):
+            values = ek.soft_dtw(a, b, 0.3, band=band, x_lengths=x_lengths, y_lengths=y_lengths,
+                                 metric=metric)
+            grads = torch.autograd.grad((values * weights.to(dt)).sum(), (a, b))
+        results.append((values, grads))
+    (values, grads), (ref_values, ref_grads) = results
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    assert ((values.double() - ref_values).abs().max() / ref_values.abs().max()).item() < bound
+    for grad, ref in zip(grads, ref_grads):
+        assert torch.isfinite(grad).all()
+        error = ((grad.double() - ref).abs().max() / ref.abs().max()).item()
+        assert error < (1e-9 if dtype == torch.float64 else 1e-4), error
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 1e-2, 0.1, 1.0, 10.0])
+@pytest.mark.parametrize("band", [None, 1])
+def test_lane_group_fp32_gradients_within_1e4_of_fp64(gamma, band):
+    """The fp32 lane groups' stored fp32 weights against fp64, over the spec's gamma range."""
+    x = torch.randn(16, 30, 2, dtype=torch.float64)
+    y = torch.randn(16, 26, 2, dtype=torch.float64)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        a = x.to(dtype).requires_grad_(True)
+        b = y.to(dtype).requires_grad_(True)
+        value = ek.soft_dtw(a, b, gamma, band=band)
+        grads[dtype] = torch.autograd.grad(value.sum(), (a, b))
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert torch.isfinite(g32).all()
+        assert ((g32.double() - g64).abs().max() / g64.abs().max()).item() < 1e-4

@@ -7,7 +7,12 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace ether_kernels::cpu {
 
@@ -40,6 +45,76 @@ at::Tensor checked_lengths(const at::Tensor& lengths, const char* name, int64_t 
   }
   return out;
 }
+
+// A small cache of freed kept-state buffers (R of the soft forward). A training loop
+// allocates the same large R every step, and fresh pages cost more than the kernel's own
+// stores: glibc hands blocks above 32 MB straight back to the OS, so every step page-faults
+// its whole R in again (~7 ms for 33 MB on the CI machine, a third of the forward). At most
+// kMaxBlocks blocks and kMaxBytes are kept; ETHER_KERNELS_KEPT_CACHE=0 turns it off.
+class KeptStateCache {
+ public:
+  static KeptStateCache& get() {
+    static KeptStateCache* cache = new KeptStateCache();  // never destroyed: blocks may
+    return *cache;                                        // outlive static destruction
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    if (!enabled_) return at::empty(sizes, options);
+    int64_t numel = 1;
+    for (const int64_t s : sizes) numel *= s;
+    const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+    if (bytes < kMinBytes) return at::empty(sizes, options);
+    void* block = take(bytes);
+    if (block == nullptr) block = std::aligned_alloc(kAlignment, rounded(bytes));
+    TORCH_CHECK(block != nullptr, "dtw: out of memory allocating the kept state (", bytes,
+                " bytes)");
+    return at::from_blob(
+        block, sizes, [bytes](void* p) { KeptStateCache::get().give_back(p, bytes); },
+        options);
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t(1) << 20;  // small blocks: the allocator is fine
+  static constexpr size_t kAlignment = 64;
+  static size_t rounded(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
+  static constexpr size_t kMaxBlocks = 2;
+  static constexpr size_t kMaxBytes = size_t(1) << 30;
+
+  KeptStateCache() {
+    const char* flag = std::getenv("ETHER_KERNELS_KEPT_CACHE");
+    enabled_ = flag == nullptr || std::string(flag) != "0";
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t k = 0; k < blocks_.size(); ++k) {
+      if (blocks_[k].second == bytes) {
+        void* block = blocks_[k].first;
+        cached_bytes_ -= bytes;
+        blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(k));
+        return block;
+      }
+    }
+    return nullptr;
+  }
+
+  void give_back(void* block, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (blocks_.size() < kMaxBlocks && cached_bytes_ + bytes <= kMaxBytes) {
+        blocks_.emplace_back(block, bytes);
+        cached_bytes_ += bytes;
+        return;
+      }
+    }
+    std::free(block);
+  }
+
+  bool enabled_ = true;
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> blocks_;
+  size_t cached_bytes_ = 0;
+};
 
 void check_options(int64_t band, double gamma, bool soft, const char* op) {
   TORCH_CHECK(band >= -1, op, ": band must be >= 0, or -1 for no band, got ", band);
@@ -83,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_forward_cpu(const at::Tensor& cost,
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const at::Tensor c = cost.contiguous();
   at::Tensor values = at::empty({B}, c.options());
-  at::Tensor R = keep ? at::empty({B, N, M}, c.options().dtype(kept_dtype(c.scalar_type(), soft)))
+  at::Tensor R = keep ? KeptStateCache::get().empty(
+                             {B, N, M}, c.options().dtype(kept_dtype(c.scalar_type(), soft)))
                       : at::empty({0}, c.options());
   if (B == 0) return {values, R};
   DtwForwardArgs args{c.data_ptr(),
@@ -170,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const
   const at::Tensor xc = x.contiguous();
   const at::Tensor yc = y.contiguous();
   at::Tensor values = at::empty({B}, xc.options());
-  at::Tensor R = keep ? at::empty({B, N, M}, xc.options().dtype(kept_dtype(xc.scalar_type(), soft)))
+  at::Tensor R = keep ? KeptStateCache::get().empty(
+                             {B, N, M}, xc.options().dtype(kept_dtype(xc.scalar_type(), soft)))
                       : at::empty({0}, xc.options());
   if (B == 0) return {values, R};
   DtwXYForwardArgs args{xc.data_ptr(),

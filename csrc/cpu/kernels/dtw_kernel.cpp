@@ -430,8 +430,87 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D, const PairBand& 
 using VA = at::vec::Vectorized<double>;
 static_assert(sizeof(VA) == VA::size() * sizeof(double), "lanes are read as doubles");
 
+// exp(x) for x <= 0 (the soft-min's and the weights' arguments), inlined: ATen's .exp() is an
+// out-of-line Sleef call, and at every cell the call spills the live vectors (3/4 of the
+// soft kernels' time went there). Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and
+// the degree-12 Taylor polynomial of e^r (truncation < 2e-16 relative), scaled by 2^n.
+// Below -708 the result is exactly 0 (-inf included: an unreachable cell adds nothing, and
+// no subnormal ever enters the arithmetic); NaN stays NaN.
+inline VA exp_nonpositive(const VA& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr double kLog2e = 1.4426950408889634, kLn2Hi = 0.6931471803691238,
+                   kLn2Lo = 1.9082149292705877e-10, kFloor = -708.0;
+  // 1 / k! for k = 12 .. 0, the Horner order
+  constexpr double kInvFact[13] = {2.08767569878681e-09, 2.505210838544172e-08,
+                                   2.755731922398589e-07, 2.755731922398589e-06,
+                                   2.48015873015873e-05, 0.0001984126984126984,
+                                   0.001388888888888889, 0.008333333333333333,
+                                   0.04166666666666666, 0.1666666666666667, 0.5, 1.0, 1.0};
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d v0 = x;
+  const __mmask8 under = _mm512_cmp_pd_mask(v0, _mm512_set1_pd(kFloor), _CMP_LT_OQ);
+  const __m512d v = _mm512_max_pd(_mm512_set1_pd(kFloor), v0);  // NaN passes through
+  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(v, _mm512_set1_pd(kLog2e)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Hi), v);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Lo), r);
+  __m512d p = _mm512_set1_pd(kInvFact[0]);
+  for (int k = 1; k < 13; ++k) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(kInvFact[k]));
+  return _mm512_mask_blend_pd(under, _mm512_scalef_pd(p, n), _mm512_setzero_pd());
+#else
+  const __m256d v0 = x;
+  const __m256d under = _mm256_cmp_pd(v0, _mm256_set1_pd(kFloor), _CMP_LT_OQ);
+  const __m256d v = _mm256_max_pd(_mm256_set1_pd(kFloor), v0);  // NaN passes through
+  const __m256d n = _mm256_round_pd(_mm256_mul_pd(v, _mm256_set1_pd(kLog2e)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(kLn2Hi), v);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(kLn2Lo), r);
+  __m256d p = _mm256_set1_pd(kInvFact[0]);
+  for (int k = 1; k < 13; ++k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[k]));
+  // 2^n for n in [-1022, 0]: the exponent field n + 1023 (NaN lanes: any value, see below)
+  const __m128i n32 = _mm256_cvtpd_epi32(n);
+  const __m256i bits = _mm256_slli_epi64(
+      _mm256_add_epi64(_mm256_cvtepi32_epi64(n32), _mm256_set1_epi64x(1023)), 52);
+  const __m256d result = _mm256_mul_pd(p, _mm256_castsi256_pd(bits));  // NaN p stays NaN
+  return _mm256_blendv_pd(result, _mm256_setzero_pd(), under);
+#endif
+#else
+  return x.exp();
+#endif
+}
+
+// log(s) for s in [1, 3] (the soft-min's sum 1 + e1 + e2), inlined for the same reason:
+// s = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(t), t = (m - 1) / (m + 1),
+// |t| <= 0.1716, as an odd series to t^23 (truncation < 1e-18). +inf and NaN propagate.
+inline VA log_of_sum(const VA& s) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr double kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
+  const __m512d v = s;
+  __m512d e = _mm512_getexp_pd(v);                                   // floor(log2 s)
+  __m512d m = _mm512_getmant_pd(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);  // [1, 2)
+  const __mmask8 big = _mm512_cmp_pd_mask(m, _mm512_set1_pd(1.4142135623730951), _CMP_GT_OQ);
+  m = _mm512_mask_mul_pd(m, big, m, _mm512_set1_pd(0.5));
+  e = _mm512_mask_add_pd(e, big, e, _mm512_set1_pd(1.0));
+  const __m512d one = _mm512_set1_pd(1.0);
+  const __m512d t = _mm512_div_pd(_mm512_sub_pd(m, one), _mm512_add_pd(m, one));
+  const __m512d t2 = _mm512_mul_pd(t, t);
+  __m512d p = _mm512_set1_pd(1.0 / 23);
+  for (int k = 21; k >= 1; k -= 2) p = _mm512_fmadd_pd(p, t2, _mm512_set1_pd(1.0 / k));
+  const __m512d log_m = _mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(2.0), t), p);
+  const __m512d result = _mm512_fmadd_pd(e, _mm512_set1_pd(kLn2Hi),
+                                         _mm512_fmadd_pd(e, _mm512_set1_pd(kLn2Lo), log_m));
+  // getexp / getmant of +inf give +inf / 1: the result is +inf already; NaN stays NaN.
+  return result;
+#else
+  return s.log();  // AVX2 and DEFAULT: Sleef / std (one call per cell, forward only)
+#endif
+}
+
+// softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
+// weights of a and b (the backward's weights of the diagonal and upper predecessors; the
+// left one's is 1 - both), 0 for a lane whose predecessors are all +inf.
 inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
-                         const VA& inv_gamma) {
+                         const VA& inv_gamma, VA* weights = nullptr) {
   const VA inf(std::numeric_limits<double>::infinity());
   const VA one(1.0);
   const VA mu = at::vec::minimum(a, at::vec::minimum(b, c));
@@ -441,11 +520,54 @@ inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
   const VA p = VA::blendv(a, b, a_min);
   const VA q = VA::blendv(b, c, ab_min);
   // (mu - inf) * inv_gamma = -inf and exp(-inf) = 0; mu = +inf lanes are replaced below.
-  const VA ep = ((mu - p) * inv_gamma).exp();
-  const VA eq = ((mu - q) * inv_gamma).exp();
+  const VA ep = exp_nonpositive((mu - p) * inv_gamma);
+  const VA eq = exp_nonpositive((mu - q) * inv_gamma);
   const VA s = (one + ep) + eq;
-  const VA r = mu - gamma * s.log();
-  return VA::blendv(r, inf, mu == inf);
+  const VA r = mu - gamma * log_of_sum(s);
+  const VA unreachable = mu == inf;
+  if (weights != nullptr) {
+    // p is b when a is the minimum, else a; q is c when a or b is, else b (see above).
+    const VA zero(0.0), inv_s = one / s;
+    const VA wp = ep * inv_s, wq = eq * inv_s;
+    const VA wa = VA::blendv(wp, inv_s, a_min);
+    const VA wb = VA::blendv(VA::blendv(wq, inv_s, b_min), wp, a_min);
+    weights[0] = VA::blendv(wa, zero, unreachable);
+    weights[1] = VA::blendv(wb, zero, unreachable);
+  }
+  return VA::blendv(r, inf, unreachable);
+}
+
+// The two weights of a cell's lanes as 2 L floats (the L doubles of one kept cell slot).
+inline void store_weights(float* dst, const VA& wa, const VA& wb) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm256_storeu_ps(dst, _mm512_cvtpd_ps(wa));
+  _mm256_storeu_ps(dst + 8, _mm512_cvtpd_ps(wb));
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm_storeu_ps(dst, _mm256_cvtpd_ps(wa));
+  _mm_storeu_ps(dst + 4, _mm256_cvtpd_ps(wb));
+#else
+  constexpr int64_t L = VA::size();
+  alignas(64) double tmp[2 * L];
+  wa.store(tmp);
+  wb.store(tmp + L);
+  for (int64_t k = 0; k < 2 * L; ++k) dst[k] = static_cast<float>(tmp[k]);
+#endif
+}
+
+inline void load_weights(const float* src, VA& wa, VA& wb) {
+#if defined(CPU_CAPABILITY_AVX512)
+  wa = _mm512_cvtps_pd(_mm256_loadu_ps(src));
+  wb = _mm512_cvtps_pd(_mm256_loadu_ps(src + 8));
+#elif defined(CPU_CAPABILITY_AVX2)
+  wa = _mm256_cvtps_pd(_mm_loadu_ps(src));
+  wb = _mm256_cvtps_pd(_mm_loadu_ps(src + 4));
+#else
+  constexpr int64_t L = VA::size();
+  alignas(64) double tmp[2 * L];
+  for (int64_t k = 0; k < 2 * L; ++k) tmp[k] = static_cast<double>(src[k]);
+  wa = VA::loadu(tmp);
+  wb = VA::loadu(tmp + L);
+#endif
 }
 
 // Local cost of cell (i, j) for all lanes; xi: (D, L), yj: (D, L).
@@ -466,9 +588,11 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D) {
 // band are +inf). Rows are computed two at a time, skewed by one column: cell (i, j) and
 // cell (i + 1, j - 1) depend on nothing computed in the same step, so the two exp -> log
 // dependency chains (one per row) overlap instead of running back to back. When `kept` is
-// non-null, each finished row i (its m vectors, without the border) is copied to
-// kept + (i - 1) * m * L: the layout the backward reads. Returns R[n][m].
-template <int kMetric>
+// non-null, cell (i, j) of the group keeps the L doubles at kept + ((i - 1) m + j - 1) L:
+// its R (kWeights false), or its two soft-argmin weights as 2 L floats (kWeights true: the
+// backward then needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not
+// fp64 weights). Returns R[n][m].
+template <int kMetric, bool kWeights>
 VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
                          double gamma, VA* rows, double* kept) {
   constexpr int64_t L = VA::size();
@@ -486,9 +610,25 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const Pa
     held_last[slot] = last;
     return row;
   };
-  auto cell = [&](const VA* above, VA left, const double* xi, int64_t j) {
-    return local_cost_lanes<kMetric>(xi, yt + (j - 1) * D * L, D) +
-           softmin3_lanes(above[j - 1], above[j], left, g, ig);
+  // Cell (i, j) from the row above and its left neighbour; in weights mode its weights go
+  // to the kept slot.
+  auto cell = [&](const VA* above, VA left, const double* xi, int64_t i, int64_t j) {
+    VA w[2];
+    const VA v = local_cost_lanes<kMetric>(xi, yt + (j - 1) * D * L, D) +
+                 softmin3_lanes(above[j - 1], above[j], left, g, ig,
+                                kWeights && kept != nullptr ? w : nullptr);
+    if constexpr (kWeights) {
+      if (kept != nullptr) {
+        store_weights(reinterpret_cast<float*>(kept + ((i - 1) * m + (j - 1)) * L), w[0], w[1]);
+      }
+    }
+    return v;
+  };
+  // Weights mode: the slots of a row outside its band range get zeros (deterministic state).
+  auto clear_outside = [&](int64_t i, int64_t first, int64_t last) {
+    double* row = kept + (i - 1) * m * L;
+    std::fill(row, row + (first - 1) * L, 0.0);
+    std::fill(row + last * L, row + m * L, 0.0);
   };
   int64_t prev_slot = 0;
   for (int64_t i = 1; i <= n; i += 2) {
@@ -502,6 +642,10 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const Pa
     VA* cur2 = pair_of_rows ? take(slot2, f2, l2) : nullptr;
     const double* x1 = xt + (i - 1) * D * L;
     const double* x2 = x1 + D * L;
+    if (kWeights && kept != nullptr) {
+      clear_outside(i, f1, l1);
+      if (pair_of_rows) clear_outside(i + 1, f2, l2);
+    }
     VA left1 = inf, left2 = inf;
     // Step j: (i, j) if j <= l1, and (i + 1, j - 1) if f2 <= j - 1 <= l2. Row i + 1 starts
     // at f2 >= f1 and ends at l2 >= l1 (the band only moves right), so every value of row i
@@ -509,16 +653,16 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const Pa
     const int64_t last_step = std::max(l1, l2 + 1);
     for (int64_t j = f1; j <= last_step; ++j) {
       if (j <= l1) {
-        left1 = cell(prev, left1, x1, j);
+        left1 = cell(prev, left1, x1, i, j);
         cur1[j] = left1;
       }
       const int64_t j2 = j - 1;
       if (j2 >= f2 && j2 <= l2) {
-        left2 = cell(cur1, left2, x2, j2);
+        left2 = cell(cur1, left2, x2, i + 1, j2);
         cur2[j2] = left2;
       }
     }
-    if (kept != nullptr) {
+    if (!kWeights && kept != nullptr) {
       std::memcpy(kept + (i - 1) * m * L, cur1 + 1, m * sizeof(VA));
       if (pair_of_rows) std::memcpy(kept + i * m * L, cur2 + 1, m * sizeof(VA));
     }
@@ -567,7 +711,7 @@ inline void contract_lanes(const double* xi, const double* yj, int64_t D, const 
 // soon as it is known (cells are visited in reverse row-major order, so E[p][q] is final
 // when (p, q) is visited). work: 4 * (m + 1) vectors. gx (n, D), gy (m, D) vectors get
 // sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
-template <int kMetric>
+template <int kMetric, bool kWeights>
 void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
                             double gamma, const VA& g, const double* kept, VA* work, VA* gx,
                             VA* gy) {
@@ -592,9 +736,9 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
   for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
   for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
   e_cur[m] = g;
-  load_row(n, r_cur);
+  if constexpr (!kWeights) load_row(n, r_cur);
   for (int64_t p = n; p >= 1; --p) {
-    load_row(p - 1, r_up);
+    if constexpr (!kWeights) load_row(p - 1, r_up);
     for (int64_t j = 0; j <= m; ++j) e_up[j] = zero;
     const int64_t jf = pb.first(p), jl = pb.last(p);
     const double* xp = xt + (p - 1) * D * L;
@@ -602,6 +746,23 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
     // carry: the push of (p, q + 1) to its left neighbour (p, q), kept in a register so
     // the only dependency from one cell to the next is an add and two multiplies.
     VA carry = zero;
+    if constexpr (kWeights) {
+      // The forward's weights: no exponential, no division; an unreachable cell has E = 0,
+      // so its weights (0, 0, 1) push nothing.
+      const float* wrow = reinterpret_cast<const float*>(kept + (p - 1) * m * L);
+      for (int64_t q = jl; q >= jf; --q) {
+        const VA e = e_cur[q] + carry;  // final: every successor has pushed
+        VA wd, wu;
+        load_weights(wrow + (q - 1) * 2 * L, wd, wu);
+        const VA wl = at::vec::maximum(zero, (one - wd) - wu);
+        e_up[q - 1] = e_up[q - 1] + e * wd;
+        e_up[q] = e_up[q] + e * wu;
+        carry = e * wl;
+        contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
+      }
+      std::swap(e_cur, e_up);
+      continue;
+    }
     for (int64_t q = jl; q >= jf; --q) {
       const VA e = e_cur[q] + carry;  // final: every successor has pushed
       const VA d = r_up[q - 1], u = r_up[q], l = r_cur[q - 1];
@@ -709,7 +870,8 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           rl.resize(3 * ld);
           // Kept interleaved (see the file comment), row by row.
           double* group = R_soft != nullptr ? R_soft + b0 * N * M : nullptr;
-          xy_soft_forward_lanes<kMetric>(xt.data(), yt.data(), D, pb, a.gamma, rl.data(),
+          xy_soft_forward_lanes<kMetric, std::is_same_v<T, float>>(xt.data(), yt.data(), D, pb,
+                                                                 a.gamma, rl.data(),
                                          group).store(out);
           if (group != nullptr) {
             // The rest of the block (pairs shorter than N x M) gets +inf: the kept state
@@ -915,7 +1077,8 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
         rl.resize(4 * (m + 1));
         gxl.resize(n * D);
         gyl.resize(m * D);
-        xy_soft_backward_lanes<kMetric>(xt.data(), yt.data(), D, pb, a.gamma, VA::loadu(gv),
+        xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>>(
+            xt.data(), yt.data(), D, pb, a.gamma, VA::loadu(gv),
                                         R_soft + b0 * N * M, rl.data(), gxl.data(),
                                         gyl.data());
         alignas(64) double tmp[LA];
