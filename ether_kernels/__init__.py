@@ -9,6 +9,7 @@ from importlib import metadata as _metadata
 import torch
 
 from . import _extension  # loads ether_kernels._C (or warns once and carries on)
+from . import amss  # AMSS / AMSS+: ek.amss.update_ratios, SubnetworkMasker, mask_gradients
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
 from ._triton_support import triton_import_error, triton_interpret, triton_version
 from .dynamic_time_warping import (SoftDTWLoss, cdist_dtw, dtw, dtw_from_cost, dtw_path, soft_dtw,

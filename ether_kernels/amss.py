@@ -1,0 +1,184 @@
+"""AMSS / AMSS+: rebalance multimodal training by updating an importance-sampled subnetwork.
+
+Yang et al., "Learning to Rebalance Multi-Modal Optimization by Adaptively Masking
+Subnetworks" (TPAMI 2025). Semantics, and where the public code and the stated method differ:
+specs/amss.md; the readable version is reference/amss.py.
+
+    ratios = ek.amss.update_ratios(logits, labels, features)   # (M,), one per modality
+    loss.backward()
+    masker.step(ratios)          # masks every .grad of every modality's parameters in place
+    optimizer.step()
+
+Status: this is the reference backend (a per-tensor loop in PyTorch, like the public code);
+the fused multi-tensor C++ / Triton kernels and `masked_sgd_step` are still to come (issue 4).
+`step` reads the ratios on the host (one synchronisation on a GPU).
+"""
+
+import collections.abc
+import numbers
+
+import torch
+
+from ._checks import check_choice
+from .reference.amss import MODES, SCALINGS, mask_gradients_reference, update_ratios_reference
+
+
+def update_ratios(logits, labels, features, *, temperature=0.2, offset=0.5, bias=0.0,
+                  clip=(0.1, 0.9)):
+    """Update ratios rho (M,) from M modalities' unimodal logits (B, K) and features (B, F).
+
+    rho = clip(1 - softmax(r / temperature) + bias), r_m = (H(Y) - CE_m + offset) / Hz_m; the
+    dominant modality gets the smaller ratio. Every ratio is 0.5 when some H(Y) - CE_m +
+    offset <= 0 or anything is NaN. No gradient flows through it; no host synchronisation.
+    """
+    op = "update_ratios"
+    logits, features = list(logits), list(features)
+    if not logits:
+        raise ValueError(f"{op}: logits must hold one (B, K) tensor per modality, got none")
+    if len(features) != len(logits):
+        raise ValueError(f"{op}: got {len(logits)} logits but {len(features)} features; one "
+                         "of each per modality")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        raise TypeError(f"{op}: labels must be a (B,) integer tensor")
+    B = labels.shape[0]
+    for m, (out, z) in enumerate(zip(logits, features)):
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != B:
+            raise ValueError(f"{op}: logits[{m}] must be a (B, K) = ({B}, K) tensor, got "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)}")
+        if out.shape[1] != logits[0].shape[1]:
+            raise ValueError(f"{op}: logits[{m}] has {out.shape[1]} classes, logits[0] has "
+                             f"{logits[0].shape[1]}")
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != B:
+            raise ValueError(f"{op}: features[{m}] must be a (B, F) = ({B}, F) tensor, got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z)}")
+    if not (isinstance(temperature, numbers.Real) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    if len(clip) != 2 or not (0.0 <= clip[0] <= clip[1] <= 1.0):
+        raise ValueError(f"{op}: clip must be (low, high) with 0 <= low <= high <= 1, got {clip}")
+    with torch.no_grad():
+        return update_ratios_reference([o.detach() for o in logits], labels,
+                                       [z.detach() for z in features], temperature, offset, bias,
+                                       clip)
+
+
+def _check_ratios(ratios, groups, op):
+    values = ratios.detach().flatten().tolist() if isinstance(ratios, torch.Tensor) else list(ratios)
+    if len(values) != groups:
+        raise ValueError(f"{op}: got {len(values)} ratios for {groups} modalities")
+    for m, r in enumerate(values):
+        if not (isinstance(r, numbers.Real) and 0.0 <= r <= 1.0):
+            raise ValueError(f"{op}: ratios[{m}] = {r} is outside [0, 1]")
+    return values
+
+
+def _scaling(mode, scaling, op):
+    check_choice(mode, "mode", MODES, op)
+    if mode != "amss+":
+        if scaling is not None:
+            raise ValueError(f"{op}: scaling applies to mode 'amss+' only, got scaling="
+                             f"{scaling!r} with mode={mode!r}")
+        return "paper"
+    scaling = "paper" if scaling is None else scaling
+    check_choice(scaling, "scaling", SCALINGS, op)
+    return scaling
+
+
+def _check_units(tensor, unit_dim, unit_size, name, op):
+    if tensor.dim() == 0 or not (-tensor.dim() <= unit_dim < tensor.dim()):
+        raise ValueError(f"{op}: unit_dim {unit_dim} is out of range for {name} of shape "
+                         f"{tuple(tensor.shape)}")
+    if tensor.shape[unit_dim] % unit_size != 0:
+        raise ValueError(f"{op}: {name} has {tensor.shape[unit_dim]} slices along unit_dim "
+                         f"{unit_dim}, not a multiple of unit_size {unit_size}")
+
+
+def mask_gradients(grads_per_group, ratios, *, mode="amss", scaling=None, seed=0, step=0,
+                   unit_dim=0, unit_size=1):
+    """Masks gradient tensors in place: the functional form of SubnetworkMasker.step.
+
+    grads_per_group: one sequence of gradient tensors per modality; ratios: M values in
+    [0, 1]. Each tensor keeps ceil(rho_m * units) units (slices of unit_size along unit_dim)
+    chosen by `mode`; (seed, step) fix the random choice.
+    """
+    op = "mask_gradients"
+    scaling = _scaling(mode, scaling, op)
+    groups = [list(g) for g in grads_per_group]
+    ratios = _check_ratios(ratios, len(groups), op)
+    if not (isinstance(unit_size, int) and unit_size >= 1):
+        raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
+    for m, group in enumerate(groups):
+        for t, grad in enumerate(group):
+            if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+                raise TypeError(f"{op}: grads_per_group[{m}][{t}] must be a floating-point tensor")
+            _check_units(grad, unit_dim, unit_size, f"grads_per_group[{m}][{t}]", op)
+    with torch.no_grad():
+        mask_gradients_reference(groups, ratios, mode, scaling, int(seed), int(step), unit_dim,
+                                 unit_size)
+
+
+class SubnetworkMasker:
+    """Masks the gradients of each modality's parameters to an importance-sampled subnetwork.
+
+    groups: one iterable of parameters per modality (or a dict name -> parameters). Modes
+    "amss" (units sampled proportionally to their importance), "amss+" (rescaled to be
+    unbiased: scaling "paper", the default, or "reference-code"), "uniform", "topk".
+    Call step(ratios) between backward() and optimizer.step().
+    """
+
+    def __init__(self, groups, *, mode="amss", scaling=None, unit_dim=0, unit_size=1, seed=0):
+        op = "SubnetworkMasker"
+        self.scaling = _scaling(mode, scaling, op)
+        self.mode = mode
+        if isinstance(groups, collections.abc.Mapping):
+            self.names = [str(k) for k in groups]
+            groups = list(groups.values())
+        else:
+            groups = list(groups)
+            self.names = [str(m) for m in range(len(groups))]
+        self.groups = [list(g) for g in groups]
+        if not self.groups:
+            raise ValueError(f"{op}: groups must hold one iterable of parameters per modality")
+        if not (isinstance(unit_size, int) and unit_size >= 1):
+            raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
+        for name, group in zip(self.names, self.groups):
+            if not group:
+                raise ValueError(f"{op}: modality {name!r} has no parameters")
+            for t, p in enumerate(group):
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"{op}: modality {name!r} item {t} is not a tensor")
+                _check_units(p, unit_dim, unit_size, f"modality {name!r} parameter {t}", op)
+        self.unit_dim, self.unit_size = unit_dim, unit_size
+        self.seed = int(seed)
+        self.step_count = 0
+
+    def step(self, ratios):
+        """Masks every .grad in place with this step's masks, then advances the step."""
+        op = "SubnetworkMasker.step"
+        ratios = _check_ratios(ratios, len(self.groups), op)
+        grads = []
+        for name, group in zip(self.names, self.groups):
+            for t, p in enumerate(group):
+                if p.grad is None:
+                    raise RuntimeError(f"{op}: modality {name!r} parameter {t} (shape "
+                                       f"{tuple(p.shape)}) has no .grad; call step() after "
+                                       "backward(), on parameters that received a gradient")
+            grads.append([p.grad for p in group])
+        with torch.no_grad():
+            mask_gradients_reference(grads, ratios, self.mode, self.scaling, self.seed,
+                                     self.step_count, self.unit_dim, self.unit_size)
+        self.step_count += 1
+
+    def state_dict(self):
+        return {"step": self.step_count, "seed": self.seed, "mode": self.mode,
+                "scaling": self.scaling}
+
+    def load_state_dict(self, state):
+        if state.get("mode") != self.mode or state.get("scaling") != self.scaling:
+            raise ValueError(f"SubnetworkMasker.load_state_dict: the state is for mode "
+                             f"{state.get('mode')!r} / scaling {state.get('scaling')!r}, this "
+                             f"masker is {self.mode!r} / {self.scaling!r}")
+        self.step_count = int(state["step"])
+        self.seed = int(state["seed"])
+
+
+__all__ = ["update_ratios", "SubnetworkMasker", "mask_gradients"]

@@ -1,0 +1,247 @@
+"""AMSS / AMSS+ (reference backend): the update ratios against the spec's formula, the sampling
+laws (statistical tests with fixed seeds and bounds that can fail), exact k, determinism,
+resumption, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+import ether_kernels as ek
+from ether_kernels.reference import amss as ref
+
+
+# ------------------------------------------------------------------------ update ratios
+
+def formula_ratios(logits, labels, features, T=0.2, c=0.5, bias=0.0, lo=0.1, hi=0.9):
+    """The spec's formula, written out with plain loops in float64 (the test's own oracle)."""
+    B, K = logits[0].shape
+    counts = [sum(1 for y in labels.tolist() if y == k) for k in range(K)]
+    HY = -sum((n / B) * math.log(n / B) for n in counts if n > 0)
+    rates, numerators = [], []
+    for out, z in zip(logits, features):
+        ce = 0.0
+        for b in range(B):
+            row = out[b].double()
+            ce += (torch.logsumexp(row, 0) - row[labels[b]]).item()
+        info = HY - ce / B
+        hz = 0.0
+        for b in range(B):
+            p = torch.softmax(z[b].double(), 0)
+            hz += -(p * torch.log(p)).sum().item()
+        numerators.append(info + c)
+        rates.append((info + c) / (hz / B))
+    if any(n <= 0 for n in numerators):
+        return [0.5] * len(logits)
+    exps = [math.exp(r / T - max(rates) / T) for r in rates]
+    return [min(hi, max(lo, 1 - e / sum(exps) + bias)) for e in exps]
+
+
+@pytest.mark.parametrize("M", [2, 3])
+def test_update_ratios_match_the_formula(M):
+    B, K, F = 24, 4, 6
+    labels = torch.randint(0, K, (B,))
+    logits = [torch.randn(B, K) * s for s in (0.5, 1.0, 2.0)[:M]]
+    # make the labels informative for each modality, to varying degrees
+    for m in range(M):
+        logits[m][torch.arange(B), labels] += 2.0 + m
+    features = [torch.randn(B, F) for _ in range(M)]
+    rho = ek.amss.update_ratios(logits, labels, features)
+    assert rho.dtype == torch.float32 and rho.shape == (M,)
+    expected = formula_ratios(logits, labels, features)
+    torch.testing.assert_close(rho.double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)
+    if M == 2:  # the spec's two-modality identity: rho_a = sigmoid((r_v - r_a) / T)
+        assert abs(rho.sum().item() - 1.0) < 1e-5 or (rho == 0.1).any() or (rho == 0.9).any()
+
+
+def test_update_ratios_fall_back_to_one_half():
+    B, K = 16, 3
+    labels = torch.randint(0, K, (B,))
+    good = torch.randn(B, K)
+    good[torch.arange(B), labels] += 5
+    bad = torch.randn(B, K)
+    bad[torch.arange(B), labels] -= 30  # CE far above H(Y) + c: I + c <= 0
+    features = [torch.randn(B, 5), torch.randn(B, 5)]
+    assert ek.amss.update_ratios([good, bad], labels, features).tolist() == [0.5, 0.5]
+    nan_features = [features[0], torch.full((B, 5), float("nan"))]
+    assert ek.amss.update_ratios([good, good], labels, nan_features).tolist() == [0.5, 0.5]
+
+
+def test_update_ratios_bad_input():
+    labels = torch.randint(0, 3, (8,))
+    x = [torch.randn(8, 3)]
+    z = [torch.randn(8, 4)]
+    with pytest.raises(ValueError, match="features"):
+        ek.amss.update_ratios(x, labels, z + z)
+    with pytest.raises(ValueError, match="temperature"):
+        ek.amss.update_ratios(x, labels, z, temperature=0)
+    with pytest.raises(ValueError, match="clip"):
+        ek.amss.update_ratios(x, labels, z, clip=(0.9, 0.1))
+    with pytest.raises(TypeError, match="labels"):
+        ek.amss.update_ratios(x, labels.float(), z)
+    with pytest.raises(ValueError, match=r"logits\[0\]"):
+        ek.amss.update_ratios([torch.randn(7, 3)], labels, z)
+
+
+# ------------------------------------------------------------------------ sampling laws
+
+def masks_over_steps(mode, q, k, steps, scaling=None, seed=3):
+    """(steps, N) factors of one tensor whose unit importances are q (rows of norm sqrt q)."""
+    n = q.numel()
+    rows = []
+    for step in range(steps):
+        grad = torch.sqrt(q).view(n, 1).repeat(1, 2).double() / math.sqrt(2)
+        ek.amss.mask_gradients([[grad]], [k / n], mode=mode, scaling=scaling, seed=seed, step=step)
+        rows.append(grad[:, 0] / (torch.sqrt(q) / math.sqrt(2)))
+    return torch.stack(rows)
+
+
+def test_amss_inclusion_law_matches_multinomial_without_replacement():
+    torch.manual_seed(0)  # a fixed law, so that the bound below is a fixed-size test
+    q = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=torch.float64)
+    k, steps = 3, 3000
+    ours = (masks_over_steps("amss", q, k, steps) > 0).double().mean(0)
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.stack([torch.multinomial(q, k, replacement=False, generator=generator)
+                         for _ in range(steps)])
+    theirs = torch.zeros(q.numel(), dtype=torch.float64)
+    for j in range(q.numel()):
+        theirs[j] = (draws == j).any(dim=1).double().mean()
+    sigma = torch.sqrt(theirs * (1 - theirs) * 2 / steps)
+    assert ((ours - theirs).abs() <= 5 * sigma + 1e-3).all(), (ours, theirs)
+    # and the law is not the uniform one (the test can tell them apart)
+    assert ours[0] > 0.75 and ours[-1] < 0.25
+
+
+def test_uniform_ignores_importance_and_topk_keeps_the_largest():
+    q = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.03, 0.02], dtype=torch.float64)
+    freq = (masks_over_steps("uniform", q, 2, 3000) > 0).double().mean(0)
+    assert ((freq - 2 / 6).abs() < 5 * math.sqrt((1 / 3) * (2 / 3) / 3000)).all(), freq
+    top = masks_over_steps("topk", q, 2, 3)
+    assert (top[:, :2] == 1).all() and (top[:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("mode,scaling", [("amss", None), ("uniform", None), ("topk", None),
+                                          ("amss+", "paper"), ("amss+", "reference-code")])
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
+def test_exactly_ceil_rho_n_units_are_kept(mode, scaling, ratio):
+    grads = [torch.randn(37, 5), torch.randn(8, 3, 3), torch.randn(1, 4)]
+    ek.amss.mask_gradients([grads], [ratio], mode=mode, scaling=scaling, seed=5, step=2)
+    for g in grads:
+        kept = (g.reshape(g.shape[0], -1).abs().sum(1) > 0).sum().item()
+        assert kept == math.ceil(ratio * g.shape[0] - 1e-9), (g.shape, kept)
+
+
+def test_amss_plus_paper_scaling_is_unbiased():
+    q = torch.tensor([0.35, 0.3, 0.2, 0.1, 0.04, 0.01], dtype=torch.float64)
+    steps = 4000
+    factors = masks_over_steps("amss+", q, 2, steps, scaling="paper")
+    mean = factors.mean(0)  # E[factor] = 1 for every unit when the estimate is unbiased
+    pi = ref.inclusion_probabilities(q, 2)
+    sigma = torch.sqrt((1 - pi) / pi / steps)  # sd of the mean of 1[kept] / pi
+    assert ((mean - 1).abs() <= 5 * sigma).all(), (mean, pi)
+    # the reference-code scaling 1 / (q_j + 1 / N) is not unbiased: E[factor] is far from 1
+    biased = masks_over_steps("amss+", q, 2, 500, scaling="reference-code").mean(0)
+    assert ((biased - 1).abs() > 0.3).any(), biased
+
+
+def test_reference_code_scaling_factor():
+    grad = torch.randn(10, 4, dtype=torch.float64)
+    q = ref.unit_importance(grad)
+    masked = grad.clone()
+    ek.amss.mask_gradients([[masked]], [0.4], mode="amss+", scaling="reference-code", seed=1)
+    kept = masked.abs().sum(1) > 0
+    assert kept.sum() == 4
+    torch.testing.assert_close(masked[kept], grad[kept] / (q[kept] + 0.1)[:, None])
+
+
+# ------------------------------------------------------------ masker, determinism, input
+
+def two_encoders():
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 12), torch.nn.Conv1d(3, 8, 3)
+
+
+def backward(a, v):
+    x, s = torch.randn(5, 6), torch.randn(5, 3, 10)
+    (a(x).pow(2).sum() + v(s).pow(2).sum()).backward()
+
+
+def test_masker_is_deterministic_and_resumable():
+    a, v = two_encoders()
+    backward(a, v)
+    grads = [p.grad.clone() for p in list(a.parameters()) + list(v.parameters())]
+    results = []
+    for _ in range(2):
+        for p, g in zip(list(a.parameters()) + list(v.parameters()), grads):
+            p.grad = g.clone()
+        masker = ek.amss.SubnetworkMasker({"audio": a.parameters(), "video": v.parameters()},
+                                          seed=11)
+        masker.step([0.5, 0.25])
+        results.append([p.grad.clone() for p in list(a.parameters()) + list(v.parameters())])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+    # resuming at step 1 reproduces step 1's masks; step 1 differs from step 0
+    state = masker.state_dict()
+    assert state["step"] == 1
+    for p, g in zip(list(a.parameters()) + list(v.parameters()), grads):
+        p.grad = g.clone()
+    masker.step([0.5, 0.25])
+    step1 = [p.grad.clone() for p in list(a.parameters()) + list(v.parameters())]
+    resumed = ek.amss.SubnetworkMasker({"audio": a.parameters(), "video": v.parameters()}, seed=0)
+    resumed.load_state_dict(state)
+    for p, g in zip(list(a.parameters()) + list(v.parameters()), grads):
+        p.grad = g.clone()
+    resumed.step([0.5, 0.25])
+    for x, y in zip(step1, [p.grad for p in list(a.parameters()) + list(v.parameters())]):
+        assert torch.equal(x, y)
+    assert any(not torch.equal(x, y) for x, y in zip(results[0], step1))
+
+
+def test_unit_size_groups_rows_into_units():
+    grad = torch.randn(12, 5)  # 4 heads of 3 rows
+    ek.amss.mask_gradients([[grad]], [0.5], mode="topk", unit_size=3)
+    heads = grad.view(4, 3, 5).abs().sum((1, 2)) > 0
+    assert heads.sum() == 2
+    assert all(((grad.view(4, 3, 5)[h] != 0).all() if keep else (grad.view(4, 3, 5)[h] == 0).all())
+               for h, keep in enumerate(heads.tolist()))
+
+
+def test_masker_bad_input():
+    a, v = two_encoders()
+    masker = ek.amss.SubnetworkMasker([a.parameters(), v.parameters()])
+    with pytest.raises(RuntimeError, match="has no .grad"):
+        masker.step([0.5, 0.5])
+    backward(a, v)
+    with pytest.raises(ValueError, match="outside"):
+        masker.step([0.5, 1.5])
+    with pytest.raises(ValueError, match="2 modalities"):
+        masker.step([0.5])
+    with pytest.raises(ValueError, match="unit_dim"):
+        ek.amss.SubnetworkMasker([a.parameters()], unit_dim=3)
+    with pytest.raises(ValueError, match="mode"):
+        ek.amss.SubnetworkMasker([a.parameters()], mode="random")
+    with pytest.raises(ValueError, match="scaling"):
+        ek.amss.SubnetworkMasker([a.parameters()], mode="amss", scaling="paper")
+    with pytest.raises(ValueError, match="scaling"):
+        ek.amss.SubnetworkMasker([a.parameters()], mode="amss+", scaling="exact")
+    with pytest.raises(ValueError, match="unit_size"):
+        ek.amss.SubnetworkMasker([a.parameters()], unit_size=5)
+    with pytest.raises(ValueError, match="mode"):
+        ek.amss.SubnetworkMasker([a.parameters()], mode="amss+").load_state_dict(
+            ek.amss.SubnetworkMasker([a.parameters()]).state_dict())
+
+
+def test_generator_is_a_pure_function_of_its_keys():
+    units = torch.arange(1000)
+    u = ref.uniform(7, 3, 2, units)
+    assert torch.equal(u, ref.uniform(7, 3, 2, units))
+    assert not torch.equal(u, ref.uniform(7, 4, 2, units))
+    assert not torch.equal(u, ref.uniform(8, 3, 2, units))
+    assert (u > 0).all() and (u < 1).all()
+    # roughly uniform: every decile holds 10% +- 5 sigma
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert ((counts - 100).abs() < 5 * math.sqrt(100 * 0.9)).all()
+    # the hash is a bijection on 32-bit words (no collisions among 2^16 inputs)
+    assert ref.mix32(torch.arange(1 << 16)).unique().numel() == 1 << 16
