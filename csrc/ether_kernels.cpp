@@ -36,6 +36,11 @@ TORCH_LIBRARY(ether_kernels, m) {
   // grad_input = twice_diff * grad_loss (/ N for the mean), one pass, the product formed in
   // fp32 (fp64 for fp64) and rounded once.
   m.def("mse_loss_backward(Tensor grad_loss, Tensor twice_diff, bool mean) -> Tensor");
+  // AMSS / AMSS+ (ether_kernels/amss.py): masks every gradient of a step in place. Units
+  // are dim-0 slices of unit_size rows; tensor t belongs to modality group_of_tensor[t];
+  // sampling (the mode) 0 amss, 1 amss+, 2 uniform, 3 topk; scaling 0 paper, 1 reference-code.
+  m.def("amss_mask_gradients(Tensor(a!)[] grads, int[] group_of_tensor, float[] ratios, "
+        "int sampling, int scaling, int seed, int step, int unit_size) -> ()");
   // DTW / soft-DTW on a precomputed (B, N, M) cost, per-pair lengths (int64 (B,)), band r
   // (-1 = none). Returns the values (B,) and, with keep, the accumulated cost R (B, N, M)
   // that the backward needs (else an empty tensor).

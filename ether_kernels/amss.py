@@ -9,9 +9,12 @@ specs/amss.md; the readable version is reference/amss.py.
     masker.step(ratios)          # masks every .grad of every modality's parameters in place
     optimizer.step()
 
-Status: this is the reference backend (a per-tensor loop in PyTorch, like the public code);
-the fused multi-tensor C++ / Triton kernels and `masked_sgd_step` are still to come (issue 4).
-`step` reads the ratios on the host (one synchronisation on a GPU).
+Backends: on CPU tensors the fused C++ op (csrc/cpu/amss.cpp: one pass over all gradients for
+the unit importances, the selection on the small per-unit arrays, one pass that rewrites only
+the units that change); otherwise (CUDA tensors for now, unit_dim != 0, non-contiguous
+gradients) the reference, a per-tensor loop like the public code. The fused Triton kernels
+and `masked_sgd_step` are still to come (issue 4). `step` reads the ratios on the host (one
+synchronisation on a GPU).
 """
 
 import collections.abc
@@ -19,6 +22,7 @@ import numbers
 
 import torch
 
+from . import _dispatch, _extension
 from ._checks import check_choice
 from .reference.amss import MODES, SCALINGS, mask_gradients_reference, update_ratios_reference
 
@@ -59,6 +63,43 @@ def update_ratios(logits, labels, features, *, temperature=0.2, offset=0.5, bias
         return update_ratios_reference([o.detach() for o in logits], labels,
                                        [z.detach() for z in features], temperature, offset, bias,
                                        clip)
+
+
+_OP = "amss"
+_MODE_CODES = {"amss": 0, "amss+": 1, "uniform": 2, "topk": 3}
+_SCALING_CODES = {"paper": 0, "reference-code": 1}
+_CPU_BACKENDS = ()
+if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "amss_mask_gradients"):
+    _CPU_BACKENDS = ("cpp",)
+
+    @torch.library.register_fake("ether_kernels::amss_mask_gradients")
+    def _mask_fake(grads, group_of_tensor, ratios, sampling, scaling, seed, step, unit_size):
+        return None
+
+
+def _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size):
+    """Masks the gradients of `groups` (lists of tensors) in place on the chosen backend."""
+    flat = [g for group in groups for g in group]
+    if not flat:
+        return
+    backend = _dispatch.select(_OP, flat[0].device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
+    fusable = all(g.device.type == "cpu" and g.is_contiguous() and unit_dim in (0, -g.dim())
+                  for g in flat)
+    if backend == "cpp" and not fusable:
+        if _dispatch.forced_backend() == "cpp":
+            raise _dispatch.BackendUnavailableError(
+                "mask_gradients: backend 'cpp' was forced, but it needs contiguous CPU "
+                "gradients with unit_dim=0")
+        backend = "reference"
+    with torch.no_grad():
+        if backend == "cpp":
+            owner = [m for m, group in enumerate(groups) for _ in group]
+            torch.ops.ether_kernels.amss_mask_gradients(
+                flat, owner, [float(r) for r in ratios], _MODE_CODES[mode],
+                _SCALING_CODES[scaling], int(seed), int(step), int(unit_size))
+        else:
+            mask_gradients_reference(groups, ratios, mode, scaling, int(seed), int(step),
+                                     unit_dim, unit_size)
 
 
 def _check_ratios(ratios, groups, op):
@@ -111,9 +152,7 @@ def mask_gradients(grads_per_group, ratios, *, mode="amss", scaling=None, seed=0
             if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
                 raise TypeError(f"{op}: grads_per_group[{m}][{t}] must be a floating-point tensor")
             _check_units(grad, unit_dim, unit_size, f"grads_per_group[{m}][{t}]", op)
-    with torch.no_grad():
-        mask_gradients_reference(groups, ratios, mode, scaling, int(seed), int(step), unit_dim,
-                                 unit_size)
+    _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size)
 
 
 class SubnetworkMasker:
@@ -163,9 +202,8 @@ class SubnetworkMasker:
                                        f"{tuple(p.shape)}) has no .grad; call step() after "
                                        "backward(), on parameters that received a gradient")
             grads.append([p.grad for p in group])
-        with torch.no_grad():
-            mask_gradients_reference(grads, ratios, self.mode, self.scaling, self.seed,
-                                     self.step_count, self.unit_dim, self.unit_size)
+        _run_mask(grads, ratios, self.mode, self.scaling, self.seed, self.step_count,
+                  self.unit_dim, self.unit_size)
         self.step_count += 1
 
     def state_dict(self):

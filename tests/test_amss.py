@@ -245,3 +245,57 @@ def test_generator_is_a_pure_function_of_its_keys():
     assert ((counts - 100).abs() < 5 * math.sqrt(100 * 0.9)).all()
     # the hash is a bijection on 32-bit words (no collisions among 2^16 inputs)
     assert ref.mix32(torch.arange(1 << 16)).unique().numel() == 1 << 16
+
+
+# ------------------------------------------------------------- the fused C++ kernel
+
+from ether_kernels import amss as amss_module  # noqa: E402
+
+needs_cpp = pytest.mark.skipif(not amss_module._CPU_BACKENDS,
+                               reason="the C++ extension is not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode,scaling", [("amss", None), ("uniform", None), ("topk", None),
+                                          ("amss+", "paper"), ("amss+", "reference-code")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("unit_size", [1, 2])
+def test_fused_cpp_equals_the_reference(mode, scaling, dtype, unit_size):
+    """Same generator, same selection: the fused op keeps exactly the reference's units, with
+    bit-identical values for the unscaled modes; AMSS+'s factors (1 / pi, 1 / (q + 1/N)) are
+    formed from importance sums accumulated in another order, so they agree to rounding."""
+    shapes = [(64, 3, 3, 3), (18, 7), (2, 5), (40,), (128, 4, 3, 3)]
+    grads = [torch.randn(s).to(dtype) for s in shapes]
+    grads[1][3] = 0.0  # an all-zero unit
+    groups = [grads[:2], grads[2:]]
+    ratios = [0.37, 0.8]
+    results = {}
+    for backend in ("cpp", "reference"):
+        copies = [[g.clone() for g in group] for group in groups]
+        with ek.use_backend(backend):
+            ek.amss.mask_gradients(copies, ratios, mode=mode, scaling=scaling, seed=123,
+                                   step=9, unit_size=unit_size)
+        results[backend] = copies
+    for a, b in zip(sum(results["cpp"], []), sum(results["reference"], [])):
+        assert torch.equal(a == 0, b == 0)  # the same units kept
+        if mode == "amss+":
+            torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 0,
+                                       atol=0 if dtype == torch.float64 else 0)
+        else:
+            assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_fused_cpp_opcheck_and_user_tensors():
+    grads = [torch.randn(6, 4), torch.randn(10)]
+    torch.library.opcheck(torch.ops.ether_kernels.amss_mask_gradients,
+                          ([g.clone() for g in grads], [0, 1], [0.5, 0.3], 0, 0, 1, 2, 1))
+    # a non-contiguous gradient is masked correctly too (by the reference)
+    base = torch.randn(4, 8)
+    transposed = base.t()
+    expected = transposed.contiguous()
+    ek.amss.mask_gradients([[transposed]], [0.5], mode="topk")
+    ek.amss.mask_gradients([[expected]], [0.5], mode="topk")
+    assert torch.equal(transposed, expected)
+    with ek.use_backend("cpp"), pytest.raises(ek.BackendUnavailableError, match="contiguous"):
+        ek.amss.mask_gradients([[base.t()]], [0.5])

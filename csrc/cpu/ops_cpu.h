@@ -24,4 +24,9 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
 at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
                                  bool mean);
 
+// AMSS / AMSS+ gradient masking of every tensor of a step, in place (amss.cpp).
+void amss_mask_gradients_cpu(at::TensorList grads, at::IntArrayRef group_of_tensor,
+                             at::ArrayRef<double> ratios, int64_t mode, int64_t scaling,
+                             int64_t seed, int64_t step, int64_t unit_size);
+
 }  // namespace ether_kernels::cpu

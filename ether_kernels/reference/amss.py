@@ -189,7 +189,8 @@ def mask_gradients_reference(grads_per_group, ratios, mode="amss", scaling="pape
             k = kept_units(ratio, q.numel())
             factors = unit_factors(q, k, mode, scaling, seed, step, tensor_index)
             view = unit_view(grad, unit_dim, unit_size)
-            scaled = view.double() * factors[:, None]
+            # left-out units become 0 (even where the gradient is NaN or inf)
+            scaled = torch.where(factors[:, None] == 0, 0.0, view.double() * factors[:, None])
             new = scaled.to(grad.dtype).reshape(grad.movedim(unit_dim, 0).shape)
             grad.copy_(new.movedim(0, unit_dim))
             tensor_index += 1
