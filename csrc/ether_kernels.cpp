@@ -41,6 +41,13 @@ TORCH_LIBRARY(ether_kernels, m) {
   // sampling (the mode) 0 amss, 1 amss+, 2 uniform, 3 topk; scaling 0 paper, 1 reference-code.
   m.def("amss_mask_gradients(Tensor(a!)[] grads, int[] group_of_tensor, float[] ratios, "
         "int sampling, int scaling, int seed, int step, int unit_size) -> ()");
+  // SGD (torch.optim.SGD's rule) on the sampled units only: parameters and momentum buffers
+  // of the other units do not move. buffers: one per tensor when momentum != 0 (fresh[t] = 1
+  // for a buffer created for this step: buf = g on its kept units), else empty.
+  m.def("amss_masked_sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] buffers, "
+        "int[] fresh, int[] group_of_tensor, float[] ratios, int sampling, int scaling, int seed, "
+        "int step, int unit_size, float lr, float momentum, float dampening, float weight_decay, "
+        "bool nesterov) -> ()");
   // DTW / soft-DTW on a precomputed (B, N, M) cost, per-pair lengths (int64 (B,)), band r
   // (-1 = none). Returns the values (B,) and, with keep, the accumulated cost R (B, N, M)
   // that the backward needs (else an empty tensor).

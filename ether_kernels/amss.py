@@ -12,8 +12,9 @@ specs/amss.md; the readable version is reference/amss.py.
 Backends: on CPU tensors the fused C++ op (csrc/cpu/amss.cpp: one pass over all gradients for
 the unit importances, the selection on the small per-unit arrays, one pass that rewrites only
 the units that change); otherwise (CUDA tensors for now, unit_dim != 0, non-contiguous
-gradients) the reference, a per-tensor loop like the public code. The fused Triton kernels
-and `masked_sgd_step` are still to come (issue 4). `step` reads the ratios on the host (one
+gradients) the reference, a per-tensor loop like the public code. `masked_sgd_step` is the
+fused SGD step of the idealised rule (only the sampled units move). The fused Triton kernels
+are still to come (issue 4). `step` reads the ratios on the host (one
 synchronisation on a GPU).
 """
 
@@ -24,7 +25,8 @@ import torch
 
 from . import _dispatch, _extension
 from ._checks import check_choice
-from .reference.amss import MODES, SCALINGS, mask_gradients_reference, update_ratios_reference
+from .reference.amss import (MODES, SCALINGS, mask_gradients_reference,
+                             masked_sgd_step_reference, update_ratios_reference)
 
 
 def update_ratios(logits, labels, features, *, temperature=0.2, offset=0.5, bias=0.0,
@@ -74,6 +76,11 @@ if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "amss_mask_grad
 
     @torch.library.register_fake("ether_kernels::amss_mask_gradients")
     def _mask_fake(grads, group_of_tensor, ratios, sampling, scaling, seed, step, unit_size):
+        return None
+
+    @torch.library.register_fake("ether_kernels::amss_masked_sgd_step")
+    def _sgd_fake(params, grads, buffers, fresh, group_of_tensor, ratios, sampling, scaling,
+                  seed, step, unit_size, lr, momentum, dampening, weight_decay, nesterov):
         return None
 
 
@@ -155,6 +162,71 @@ def mask_gradients(grads_per_group, ratios, *, mode="amss", scaling=None, seed=0
     _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size)
 
 
+def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0,
+                    weight_decay=0.0, nesterov=False, momentum_buffers=None, mode="amss",
+                    scaling=None, seed=0, step=0, unit_size=1):
+    """One SGD step (torch.optim.SGD's rule) that moves only the sampled units.
+
+    The idealised AMSS update: each modality's tensors keep ceil(rho_m * units) units (chosen
+    by `mode` from the gradients, as mask_gradients would), and only those units' parameters
+    and momentum buffers change; the gradients are left as they are. Units are dim-0 slices
+    of unit_size rows. momentum_buffers: the previous call's return value (None at first);
+    a unit's buffer is 0 until its first kept step, where it starts at its gradient.
+    Returns the momentum buffers (lists like params_per_group; None without momentum).
+    """
+    op = "masked_sgd_step"
+    scaling = _scaling(mode, scaling, op)
+    groups = [list(g) for g in params_per_group]
+    ratios = _check_ratios(ratios, len(groups), op)
+    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
+                        ("weight_decay", weight_decay)):
+        if not (isinstance(value, numbers.Real) and value >= 0):
+            raise ValueError(f"{op}: {name} must be a number >= 0, got {value}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening = 0")
+    if not (isinstance(unit_size, int) and unit_size >= 1):
+        raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
+    grads = []
+    for m, group in enumerate(groups):
+        for t, p in enumerate(group):
+            if p.grad is None:
+                raise RuntimeError(f"{op}: params_per_group[{m}][{t}] has no .grad")
+            _check_units(p, 0, unit_size, f"params_per_group[{m}][{t}]", op)
+        grads.append([p.grad for p in group])
+    if momentum_buffers is None:
+        momentum_buffers = [[None] * len(group) for group in groups]
+    if [len(b) for b in momentum_buffers] != [len(g) for g in groups]:
+        raise ValueError(f"{op}: momentum_buffers must match params_per_group")
+    flat = [p for group in groups for p in group]
+    backend = _dispatch.select(_OP, flat[0].device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
+    fusable = all(p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous()
+                  for p in flat)
+    with torch.no_grad():
+        if backend == "cpp" and fusable:
+            fresh, buffers = [], []
+            if momentum != 0:
+                for group_buffers, group in zip(momentum_buffers, groups):
+                    for t, p in enumerate(group):
+                        fresh.append(int(group_buffers[t] is None))
+                        if group_buffers[t] is None:
+                            group_buffers[t] = torch.zeros_like(p)
+                        buffers.append(group_buffers[t])
+            owner = [m for m, group in enumerate(groups) for _ in group]
+            torch.ops.ether_kernels.amss_masked_sgd_step(
+                flat, [p.grad for p in flat], buffers, fresh, owner, [float(r) for r in ratios],
+                _MODE_CODES[mode], _SCALING_CODES[scaling], int(seed), int(step),
+                int(unit_size), float(lr), float(momentum), float(dampening),
+                float(weight_decay), bool(nesterov))
+            return momentum_buffers if momentum != 0 else None
+        if backend == "cpp" and _dispatch.forced_backend() == "cpp":
+            raise _dispatch.BackendUnavailableError(
+                f"{op}: backend 'cpp' was forced, but it needs contiguous CPU tensors")
+        buffers = masked_sgd_step_reference(groups, grads, momentum_buffers, ratios, lr,
+                                            momentum, dampening, weight_decay, nesterov, mode,
+                                            scaling, int(seed), int(step), unit_size)
+        return buffers if momentum != 0 else None
+
+
 class SubnetworkMasker:
     """Masks the gradients of each modality's parameters to an importance-sampled subnetwork.
 
@@ -219,4 +291,4 @@ class SubnetworkMasker:
         self.seed = int(state["seed"])
 
 
-__all__ = ["update_ratios", "SubnetworkMasker", "mask_gradients"]
+__all__ = ["update_ratios", "SubnetworkMasker", "mask_gradients", "masked_sgd_step"]

@@ -299,3 +299,82 @@ def test_fused_cpp_opcheck_and_user_tensors():
     assert torch.equal(transposed, expected)
     with ek.use_backend("cpp"), pytest.raises(ek.BackendUnavailableError, match="contiguous"):
         ek.amss.mask_gradients([[base.t()]], [0.5])
+
+
+# ------------------------------------------------------------------- masked_sgd_step
+
+SGD_OPTIONS = [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+               dict(momentum=0.8, dampening=0.3, weight_decay=0.01), dict(weight_decay=0.1)]
+
+
+def params_with_grads(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    params = [torch.randn(12, 5, dtype=dtype), torch.randn(7, dtype=dtype),
+              torch.randn(16, 2, 3, dtype=dtype)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if amss_module._CPU_BACKENDS else []))
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=[str(o) for o in SGD_OPTIONS])
+def test_masked_sgd_with_every_unit_kept_is_torch_sgd(backend, options):
+    ours = params_with_grads()
+    theirs = [p.clone().requires_grad_(True) for p in ours]
+    optimizer = torch.optim.SGD(theirs, lr=0.1, **options)
+    buffers = None
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        with ek.use_backend(backend):
+            buffers = ek.amss.masked_sgd_step([ours[:1], ours[1:]], [1.0, 1.0], lr=0.1,
+                                              step=step, **options, momentum_buffers=buffers)
+        optimizer.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-13, atol=1e-13)
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode,scaling", [("amss", None), ("amss+", "paper"), ("topk", None)])
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=[str(o) for o in SGD_OPTIONS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_sgd_fused_equals_reference_and_freezes_left_out_units(mode, scaling, options,
+                                                                      dtype):
+    results = {}
+    for backend in ("cpp", "reference"):
+        params = params_with_grads(dtype, seed=4)
+        start = [p.clone() for p in params]
+        buffers = None
+        for step in range(2):
+            with ek.use_backend(backend):
+                buffers = ek.amss.masked_sgd_step([params[:2], params[2:]], [0.4, 0.6], lr=0.05,
+                                                  mode=mode, scaling=scaling, seed=7, step=step,
+                                                  momentum_buffers=buffers, **options)
+        results[backend] = (params, buffers, start)
+    (p_cpp, b_cpp, start), (p_ref, b_ref, _) = results["cpp"], results["reference"]
+    for a, b in zip(p_cpp, p_ref):
+        if mode == "amss+":  # the scale factors agree to rounding (see the masking test)
+            torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                                       atol=1e-12 if dtype == torch.float64 else 1e-6)
+        else:
+            assert torch.equal(a, b)
+    # units left out at both steps did not move; with ratios < 1 some did stay
+    frozen = [(a == s).reshape(a.shape[0], -1).all(1) for a, s in zip(p_ref, start)]
+    assert any(f.any() for f in frozen) and not all(f.all() for f in frozen)
+    if b_ref is not None:
+        for group_cpp, group_ref in zip(b_cpp, b_ref):
+            for a, b in zip(group_cpp, group_ref):
+                torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                                           atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_masked_sgd_bad_input():
+    params = params_with_grads()
+    with pytest.raises(ValueError, match="nesterov"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="lr"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=-1.0)
+    params[1].grad = None
+    with pytest.raises(RuntimeError, match="no .grad"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1)

@@ -175,20 +175,37 @@ void scale_unit(T* x, int64_t count, double factor) {
   for (int64_t e = 0; e < count; ++e) x[e] = static_cast<T>(static_cast<double>(x[e]) * factor);
 }
 
+// Units per parallel task: about 32k elements.
+int64_t unit_grain(at::TensorList grads, int64_t units) {
+  int64_t total = 0;
+  for (const at::Tensor& g : grads) total += g.numel();
+  const int64_t per_unit = std::max<int64_t>(1, total / std::max<int64_t>(1, units));
+  return std::max<int64_t>(1, 32768 / per_unit);
+}
+
 }  // namespace
 
-void amss_mask_gradients_cpu(at::TensorList grads, at::IntArrayRef group_of_tensor,
-                             at::ArrayRef<double> ratios, int64_t mode, int64_t scaling,
-                             int64_t seed, int64_t step, int64_t unit_size) {
-  constexpr const char* op = "amss_mask_gradients";
+namespace {
+
+// The units of every tensor of a step, numbered globally (tensor t owns [first[t],
+// first[t + 1])), and each unit's factor: passes 1 and 2 of the file comment.
+struct StepUnits {
+  std::vector<int64_t> first, per_unit, owner;
+  std::vector<double> factors;
+};
+
+StepUnits unit_factors_of_step(at::TensorList grads, at::IntArrayRef group_of_tensor,
+                               at::ArrayRef<double> ratios, int64_t mode, int64_t scaling,
+                               int64_t seed, int64_t step, int64_t unit_size, const char* op) {
   const int64_t T = static_cast<int64_t>(grads.size());
   TORCH_CHECK(static_cast<int64_t>(group_of_tensor.size()) == T, op,
               ": group_of_tensor must give the modality of each of the ", T, " tensors");
-  TORCH_CHECK(mode >= 0 && mode <= 3, op, ": mode must be 0..3, got ", mode);
+  TORCH_CHECK(mode >= 0 && mode <= 3, op, ": sampling must be 0..3, got ", mode);
   TORCH_CHECK(scaling == 0 || scaling == 1, op, ": scaling must be 0 or 1, got ", scaling);
   TORCH_CHECK(unit_size >= 1, op, ": unit_size must be >= 1, got ", unit_size);
-  // The units of every tensor, numbered globally: tensor t owns [first[t], first[t + 1]).
-  std::vector<int64_t> first(T + 1, 0), per_unit(T, 0);
+  StepUnits s;
+  s.first.assign(T + 1, 0);
+  s.per_unit.assign(T, 0);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor& g = grads[t];
     TORCH_CHECK(g.device().is_cpu() && g.is_contiguous() && g.dim() >= 1, op, ": grads[", t,
@@ -203,55 +220,117 @@ void amss_mask_gradients_cpu(at::TensorList grads, at::IntArrayRef group_of_tens
     const double r = ratios[group];
     TORCH_CHECK(r >= 0.0 && r <= 1.0, op, ": ratios[", group, "] = ", r, " is outside [0, 1]");
     const int64_t units = g.size(0) / unit_size;
-    per_unit[t] = units > 0 ? g.numel() / units : 0;
-    first[t + 1] = first[t] + units;
+    s.per_unit[t] = units > 0 ? g.numel() / units : 0;
+    s.first[t + 1] = s.first[t] + units;
   }
-  const int64_t U = first[T];
-  if (U == 0) return;
-  std::vector<int64_t> owner(U);  // tensor of each global unit
-  for (int64_t t = 0; t < T; ++t) std::fill(owner.begin() + first[t], owner.begin() + first[t + 1], t);
-  std::vector<double> u(U), factors(U);
-  auto grain = [&](int64_t elements_per_unit) {
-    return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_unit));
-  };
-  const int64_t avg = std::max<int64_t>(1, [&] {
-    int64_t total = 0;
-    for (int64_t t = 0; t < T; ++t) total += grads[t].numel();
-    return total / U;
-  }());
+  const int64_t U = s.first[T];
+  s.owner.resize(U);
+  for (int64_t t = 0; t < T; ++t) {
+    std::fill(s.owner.begin() + s.first[t], s.owner.begin() + s.first[t + 1], t);
+  }
+  s.factors.assign(U, 0.0);
+  if (U == 0) return s;
+  std::vector<double> u(U);
   // pass 1
-  at::parallel_for(0, U, grain(avg), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, U, unit_grain(grads, U), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const int64_t t = owner[j];
+      const int64_t t = s.owner[j];
       const at::Tensor& g = grads[t];
-      const int64_t local = j - first[t];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), op, [&] {
-        u[j] = unit_sum_of_squares(g.const_data_ptr<scalar_t>() + local * per_unit[t],
-                                   per_unit[t]);
+      const int64_t local = j - s.first[t];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
+                                      "amss_unit_importance", [&] {
+        u[j] = unit_sum_of_squares(g.const_data_ptr<scalar_t>() + local * s.per_unit[t],
+                                   s.per_unit[t]);
       });
     }
   });
   // pass 2: the small per-unit arrays, one tensor per task
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      unit_factors(u.data() + first[t], first[t + 1] - first[t], ratios[group_of_tensor[t]],
-                   mode, scaling, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                   static_cast<uint64_t>(t), factors.data() + first[t]);
+      unit_factors(u.data() + s.first[t], s.first[t + 1] - s.first[t],
+                   ratios[group_of_tensor[t]], mode, scaling, static_cast<uint64_t>(seed),
+                   static_cast<uint64_t>(step), static_cast<uint64_t>(t),
+                   s.factors.data() + s.first[t]);
     }
   });
+  return s;
+}
+
+}  // namespace
+
+void amss_mask_gradients_cpu(at::TensorList grads, at::IntArrayRef group_of_tensor,
+                             at::ArrayRef<double> ratios, int64_t mode, int64_t scaling,
+                             int64_t seed, int64_t step, int64_t unit_size) {
+  constexpr const char* op = "amss_mask_gradients";
+  const StepUnits s = unit_factors_of_step(grads, group_of_tensor, ratios, mode, scaling, seed,
+                                           step, unit_size, op);
+  const int64_t U = static_cast<int64_t>(s.factors.size());
   // pass 3
-  at::parallel_for(0, U, grain(avg), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, U, unit_grain(grads, U), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      if (factors[j] == 1.0) continue;  // kept as is: no write
-      const int64_t t = owner[j];
+      if (s.factors[j] == 1.0) continue;  // kept as is: no write
+      const int64_t t = s.owner[j];
       const at::Tensor& g = grads[t];
-      const int64_t local = j - first[t];
+      const int64_t local = j - s.first[t];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), op, [&] {
-        scalar_t* x = g.data_ptr<scalar_t>() + local * per_unit[t];
-        if (factors[j] == 0.0) {
-          std::fill(x, x + per_unit[t], scalar_t(0));
+        scalar_t* x = g.data_ptr<scalar_t>() + local * s.per_unit[t];
+        if (s.factors[j] == 0.0) {
+          std::fill(x, x + s.per_unit[t], scalar_t(0));
         } else {
-          scale_unit(x, per_unit[t], factors[j]);
+          scale_unit(x, s.per_unit[t], s.factors[j]);
+        }
+      });
+    }
+  });
+}
+
+void amss_masked_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                              at::IntArrayRef fresh, at::IntArrayRef group_of_tensor,
+                              at::ArrayRef<double> ratios, int64_t mode, int64_t scaling,
+                              int64_t seed, int64_t step, int64_t unit_size, double lr,
+                              double momentum, double dampening, double weight_decay,
+                              bool nesterov) {
+  constexpr const char* op = "amss_masked_sgd_step";
+  const int64_t T = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == T, op, ": params and grads differ in length");
+  const bool use_momentum = momentum != 0.0;
+  TORCH_CHECK(!use_momentum || (static_cast<int64_t>(buffers.size()) == T &&
+                                static_cast<int64_t>(fresh.size()) == T),
+              op, ": with momentum, one buffer and one fresh flag per tensor");
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(params[t].sizes() == grads[t].sizes() && params[t].is_contiguous() &&
+                    params[t].scalar_type() == grads[t].scalar_type(),
+                op, ": params[", t, "] must be contiguous with its gradient's shape and dtype");
+    TORCH_CHECK(!use_momentum || (buffers[t].sizes() == params[t].sizes() &&
+                                  buffers[t].is_contiguous() &&
+                                  buffers[t].scalar_type() == params[t].scalar_type()),
+                op, ": buffers[", t, "] must be contiguous with the parameter's shape and dtype");
+  }
+  const StepUnits s = unit_factors_of_step(grads, group_of_tensor, ratios, mode, scaling, seed,
+                                           step, unit_size, op);
+  const int64_t U = static_cast<int64_t>(s.factors.size());
+  // pass 3: the SGD rule on the kept units only (reference: masked_sgd_step_reference)
+  at::parallel_for(0, U, unit_grain(grads, U), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const double f = s.factors[j];
+      if (f == 0.0) continue;  // left out: parameter and buffer do not move
+      const int64_t t = s.owner[j];
+      const int64_t offset = (j - s.first[t]) * s.per_unit[t];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[t].scalar_type(), op, [&] {
+        const scalar_t* g = grads[t].const_data_ptr<scalar_t>() + offset;
+        scalar_t* p = params[t].data_ptr<scalar_t>() + offset;
+        scalar_t* b = use_momentum ? buffers[t].data_ptr<scalar_t>() + offset : nullptr;
+        const bool first_step = use_momentum && fresh[t] != 0;
+        for (int64_t e = 0; e < s.per_unit[t]; ++e) {
+          const double d = static_cast<double>(g[e]) * f + weight_decay * static_cast<double>(p[e]);
+          double direction = d;
+          if (use_momentum) {
+            const double nb = first_step ? d
+                                         : momentum * static_cast<double>(b[e]) + (1.0 - dampening) * d;
+            b[e] = static_cast<scalar_t>(nb);
+            direction = nesterov ? d + momentum * nb : nb;
+          }
+          p[e] = static_cast<scalar_t>(static_cast<double>(p[e]) - lr * direction);
         }
       });
     }

@@ -29,4 +29,12 @@ void amss_mask_gradients_cpu(at::TensorList grads, at::IntArrayRef group_of_tens
                              at::ArrayRef<double> ratios, int64_t mode, int64_t scaling,
                              int64_t seed, int64_t step, int64_t unit_size);
 
+// SGD on the sampled units only (parameters and momentum buffers), fused over every tensor.
+void amss_masked_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList buffers,
+                              at::IntArrayRef fresh, at::IntArrayRef group_of_tensor,
+                              at::ArrayRef<double> ratios, int64_t mode, int64_t scaling,
+                              int64_t seed, int64_t step, int64_t unit_size, double lr,
+                              double momentum, double dampening, double weight_decay,
+                              bool nesterov);
+
 }  // namespace ether_kernels::cpu

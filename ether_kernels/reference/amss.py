@@ -194,3 +194,45 @@ def mask_gradients_reference(grads_per_group, ratios, mode="amss", scaling="pape
             new = scaled.to(grad.dtype).reshape(grad.movedim(unit_dim, 0).shape)
             grad.copy_(new.movedim(0, unit_dim))
             tensor_index += 1
+
+
+def masked_sgd_step_reference(params_per_group, grads_per_group, buffers_per_group, ratios,
+                              lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                              mode="amss", scaling="paper", seed=0, step=0, unit_size=1):
+    """SGD (torch.optim.SGD's rule) on the sampled units only; parameters and momentum buffers
+    of the other units do not move. Units are dim-0 slices of unit_size rows.
+
+    For a kept unit with factor f (1, or AMSS+'s scale): g = f grad + weight_decay p;
+    buf = g on the first step (buffer None), else momentum buf + (1 - dampening) g;
+    p -= lr (g + momentum buf if nesterov else buf) (buf = g when momentum is 0).
+    buffers_per_group: lists like params, entries None until created (returned, filled in).
+    """
+    tensor_index = 0
+    out_buffers = []
+    for params, grads, buffers, ratio in zip(params_per_group, grads_per_group,
+                                             buffers_per_group, ratios):
+        group_buffers = []
+        for p, grad, buf in zip(params, grads, buffers):
+            q = unit_importance(grad, 0, unit_size)
+            k = kept_units(ratio, q.numel())
+            factors = unit_factors(q, k, mode, scaling, seed, step, tensor_index)
+            kept = factors != 0
+            rows = torch.repeat_interleave(kept, unit_size)
+            scale = torch.repeat_interleave(factors, unit_size)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            g = (grad.double() * scale.view(shape) + weight_decay * p.double())[rows]
+            if momentum != 0:
+                if buf is None:
+                    buf = torch.zeros_like(p)
+                    new_buf = g
+                else:
+                    new_buf = momentum * buf.double()[rows] + (1 - dampening) * g
+                buf[rows] = new_buf.to(buf.dtype)
+                direction = g + momentum * new_buf if nesterov else new_buf
+            else:
+                direction = g
+            p[rows] = (p.double()[rows] - lr * direction).to(p.dtype)
+            group_buffers.append(buf)
+            tensor_index += 1
+        out_buffers.append(group_buffers)
+    return out_buffers
