@@ -14,8 +14,8 @@ the unit importances, the selection on the small per-unit arrays, one pass that 
 the units that change); otherwise (CUDA tensors for now, unit_dim != 0, non-contiguous
 gradients) the reference, a per-tensor loop like the public code. `masked_sgd_step` is the
 fused SGD step of the idealised rule (only the sampled units move). The fused Triton kernels
-are still to come (issue 4). `step` reads the ratios on the host (one
-synchronisation on a GPU).
+are still to come (issue 4). `step` reads the ratios on the host (a
+synchronisation on a GPU; the reference loop on CUDA tensors synchronises more often).
 """
 
 import collections.abc
@@ -103,10 +103,17 @@ def _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size):
             owner = [m for m, group in enumerate(groups) for _ in group]
             torch.ops.ether_kernels.amss_mask_gradients(
                 flat, owner, [float(r) for r in ratios], _MODE_CODES[mode],
-                _SCALING_CODES[scaling], int(seed), int(step), int(unit_size))
+                _SCALING_CODES[scaling], _as_int64(seed), _as_int64(step), int(unit_size))
         else:
             mask_gradients_reference(groups, ratios, mode, scaling, int(seed), int(step),
                                      unit_dim, unit_size)
+
+
+def _as_int64(value):
+    """The 64 bits of a non-negative seed or step as a signed int64 (the C++ op's type); the
+    generator uses the same bits either way."""
+    value = int(value) % 2**64
+    return value - 2**64 if value >= 2**63 else value
 
 
 def _check_ratios(ratios, groups, op):
@@ -170,8 +177,10 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
     The idealised AMSS update: each modality's tensors keep ceil(rho_m * units) units (chosen
     by `mode` from the gradients, as mask_gradients would), and only those units' parameters
     and momentum buffers change; the gradients are left as they are. Units are dim-0 slices
-    of unit_size rows. momentum_buffers: the previous call's return value (None at first);
-    a unit's buffer is 0 until its first kept step, where it starts at its gradient.
+    of unit_size rows. momentum_buffers: the previous call's return value (None at first).
+    As in torch.optim.SGD, a tensor's buffer is created on the first call (buf = g on the
+    units kept then, 0 on the others); afterwards buf = momentum buf + (1 - dampening) g on
+    kept units.
     Returns the momentum buffers (lists like params_per_group; None without momentum).
     """
     op = "masked_sgd_step"
@@ -198,6 +207,8 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
     if [len(b) for b in momentum_buffers] != [len(g) for g in groups]:
         raise ValueError(f"{op}: momentum_buffers must match params_per_group")
     flat = [p for group in groups for p in group]
+    if not flat:
+        raise ValueError(f"{op}: params_per_group holds no parameters")
     backend = _dispatch.select(_OP, flat[0].device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
     fusable = all(p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous()
                   for p in flat)
@@ -214,7 +225,7 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
             owner = [m for m, group in enumerate(groups) for _ in group]
             torch.ops.ether_kernels.amss_masked_sgd_step(
                 flat, [p.grad for p in flat], buffers, fresh, owner, [float(r) for r in ratios],
-                _MODE_CODES[mode], _SCALING_CODES[scaling], int(seed), int(step),
+                _MODE_CODES[mode], _SCALING_CODES[scaling], _as_int64(seed), _as_int64(step),
                 int(unit_size), float(lr), float(momentum), float(dampening),
                 float(weight_decay), bool(nesterov))
             return momentum_buffers if momentum != 0 else None

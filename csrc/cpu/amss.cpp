@@ -50,13 +50,13 @@ inline uint32_t word(uint64_t seed, uint64_t step, uint64_t tensor, uint64_t uni
   return h;
 }
 
-// Uniform in (0, 1) from 53 bits: exactly the reference's float64 value.
+// Uniform in (0, 1) from 52 bits: exactly the reference's float64 value (never 0 or 1).
 inline double uniform(uint64_t seed, uint64_t step, uint64_t tensor, uint64_t unit,
                       uint64_t stream) {
   const uint32_t high = word(seed, step, tensor, unit, 2 * stream);
   const uint32_t low = word(seed, step, tensor, unit, 2 * stream + 1);
-  const double bits = static_cast<double>(high) * 2097152.0 + static_cast<double>(low >> 11);
-  return (bits + 0.5) / 9007199254740992.0;
+  const double bits = static_cast<double>(high) * 1048576.0 + static_cast<double>(low >> 12);
+  return (bits + 0.5) / 4503599627370496.0;
 }
 
 inline double gumbel(uint64_t seed, uint64_t step, uint64_t tensor, uint64_t unit) {
@@ -64,7 +64,7 @@ inline double gumbel(uint64_t seed, uint64_t step, uint64_t tensor, uint64_t uni
 }
 
 int64_t kept_units(double ratio, int64_t n) {
-  const double k = std::ceil(ratio * static_cast<double>(n) * (1.0 - std::ldexp(1.0, -20)));
+  const double k = std::ceil(ratio * static_cast<double>(n) * (1.0 - std::ldexp(1.0, -24)));
   return std::min<int64_t>(n, std::max<int64_t>(0, static_cast<int64_t>(k)));
 }
 

@@ -90,13 +90,14 @@ def _word(seed, step, tensor_index, units, stream):
 def uniform(seed, step, tensor_index, units, stream=0):
     """Uniform numbers in (0, 1), float64, one per entry of the int64 tensor `units`.
 
-    53 random bits from two 32-bit words of the counter-based generator; a pure function of
-    (seed, step, tensor_index, unit, stream): the fused kernels compute the same numbers.
+    52 random bits from two 32-bit words of the counter-based generator ((bits + 1/2) / 2^52
+    is exact in float64 and never 0 or 1); a pure function of (seed, step, tensor_index,
+    unit, stream): the fused kernels compute the same numbers.
     """
     high = _word(seed, step, tensor_index, units, 2 * stream)
     low = _word(seed, step, tensor_index, units, 2 * stream + 1)
-    bits = high.double() * 2.0**21 + (low >> 11).double()  # 53 bits, exact in float64
-    return (bits + 0.5) / 2.0**53
+    bits = high.double() * 2.0**20 + (low >> 12).double()  # 52 bits, exact in float64
+    return (bits + 0.5) / 2.0**52
 
 
 def gumbel(seed, step, tensor_index, num_units, device):
@@ -121,9 +122,9 @@ def unit_importance(grad, unit_dim=0, unit_size=1):
 
 
 def kept_units(ratio, num_units):
-    """k = ceil(rho N), with a relative tolerance of 2^-20 so that a ratio rounded to float32
-    (0.3 is 0.30000001) keeps ceil(0.3 N) units, not one more."""
-    return min(num_units, max(0, math.ceil(float(ratio) * num_units * (1.0 - 2.0**-20))))
+    """k = ceil(rho N), with a relative tolerance of 2^-24 (float32's half ulp) so that a ratio
+    rounded to float32 (0.3 is 0.30000001) keeps ceil(0.3 N) units, not one more."""
+    return min(num_units, max(0, math.ceil(float(ratio) * num_units * (1.0 - 2.0**-24))))
 
 
 def inclusion_probabilities(q, k):
@@ -149,9 +150,8 @@ def unit_factors(q, k, mode, scaling, seed, step, tensor_index):
     factors = torch.zeros(n, dtype=torch.float64, device=q.device)
     if k == 0:
         return factors
-    if mode == "topk":
-        order = sorted(range(n), key=lambda j: (-float(q[j]), j))
-        factors[torch.tensor(order[:k], device=q.device)] = 1.0
+    if mode == "topk":  # ties to the lower index: a stable sort
+        factors[torch.sort(q, descending=True, stable=True).indices[:k]] = 1.0
         return factors
     if mode == "amss+" and scaling == "paper":
         pi = inclusion_probabilities(q, k)
@@ -160,8 +160,7 @@ def unit_factors(q, k, mode, scaling, seed, step, tensor_index):
         # <= 1), so exactly k units are kept and unit j with probability pi_j.
         order = torch.argsort(gumbel(seed, step, tensor_index, n, q.device))
         cumulated = torch.cumsum(pi[order], dim=0)
-        start = float(uniform(seed, step, tensor_index,
-                              torch.tensor([n], device=q.device), stream=1)[0])
+        start = uniform(seed, step, tensor_index, torch.tensor([n], device=q.device), stream=1)
         points_below = torch.clamp(torch.ceil(cumulated - start), 0, k)
         previous = torch.cat([points_below.new_zeros(1), points_below[:-1]])
         chosen = order[(points_below - previous) > 0]
@@ -185,6 +184,9 @@ def mask_gradients_reference(grads_per_group, ratios, mode="amss", scaling="pape
     tensor_index = 0
     for group, ratio in zip(grads_per_group, ratios):
         for grad in group:
+            if grad.numel() == 0:
+                tensor_index += 1
+                continue
             q = unit_importance(grad, unit_dim, unit_size)
             k = kept_units(ratio, q.numel())
             factors = unit_factors(q, k, mode, scaling, seed, step, tensor_index)
@@ -203,8 +205,10 @@ def masked_sgd_step_reference(params_per_group, grads_per_group, buffers_per_gro
     of the other units do not move. Units are dim-0 slices of unit_size rows.
 
     For a kept unit with factor f (1, or AMSS+'s scale): g = f grad + weight_decay p;
-    buf = g on the first step (buffer None), else momentum buf + (1 - dampening) g;
-    p -= lr (g + momentum buf if nesterov else buf) (buf = g when momentum is 0).
+    buf = g on the call that creates the tensor's buffer (None before: torch.optim.SGD's
+    per-tensor first step; the tensor's other units keep a 0 buffer), else
+    momentum buf + (1 - dampening) g; p -= lr (g + momentum buf if nesterov else buf)
+    (buf = g when momentum is 0).
     buffers_per_group: lists like params, entries None until created (returned, filled in).
     """
     tensor_index = 0
@@ -213,6 +217,10 @@ def masked_sgd_step_reference(params_per_group, grads_per_group, buffers_per_gro
                                              buffers_per_group, ratios):
         group_buffers = []
         for p, grad, buf in zip(params, grads, buffers):
+            if grad.numel() == 0:
+                group_buffers.append(buf)
+                tensor_index += 1
+                continue
             q = unit_importance(grad, 0, unit_size)
             k = kept_units(ratio, q.numel())
             factors = unit_factors(q, k, mode, scaling, seed, step, tensor_index)
