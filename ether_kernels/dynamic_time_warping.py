@@ -165,8 +165,7 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
         return dtw_from_cost_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band,
                                        gamma)
     keep = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    if backend == "cpp":  # the CUDA op reads a broadcast (stride-0) batch in place
-        x, y = x.contiguous(), y.contiguous()
+    # Both C++ ops read a broadcast (stride-0) batch in place: cdist_dtw copies nothing.
     values, _ = torch.ops.ether_kernels.dtw_xy_forward(
         x, y, x_lengths, y_lengths, _METRIC_CODES[metric],
         -1 if band is None else band, 1.0 if gamma is None else gamma, gamma is not None, keep)
@@ -249,8 +248,9 @@ def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeucli
 def cdist_dtw(X, Y, *, band=None, metric="sqeuclidean"):
     """(P, Q) hard DTW between every series of X (P, N, D) and every series of Y (Q, M, D).
 
-    Each row is computed against all of Y at once with X[p] broadcast (a view, no copies of
-    the inputs); memory is one (Q, N, M) cost at a time.
+    Each row is computed against all of Y at once with X[p] broadcast: a stride-0 view the
+    C++ and CUDA kernels read in place, so the inputs are never copied (the reference backend
+    forms one (Q, N, M) cost at a time).
     """
     X, Y = _as_batch(X, "X", "cdist_dtw"), _as_batch(Y, "Y", "cdist_dtw")
     rows = [dtw(X[p:p + 1], Y, band=band, metric=metric) for p in range(X.shape[0])]

@@ -421,3 +421,33 @@ def test_lane_group_fp32_gradients_within_1e4_of_fp64(gamma, band):
     for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
         assert torch.isfinite(g32).all()
         assert ((g32.double() - g64).abs().max() / g64.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("gamma", [None, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_broadcast_series_is_read_in_place_and_matches_a_loop(backend, gamma, dtype):
+    """One series against 19 pairs (two vector-lane groups and three single pairs): the C++
+    kernels read the stride-0 batch in place; values and the gradient of the broadcast series
+    equal the pair-by-pair loop."""
+    x = torch.randn(1, 21, 3, dtype=dtype, requires_grad=True)
+    y = torch.randn(19, 17, 3, dtype=dtype)
+
+    def run(a, b):
+        with ek.use_backend(backend):
+            return ek.dtw(a, b, band=4) if gamma is None else ek.soft_dtw(a, b, gamma, band=4)
+
+    values = run(x, y)
+    (gx,) = torch.autograd.grad(values.sum(), (x,))
+    loop = torch.stack([run(x[0], y[q])[0] for q in range(19)])
+    (gx_loop,) = torch.autograd.grad(loop.sum(), (x,))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(values, loop, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(gx, gx_loop, rtol=rtol * 10, atol=rtol * 10)
+    X, Y = torch.randn(3, 9, 2, dtype=dtype), torch.randn(18, 7, 2, dtype=dtype)
+    with ek.use_backend(backend):
+        table = ek.cdist_dtw(X, Y, band=2)
+    for p in range(3):
+        for q in (0, 8, 17):
+            torch.testing.assert_close(table[p, q], ek.dtw(X[p], Y[q], band=2)[0], rtol=rtol,
+                                       atol=rtol)

@@ -212,6 +212,15 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
 
 namespace {
 
+// A series (B, L, D) and the elements between its pairs: a batch broadcast by expand()
+// (stride 0 over a contiguous series, as cdist_dtw passes one row against all of Y) is read
+// in place; anything else is made contiguous.
+std::pair<at::Tensor, int64_t> batched_series(const at::Tensor& s) {
+  if (s.size(0) > 1 && s.stride(0) == 0 && s.select(0, 0).is_contiguous()) return {s, 0};
+  at::Tensor c = s.contiguous();
+  return {c, s.size(1) * s.size(2)};
+}
+
 void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op,
               " (CPU kernel): x and y must be CPU tensors, got ", x.device(), " and ",
@@ -243,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor yc = y.contiguous();
+  const auto [xc, x_stride] = batched_series(x);
+  const auto [yc, y_stride] = batched_series(y);
   at::Tensor values = at::empty({B}, xc.options());
   at::Tensor R = keep ? KeptStateCache::get().empty(
                              {B, N, M}, xc.options().dtype(kept_dtype(xc.scalar_type(), soft)))
@@ -264,7 +273,9 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const
                         gamma,
                         soft,
                         values.data_ptr(),
-                        keep ? R.data_ptr() : nullptr};
+                        keep ? R.data_ptr() : nullptr,
+                        x_stride,
+                        y_stride};
   ETHER_CPU_DISPATCH(dtw_xy_forward)(args);
   return {values, R};
 }
@@ -280,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
   check_backward_inputs(grad, R, B, N, M, x.scalar_type(), soft, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor yc = y.contiguous();
+  const auto [xc, x_stride] = batched_series(x);
+  const auto [yc, y_stride] = batched_series(y);
   const at::Tensor r = R.contiguous();
   const at::Tensor g = grad.reshape({B}).to(xc.scalar_type()).contiguous();
   at::Tensor gx = need_x ? at::empty({B, N, D}, xc.options()) : at::empty({0}, xc.options());
@@ -303,7 +314,9 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
                          gamma,
                          soft,
                          need_x ? gx.data_ptr() : nullptr,
-                         need_y ? gy.data_ptr() : nullptr};
+                         need_y ? gy.data_ptr() : nullptr,
+                         x_stride,
+                         y_stride};
   ETHER_CPU_DISPATCH(dtw_xy_backward)(args);
   return {gx, gy};
 }

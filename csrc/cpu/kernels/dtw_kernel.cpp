@@ -811,14 +811,15 @@ struct LaneGroups {
 
 // Interleaves the group's series (starting at pair b0) into xt (n, D, L), yt (m, D, L).
 template <typename T>
-void gather_lanes(const T* x, const T* y, int64_t N, int64_t M, int64_t D, int64_t b0,
-                  int64_t n, int64_t m, std::vector<double>& xt, std::vector<double>& yt) {
+void gather_lanes(const T* x, const T* y, int64_t x_stride, int64_t y_stride, int64_t D,
+                  int64_t b0, int64_t n, int64_t m, std::vector<double>& xt,
+                  std::vector<double>& yt) {
   constexpr int64_t L = VA::size();
   xt.resize(n * D * L);
   yt.resize(m * D * L);
   for (int64_t k = 0; k < L; ++k) {
-    const T* xb = x + (b0 + k) * N * D;
-    const T* yb = y + (b0 + k) * M * D;
+    const T* xb = x + (b0 + k) * x_stride;
+    const T* yb = y + (b0 + k) * y_stride;
     for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = static_cast<double>(xb[e]);
     for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = static_cast<double>(yb[e]);
   }
@@ -850,7 +851,8 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
           double* Rb = R_soft != nullptr ? R_soft + b * N * M : nullptr;
           values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, double>(
-              x + b * N * D, y + b * M * D, D, pb, gamma, buf.data(), buf.data() + M + 1, Rb,
+              x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, gamma, buf.data(),
+              buf.data() + M + 1, Rb,
               M, N));
         };
         for (int64_t t = begin; t < end; ++t) {
@@ -865,7 +867,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           const int64_t b0 = t * LA;
           const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
           const int64_t n = pb.n, m = pb.m, ld = m + 1;
-          gather_lanes<T>(x, y, N, M, D, b0, n, m, xt, yt);
+          gather_lanes<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, b0, n, m, xt, yt);
           alignas(64) double out[LA];
           rl.resize(3 * ld);
           // Kept interleaved (see the file comment), row by row.
@@ -910,7 +912,8 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         T* Rb = R != nullptr ? R + b * N * M : nullptr;
         values[b] = xy_forward_pair<kMetric, kD1, false, T, T, T>(
-            x + b * N * D, y + b * M * D, D, pb, T(1), buf.data(), buf.data() + M + 1, Rb, M,
+            x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, T(1), buf.data(),
+            buf.data() + M + 1, Rb, M,
             N);
       };
       for (int64_t t = begin; t < end; ++t) {
@@ -928,8 +931,8 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
         xt.resize(n * D * L);
         yt.resize(m * D * L);
         for (int64_t k = 0; k < L; ++k) {
-          const T* xb = x + (b0 + k) * N * D;
-          const T* yb = y + (b0 + k) * M * D;
+          const T* xb = x + (b0 + k) * a.x_batch_stride;
+          const T* yb = y + (b0 + k) * a.y_batch_stride;
           for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = xb[e];
           for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = yb[e];
         }
@@ -993,8 +996,8 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
       auto single = [&](int64_t b) {
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         const int64_t n = pb.n, m = pb.m;
-        const T* xb = x + b * N * D;
-        const T* yb = y + b * M * D;
+        const T* xb = x + b * a.x_batch_stride;
+        const T* yb = y + b * a.y_batch_stride;
         const T* Rb = R + b * N * M;  // hard only
         gx.assign(n * D, A(0));
         gy.assign(m * D, A(0));
@@ -1071,7 +1074,7 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
         const int64_t b0 = t * LA;
         const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
         const int64_t n = pb.n, m = pb.m, ld = m + 1;
-        gather_lanes<T>(x, y, N, M, D, b0, n, m, xt, yt);
+        gather_lanes<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, b0, n, m, xt, yt);
         alignas(64) double gv[LA];
         for (int64_t k = 0; k < LA; ++k) gv[k] = static_cast<double>(grad[b0 + k]);
         rl.resize(4 * (m + 1));

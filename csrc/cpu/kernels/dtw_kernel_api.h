@@ -53,8 +53,8 @@ struct DtwBackwardArgs {
 // 2 l1 sum_d |x - y|. Precision: soft-DTW computes fp32 inputs in fp64 (as above); hard
 // DTW computes in the input dtype (min is exact, so only the cost sums round).
 struct DtwXYForwardArgs {
-  const void* x;               // (B, N, D) contiguous, dtype
-  const void* y;               // (B, M, D) contiguous, dtype
+  const void* x;               // (B, N, D), pair b at x + b * x_batch_stride, dtype
+  const void* y;               // (B, M, D), pair b at y + b * y_batch_stride, dtype
   c10::ScalarType dtype;       // kFloat or kDouble
   int64_t B, N, M, D;
   const int64_t* x_lengths;    // (B,)
@@ -65,6 +65,9 @@ struct DtwXYForwardArgs {
   bool soft;
   void* values;                // (B,), dtype
   void* R;                     // (B, N, M), dtype, or null (value-only, O(M) state per pair)
+  // Elements between consecutive pairs' series: N D and M D for contiguous inputs, 0 for a
+  // series broadcast against every pair (read in place, never copied).
+  int64_t x_batch_stride, y_batch_stride;
 };
 
 // grad_x[b, i] = grad[b] sum_j E_ij d cost(x_i, y_j) / d x_i, grad_y likewise, with E the
@@ -86,6 +89,7 @@ struct DtwXYBackwardArgs {
   bool soft;
   void* grad_x;                // (B, N, D) or null
   void* grad_y;                // (B, M, D) or null
+  int64_t x_batch_stride, y_batch_stride;  // as in DtwXYForwardArgs
 };
 
 #define ETHER_DTW_KERNELS_DECLARE(ns)          \
