@@ -100,7 +100,8 @@ def main():
     train_set, test_set = make_data(2000, generator), make_data(2000, generator)
     print(f"AMSS efficacy: {K} classes, easy and weak modality, {args.epochs} epochs, "
           f"mean over {args.seeds} seeds (test accuracy)\n")
-    print("| training | fused | easy modality alone | weak modality alone | mean ratio (easy, weak) |")
+    print("| training | fused | easy modality alone | weak modality alone "
+          "| mean ratio (easy, weak) |")
     print("|---|---|---|---|---|")
     for method in ("joint", "amss", "amss+"):
         runs = [train(method, seed, args.epochs, train_set, test_set) for seed in range(args.seeds)]

@@ -29,7 +29,9 @@ def main(pairs=256, n=512, dim=4):
             step()
         torch.cuda.synchronize()
     print(f"soft-DTW fwd+bwd and hard DTW, {pairs} x {n} x {n}, D = {dim}, 3 repetitions")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                      max_name_column_width=60)
+    print(table)
 
 
 if __name__ == "__main__":

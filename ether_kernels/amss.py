@@ -117,7 +117,10 @@ def _as_int64(value):
 
 
 def _check_ratios(ratios, groups, op):
-    values = ratios.detach().flatten().tolist() if isinstance(ratios, torch.Tensor) else list(ratios)
+    if isinstance(ratios, torch.Tensor):
+        values = ratios.detach().flatten().tolist()
+    else:
+        values = list(ratios)
     if len(values) != groups:
         raise ValueError(f"{op}: got {len(values)} ratios for {groups} modalities")
     for m, r in enumerate(values):

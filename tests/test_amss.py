@@ -397,3 +397,32 @@ def test_masked_sgd_bad_input():
     params[1].grad = None
     with pytest.raises(RuntimeError, match="no .grad"):
         ek.amss.masked_sgd_step([params], [0.5], lr=0.1)
+
+
+@needs_cpp
+def test_the_cpp_amss_ops_check_their_arguments():
+    ops = torch.ops.ether_kernels
+    g = [torch.randn(6, 3), torch.randn(4)]
+    cases = [
+        (lambda: ops.amss_mask_gradients(g, [0], [0.5], 0, 0, 0, 0, 1), r"group_of_tensor must give"),
+        (lambda: ops.amss_mask_gradients(g, [0, 1], [0.5], 0, 0, 0, 0, 1), r"has no ratio"),
+        (lambda: ops.amss_mask_gradients(g, [0, 0], [1.5], 0, 0, 0, 0, 1), r"outside \[0, 1\]"),
+        (lambda: ops.amss_mask_gradients(g, [0, 0], [0.5], 7, 0, 0, 0, 1), r"sampling must be"),
+        (lambda: ops.amss_mask_gradients([torch.randn(3, 4).t()], [0], [0.5], 0, 0, 0, 0, 1),
+         r"contiguous CPU tensor"),
+        (lambda: ops.amss_mask_gradients([torch.randn(5, 2)], [0], [0.5], 0, 0, 0, 0, 2),
+         r"not a multiple of unit_size"),
+        (lambda: ops.amss_masked_sgd_step(g, g, [], [], [0, 0], [0.5], 0, 0, 0, 0, 1, 0.1, 0.9,
+                                          0.0, 0.0, False), r"one buffer and one fresh flag"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+def test_masked_sgd_step_rejects_empty_and_mismatched_buffers():
+    with pytest.raises(ValueError, match="no parameters"):
+        ek.amss.masked_sgd_step([[]], [0.5], lr=0.1)
+    params = params_with_grads()
+    with pytest.raises(ValueError, match="momentum_buffers must match"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9, momentum_buffers=[[None]])

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <utility>
 #include <vector>
 
 namespace ether_kernels {
@@ -92,6 +93,21 @@ inline void check_mse_args(const at::Tensor& input, const at::Tensor& target, in
               "fused_mse_loss: input must be floating point, got ", input.scalar_type());
   TORCH_CHECK(reduction == math::kMean || reduction == math::kSum || reduction == math::kNone,
               "fused_mse_loss: reduction code must be 0, 1 or 2, got ", reduction);
+}
+
+// DTW: the kept state's dtype: float64 for soft-DTW (the backward's weights need it at small
+// gamma), the inputs' dtype for hard DTW. The same on both devices.
+inline at::ScalarType dtw_kept_dtype(at::ScalarType dtype, bool soft) {
+  return soft ? at::kDouble : dtype;
+}
+
+// DTW: a series (B, L, D) and the elements between its pairs. A batch broadcast by expand()
+// (stride 0 over a contiguous series, as cdist_dtw passes one row against all of Y) is read
+// in place; anything else is made contiguous.
+inline std::pair<at::Tensor, int64_t> dtw_batched_series(const at::Tensor& s) {
+  if (s.size(0) > 1 && s.stride(0) == 0 && s.select(0, 0).is_contiguous()) return {s, 0};
+  at::Tensor c = s.contiguous();
+  return {c, s.size(1) * s.size(2)};
 }
 
 }  // namespace ether_kernels

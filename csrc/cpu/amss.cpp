@@ -43,7 +43,8 @@ inline uint32_t mix32(uint32_t x) {
 
 inline uint32_t word(uint64_t seed, uint64_t step, uint64_t tensor, uint64_t unit,
                      uint64_t stream) {
-  uint32_t h = mix32(static_cast<uint32_t>(unit + ((0x9E3779B9ull * (stream + 1)) & 0xFFFFFFFFull)));
+  const uint64_t offset = (0x9E3779B9ull * (stream + 1)) & 0xFFFFFFFFull;
+  uint32_t h = mix32(static_cast<uint32_t>(unit + offset));
   const uint64_t keys[5] = {tensor, step & 0xFFFFFFFFull, step >> 32, seed & 0xFFFFFFFFull,
                             seed >> 32};
   for (const uint64_t key : keys) h = mix32(h ^ static_cast<uint32_t>(key));
@@ -127,7 +128,8 @@ void unit_factors(const double* u, int64_t n, double ratio, int64_t mode, int64_
     for (int64_t j = 0; j < n; ++j) noise[j] = gumbel(seed, step, tensor, j);
     std::vector<int64_t> order(n);
     std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return noise[a] < noise[b]; });
+    std::sort(order.begin(), order.end(),
+              [&](int64_t a, int64_t b) { return noise[a] < noise[b]; });
     const double start = uniform(seed, step, tensor, static_cast<uint64_t>(n), 1);
     double cumulated = 0.0, previous = 0.0;
     for (int64_t i = 0; i < n; ++i) {
@@ -325,8 +327,8 @@ void amss_masked_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::T
           const double d = static_cast<double>(g[e]) * f + weight_decay * static_cast<double>(p[e]);
           double direction = d;
           if (use_momentum) {
-            const double nb = first_step ? d
-                                         : momentum * static_cast<double>(b[e]) + (1.0 - dampening) * d;
+            const double nb =
+                first_step ? d : momentum * static_cast<double>(b[e]) + (1.0 - dampening) * d;
             b[e] = static_cast<scalar_t>(nb);
             direction = nesterov ? d + momentum * nb : nb;
           }

@@ -2,6 +2,7 @@
 #include "dtw_ops.h"
 
 #include "cpu_capability.h"
+#include "../common/op_checks.h"
 #include "kernels/dtw_kernel_api.h"
 
 #include <ATen/ATen.h>
@@ -125,18 +126,14 @@ void check_options(int64_t band, double gamma, bool soft, const char* op) {
 }
 
 // The backward's upstream gradient (B,) and the forward's kept accumulated cost R (B, N, M).
-// The kept R's dtype: float64 for soft-DTW (the backward's weights need it at small gamma),
-// the inputs' dtype for hard DTW.
-at::ScalarType kept_dtype(at::ScalarType dtype, bool soft) { return soft ? at::kDouble : dtype; }
-
 void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B, int64_t N,
                            int64_t M, at::ScalarType dtype, bool soft, const char* op) {
   TORCH_CHECK(R.device().is_cpu() && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
                   R.size(2) == M,
               op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
               ") CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
-  TORCH_CHECK(R.scalar_type() == kept_dtype(dtype, soft), op, ": R must be ",
-              kept_dtype(dtype, soft), " (soft-DTW keeps R in float64), got ", R.scalar_type());
+  TORCH_CHECK(R.scalar_type() == dtw_kept_dtype(dtype, soft), op, ": R must be ",
+              dtw_kept_dtype(dtype, soft), " (soft-DTW keeps R in float64), got ", R.scalar_type());
   TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
               ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
               " on ", grad.device());
@@ -159,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_forward_cpu(const at::Tensor& cost,
   const at::Tensor c = cost.contiguous();
   at::Tensor values = at::empty({B}, c.options());
   at::Tensor R = keep ? KeptStateCache::get().empty(
-                             {B, N, M}, c.options().dtype(kept_dtype(c.scalar_type(), soft)))
+                             {B, N, M}, c.options().dtype(dtw_kept_dtype(c.scalar_type(), soft)))
                       : at::empty({0}, c.options());
   if (B == 0) return {values, R};
   DtwForwardArgs args{c.data_ptr(),
@@ -212,15 +209,6 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
 
 namespace {
 
-// A series (B, L, D) and the elements between its pairs: a batch broadcast by expand()
-// (stride 0 over a contiguous series, as cdist_dtw passes one row against all of Y) is read
-// in place; anything else is made contiguous.
-std::pair<at::Tensor, int64_t> batched_series(const at::Tensor& s) {
-  if (s.size(0) > 1 && s.stride(0) == 0 && s.select(0, 0).is_contiguous()) return {s, 0};
-  at::Tensor c = s.contiguous();
-  return {c, s.size(1) * s.size(2)};
-}
-
 void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op,
               " (CPU kernel): x and y must be CPU tensors, got ", x.device(), " and ",
@@ -252,11 +240,11 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
-  const auto [xc, x_stride] = batched_series(x);
-  const auto [yc, y_stride] = batched_series(y);
+  const auto [xc, x_stride] = dtw_batched_series(x);
+  const auto [yc, y_stride] = dtw_batched_series(y);
   at::Tensor values = at::empty({B}, xc.options());
   at::Tensor R = keep ? KeptStateCache::get().empty(
-                             {B, N, M}, xc.options().dtype(kept_dtype(xc.scalar_type(), soft)))
+                             {B, N, M}, xc.options().dtype(dtw_kept_dtype(xc.scalar_type(), soft)))
                       : at::empty({0}, xc.options());
   if (B == 0) return {values, R};
   DtwXYForwardArgs args{xc.data_ptr(),
@@ -291,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
   check_backward_inputs(grad, R, B, N, M, x.scalar_type(), soft, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
-  const auto [xc, x_stride] = batched_series(x);
-  const auto [yc, y_stride] = batched_series(y);
+  const auto [xc, x_stride] = dtw_batched_series(x);
+  const auto [yc, y_stride] = dtw_batched_series(y);
   const at::Tensor r = R.contiguous();
   const at::Tensor g = grad.reshape({B}).to(xc.scalar_type()).contiguous();
   at::Tensor gx = need_x ? at::empty({B, N, D}, xc.options()) : at::empty({0}, xc.options());

@@ -12,6 +12,8 @@
 // op's fake kernel (dynamic_time_warping.py) computes the same shape and dtype.
 #include "kernels_cuda.h"
 
+#include "../common/op_checks.h"
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -67,14 +69,6 @@ void check_options(int64_t band, double gamma, bool soft, const char* op) {
   }
 }
 
-// A series (B, L, D) and the elements between its pairs: a batch broadcast by expand()
-// (stride 0 over contiguous pairs) is used in place, anything else made contiguous.
-std::pair<at::Tensor, int64_t> batched_series(const at::Tensor& s) {
-  if (s.size(0) > 1 && s.stride(0) == 0 && s.select(0, 0).is_contiguous()) return {s, 0};
-  at::Tensor c = s.contiguous();
-  return {c, s.size(1) * s.size(2)};
-}
-
 void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, const char* op) {
   check_float(x, "x", op);
   check_float(y, "y", op);
@@ -99,10 +93,6 @@ void check_cost(const at::Tensor& cost, const char* op) {
               ": cost must be a non-empty (B, N, M) tensor, got shape ", cost.sizes());
 }
 
-at::ScalarType kept_dtype(at::ScalarType dtype, bool soft) {
-  return soft ? at::kDouble : dtype;
-}
-
 void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B,
                            int64_t kept, at::ScalarType dtype, bool soft,
                            const at::Device& device, const char* op) {
@@ -110,8 +100,9 @@ void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t 
               ": R must be the CUDA forward's kept (B, ", kept, ") = (", B, ", ", kept,
               ") tensor on ", device, " (keep=True), got shape ", R.sizes(), " on ",
               R.device());
-  TORCH_CHECK(R.scalar_type() == kept_dtype(dtype, soft), op, ": R must be ",
-              kept_dtype(dtype, soft), " (the CUDA forward keeps soft-DTW's R in float64), got ",
+  TORCH_CHECK(R.scalar_type() == dtw_kept_dtype(dtype, soft), op, ": R must be ",
+              dtw_kept_dtype(dtype, soft),
+              " (the CUDA forward keeps soft-DTW's R in float64), got ",
               R.scalar_type());
   TORCH_CHECK(grad.device() == device && grad.numel() == B && grad.dim() <= 1, op,
               ": grad must be a (B,) = (", B, ",) tensor on ", device, ", got shape ",
@@ -159,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(DtwArgs& a, const at::TensorOptio
   // Zero-filled: the kernels write only the cells they compute, and the kept state should
   // not hold whatever the allocator handed out (torch.compile / opcheck compare it).
   at::Tensor R = keep ? at::zeros({a.B, dtw_kept_per_pair(a)},
-                                  options.dtype(kept_dtype(options.dtype().toScalarType(), a.soft)))
+                                  options.dtype(dtw_kept_dtype(
+                                      options.dtype().toScalarType(), a.soft)))
                       : at::empty({0}, options);
   const at::Tensor workspace = attach_workspace(a, options);
   C10_CUDA_CHECK(dtw_forward(a, values.data_ptr(), keep ? R.data_ptr() : nullptr,
@@ -226,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cuda(const at::Tensor& x, cons
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, x.device(), op);
   const at::Tensor yl = device_lengths(y_lengths, "y_lengths", B, x.device(), op);
-  const auto [xs, x_stride] = batched_series(x);
-  const auto [ys, y_stride] = batched_series(y);
+  const auto [xs, x_stride] = dtw_batched_series(x);
+  const auto [ys, y_stride] = dtw_batched_series(y);
   DtwArgs a = base_args(x.scalar_type(), B, N, M, D, xl, yl, metric, band, gamma, soft);
   a.x = xs.data_ptr();
   a.y = ys.data_ptr();
@@ -285,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cuda(
   }
   const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, x.device(), op);
   const at::Tensor yl = device_lengths(y_lengths, "y_lengths", B, x.device(), op);
-  const auto [xs, x_stride] = batched_series(x);
-  const auto [ys, y_stride] = batched_series(y);
+  const auto [xs, x_stride] = dtw_batched_series(x);
+  const auto [ys, y_stride] = dtw_batched_series(y);
   DtwArgs a = base_args(x.scalar_type(), B, N, M, D, xl, yl, metric, band, gamma, soft);
   check_backward_inputs(grad, R, B, dtw_kept_per_pair(a), x.scalar_type(), soft, x.device(),
                         op);

@@ -44,11 +44,13 @@ using detail::min64;
 constexpr int kMaxThreads = 512;  // threads per pair (16 warps); __launch_bounds__ below
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr int kRowsSoft = 4;      // K: rows per thread (soft forward and backward)
-constexpr int kRowsHard = 16;
-constexpr int64_t kMaxPairs = 2147483647;  // one block per pair: the grid's x limit      // K for hard DTW: a cheaper cell, so more cells per barrier
+constexpr int kRowsHard = 16;     // K for hard DTW: a cheaper cell, so more cells per barrier
+constexpr int64_t kMaxPairs = 2147483647;  // one block per pair: the grid's x limit
 
 template <typename T> __device__ __forceinline__ T infinity();
-template <> __device__ __forceinline__ float infinity<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ float infinity<float>() {
+  return __int_as_float(0x7f800000);
+}
 template <> __device__ __forceinline__ double infinity<double>() {
   return __longlong_as_double(0x7ff0000000000000LL);
 }
@@ -252,8 +254,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   const int t = threadIdx.x, lane = t % kWarpSize, warp = t / kWarpSize;
+  static_assert(Cost::kRows == K, "the cost source caches the thread's K rows");
   const int rows_per_stripe = blockDim.x * K;
-  const int64_t N = args.N, M = args.M;
+  const int64_t M = args.M;
   const double gamma = args.gamma, inv_gamma = 1.0 / args.gamma;
   Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
   const KeptLayout layout(blockDim.x, K, M);
@@ -340,6 +343,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const PairShape pair(args, b);
   if (!pair.ok) return;
   const int t = threadIdx.x, lane = t % kWarpSize, warp = t / kWarpSize;
+  static_assert(Cost::kRows == K, "the cost source caches the thread's K rows");
   const int warps = blockDim.x / kWarpSize;
   const int rows_per_stripe = blockDim.x * K;
   const int64_t N = args.N, M = args.M;
