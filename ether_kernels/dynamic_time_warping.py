@@ -232,17 +232,36 @@ def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeucli
 
     Returns a list of (L_b, 2) int64 tensors of 0-based (i, j) index pairs from (0, 0) to
     (n_b - 1, m_b - 1); with return_matrix=True, the (B, N, M) 0/1 path matrices instead.
-    Ties prefer the diagonal step, then advancing x, then advancing y.
+    Ties prefer the diagonal step, then advancing x, then advancing y. The C++ and CUDA
+    backends read the path off their hard-DTW backward (one pass, no Python loop).
     """
     x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "dtw_path")
     with torch.no_grad():
-        paths = dtw_path_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band)
+        cost = pairwise_cost(x.detach(), y.detach(), metric)
+        backend = _dispatch.select(_OP, cost.device, cpu_backends=_CPU_BACKENDS,
+                                   gpu_backends=_GPU_BACKENDS)
+        if backend == "reference":
+            paths = dtw_path_reference(cost, x_lengths, y_lengths, band)
+            matrix = None
+        else:
+            # The C++ / CUDA hard backward with an upstream gradient of 1 is the optimal
+            # path's 0/1 indicator (same tie rule as the reference).
+            cost = cost.contiguous()
+            code = -1 if band is None else band
+            values, R = torch.ops.ether_kernels.dtw_forward(cost, x_lengths, y_lengths, code,
+                                                            1.0, False, True)
+            matrix = torch.ops.ether_kernels.dtw_backward(torch.ones_like(values), cost, R,
+                                                          x_lengths, y_lengths, code, 1.0,
+                                                          False)
+            # a monotone path in row-major order is the path in order
+            paths = None if return_matrix else [torch.nonzero(m != 0) for m in matrix]
     if not return_matrix:
         return paths
-    matrix = torch.zeros(x.shape[0], x.shape[1], y.shape[1], dtype=x.dtype, device=x.device)
-    for b, path in enumerate(paths):
-        matrix[b, path[:, 0], path[:, 1]] = 1
-    return matrix
+    if matrix is None:
+        matrix = torch.zeros(x.shape[0], x.shape[1], y.shape[1], dtype=x.dtype, device=x.device)
+        for b, path in enumerate(paths):
+            matrix[b, path[:, 0], path[:, 1]] = 1
+    return (matrix != 0).to(x.dtype)
 
 
 def cdist_dtw(X, Y, *, band=None, metric="sqeuclidean"):

@@ -451,3 +451,20 @@ def test_broadcast_series_is_read_in_place_and_matches_a_loop(backend, gamma, dt
         for q in (0, 8, 17):
             torch.testing.assert_close(table[p, q], ek.dtw(X[p], Y[q], band=2)[0], rtol=rtol,
                                        atol=rtol)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("band", [None, 2])
+def test_dtw_path_backends_agree_with_the_reference(backend, band):
+    x, y, x_lengths, y_lengths = random_case(B=5, N=13, M=10, D=2)
+    with ek.use_backend("reference"):
+        expected = ek.dtw_path(x, y, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+        expected_matrix = ek.dtw_path(x, y, band=band, x_lengths=x_lengths, y_lengths=y_lengths,
+                                      return_matrix=True)
+    with ek.use_backend(backend):
+        paths = ek.dtw_path(x, y, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+        matrix = ek.dtw_path(x, y, band=band, x_lengths=x_lengths, y_lengths=y_lengths,
+                             return_matrix=True)
+    for got, want in zip(paths, expected):
+        assert torch.equal(got, want)
+    assert torch.equal(matrix, expected_matrix) and matrix.dtype == x.dtype

@@ -229,3 +229,14 @@ def test_cuda_torch_compile_fullgraph():
     (grad,) = torch.autograd.grad(compiled(x, y), (x,))
     (expected,) = torch.autograd.grad(ek.soft_dtw(x, y, 0.5).sum(), (x,))
     torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("band", [None, 3])
+def test_cuda_dtw_path_matches_the_reference(band):
+    x, y, x_lengths, y_lengths = case(4, 40, 31, 2, torch.float64)
+    with ek.use_backend("reference"):
+        expected = ek.dtw_path(x, y, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+    paths = ek.dtw_path(x.cuda(), y.cuda(), band=band, x_lengths=x_lengths.cuda(),
+                        y_lengths=y_lengths.cuda())
+    for got, want in zip(paths, expected):
+        assert torch.equal(got.cpu(), want)
