@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -108,6 +109,34 @@ inline std::pair<at::Tensor, int64_t> dtw_batched_series(const at::Tensor& s) {
   if (s.size(0) > 1 && s.stride(0) == 0 && s.select(0, 0).is_contiguous()) return {s, 0};
   at::Tensor c = s.contiguous();
   return {c, s.size(1) * s.size(2)};
+}
+
+// DTW: band (-1: none) and, for soft-DTW, gamma.
+inline void check_dtw_options(int64_t band, double gamma, bool soft, const char* op) {
+  TORCH_CHECK(band >= -1, op, ": band must be >= 0, or -1 for no band, got ", band);
+  if (soft) {
+    TORCH_CHECK(gamma > 0.0 && std::isfinite(gamma), op,
+                ": gamma must be a finite number > 0 for soft-DTW, got ", gamma);
+  }
+}
+
+// DTW series ops: x (B, N, D) and y (B, M, D) of one float dtype, non-empty, and the metric
+// code (devices are checked by each backend).
+inline void check_dtw_series(const at::Tensor& x, const at::Tensor& y, int64_t metric,
+                             const char* op) {
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3, op, ": x must be (B, N, D) and y (B, M, D), got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have x's dtype ",
+              x.scalar_type(), ", got ", y.scalar_type());
+  TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same batch size B, got ",
+              x.size(0), " and ", y.size(0), " (broadcast a batch of 1 before the call)");
+  TORCH_CHECK(x.size(2) == y.size(2), op, ": x and y must have the same feature size D, got ",
+              x.size(2), " and ", y.size(2));
+  TORCH_CHECK(x.size(1) > 0 && y.size(1) > 0, op, ": x and y must be non-empty sequences");
+  TORCH_CHECK(metric >= 0 && metric <= 2, op,
+              ": metric must be 0 (sqeuclidean), 1 (euclidean) or 2 (l1), got ", metric);
 }
 
 }  // namespace ether_kernels

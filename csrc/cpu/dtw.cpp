@@ -117,12 +117,6 @@ class KeptStateCache {
   size_t cached_bytes_ = 0;
 };
 
-void check_options(int64_t band, double gamma, bool soft, const char* op) {
-  TORCH_CHECK(band >= -1, op, ": band must be >= 0, or -1 for no band, got ", band);
-  if (soft) {
-    TORCH_CHECK(gamma > 0.0 && std::isfinite(gamma), op,
-                ": gamma must be a finite number > 0 for soft-DTW, got ", gamma);
-  }
 }
 
 // The backward's upstream gradient (B,) and the forward's kept accumulated cost R (B, N, M).
@@ -149,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_forward_cpu(const at::Tensor& cost,
                                                    double gamma, bool soft, bool keep) {
   constexpr const char* op = "dtw_forward";
   check_cost(cost, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
@@ -180,7 +174,7 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
                             int64_t band, double gamma, bool soft) {
   constexpr const char* op = "dtw_backward";
   check_cost(cost, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   check_backward_inputs(grad, R, B, N, M, cost.scalar_type(), soft, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
@@ -213,18 +207,7 @@ void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, cons
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op,
               " (CPU kernel): x and y must be CPU tensors, got ", x.device(), " and ",
               y.device());
-  TORCH_CHECK(x.dim() == 3 && y.dim() == 3, op, ": x must be (B, N, D) and y (B, M, D), got ",
-              x.sizes(), " and ", y.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have x's dtype ",
-              x.scalar_type(), ", got ", y.scalar_type());
-  TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same batch size B, got ",
-              x.size(0), " and ", y.size(0), " (broadcast a batch of 1 before the call)");
-  TORCH_CHECK(x.size(2) == y.size(2), op, ": x and y must have the same feature size D, got ",
-              x.size(2), " and ", y.size(2));
-  TORCH_CHECK(metric >= 0 && metric <= 2, op,
-              ": metric must be 0 (sqeuclidean), 1 (euclidean) or 2 (l1), got ", metric);
+  check_dtw_series(x, y, metric, op);
 }
 
 }  // namespace
@@ -236,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const
                                                       double gamma, bool soft, bool keep) {
   constexpr const char* op = "dtw_xy_forward";
   check_series(x, y, metric, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
@@ -274,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
     double gamma, bool soft, bool need_x, bool need_y) {
   constexpr const char* op = "dtw_xy_backward";
   check_series(x, y, metric, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   check_backward_inputs(grad, R, B, N, M, x.scalar_type(), soft, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);

@@ -61,30 +61,13 @@ at::Tensor device_lengths(const at::Tensor& lengths, const char* name, int64_t B
       .contiguous();
 }
 
-void check_options(int64_t band, double gamma, bool soft, const char* op) {
-  TORCH_CHECK(band >= -1, op, ": band must be >= 0, or -1 for no band, got ", band);
-  if (soft) {
-    TORCH_CHECK(gamma > 0.0 && std::isfinite(gamma), op,
-                ": gamma must be a finite number > 0 for soft-DTW, got ", gamma);
-  }
-}
 
 void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, const char* op) {
   check_float(x, "x", op);
   check_float(y, "y", op);
-  TORCH_CHECK(x.dim() == 3 && y.dim() == 3, op, ": x must be (B, N, D) and y (B, M, D), got ",
-              x.sizes(), " and ", y.sizes());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have x's dtype ",
-              x.scalar_type(), ", got ", y.scalar_type());
   TORCH_CHECK(x.device() == y.device(), op, ": x (", x.device(), ") and y (", y.device(),
               ") must be on the same device");
-  TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same batch size B, got ",
-              x.size(0), " and ", y.size(0), " (broadcast a batch of 1 before the call)");
-  TORCH_CHECK(x.size(2) == y.size(2), op, ": x and y must have the same feature size D, got ",
-              x.size(2), " and ", y.size(2));
-  TORCH_CHECK(x.size(1) > 0 && y.size(1) > 0, op, ": x and y must be non-empty sequences");
-  TORCH_CHECK(metric >= 0 && metric <= 2, op,
-              ": metric must be 0 (sqeuclidean), 1 (euclidean) or 2 (l1), got ", metric);
+  check_dtw_series(x, y, metric, op);
 }
 
 void check_cost(const at::Tensor& cost, const char* op) {
@@ -177,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_forward_cuda(const at::Tensor& cost,
                                                     double gamma, bool soft, bool keep) {
   constexpr const char* op = "dtw_forward";
   check_cost(cost, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const c10::cuda::CUDAGuard guard(cost.device());
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, cost.device(), op);
@@ -193,7 +176,7 @@ at::Tensor dtw_backward_cuda(const at::Tensor& grad, const at::Tensor& cost, con
                              int64_t band, double gamma, bool soft) {
   constexpr const char* op = "dtw_backward";
   check_cost(cost, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const c10::cuda::CUDAGuard guard(cost.device());
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, cost.device(), op);
@@ -213,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cuda(const at::Tensor& x, cons
                                                        double gamma, bool soft, bool keep) {
   constexpr const char* op = "dtw_xy_forward";
   check_series(x, y, metric, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   const at::Tensor xl = device_lengths(x_lengths, "x_lengths", B, x.device(), op);
@@ -268,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cuda(
     double gamma, bool soft, bool need_x, bool need_y) {
   constexpr const char* op = "dtw_xy_backward";
   check_series(x, y, metric, op);
-  check_options(band, gamma, soft, op);
+  check_dtw_options(band, gamma, soft, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   if (B == 0 || (!need_x && !need_y)) {
