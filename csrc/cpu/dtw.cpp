@@ -117,8 +117,6 @@ class KeptStateCache {
   size_t cached_bytes_ = 0;
 };
 
-}
-
 // The backward's upstream gradient (B,) and the forward's kept accumulated cost R (B, N, M).
 void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B, int64_t N,
                            int64_t M, at::ScalarType dtype, bool soft, const char* op) {
