@@ -376,11 +376,14 @@ def test_the_cpp_ops_check_their_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("band", [None, 2])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
-def test_lane_groups_match_the_reference(backend, dtype, band, metric):
+@pytest.mark.parametrize("D", [1, 3, 4, 6])
+def test_lane_groups_match_the_reference(backend, dtype, band, metric, D):
     """19 pairs: two groups of 8 equal-length pairs (the C++ kernels run them in the lanes of
     one vector; fp32 groups keep the soft-argmin weights instead of R) and 3 pairs one by one;
-    the second group mixes lengths, so it runs pair by pair as well."""
-    B, N, M, D = 19, 23, 17, 3
+    the second group mixes lengths, so it runs pair by pair as well. D = 1..4 run kernels
+    compiled for that D, 6 the general loop; 23 rows are not a multiple of the rows the
+    forward computes at once."""
+    B, N, M = 19, 23, 17
     x = torch.randn(B, N, D, dtype=torch.float64)
     y = torch.randn(B, M, D, dtype=torch.float64)
     x_lengths = torch.full((B,), N)
@@ -421,6 +424,25 @@ def test_lane_group_fp32_gradients_within_1e4_of_fp64(gamma, band):
     for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
         assert torch.isfinite(g32).all()
         assert ((g32.double() - g64).abs().max() / g64.abs().max()).item() < 1e-4
+
+
+def test_soft_dtw_backward_leaves_the_callers_subnormals_alone():
+    """The C++ soft-DTW kernels flush subnormals to zero while they run (E decays into the
+    subnormal range far from the path, and subnormal arithmetic is ~100x slower): the result
+    still matches the reference, and the calling thread's floating-point mode is restored."""
+    x = torch.randn(16, 40, 2, dtype=torch.float64) * 3
+    y = torch.randn(16, 40, 2, dtype=torch.float64) * 3
+    results = []
+    for backend in ("auto", "reference"):
+        a = x.clone().requires_grad_(True)
+        with ek.use_backend(backend):
+            value = ek.soft_dtw(a, y, 0.05)
+            results.append((value, torch.autograd.grad(value.sum(), (a,))[0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=1e-12)
+    tiny = torch.tensor([2.0 ** -1060], dtype=torch.float64)  # subnormal
+    assert (tiny * 1.0).item() != 0.0
+    assert (tiny * 2.0).item() == 2.0 ** -1059
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -44,9 +44,32 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 namespace ether_kernels::cpu {
 namespace CPU_CAPABILITY {
 namespace {
+
+// Subnormal doubles flushed to zero for the lifetime of the scope (this thread only; the
+// caller's floating-point mode is restored). The soft-DTW backward's E decays like
+// exp(-excess cost / gamma) away from the optimal path and reaches the subnormal range
+// (< 2.2e-308) on ordinary inputs; each subnormal operand costs a ~100-cycle microcode
+// assist, which made the backward 2.4x slower. A flushed value changes the result by less
+// than 1e-307 absolute.
+class FlushSubnormalsScope {
+ public:
+#if defined(__SSE__) || defined(__x86_64__)
+  FlushSubnormalsScope() : saved_(_mm_getcsr()) {
+    _mm_setcsr(saved_ | 0x8040u);  // FTZ (bit 15) and DAZ (bit 6)
+  }
+  ~FlushSubnormalsScope() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 // The allowed j-range of each row of one pair.
 struct PairBand {
@@ -248,6 +271,7 @@ void backward_impl(const DtwBackwardArgs& a) {
   const int64_t cells = std::max<int64_t>(1, N * M);
   const int64_t grain = std::max<int64_t>(1, 32768 / cells);
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    const FlushSubnormalsScope flush_subnormals;  // see the class comment
     // Soft backward for fp32: E is accumulated in A in an (n, M) scratch buffer.
     std::vector<A> e_scratch;
     for (int64_t b = begin; b < end; ++b) {
@@ -506,11 +530,136 @@ inline VA log_of_sum(const VA& s) {
 #endif
 }
 
+// The fp32-input variants (kFast below): the weights are stored as fp32 and the values
+// returned as fp32, so ~1e-9 relative is enough and the special functions can be shorter.
+// They are also evaluated with less latency, which is what bounds the forward (each cell
+// waits for its left neighbour): Estrin instead of Horner, and reciprocals as rcp14 plus
+// one Newton step (relative error 2^-28) instead of a 23-cycle division. AVX512 only; the
+// other builds use the precise functions.
+#if defined(CPU_CAPABILITY_AVX512)
+// 1 / s to 2^-28 relative (s in [1, 3] or +inf, whose reciprocal is 0).
+inline __m512d reciprocal_fast(__m512d s) {
+  const __m512d r = _mm512_rcp14_pd(s);
+  // r (2 - s r): one Newton step squares the relative error.
+  return _mm512_mul_pd(r, _mm512_fnmadd_pd(s, r, _mm512_set1_pd(2.0)));
+}
+
+// exp(x) for x <= 0: as exp_nonpositive with the degree-7 Taylor polynomial of e^r
+// (|r| <= ln2 / 2: truncation < 6e-9 relative), evaluated by Estrin's scheme.
+inline VA exp_nonpositive_fast(const VA& x) {
+  constexpr double kLog2e = 1.4426950408889634, kLn2Hi = 0.6931471803691238,
+                   kLn2Lo = 1.9082149292705877e-10, kFloor = -708.0;
+  const __m512d v0 = x;
+  const __mmask8 under = _mm512_cmp_pd_mask(v0, _mm512_set1_pd(kFloor), _CMP_LT_OQ);
+  const __m512d v = _mm512_max_pd(_mm512_set1_pd(kFloor), v0);
+  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(v, _mm512_set1_pd(kLog2e)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Hi), v);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Lo), r);
+  const __m512d r2 = _mm512_mul_pd(r, r);
+  const __m512d r4 = _mm512_mul_pd(r2, r2);
+  // (1 + r) + r^2 (1/2 + r/6) + r^4 ((1/24 + r/120) + r^2 (1/720 + r/5040))
+  const __m512d p01 = _mm512_fmadd_pd(r, _mm512_set1_pd(1.0), _mm512_set1_pd(1.0));
+  const __m512d p23 = _mm512_fmadd_pd(r, _mm512_set1_pd(1.0 / 6), _mm512_set1_pd(0.5));
+  const __m512d p45 = _mm512_fmadd_pd(r, _mm512_set1_pd(1.0 / 120), _mm512_set1_pd(1.0 / 24));
+  const __m512d p67 =
+      _mm512_fmadd_pd(r, _mm512_set1_pd(1.0 / 5040), _mm512_set1_pd(1.0 / 720));
+  const __m512d p03 = _mm512_fmadd_pd(r2, p23, p01);
+  const __m512d p47 = _mm512_fmadd_pd(r2, p67, p45);
+  const __m512d p = _mm512_fmadd_pd(r4, p47, p03);
+  return _mm512_mask_blend_pd(under, _mm512_scalef_pd(p, n), _mm512_setzero_pd());
+}
+
+// log(s) for s in [1, 3] or +inf: as log_of_sum with t = (m - 1) / (m + 1) from the fast
+// reciprocal and the odd series to t^11 (truncation < 2e-11).
+inline VA log_of_sum_fast(const VA& s) {
+  constexpr double kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
+  const __m512d v = s;
+  __m512d e = _mm512_getexp_pd(v);
+  __m512d m = _mm512_getmant_pd(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  const __mmask8 big = _mm512_cmp_pd_mask(m, _mm512_set1_pd(1.4142135623730951), _CMP_GT_OQ);
+  m = _mm512_mask_mul_pd(m, big, m, _mm512_set1_pd(0.5));
+  e = _mm512_mask_add_pd(e, big, e, _mm512_set1_pd(1.0));
+  const __m512d one = _mm512_set1_pd(1.0);
+  const __m512d t =
+      _mm512_mul_pd(_mm512_sub_pd(m, one), reciprocal_fast(_mm512_add_pd(m, one)));
+  const __m512d t2 = _mm512_mul_pd(t, t);
+  const __m512d t4 = _mm512_mul_pd(t2, t2);
+  // 1 + t^2/3 + t^4/5 + t^6/7 + t^8/9 + t^10/11, Estrin: (1 + t2/3) + t4 ((1/5 + t2/7) +
+  // t4 (1/9 + t2/11))
+  const __m512d q01 = _mm512_fmadd_pd(t2, _mm512_set1_pd(1.0 / 3), one);
+  const __m512d q23 = _mm512_fmadd_pd(t2, _mm512_set1_pd(1.0 / 7), _mm512_set1_pd(1.0 / 5));
+  const __m512d q45 = _mm512_fmadd_pd(t2, _mm512_set1_pd(1.0 / 11), _mm512_set1_pd(1.0 / 9));
+  const __m512d q = _mm512_fmadd_pd(t4, _mm512_fmadd_pd(t4, q45, q23), q01);
+  const __m512d log_m = _mm512_mul_pd(_mm512_add_pd(t, t), q);
+  // +inf: getexp = +inf, getmant = 1, t = 0: e ln2 = +inf. NaN stays NaN.
+  return _mm512_fmadd_pd(e, _mm512_set1_pd(kLn2Hi),
+                         _mm512_fmadd_pd(e, _mm512_set1_pd(kLn2Lo), log_m));
+}
+#endif
+
+template <bool kFast>
+inline VA exp_nonpositive_as(const VA& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kFast) return exp_nonpositive_fast(x);
+#endif
+  return exp_nonpositive(x);
+}
+
+template <bool kFast>
+inline VA log_of_sum_as(const VA& s) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kFast) return log_of_sum_fast(s);
+#endif
+  return log_of_sum(s);
+}
+
+// 1 / s for s in [1, 3].
+template <bool kFast>
+inline VA reciprocal_of_sum_as(const VA& s) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kFast) return reciprocal_fast(s);
+#endif
+  return VA(1.0) / s;
+}
+
 // softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
 // weights of a and b (the backward's weights of the diagonal and upper predecessors; the
 // left one's is 1 - both), 0 for a lane whose predecessors are all +inf.
+// kFast: the fp32-input precision (see exp_nonpositive_fast).
+template <bool kFast>
 inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
                          const VA& inv_gamma, VA* weights = nullptr) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // The same computation on AVX-512 mask registers: ATen's comparisons return vectors that
+  // every blendv turns back into a mask (two extra instructions per select), and this
+  // function is most of the forward's instruction stream.
+  const __m512d va = a, vb = b, vc = c;
+  const __m512d v_inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+  const __m512d v_mu = _mm512_min_pd(va, _mm512_min_pd(vb, vc));
+  const __mmask8 k_a = _mm512_cmp_pd_mask(va, v_mu, _CMP_EQ_OQ);
+  const __mmask8 k_b = _mm512_mask_cmp_pd_mask(static_cast<__mmask8>(~k_a), vb, v_mu,
+                                               _CMP_EQ_OQ);  // !a_min && b == mu
+  const __mmask8 k_ab = k_a | k_b;
+  const __m512d v_p = _mm512_mask_blend_pd(k_a, va, vb);   // a_min ? b : a
+  const __m512d v_q = _mm512_mask_blend_pd(k_ab, vb, vc);  // (a or b)_min ? c : b
+  const __m512d v_ig = inv_gamma;
+  const __m512d v_ep = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(v_mu, v_p), v_ig)));
+  const __m512d v_eq = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(v_mu, v_q), v_ig)));
+  const __m512d v_s = _mm512_add_pd(_mm512_add_pd(_mm512_set1_pd(1.0), v_ep), v_eq);
+  const __m512d v_log = log_of_sum_as<kFast>(VA(v_s));
+  const __m512d v_r = _mm512_fnmadd_pd(gamma, v_log, v_mu);
+  const __mmask8 k_reach = _mm512_cmp_pd_mask(v_mu, v_inf, _CMP_NEQ_UQ);  // NaN: reachable
+  if (weights != nullptr) {
+    const __m512d inv_s = reciprocal_of_sum_as<kFast>(VA(v_s));
+    const __m512d wp = _mm512_mul_pd(v_ep, inv_s), wq = _mm512_mul_pd(v_eq, inv_s);
+    const __m512d wa = _mm512_mask_blend_pd(k_a, wp, inv_s);
+    const __m512d wb = _mm512_mask_blend_pd(k_a, _mm512_mask_blend_pd(k_b, wq, inv_s), wp);
+    weights[0] = _mm512_maskz_mov_pd(k_reach, wa);
+    weights[1] = _mm512_maskz_mov_pd(k_reach, wb);
+  }
+  return _mm512_mask_blend_pd(k_reach, v_inf, v_r);
+#else
   const VA inf(std::numeric_limits<double>::infinity());
   const VA one(1.0);
   const VA mu = at::vec::minimum(a, at::vec::minimum(b, c));
@@ -520,14 +669,14 @@ inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
   const VA p = VA::blendv(a, b, a_min);
   const VA q = VA::blendv(b, c, ab_min);
   // (mu - inf) * inv_gamma = -inf and exp(-inf) = 0; mu = +inf lanes are replaced below.
-  const VA ep = exp_nonpositive((mu - p) * inv_gamma);
-  const VA eq = exp_nonpositive((mu - q) * inv_gamma);
+  const VA ep = exp_nonpositive_as<kFast>((mu - p) * inv_gamma);
+  const VA eq = exp_nonpositive_as<kFast>((mu - q) * inv_gamma);
   const VA s = (one + ep) + eq;
-  const VA r = mu - gamma * log_of_sum(s);
+  const VA r = mu - gamma * log_of_sum_as<kFast>(s);
   const VA unreachable = mu == inf;
   if (weights != nullptr) {
     // p is b when a is the minimum, else a; q is c when a or b is, else b (see above).
-    const VA zero(0.0), inv_s = one / s;
+    const VA zero(0.0), inv_s = reciprocal_of_sum_as<kFast>(s);
     const VA wp = ep * inv_s, wq = eq * inv_s;
     const VA wa = VA::blendv(wp, inv_s, a_min);
     const VA wb = VA::blendv(VA::blendv(wq, inv_s, b_min), wp, a_min);
@@ -535,6 +684,7 @@ inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
     weights[1] = VA::blendv(wb, zero, unreachable);
   }
   return VA::blendv(r, inf, unreachable);
+#endif
 }
 
 // The two weights of a cell's lanes as 2 L floats (the L doubles of one kept cell slot).
@@ -571,8 +721,10 @@ inline void load_weights(const float* src, VA& wa, VA& wb) {
 }
 
 // Local cost of cell (i, j) for all lanes; xi: (D, L), yj: (D, L).
-template <int kMetric>
-inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D) {
+// kDim > 0: D known at compile time (see contract_lanes).
+template <int kMetric, int kDim = 0>
+inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime) {
+  const int64_t D = kDim > 0 ? kDim : D_runtime;
   constexpr int64_t L = VA::size();
   VA c(0.0);
   for (int64_t d = 0; d < D; ++d) {
@@ -584,25 +736,33 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D) {
   return c;
 }
 
-// Three rolling rows of m + 1 vectors in `rows` (1-based R with column 0; cells outside the
-// band are +inf). Rows are computed two at a time, skewed by one column: cell (i, j) and
-// cell (i + 1, j - 1) depend on nothing computed in the same step, so the two exp -> log
-// dependency chains (one per row) overlap instead of running back to back. When `kept` is
-// non-null, cell (i, j) of the group keeps the L doubles at kept + ((i - 1) m + j - 1) L:
-// its R (kWeights false), or its two soft-argmin weights as 2 L floats (kWeights true: the
-// backward then needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not
-// fp64 weights). Returns R[n][m].
-template <int kMetric, bool kWeights>
-VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
-                         double gamma, VA* rows, double* kept) {
+// Rows are computed kSkewRows at a time, each one column behind the row above: at step j,
+// row i + s computes cell (i + s, j - s), which depends only on cells computed at earlier
+// steps, so the kSkewRows exp -> log dependency chains (one per row) overlap instead of
+// running back to back (a cell's latency, ~200 cycles, not the vector units' throughput,
+// bounds a single chain). `rows` holds kSkewRows + 1 rolling rows of m + 1 vectors (1-based
+// R with column 0; cells outside the band are +inf). When `kept` is non-null, cell (i, j)
+// of the group keeps the L doubles at kept + ((i - 1) m + j - 1) L: its R (kWeights
+// false), or its two soft-argmin weights as 2 L floats (kWeights true: the backward then
+// needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not fp64 weights,
+// which also take the shorter special functions). Returns R[n][m].
+constexpr int64_t kSkewRows = 4;
+constexpr int64_t kRollingRows = kSkewRows + 1;
+
+template <int kMetric, bool kWeights, int kDim = 0>
+VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
+                         const PairBand& pb, double gamma, VA* rows, double* kept) {
+  const int64_t D = kDim > 0 ? kDim : D_runtime;  // kDim > 0: see contract_lanes
   constexpr int64_t L = VA::size();
   const VA inf(std::numeric_limits<double>::infinity());
   const VA g(gamma), ig(1.0 / gamma);
   const int64_t n = pb.n, m = pb.m, ld = m + 1;
-  for (int64_t e = 0; e < 3 * ld; ++e) rows[e] = inf;
+  for (int64_t e = 0; e < kRollingRows * ld; ++e) rows[e] = inf;
   rows[0] = VA(0.0);  // buffer 0 holds row 0: R[0][0] = 0
   // The column range each buffer holds finite values in (to reset before reuse).
-  int64_t held_first[3] = {0, 1, 1}, held_last[3] = {0, 0, 0};
+  int64_t held_first[kRollingRows], held_last[kRollingRows];
+  for (int64_t k = 0; k < kRollingRows; ++k) held_first[k] = 1, held_last[k] = 0;
+  held_first[0] = held_last[0] = 0;
   auto take = [&](int64_t slot, int64_t first, int64_t last) {
     VA* row = rows + slot * ld;
     for (int64_t j = held_first[slot]; j <= held_last[slot]; ++j) row[j] = inf;
@@ -614,9 +774,9 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const Pa
   // to the kept slot.
   auto cell = [&](const VA* above, VA left, const double* xi, int64_t i, int64_t j) {
     VA w[2];
-    const VA v = local_cost_lanes<kMetric>(xi, yt + (j - 1) * D * L, D) +
-                 softmin3_lanes(above[j - 1], above[j], left, g, ig,
-                                kWeights && kept != nullptr ? w : nullptr);
+    const VA v = local_cost_lanes<kMetric, kDim>(xi, yt + (j - 1) * D * L, D) +
+                 softmin3_lanes<kWeights>(above[j - 1], above[j], left, g, ig,
+                                          kWeights && kept != nullptr ? w : nullptr);
     if constexpr (kWeights) {
       if (kept != nullptr) {
         store_weights(reinterpret_cast<float*>(kept + ((i - 1) * m + (j - 1)) * L), w[0], w[1]);
@@ -631,50 +791,52 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D, const Pa
     std::fill(row + last * L, row + m * L, 0.0);
   };
   int64_t prev_slot = 0;
-  for (int64_t i = 1; i <= n; i += 2) {
-    const bool pair_of_rows = i + 1 <= n;
-    const int64_t f1 = pb.first(i), l1 = pb.last(i);
-    const int64_t f2 = pair_of_rows ? pb.first(i + 1) : 1;
-    const int64_t l2 = pair_of_rows ? pb.last(i + 1) : 0;  // empty when alone
-    const int64_t slot1 = (prev_slot + 1) % 3, slot2 = (prev_slot + 2) % 3;
-    const VA* prev = rows + prev_slot * ld;
-    VA* cur1 = take(slot1, f1, l1);
-    VA* cur2 = pair_of_rows ? take(slot2, f2, l2) : nullptr;
-    const double* x1 = xt + (i - 1) * D * L;
-    const double* x2 = x1 + D * L;
-    if (kWeights && kept != nullptr) {
-      clear_outside(i, f1, l1);
-      if (pair_of_rows) clear_outside(i + 1, f2, l2);
+  for (int64_t i = 1; i <= n; i += kSkewRows) {
+    const int64_t rows_now = std::min(kSkewRows, n - i + 1);
+    // Row i + s: its column range, its buffer, the buffer above it and its x row.
+    int64_t first[kSkewRows], last[kSkewRows];
+    VA* cur[kSkewRows];
+    const VA* above[kSkewRows];
+    VA left[kSkewRows];
+    int64_t last_step = 0;
+    for (int64_t s = 0; s < rows_now; ++s) {
+      first[s] = pb.first(i + s);
+      last[s] = pb.last(i + s);
+      const int64_t slot = (prev_slot + 1 + s) % kRollingRows;
+      above[s] = s == 0 ? rows + prev_slot * ld : cur[s - 1];
+      cur[s] = take(slot, first[s], last[s]);
+      left[s] = inf;
+      last_step = std::max(last_step, last[s] + s);
+      if (kWeights && kept != nullptr) clear_outside(i + s, first[s], last[s]);
     }
-    VA left1 = inf, left2 = inf;
-    // Step j: (i, j) if j <= l1, and (i + 1, j - 1) if f2 <= j - 1 <= l2. Row i + 1 starts
-    // at f2 >= f1 and ends at l2 >= l1 (the band only moves right), so every value of row i
-    // it reads has been computed one step earlier (or is +inf outside row i's range).
-    const int64_t last_step = std::max(l1, l2 + 1);
-    for (int64_t j = f1; j <= last_step; ++j) {
-      if (j <= l1) {
-        left1 = cell(prev, left1, x1, i, j);
-        cur1[j] = left1;
-      }
-      const int64_t j2 = j - 1;
-      if (j2 >= f2 && j2 <= l2) {
-        left2 = cell(cur1, left2, x2, i + 1, j2);
-        cur2[j2] = left2;
+    // Step j: cell (i + s, j - s) of every row whose range holds j - s. A row starts and
+    // ends no earlier than the row above (the band only moves right), so every value of
+    // the row above it reads was computed one step earlier (or is +inf outside its range).
+    for (int64_t j = first[0]; j <= last_step; ++j) {
+      for (int64_t s = 0; s < rows_now; ++s) {
+        const int64_t col = j - s;
+        if (col >= first[s] && col <= last[s]) {
+          left[s] = cell(above[s], left[s], xt + (i + s - 1) * D * L, i + s, col);
+          cur[s][col] = left[s];
+        }
       }
     }
     if (!kWeights && kept != nullptr) {
-      std::memcpy(kept + (i - 1) * m * L, cur1 + 1, m * sizeof(VA));
-      if (pair_of_rows) std::memcpy(kept + i * m * L, cur2 + 1, m * sizeof(VA));
+      for (int64_t s = 0; s < rows_now; ++s) {
+        std::memcpy(kept + (i + s - 1) * m * L, cur[s] + 1, m * sizeof(VA));
+      }
     }
-    prev_slot = pair_of_rows ? slot2 : slot1;
+    prev_slot = (prev_slot + rows_now) % kRollingRows;
   }
   return rows[prev_slot * ld + m];
 }
 
 // Adds e * d cost(x_i, y_j) / d x_i to gxi (D vectors) and its negative to gyj.
-template <int kMetric>
-inline void contract_lanes(const double* xi, const double* yj, int64_t D, const VA& e,
+// kDim > 0: D known at compile time (the loops unroll and gxi can live in registers).
+template <int kMetric, int kDim = 0>
+inline void contract_lanes(const double* xi, const double* yj, int64_t D_runtime, const VA& e,
                            VA* gxi, VA* gyj) {
+  const int64_t D = kDim > 0 ? kDim : D_runtime;
   constexpr int64_t L = VA::size();
   const VA zero(0.0), one(1.0), two(2.0);
   if constexpr (kMetric == kEuclidean) {
@@ -711,7 +873,8 @@ inline void contract_lanes(const double* xi, const double* yj, int64_t D, const 
 // soon as it is known (cells are visited in reverse row-major order, so E[p][q] is final
 // when (p, q) is visited). work: 4 * (m + 1) vectors. gx (n, D), gy (m, D) vectors get
 // sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
-template <int kMetric, bool kWeights>
+// kDim > 0: D == kDim known at compile time (see contract_lanes).
+template <int kMetric, bool kWeights, int kDim = 0>
 void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
                             double gamma, const VA& g, const double* kept, VA* work, VA* gx,
                             VA* gy) {
@@ -750,6 +913,9 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
       // The forward's weights: no exponential, no division; an unreachable cell has E = 0,
       // so its weights (0, 0, 1) push nothing.
       const float* wrow = reinterpret_cast<const float*>(kept + (p - 1) * m * L);
+      // Row p's gx in registers (kDim > 0): the stores of gy and E cannot alias a local.
+      VA gx_row[kDim > 0 ? kDim : 1];
+      for (VA& v : gx_row) v = zero;
       for (int64_t q = jl; q >= jf; --q) {
         const VA e = e_cur[q] + carry;  // final: every successor has pushed
         VA wd, wu;
@@ -758,7 +924,15 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
         e_up[q - 1] = e_up[q - 1] + e * wd;
         e_up[q] = e_up[q] + e * wu;
         carry = e * wl;
-        contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
+        if constexpr (kDim > 0) {
+          contract_lanes<kMetric, kDim>(xp, yt + (q - 1) * kDim * L, kDim, e, gx_row,
+                                        gy + (q - 1) * kDim);
+        } else {
+          contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
+        }
+      }
+      if constexpr (kDim > 0) {
+        for (int64_t d = 0; d < kDim; ++d) gxp[d] = gx_row[d];
       }
       std::swap(e_cur, e_up);
       continue;
@@ -843,6 +1017,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       constexpr int64_t LA = VA::size();
       const LaneGroups lg{LA, B, LA > 1 ? B / LA : 0, a.x_lengths, a.y_lengths};
       at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
+        const FlushSubnormalsScope flush_subnormals;  // see the class comment
         std::vector<A> buf(2 * (M + 1));
         std::vector<double> xt, yt;
         std::vector<VA> rl;
@@ -869,12 +1044,22 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           const int64_t n = pb.n, m = pb.m, ld = m + 1;
           gather_lanes<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, b0, n, m, xt, yt);
           alignas(64) double out[LA];
-          rl.resize(3 * ld);
+          rl.resize(kRollingRows * ld);
           // Kept interleaved (see the file comment), row by row.
           double* group = R_soft != nullptr ? R_soft + b0 * N * M : nullptr;
-          xy_soft_forward_lanes<kMetric, std::is_same_v<T, float>>(xt.data(), yt.data(), D, pb,
-                                                                 a.gamma, rl.data(),
-                                         group).store(out);
+          auto run = [&](auto dim_c) {
+            return xy_soft_forward_lanes<kMetric, std::is_same_v<T, float>,
+                                         decltype(dim_c)::value>(xt.data(), yt.data(), D, pb,
+                                                                 a.gamma, rl.data(), group);
+          };
+          // The common small feature counts compiled with D fixed (see contract_lanes).
+          VA value;
+          if (D == 1) value = run(std::integral_constant<int, 1>{});
+          else if (D == 2) value = run(std::integral_constant<int, 2>{});
+          else if (D == 3) value = run(std::integral_constant<int, 3>{});
+          else if (D == 4) value = run(std::integral_constant<int, 4>{});
+          else value = run(std::integral_constant<int, 0>{});
+          value.store(out);
           if (group != nullptr) {
             // The rest of the block (pairs shorter than N x M) gets +inf: the kept state
             // holds no allocator garbage.
@@ -990,6 +1175,7 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
     constexpr int64_t LA = VA::size();
     const LaneGroups lg{LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths};
     at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
+      const FlushSubnormalsScope flush_subnormals;  // see the class comment
       std::vector<A> e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
       std::vector<double> xt, yt;
       std::vector<VA> rl, gxl, gyl;
@@ -1080,10 +1266,17 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
         rl.resize(4 * (m + 1));
         gxl.resize(n * D);
         gyl.resize(m * D);
-        xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>>(
-            xt.data(), yt.data(), D, pb, a.gamma, VA::loadu(gv),
-                                        R_soft + b0 * N * M, rl.data(), gxl.data(),
-                                        gyl.data());
+        auto run = [&](auto dim_c) {
+          xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>, decltype(dim_c)::value>(
+              xt.data(), yt.data(), D, pb, a.gamma, VA::loadu(gv), R_soft + b0 * N * M,
+              rl.data(), gxl.data(), gyl.data());
+        };
+        // The common small feature counts compiled with D fixed (see contract_lanes).
+        if (D == 1) run(std::integral_constant<int, 1>{});
+        else if (D == 2) run(std::integral_constant<int, 2>{});
+        else if (D == 3) run(std::integral_constant<int, 3>{});
+        else if (D == 4) run(std::integral_constant<int, 4>{});
+        else run(std::integral_constant<int, 0>{});
         alignas(64) double tmp[LA];
         for (int64_t k = 0; k < LA; ++k) {
           if (gx_out != nullptr) {
