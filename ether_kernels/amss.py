@@ -11,11 +11,12 @@ specs/amss.md; the readable version is reference/amss.py.
 
 Backends: on CPU tensors the fused C++ op (csrc/cpu/amss.cpp: one pass over all gradients for
 the unit importances, the selection on the small per-unit arrays, one pass that rewrites only
-the units that change); otherwise (CUDA tensors for now, unit_dim != 0, non-contiguous
-gradients) the reference, a per-tensor loop like the public code. `masked_sgd_step` is the
-fused SGD step of the idealised rule (only the sampled units move). The fused Triton kernels
-are still to come (issue 4). `step` reads the ratios on the host (a
-synchronisation on a GPU; the reference loop on CUDA tensors synchronises more often).
+the units that change); on CUDA tensors the fused Triton kernels (triton/amss.py: the same
+three stages, one launch each per dtype whatever the number of tensors, no host read);
+otherwise (unit_dim != 0, non-contiguous gradients, no Triton) the reference, a per-tensor
+loop like the public code. `masked_sgd_step` is the fused SGD step of the idealised rule
+(only the sampled units move). `step` reads the ratios on the host to validate them (one
+synchronisation when they are a CUDA tensor; pass a list of floats to avoid it).
 """
 
 import collections.abc
@@ -25,6 +26,7 @@ import torch
 
 from . import _dispatch, _extension
 from ._checks import check_choice
+from ._triton_support import triton_import_error
 from .reference.amss import (MODES, SCALINGS, mask_gradients_reference,
                              masked_sgd_step_reference, update_ratios_reference)
 
@@ -84,26 +86,49 @@ if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "amss_mask_grad
         return None
 
 
+_GPU_BACKENDS = ()
+if triton_import_error is None:
+    from .triton import amss as _triton_amss
+
+    _GPU_BACKENDS = ("triton",)
+
+
+def _backend_for(tensors, unit_dim, op):
+    """The backend that runs a fused step on `tensors`: the fused kernels need contiguous
+    tensors of one device, units along dim 0 (and for Triton fp16 / bf16 / fp32 / fp64);
+    otherwise the reference (or an error when a fused backend was forced)."""
+    device = tensors[0].device
+    backend = _dispatch.select(_OP, device, cpu_backends=_CPU_BACKENDS,
+                               gpu_backends=_GPU_BACKENDS)
+    if backend == "reference":
+        return backend
+    fusable = all(t.device == device and t.is_contiguous() and unit_dim in (0, -t.dim())
+                  for t in tensors)
+    if backend == "triton":
+        fusable = fusable and all(t.dtype in _triton_amss.SUPPORTED_DTYPES for t in tensors)
+    if fusable:
+        return backend
+    if _dispatch.forced_backend() == backend:
+        raise _dispatch.BackendUnavailableError(
+            f"{op}: backend {backend!r} was forced, but it needs contiguous tensors on one "
+            "device with unit_dim=0" + (" (fp16, bf16, fp32 or fp64)" if backend == "triton"
+                                        else ""))
+    return "reference"
+
+
 def _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size):
     """Masks the gradients of `groups` (lists of tensors) in place on the chosen backend."""
     flat = [g for group in groups for g in group]
     if not flat:
         return
-    backend = _dispatch.select(_OP, flat[0].device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
-    fusable = all(g.device.type == "cpu" and g.is_contiguous() and unit_dim in (0, -g.dim())
-                  for g in flat)
-    if backend == "cpp" and not fusable:
-        if _dispatch.forced_backend() == "cpp":
-            raise _dispatch.BackendUnavailableError(
-                "mask_gradients: backend 'cpp' was forced, but it needs contiguous CPU "
-                "gradients with unit_dim=0")
-        backend = "reference"
+    backend = _backend_for(flat, unit_dim, "mask_gradients")
     with torch.no_grad():
-        if backend == "cpp":
+        if backend in ("cpp", "triton"):
             owner = [m for m, group in enumerate(groups) for _ in group]
-            torch.ops.ether_kernels.amss_mask_gradients(
-                flat, owner, [float(r) for r in ratios], _MODE_CODES[mode],
-                _SCALING_CODES[scaling], _as_int64(seed), _as_int64(step), int(unit_size))
+            op = (torch.ops.ether_kernels.amss_mask_gradients if backend == "cpp" else
+                  torch.ops.ether_kernels.amss_mask_gradients_triton)
+            op(flat, owner, [float(r) for r in ratios], _MODE_CODES[mode],
+               _SCALING_CODES[scaling], _as_int64(seed), _as_int64(step), int(unit_size))
         else:
             mask_gradients_reference(groups, ratios, mode, scaling, int(seed), int(step),
                                      unit_dim, unit_size)
@@ -209,14 +234,24 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
         momentum_buffers = [[None] * len(group) for group in groups]
     if [len(b) for b in momentum_buffers] != [len(g) for g in groups]:
         raise ValueError(f"{op}: momentum_buffers must match params_per_group")
+    for m, (group_buffers, group) in enumerate(zip(momentum_buffers, groups)):
+        for t, (buf, p) in enumerate(zip(group_buffers, group)):
+            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape
+                                        and buf.dtype == p.dtype and buf.device == p.device
+                                        and buf.is_contiguous()):
+                raise ValueError(f"{op}: momentum_buffers[{m}][{t}] must be a contiguous "
+                                 "tensor with the parameter's shape, dtype and device")
     flat = [p for group in groups for p in group]
     if not flat:
         raise ValueError(f"{op}: params_per_group holds no parameters")
-    backend = _dispatch.select(_OP, flat[0].device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
-    fusable = all(p.device.type == "cpu" and p.is_contiguous() and p.grad.is_contiguous()
-                  for p in flat)
+    for m, group in enumerate(groups):
+        for t, p in enumerate(group):
+            if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+                raise ValueError(f"{op}: params_per_group[{m}][{t}].grad must match the "
+                                 f"parameter's dtype and shape")
+    backend = _backend_for(flat + [p.grad for p in flat], 0, op)
     with torch.no_grad():
-        if backend == "cpp" and fusable:
+        if backend in ("cpp", "triton"):
             fresh, buffers = [], []
             if momentum != 0:
                 for group_buffers, group in zip(momentum_buffers, groups):
@@ -226,15 +261,14 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
                             group_buffers[t] = torch.zeros_like(p)
                         buffers.append(group_buffers[t])
             owner = [m for m, group in enumerate(groups) for _ in group]
-            torch.ops.ether_kernels.amss_masked_sgd_step(
+            step_op = (torch.ops.ether_kernels.amss_masked_sgd_step if backend == "cpp" else
+                       torch.ops.ether_kernels.amss_masked_sgd_step_triton)
+            step_op(
                 flat, [p.grad for p in flat], buffers, fresh, owner, [float(r) for r in ratios],
                 _MODE_CODES[mode], _SCALING_CODES[scaling], _as_int64(seed), _as_int64(step),
                 int(unit_size), float(lr), float(momentum), float(dampening),
                 float(weight_decay), bool(nesterov))
             return momentum_buffers if momentum != 0 else None
-        if backend == "cpp" and _dispatch.forced_backend() == "cpp":
-            raise _dispatch.BackendUnavailableError(
-                f"{op}: backend 'cpp' was forced, but it needs contiguous CPU tensors")
         buffers = masked_sgd_step_reference(groups, grads, momentum_buffers, ratios, lr,
                                             momentum, dampening, weight_decay, nesterov, mode,
                                             scaling, int(seed), int(step), unit_size)

@@ -1,6 +1,7 @@
-"""AMSS / AMSS+ (reference backend): the update ratios against the spec's formula, the sampling
-laws (statistical tests with fixed seeds and bounds that can fail), exact k, determinism,
-resumption, and bad input."""
+"""AMSS / AMSS+: the update ratios against the spec's formula, the sampling laws (statistical
+tests with fixed seeds and bounds that can fail), exact k, determinism, resumption, bad input,
+and every fused backend (C++ on CPU, Triton on CUDA or under the interpreter) against the
+reference."""
 
 import math
 
@@ -8,8 +9,18 @@ import pytest
 import torch
 
 import ether_kernels as ek
+from conftest import backend_params, is_interpreted
 from ether_kernels import amss as amss_module
 from ether_kernels.reference import amss as ref
+
+
+def fused_params():
+    """(device, backend) of every fused AMSS backend that can run here (GPU ones marked)."""
+    available = {"cpp": bool(amss_module._CPU_BACKENDS), "triton": bool(amss_module._GPU_BACKENDS)}
+    return [p for p in backend_params() if available.get(p.values[1], False)]
+
+
+FUSED = fused_params()
 
 
 # ------------------------------------------------------------------------ update ratios
@@ -121,12 +132,14 @@ def test_uniform_ignores_importance_and_topk_keeps_the_largest():
     assert (top[:, :2] == 1).all() and (top[:, 2:] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if amss_module._CPU_BACKENDS else []))
+@pytest.mark.parametrize("device,backend", [("cpu", "reference")] + FUSED)
 @pytest.mark.parametrize("mode,scaling", [("amss", None), ("uniform", None), ("topk", None),
                                           ("amss+", "paper"), ("amss+", "reference-code")])
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
-def test_exactly_ceil_rho_n_units_are_kept(backend, mode, scaling, ratio):
-    grads = [torch.randn(37, 5), torch.randn(8, 3, 3), torch.randn(1, 4), torch.randn(3000)]
+def test_exactly_ceil_rho_n_units_are_kept(device, backend, mode, scaling, ratio):
+    grads = [torch.randn(37, 5), torch.randn(8, 3, 3), torch.randn(1, 4),
+             torch.randn(60 if is_interpreted(device, backend) else 3000)]
+    grads = [g.to(device) for g in grads]
     with ek.use_backend(backend):
         ek.amss.mask_gradients([grads], [ratio], mode=mode, scaling=scaling, seed=5, step=2)
     for g in grads:
@@ -266,34 +279,90 @@ needs_cpp = pytest.mark.skipif(not amss_module._CPU_BACKENDS,
                                reason="the C++ extension is not built")
 
 
-@needs_cpp
+@pytest.mark.parametrize("device,backend", FUSED)
 @pytest.mark.parametrize("mode,scaling", [("amss", None), ("uniform", None), ("topk", None),
                                           ("amss+", "paper"), ("amss+", "reference-code")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("unit_size", [1, 2])
-def test_fused_cpp_equals_the_reference(mode, scaling, dtype, unit_size):
+def test_fused_equals_the_reference(device, backend, mode, scaling, dtype, unit_size):
     """Same generator, same selection: the fused op keeps exactly the reference's units, with
     bit-identical values for the unscaled modes; AMSS+'s factors (1 / pi, 1 / (q + 1/N)) are
-    formed from importance sums accumulated in another order, so they agree to rounding."""
-    shapes = [(64, 3, 3, 3), (18, 7), (2, 5), (40,), (128, 4, 3, 3)]
-    grads = [torch.randn(s).to(dtype) for s in shapes]
+    formed from importance sums accumulated in another order, so they agree to rounding.
+    Mixed dtypes and an empty tensor in one step; a few dominant units so that AMSS+ caps
+    inclusion probabilities (over several rounds of the reference's loop)."""
+    if dtype == torch.bfloat16 and is_interpreted(device, backend):
+        pytest.skip("the Triton interpreter does not support bfloat16")
+    shapes = [(64, 3, 3, 3), (18, 7), (0, 3), (2, 5), (40,), (128, 4, 3, 3)]
+    grads = [torch.randn(s, device=device).to(dtype) for s in shapes]
     grads[1][3] = 0.0  # an all-zero unit
+    grads[0][:4] *= 30.0  # dominant units: pi capped at 1
+    grads[5][7] *= 12.0
+    grads[4] = grads[4].to(torch.float32)  # another dtype in the same step
     groups = [grads[:2], grads[2:]]
     ratios = [0.37, 0.8]
     results = {}
-    for backend in ("cpp", "reference"):
+    for name in (backend, "reference"):
         copies = [[g.clone() for g in group] for group in groups]
-        with ek.use_backend(backend):
+        with ek.use_backend(name):
             ek.amss.mask_gradients(copies, ratios, mode=mode, scaling=scaling, seed=123,
                                    step=9, unit_size=unit_size)
-        results[backend] = copies
-    for a, b in zip(sum(results["cpp"], []), sum(results["reference"], [])):
+        results[name] = copies
+    for a, b in zip(sum(results[backend], []), sum(results["reference"], [])):
         assert torch.equal(a == 0, b == 0)  # the same units kept
         if mode == "amss+":
             torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 0,
                                        atol=0 if dtype == torch.float64 else 0)
         else:
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not amss_module._GPU_BACKENDS, reason="triton is not importable")
+def test_closed_form_inclusion_probabilities_match_the_reference_loop():
+    """The Triton path computes the capped pi in closed form, all tensors at once; the
+    reference caps in rounds. Heavy-tailed importances (several rounds), ties, every k."""
+    from ether_kernels.triton.amss import capped_inclusion_probabilities
+    for trial in range(30):
+        n = int(torch.randint(2, 40, ()).item())
+        q = torch.rand(n, dtype=torch.float64) ** 8 + 1e-9 * (trial % 2)
+        if trial % 3 == 0:
+            q[: n // 2] = q.max()  # ties among the largest
+        q = q / q.sum()
+        for k in range(n + 1):
+            expected = ref.inclusion_probabilities(q, k)
+            pi = capped_inclusion_probabilities(q[None], torch.tensor([[k]]))[0]
+            torch.testing.assert_close(pi, expected, rtol=1e-12, atol=1e-15)
+            assert abs(pi.sum().item() - k) < 1e-9 and (pi <= 1).all()
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
+def test_triton_opcheck_and_argument_checks(device, backend):
+    ops = torch.ops.ether_kernels
+    grads = [torch.randn(6, 4, device=device), torch.randn(10, device=device)]
+    torch.library.opcheck(ops.amss_mask_gradients_triton,
+                          ([g.clone() for g in grads], [0, 1], [0.5, 0.3], 0, 0, 1, 2, 1))
+    g = [torch.randn(6, 3, device=device), torch.randn(4, device=device)]
+    cases = [
+        (lambda: ops.amss_mask_gradients_triton(g, [0], [0.5], 0, 0, 0, 0, 1),
+         r"group_of_tensor must give"),
+        (lambda: ops.amss_mask_gradients_triton(g, [0, 1], [0.5], 0, 0, 0, 0, 1), r"has no ratio"),
+        (lambda: ops.amss_mask_gradients_triton(g, [0, 0], [1.5], 0, 0, 0, 0, 1),
+         r"outside \[0, 1\]"),
+        (lambda: ops.amss_mask_gradients_triton(g, [0, 0], [0.5], 7, 0, 0, 0, 1),
+         r"sampling must be"),
+        (lambda: ops.amss_mask_gradients_triton([torch.randn(3, 4, device=device).t()], [0],
+                                                [0.5], 0, 0, 0, 0, 1), r"contiguous"),
+        (lambda: ops.amss_mask_gradients_triton([torch.randn(5, 2, device=device)], [0], [0.5],
+                                                0, 0, 0, 0, 2), r"not a multiple of unit_size"),
+        (lambda: ops.amss_masked_sgd_step_triton(g, g, [], [], [0, 0], [0.5], 0, 0, 0, 0, 1, 0.1,
+                                                 0.9, 0.0, 0.0, False),
+         r"one buffer and one fresh flag"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    # with the triton backend forced, what it cannot run is an error, not a silent fallback
+    with ek.use_backend("triton"), pytest.raises(ek.BackendUnavailableError, match="contiguous"):
+        ek.amss.mask_gradients([[torch.randn(4, 8, device=device).t()]], [0.5])
 
 
 @needs_cpp
@@ -327,10 +396,10 @@ def params_with_grads(dtype=torch.float64, seed=0):
     return params
 
 
-@pytest.mark.parametrize("backend", ["reference"] + (["cpp"] if amss_module._CPU_BACKENDS else []))
+@pytest.mark.parametrize("device,backend", [("cpu", "reference")] + FUSED)
 @pytest.mark.parametrize("options", SGD_OPTIONS, ids=[str(o) for o in SGD_OPTIONS])
-def test_masked_sgd_with_every_unit_kept_is_torch_sgd(backend, options):
-    ours = params_with_grads()
+def test_masked_sgd_with_every_unit_kept_is_torch_sgd(device, backend, options):
+    ours = [p.to(device) for p in params_with_grads()]
     theirs = [p.clone().requires_grad_(True) for p in ours]
     optimizer = torch.optim.SGD(theirs, lr=0.1, **options)
     buffers = None
@@ -346,24 +415,26 @@ def test_masked_sgd_with_every_unit_kept_is_torch_sgd(backend, options):
         torch.testing.assert_close(p, q.detach(), rtol=1e-13, atol=1e-13)
 
 
-@needs_cpp
+@pytest.mark.parametrize("device,backend", FUSED)
 @pytest.mark.parametrize("mode,scaling", [("amss", None), ("amss+", "paper"), ("topk", None)])
 @pytest.mark.parametrize("options", SGD_OPTIONS, ids=[str(o) for o in SGD_OPTIONS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_masked_sgd_fused_equals_reference_and_freezes_left_out_units(mode, scaling, options,
-                                                                      dtype):
+def test_masked_sgd_fused_equals_reference_and_freezes_left_out_units(device, backend, mode,
+                                                                      scaling, options, dtype):
     results = {}
-    for backend in ("cpp", "reference"):
-        params = params_with_grads(dtype, seed=4)
+    for name in (backend, "reference"):
+        params = [p.to(device) for p in params_with_grads(dtype, seed=4)]
+        for p, cpu_p in zip(params, params_with_grads(dtype, seed=4)):
+            p.grad = cpu_p.grad.to(device)
         start = [p.clone() for p in params]
         buffers = None
         for step in range(2):
-            with ek.use_backend(backend):
+            with ek.use_backend(name):
                 buffers = ek.amss.masked_sgd_step([params[:2], params[2:]], [0.4, 0.6], lr=0.05,
                                                   mode=mode, scaling=scaling, seed=7, step=step,
                                                   momentum_buffers=buffers, **options)
-        results[backend] = (params, buffers, start)
-    (p_cpp, b_cpp, start), (p_ref, b_ref, _) = results["cpp"], results["reference"]
+        results[name] = (params, buffers, start)
+    (p_cpp, b_cpp, start), (p_ref, b_ref, _) = results[backend], results["reference"]
     for a, b in zip(p_cpp, p_ref):
         if mode == "amss+":  # the scale factors agree to rounding (see the masking test)
             torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-6,
@@ -374,10 +445,13 @@ def test_masked_sgd_fused_equals_reference_and_freezes_left_out_units(mode, scal
     frozen = [(a == s).reshape(a.shape[0], -1).all(1) for a, s in zip(p_ref, start)]
     assert any(f.any() for f in frozen) and not all(f.all() for f in frozen)
     # one step moves exactly the k = ceil(rho N) kept units of every tensor
-    params = params_with_grads(dtype, seed=5)
+    params = [p.to(device) for p in params_with_grads(dtype, seed=5)]
+    for p, cpu_p in zip(params, params_with_grads(dtype, seed=5)):
+        p.grad = cpu_p.grad.to(device)
     before = [p.clone() for p in params]
-    ek.amss.masked_sgd_step([params[:2], params[2:]], [0.4, 0.6], lr=0.05, mode=mode,
-                            scaling=scaling, seed=1, **options)
+    with ek.use_backend(backend):
+        ek.amss.masked_sgd_step([params[:2], params[2:]], [0.4, 0.6], lr=0.05, mode=mode,
+                                scaling=scaling, seed=1, **options)
     for p, b, ratio in zip(params, before, [0.4, 0.4, 0.6]):
         moved = (p != b).reshape(p.shape[0], -1).any(1).sum().item()
         assert moved == math.ceil(ratio * p.shape[0] - 1e-9)

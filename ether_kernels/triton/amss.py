@@ -1,0 +1,426 @@
+"""AMSS / AMSS+ fused over every gradient of a step, in Triton (CUDA tensors; CPU tensors
+under TRITON_INTERPRET=1). Semantics: reference/amss.py (the oracle), specs/amss.md.
+
+A step is three stages, whatever the number of tensors (no per-tensor launch, no host read):
+  1. importance (one launch per gradient dtype, usually one): a program per unit sums the
+     unit's grad^2 in fp64 (u_j) and draws the unit's Gumbel noise from the counter-based
+     generator (the same 32-bit hash chain as the reference, so the same numbers); the first
+     unit of each tensor also draws the tensor's systematic-sampling start (AMSS+ "paper").
+     The tensors are reached through a table of their addresses (one launch over all).
+  2. selection, on the small per-unit arrays only (a few batched torch ops over a
+     (tensors, max units) matrix, fp64): q_j = (u_j + eps) / sum (u + eps), then per mode the
+     k = ceil(rho N) units of each row by one batched sort (Gumbel-top-k, top-k) or, for
+     AMSS+ "paper", the capped inclusion probabilities in closed form (below) and one
+     systematic sample per row; the result is one fp64 factor per unit.
+  3. apply (one launch per dtype): a program per unit multiplies the unit by its factor.
+     A factor of 1 (every kept unit in "amss", "uniform", "topk") writes nothing, so those
+     modes read the gradients once and write only the units they drop.
+masked_sgd_step replaces stage 3 by the SGD update of the kept units (parameters and
+momentum buffers), leaving the other units untouched.
+
+Inclusion probabilities: pi_j = min(1, c q_j) with sum pi = k. Sorted decreasingly, the capped
+units are the first r of the order, where r is the smallest r with (k - r) q_(r) <=
+sum_{i >= r} q_(i) (0-based); then pi = (k - r) q / sum_{i >= r} q for the others. The
+reference's loop (cap whatever exceeds 1, recompute, repeat) reaches the same r (the tests
+compare the two on heavy-tailed importances).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.amss import EPS, kept_units
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+       torch.float64: tl.float64}
+SUPPORTED_DTYPES = tuple(_TL)
+BLOCK = 1024  # elements per iteration of a unit's loop
+NUM_WARPS = 4
+
+
+# ----------------------------------------------------------- counter-based generator
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 (reference.amss.mix32) on uint32: the multiplies wrap modulo 2^32."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _word(unit, tensor_index, step_lo, step_hi, seed_lo, seed_hi, STREAM: tl.constexpr):
+    """32 random bits (reference.amss._word): a hash chain over (stream, unit, tensor, step,
+    seed). unit: uint32; the keys: uint32 scalars."""
+    salt: tl.constexpr = (0x9E3779B9 * (STREAM + 1)) & 0xFFFFFFFF
+    h = _mix32(unit + salt)
+    h = _mix32(h ^ tensor_index)
+    h = _mix32(h ^ step_lo)
+    h = _mix32(h ^ step_hi)
+    h = _mix32(h ^ seed_lo)
+    return _mix32(h ^ seed_hi)
+
+
+@triton.jit
+def _uniform(unit, tensor_index, step_lo, step_hi, seed_lo, seed_hi, STREAM: tl.constexpr):
+    """A uniform in (0, 1), fp64 (reference.amss.uniform): 52 bits from two words."""
+    high = _word(unit, tensor_index, step_lo, step_hi, seed_lo, seed_hi, 2 * STREAM)
+    low = _word(unit, tensor_index, step_lo, step_hi, seed_lo, seed_hi, 2 * STREAM + 1)
+    bits = high.to(tl.float64) * 1048576.0 + (low >> 12).to(tl.float64)  # exact: < 2^52
+    return (bits + 0.5) / 4503599627370496.0
+
+
+# ----------------------------------------------------------------------- kernels
+
+@triton.jit
+def _importance_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_ptr,
+                       num_units_ptr, tensor_index_ptr, u_ptr, gumbel_ptr, start_ptr,
+                       step_lo, step_hi, seed_lo, seed_hi,
+                       DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    # One unit: u = sum of grad^2 (fp64), its Gumbel noise; the tensor's start if first.
+    g = tl.load(units_ptr + tl.program_id(0))          # global unit index
+    slot = tl.load(unit_slot_ptr + g)                  # its tensor
+    j = g - tl.load(first_unit_ptr + slot)             # unit index inside the tensor
+    length = tl.load(unit_len_ptr + slot)
+    base = tl.load(addr_ptr + slot).to(tl.pointer_type(DTYPE)) + j.to(tl.int64) * length
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for offset in range(0, length, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        x = tl.load(base + idx, mask=idx < length, other=0.0).to(tl.float64)
+        acc += x * x
+    tl.store(u_ptr + g, tl.sum(acc, axis=0))
+    tensor_index = tl.load(tensor_index_ptr + slot).to(tl.uint32)
+    u0 = _uniform(j.to(tl.uint32), tensor_index, step_lo.to(tl.uint32), step_hi.to(tl.uint32),
+                  seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), 0)
+    tl.store(gumbel_ptr + g, -tl.log(-tl.log(u0)))
+    # The systematic sample's start: uniform stream 1 at unit index N (reference.amss).
+    n = tl.load(num_units_ptr + slot)
+    start = _uniform(n.to(tl.uint32), tensor_index, step_lo.to(tl.uint32),
+                     step_hi.to(tl.uint32), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), 1)
+    tl.store(start_ptr + slot, start, mask=j == 0)
+
+
+@triton.jit
+def _apply_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_ptr,
+                  factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    # grad_unit *= factor (computed in fp64 and rounded once, as the reference); 0 gives
+    # exact zeros (NaN / inf included); 1 writes nothing.
+    g = tl.load(units_ptr + tl.program_id(0))
+    f = tl.load(factor_ptr + g)
+    if f != 1.0:
+        slot = tl.load(unit_slot_ptr + g)
+        j = g - tl.load(first_unit_ptr + slot)
+        length = tl.load(unit_len_ptr + slot)
+        base = tl.load(addr_ptr + slot).to(tl.pointer_type(DTYPE)) + j.to(tl.int64) * length
+        for offset in range(0, length, BLOCK):
+            idx = offset + tl.arange(0, BLOCK)
+            mask = idx < length
+            x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float64)
+            y = tl.where(f == 0.0, 0.0, x * f)
+            tl.store(base + idx, y.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_addr_ptr,
+                fresh_ptr, unit_len_ptr, first_unit_ptr, factor_ptr, hyper_ptr,
+                DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                BLOCK: tl.constexpr):
+    # torch.optim.SGD's rule on a kept unit (factor f != 0), in fp64, rounded once:
+    #   g = f grad + wd p; buf = g (fresh buffer) or momentum buf + (1 - dampening) g;
+    #   p -= lr (g + momentum buf if nesterov else buf)   (buf = g without momentum).
+    # hyper: lr, momentum, dampening, weight_decay in fp64 (a Python float argument would
+    # arrive as fp32)
+    lr = tl.load(hyper_ptr)
+    momentum = tl.load(hyper_ptr + 1)
+    dampening = tl.load(hyper_ptr + 2)
+    weight_decay = tl.load(hyper_ptr + 3)
+    g_unit = tl.load(units_ptr + tl.program_id(0))
+    f = tl.load(factor_ptr + g_unit)
+    if f != 0.0:
+        slot = tl.load(unit_slot_ptr + g_unit)
+        j = g_unit - tl.load(first_unit_ptr + slot)
+        length = tl.load(unit_len_ptr + slot)
+        start = j.to(tl.int64) * length
+        p_base = tl.load(param_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
+        g_base = tl.load(grad_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
+        fresh = tl.load(fresh_ptr + slot)
+        for offset in range(0, length, BLOCK):
+            idx = offset + tl.arange(0, BLOCK)
+            mask = idx < length
+            p = tl.load(p_base + idx, mask=mask, other=0.0).to(tl.float64)
+            grad = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float64)
+            d = grad * f + weight_decay * p
+            if MOMENTUM:
+                b_base = tl.load(buf_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
+                buf = tl.load(b_base + idx, mask=mask, other=0.0).to(tl.float64)
+                new_buf = tl.where(fresh != 0, d, momentum * buf + (1.0 - dampening) * d)
+                tl.store(b_base + idx, new_buf.to(DTYPE), mask=mask)
+                if NESTEROV:
+                    d = d + momentum * new_buf
+                else:
+                    d = new_buf
+            tl.store(p_base + idx, (p - lr * d).to(DTYPE), mask=mask)
+
+
+# --------------------------------------------------------------------- host side
+
+def _split64(value):
+    """The low and high 32 bits of a 64-bit seed or step (any sign: its two's complement)."""
+    value = int(value) % 2**64
+    return value & 0xFFFFFFFF, value >> 32
+
+
+class _Plan:
+    """Where every unit lives: per tensor (slot) its units, unit length, first global unit
+    and generator index; per unit its slot; the (tensors, max units) padding map."""
+
+    def __init__(self, tensors, unit_size, device):
+        slots = [t for t, x in enumerate(tensors) if x.numel() > 0]
+        self.slots = slots
+        self.num_units = [tensors[t].shape[0] // unit_size for t in slots]
+        self.unit_len = [tensors[t].numel() // n for t, n in zip(slots, self.num_units)]
+        firsts, total = [], 0
+        for n in self.num_units:
+            firsts.append(total)
+            total += n
+        self.first_unit, self.total = firsts, total
+        self.max_units = max(self.num_units, default=0)
+        as_i64 = dict(dtype=torch.int64, device=device)
+        self.unit_len_t = torch.tensor(self.unit_len, **as_i64)
+        self.first_unit_t = torch.tensor(firsts, **as_i64)
+        self.num_units_t = torch.tensor(self.num_units, **as_i64)
+        self.tensor_index_t = torch.tensor(slots, **as_i64)
+        slot_of_unit = torch.repeat_interleave(torch.arange(len(slots)),
+                                               torch.tensor(self.num_units, dtype=torch.int64))
+        self.unit_slot_t = slot_of_unit.to(device=device, dtype=torch.int64)
+        within = torch.arange(total) - torch.tensor(firsts, dtype=torch.int64)[slot_of_unit]
+        # unit g sits at row slot, column j of the padded (tensors, max units) matrices
+        self.padded_pos = (slot_of_unit * self.max_units + within).to(device)
+        self.valid = torch.zeros(len(slots) * self.max_units, dtype=torch.bool, device=device)
+        self.valid[self.padded_pos] = True
+        self.valid = self.valid.view(len(slots), self.max_units)
+        # the units of each dtype: one launch per dtype
+        self.units_by_dtype = {}
+        for s, t in enumerate(slots):
+            self.units_by_dtype.setdefault(tensors[t].dtype, []).append(
+                torch.arange(firsts[s], firsts[s] + self.num_units[s]))
+        self.units_by_dtype = {d: torch.cat(u).to(device) for d, u in self.units_by_dtype.items()}
+
+
+_plans = {}  # by the tensors' shapes, dtypes, unit size and device: rebuilt only when they change
+
+
+def _plan_for(tensors, unit_size):
+    key = (tuple((tuple(x.shape), x.dtype) for x in tensors), unit_size, tensors[0].device)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 16:
+            _plans.clear()
+        plan = _plans[key] = _Plan(tensors, unit_size, tensors[0].device)
+    return plan
+
+
+def _addresses(tensors, slots, device):
+    return torch.tensor([tensors[t].data_ptr() for t in slots], dtype=torch.int64,
+                        device=device)
+
+
+def _grid_launch(kernel, units, *args, **meta):
+    if units.numel() > 0:
+        kernel[(units.numel(),)](units, *args, num_warps=NUM_WARPS, **meta)
+
+
+def _importance(grads, plan, addresses, seed, step):
+    """Stage 1: u (U,), Gumbel noise (U,), systematic-sampling starts (T,), fp64."""
+    device = grads[0].device
+    u = torch.empty(plan.total, dtype=torch.float64, device=device)
+    noise = torch.empty_like(u)
+    start = torch.empty(len(plan.slots), dtype=torch.float64, device=device)
+    step_lo, step_hi = _split64(step)
+    seed_lo, seed_hi = _split64(seed)
+    for dtype, units in plan.units_by_dtype.items():
+        _grid_launch(_importance_kernel, units, plan.unit_slot_t, addresses, plan.unit_len_t,
+                     plan.first_unit_t, plan.num_units_t, plan.tensor_index_t, u, noise, start,
+                     step_lo, step_hi, seed_lo, seed_hi, DTYPE=_TL[dtype], BLOCK=BLOCK)
+    return u, noise, start
+
+
+def _padded(plan, values, fill):
+    out = torch.full((len(plan.slots) * plan.max_units,), fill, dtype=values.dtype,
+                     device=values.device)
+    out[plan.padded_pos] = values
+    return out.view(len(plan.slots), plan.max_units)
+
+
+def capped_inclusion_probabilities(q, k):
+    """pi = min(1, c q) with sum pi = k, for every row of q (T, W) at once (k: (T, 1) int64;
+    q >= 0, padding 0). Sorted decreasingly, the capped units are the first r, r the smallest
+    with (k - r) q_(r) <= sum_{i >= r} q_(i); the others get (k - r) q / sum_{i >= r} q."""
+    rank = torch.arange(q.shape[1], device=q.device)[None, :]
+    q_sorted, by_q = torch.sort(q, dim=1, descending=True, stable=True)
+    tail = torch.flip(torch.cumsum(torch.flip(q_sorted, [1]), dim=1), [1])
+    consistent = ((k - rank) * q_sorted <= tail) | (rank >= k - 1)
+    capped_count = torch.argmax(consistent.to(torch.int8), dim=1, keepdim=True)  # first True
+    free_mass = torch.gather(tail, 1, capped_count)
+    pi = torch.clamp((k - capped_count) * q / free_mass, max=1.0)
+    capped = torch.zeros_like(consistent).scatter_(1, by_q, rank < capped_count)
+    return torch.where(capped, 1.0, pi)
+
+
+def _factors(plan, u, noise, start, ks, mode, scaling):
+    """Stage 2: one fp64 factor per unit (0: left out) from the per-unit arrays."""
+    device = u.device
+    T, width = len(plan.slots), plan.max_units
+    k = torch.tensor(ks, dtype=torch.int64, device=device)[:, None]
+    rank = torch.arange(width, device=device)[None, :]
+    w = _padded(plan, u + EPS, 0.0)
+    q = w / w.sum(dim=1, keepdim=True)
+    factors = torch.zeros(T, width, dtype=torch.float64, device=device)
+    if mode == "amss+" and scaling == "paper":
+        # capped inclusion probabilities (module docstring), then systematic sampling in
+        # the random order of the Gumbel noise (reference.amss.unit_factors)
+        pi = torch.where(plan.valid, capped_inclusion_probabilities(q, k), 0.0)
+        order = torch.sort(_padded(plan, noise, float("inf")), dim=1, stable=True).indices
+        pi_in_order = torch.gather(pi, 1, order)
+        cumulated = torch.cumsum(pi_in_order, dim=1)
+        points_below = torch.minimum(torch.clamp(torch.ceil(cumulated - start[:, None]), min=0),
+                                     k.to(torch.float64))
+        previous = torch.cat([points_below.new_zeros(T, 1), points_below[:, :-1]], dim=1)
+        chosen = (points_below - previous) > 0
+        factors.scatter_(1, order, torch.where(chosen, 1.0 / pi_in_order, 0.0))
+    else:
+        if mode == "topk":
+            keys = torch.where(plan.valid, q, -1.0)  # ties to the lower index: stable sort
+        else:
+            noise_padded = _padded(plan, noise, 0.0)
+            keys = noise_padded if mode == "uniform" else torch.log(q) + noise_padded
+            keys = torch.where(plan.valid, keys, -float("inf"))
+        order = torch.sort(keys, dim=1, descending=True, stable=True).indices
+        keep = rank < k
+        if mode == "amss+":  # scaling "reference-code": 1 / (q + 1 / N)
+            n = torch.tensor(plan.num_units, dtype=torch.float64, device=device)[:, None]
+            value = 1.0 / (torch.gather(q, 1, order) + 1.0 / n)
+        else:
+            value = torch.ones_like(q)
+        factors.scatter_(1, order, torch.where(keep, value, 0.0))
+    return factors.view(-1)[plan.padded_pos]
+
+
+def _check_mask_args(op, grads, owner, ratios, sampling, scaling, unit_size):
+    """The ops can be called directly (torch.ops): the C++ op's checks, the same messages."""
+    T = len(grads)
+    if len(owner) != T:
+        raise RuntimeError(f"{op}: group_of_tensor must give the modality of each of the {T} "
+                           "tensors")
+    if not 0 <= sampling <= 3:
+        raise RuntimeError(f"{op}: sampling must be 0..3, got {sampling}")
+    if scaling not in (0, 1):
+        raise RuntimeError(f"{op}: scaling must be 0 or 1, got {scaling}")
+    if unit_size < 1:
+        raise RuntimeError(f"{op}: unit_size must be >= 1, got {unit_size}")
+    device = grads[0].device if grads else None
+    for t, g in enumerate(grads):
+        if not (g.device == device and g.is_contiguous() and g.dim() >= 1):
+            raise RuntimeError(f"{op}: grads[{t}] must be a contiguous tensor with at least "
+                               f"one dimension, on {device} like grads[0]")
+        if g.dtype not in SUPPORTED_DTYPES:
+            raise RuntimeError(f"{op}: grads[{t}] must be fp16, bf16, fp32 or fp64, got "
+                               f"{g.dtype}")
+        if g.shape[0] % unit_size != 0:
+            raise RuntimeError(f"{op}: grads[{t}] has {g.shape[0]} rows, not a multiple of "
+                               f"unit_size {unit_size}")
+        if not 0 <= owner[t] < len(ratios):
+            raise RuntimeError(f"{op}: group_of_tensor[{t}] = {owner[t]} has no ratio")
+        if not 0.0 <= ratios[owner[t]] <= 1.0:
+            raise RuntimeError(f"{op}: ratios[{owner[t]}] = {ratios[owner[t]]} is outside "
+                               "[0, 1]")
+
+
+def _unit_factors(grads, owner, ratios, sampling, scaling, seed, step, unit_size):
+    """(plan, addresses, factors) of one step: stages 1 and 2."""
+    plan = _plan_for(grads, unit_size)
+    addresses = _addresses(grads, plan.slots, grads[0].device)
+    u, noise, start = _importance(grads, plan, addresses, seed, step)
+    ks = [kept_units(ratios[owner[t]], n) for t, n in zip(plan.slots, plan.num_units)]
+    factors = _factors(plan, u, noise, start, ks, _MODES[sampling], _SCALINGS[scaling])
+    return plan, addresses, factors
+
+
+_MODES = ("amss", "amss+", "uniform", "topk")  # the ops' sampling codes
+_SCALINGS = ("paper", "reference-code")
+
+
+@torch.library.custom_op("ether_kernels::amss_mask_gradients_triton", mutates_args=("grads",))
+def amss_mask_gradients_triton(grads: list[torch.Tensor], group_of_tensor: list[int],
+                               ratios: list[float], sampling: int, scaling: int, seed: int,
+                               step: int, unit_size: int) -> None:
+    """The Triton twin of ether_kernels::amss_mask_gradients (same arguments)."""
+    _check_mask_args("amss_mask_gradients_triton", grads, group_of_tensor, ratios, sampling,
+                     scaling, unit_size)
+    if not grads or all(g.numel() == 0 for g in grads):
+        return
+    plan, addresses, factors = _unit_factors(grads, group_of_tensor, ratios, sampling,
+                                             scaling, seed, step, unit_size)
+    for dtype, units in plan.units_by_dtype.items():
+        _grid_launch(_apply_kernel, units, plan.unit_slot_t, addresses, plan.unit_len_t,
+                     plan.first_unit_t, factors, DTYPE=_TL[dtype], BLOCK=BLOCK)
+
+
+@amss_mask_gradients_triton.register_fake
+def _(grads, group_of_tensor, ratios, sampling, scaling, seed, step, unit_size):
+    return None
+
+
+@torch.library.custom_op("ether_kernels::amss_masked_sgd_step_triton",
+                         mutates_args=("params", "buffers"))
+def amss_masked_sgd_step_triton(params: list[torch.Tensor], grads: list[torch.Tensor],
+                                buffers: list[torch.Tensor], fresh: list[int],
+                                group_of_tensor: list[int], ratios: list[float], sampling: int,
+                                scaling: int, seed: int, step: int, unit_size: int, lr: float,
+                                momentum: float, dampening: float, weight_decay: float,
+                                nesterov: bool) -> None:
+    """The Triton twin of ether_kernels::amss_masked_sgd_step (same arguments)."""
+    op = "amss_masked_sgd_step_triton"
+    _check_mask_args(op, grads, group_of_tensor, ratios, sampling, scaling, unit_size)
+    T = len(grads)
+    if len(params) != T:
+        raise RuntimeError(f"{op}: params and grads differ in length")
+    with_momentum = momentum != 0
+    if with_momentum and (len(buffers) != T or len(fresh) != T):
+        raise RuntimeError(f"{op}: with momentum, one buffer and one fresh flag per tensor")
+    for t in range(T):
+        if not (params[t].shape == grads[t].shape and params[t].is_contiguous()
+                and params[t].dtype == grads[t].dtype and params[t].device == grads[t].device):
+            raise RuntimeError(f"{op}: params[{t}] must be contiguous with its gradient's "
+                               "shape, dtype and device")
+        if with_momentum and not (buffers[t].shape == params[t].shape
+                                  and buffers[t].is_contiguous()
+                                  and buffers[t].dtype == params[t].dtype
+                                  and buffers[t].device == params[t].device):
+            raise RuntimeError(f"{op}: buffers[{t}] must be contiguous with its parameter's "
+                               "shape, dtype and device")
+    if not params or all(p.numel() == 0 for p in params):
+        return
+    plan, grad_addresses, factors = _unit_factors(grads, group_of_tensor, ratios, sampling,
+                                                  scaling, seed, step, unit_size)
+    device = params[0].device
+    param_addresses = _addresses(params, plan.slots, device)
+    buffer_addresses = _addresses(buffers, plan.slots, device) if with_momentum else \
+        param_addresses  # unused
+    fresh_t = torch.tensor([fresh[t] if with_momentum else 0 for t in plan.slots],
+                           dtype=torch.int32, device=device)
+    hyper = torch.tensor([lr, momentum, dampening, weight_decay], dtype=torch.float64,
+                         device=device)
+    for dtype, units in plan.units_by_dtype.items():
+        _grid_launch(_sgd_kernel, units, plan.unit_slot_t, param_addresses, grad_addresses,
+                     buffer_addresses, fresh_t, plan.unit_len_t, plan.first_unit_t, factors,
+                     hyper, DTYPE=_TL[dtype], MOMENTUM=with_momentum, NESTEROV=bool(nesterov),
+                     BLOCK=BLOCK)
+
+
+@amss_masked_sgd_step_triton.register_fake
+def _(params, grads, buffers, fresh, group_of_tensor, ratios, sampling, scaling, seed, step,
+      unit_size, lr, momentum, dampening, weight_decay, nesterov):
+    return None
