@@ -365,6 +365,33 @@ def test_triton_opcheck_and_argument_checks(device, backend):
         ek.amss.mask_gradients([[torch.randn(4, 8, device=device).t()]], [0.5])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and amss_module._GPU_BACKENDS),
+                    reason="needs a GPU and triton")
+def test_triton_step_never_synchronises_with_the_host():
+    """The fused GPU step queues everything: no .item(), no blocking copy (ratios given as
+    floats), so the host never waits for the backward pass."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, device="cuda") for s in ((64, 3, 3, 3), (32, 16), (10,))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for mode, scaling in (("amss", None), ("amss+", "paper"), ("amss+", "reference-code"),
+                          ("topk", None), ("uniform", None)):
+        ek.amss.mask_gradients([[p.grad for p in params]], [0.4], mode=mode, scaling=scaling)
+    buffers = ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode, scaling in (("amss", None), ("amss+", "paper"), ("amss+", "reference-code"),
+                              ("topk", None), ("uniform", None)):
+            ek.amss.mask_gradients([[p.grad for p in params]], [0.4], mode=mode,
+                                   scaling=scaling, step=3)
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9,
+                                momentum_buffers=buffers, step=4)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @needs_cpp
 def test_fused_cpp_opcheck_and_user_tensors():
     grads = [torch.randn(6, 4), torch.randn(10)]

@@ -192,6 +192,7 @@ class _Plan:
         self.first_unit_t = torch.tensor(firsts, **as_i64)
         self.num_units_t = torch.tensor(self.num_units, **as_i64)
         self.tensor_index_t = torch.tensor(slots, **as_i64)
+        self.num_units_f64 = torch.tensor(self.num_units, dtype=torch.float64, device=device)
         slot_of_unit = torch.repeat_interleave(torch.arange(len(slots)),
                                                torch.tensor(self.num_units, dtype=torch.int64))
         self.unit_slot_t = slot_of_unit.to(device=device, dtype=torch.int64)
@@ -222,9 +223,19 @@ def _plan_for(tensors, unit_size):
     return plan
 
 
+def _to_device(values, dtype, device):
+    """A small per-step host list on the device without a host synchronisation: a plain
+    torch.tensor(..., device="cuda") copies from pageable memory and waits for the stream
+    (the whole backward pass); a pinned non-blocking copy is queued behind it instead (the
+    caching host allocator keeps the pinned block alive until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _addresses(tensors, slots, device):
-    return torch.tensor([tensors[t].data_ptr() for t in slots], dtype=torch.int64,
-                        device=device)
+    return _to_device([tensors[t].data_ptr() for t in slots], torch.int64, device)
 
 
 def _grid_launch(kernel, units, *args, **meta):
@@ -273,7 +284,7 @@ def _factors(plan, u, noise, start, ks, mode, scaling):
     """Stage 2: one fp64 factor per unit (0: left out) from the per-unit arrays."""
     device = u.device
     T, width = len(plan.slots), plan.max_units
-    k = torch.tensor(ks, dtype=torch.int64, device=device)[:, None]
+    k = _to_device(ks, torch.int64, device)[:, None]
     rank = torch.arange(width, device=device)[None, :]
     w = _padded(plan, u + EPS, 0.0)
     q = w / w.sum(dim=1, keepdim=True)
@@ -300,7 +311,7 @@ def _factors(plan, u, noise, start, ks, mode, scaling):
         order = torch.sort(keys, dim=1, descending=True, stable=True).indices
         keep = rank < k
         if mode == "amss+":  # scaling "reference-code": 1 / (q + 1 / N)
-            n = torch.tensor(plan.num_units, dtype=torch.float64, device=device)[:, None]
+            n = plan.num_units_f64[:, None]
             value = 1.0 / (torch.gather(q, 1, order) + 1.0 / n)
         else:
             value = torch.ones_like(q)
@@ -409,10 +420,9 @@ def amss_masked_sgd_step_triton(params: list[torch.Tensor], grads: list[torch.Te
     param_addresses = _addresses(params, plan.slots, device)
     buffer_addresses = _addresses(buffers, plan.slots, device) if with_momentum else \
         param_addresses  # unused
-    fresh_t = torch.tensor([fresh[t] if with_momentum else 0 for t in plan.slots],
-                           dtype=torch.int32, device=device)
-    hyper = torch.tensor([lr, momentum, dampening, weight_decay], dtype=torch.float64,
-                         device=device)
+    fresh_t = _to_device([fresh[t] if with_momentum else 0 for t in plan.slots], torch.int32,
+                         device)
+    hyper = _to_device([lr, momentum, dampening, weight_decay], torch.float64, device)
     for dtype, units in plan.units_by_dtype.items():
         _grid_launch(_sgd_kernel, units, plan.unit_slot_t, param_addresses, grad_addresses,
                      buffer_addresses, fresh_t, plan.unit_len_t, plan.first_unit_t, factors,
