@@ -10,6 +10,9 @@ import torch
 
 from . import _extension  # loads ether_kernels._C (or warns once and carries on)
 from . import amss  # AMSS / AMSS+: ek.amss.update_ratios, SubnetworkMasker, mask_gradients
+from .alignment import (GradientReversal, batch_all_triplet_loss, batch_hard_triplet_loss,
+                        cca_loss, contrastive_loss, cross_modal_triplet_loss, grad_reverse,
+                        pairwise_distances, triplet_loss)
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
 from ._triton_support import triton_import_error, triton_interpret, triton_version
 from .dynamic_time_warping import (SoftDTWLoss, cdist_dtw, dtw, dtw_from_cost, dtw_path, soft_dtw,
@@ -17,6 +20,7 @@ from .dynamic_time_warping import (SoftDTWLoss, cdist_dtw, dtw, dtw_from_cost, d
 from .ether_loss import ModalityGroups, ether_loss
 from .modules import EtherLoss, FusedMSELoss
 from .mse_loss import fused_mse_loss
+from .multimodal_loss import MultiModalLoss
 
 try:
     __version__ = _metadata.version("ether_kernels")
@@ -51,7 +55,10 @@ def info():
 
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "EtherLoss", "FusedMSELoss", "ModalityGroups",
+    "BACKENDS", "BackendUnavailableError", "EtherLoss", "FusedMSELoss", "GradientReversal",
+    "ModalityGroups", "MultiModalLoss", "batch_all_triplet_loss", "batch_hard_triplet_loss",
+    "cca_loss", "contrastive_loss", "cross_modal_triplet_loss", "grad_reverse",
+    "pairwise_distances", "triplet_loss",
     "SoftDTWLoss", "__version__", "available_backends", "cdist_dtw", "dtw", "dtw_from_cost",
     "dtw_path", "ether_loss", "fused_mse_loss", "info", "soft_dtw", "soft_dtw_alignment",
     "soft_dtw_divergence", "soft_dtw_from_cost", "use_backend",

@@ -1,0 +1,342 @@
+"""Alignment losses for joint embeddings and domain invariance (specs/multimodal_loss.md).
+
+    triplet_loss               = torch.nn.functional.triplet_margin_loss
+    batch_hard_triplet_loss    per anchor the farthest positive and the nearest negative
+    batch_all_triplet_loss     every valid triplet, mean over those with a positive loss,
+                               in O(B^2 log B) time and O(B^2) memory (no B x B x B tensor)
+    cross_modal_triplet_loss   anchors from one modality, positives / negatives from another
+    contrastive_loss           InfoNCE / CLIP, blockwise: O(B * block) memory for any B
+    grad_reverse, GradientReversal   identity forward, -lambda * grad backward
+    cca_loss                   deep CCA: -(sum of the top-k canonical correlations)
+
+These are composite PyTorch (autograd Functions where the memory or the numerics need one):
+the work is GEMMs, sorts and reductions that ATen already runs at the hardware's speed, so
+what a kernel would save is memory traffic of the (B, B) matrices, not arithmetic. The
+references (the test oracles) are in reference/alignment.py.
+"""
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_tensor
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ------------------------------------------------------------------------- checks
+
+def _check_embeddings(x, name, op):
+    check_tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{op}: {name} must be a non-empty (B, E) tensor, got shape "
+                         f"{tuple(x.shape)}")
+
+
+def _check_same(x, y, x_name, y_name, op, same_rows=True):
+    if x.dtype != y.dtype:
+        raise TypeError(f"{op}: {x_name} ({x.dtype}) and {y_name} ({y.dtype}) must have the "
+                        "same dtype")
+    if x.device != y.device:
+        raise RuntimeError(f"{op}: {x_name} is on {x.device} but {y_name} is on {y.device}")
+    if x.shape[1] != y.shape[1] or (same_rows and x.shape[0] != y.shape[0]):
+        raise ValueError(f"{op}: {x_name} has shape {tuple(x.shape)} but {y_name} has shape "
+                         f"{tuple(y.shape)}")
+
+
+def _check_labels(labels, rows, name, op, device):
+    check_tensor(labels, name)
+    if labels.dim() != 1 or labels.shape[0] != rows or labels.is_floating_point() \
+            or labels.dtype == torch.bool:
+        raise ValueError(f"{op}: {name} must be a ({rows},) integer tensor, got "
+                         f"{labels.dtype} of shape {tuple(labels.shape)}")
+    if labels.device != device:
+        raise RuntimeError(f"{op}: {name} is on {labels.device}, the embeddings on {device}")
+
+
+def _check_margin(margin, op):
+    if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or \
+            not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"{op}: margin must be a finite number >= 0, got {margin!r}")
+    return float(margin)
+
+
+# ------------------------------------------------------------------------ triplet
+
+def triplet_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False,
+                 reduction="mean"):
+    """relu(d(a, p) - d(a, n) + margin), d(u, v) = ||u - v + eps||_p: exactly
+    torch.nn.functional.triplet_margin_loss (same arguments, same values and gradients)."""
+    op = "triplet_loss"
+    for x, name in ((anchor, "anchor"), (positive, "positive"), (negative, "negative")):
+        _check_embeddings(x, name, op)
+    _check_same(anchor, positive, "anchor", "positive", op)
+    _check_same(anchor, negative, "anchor", "negative", op)
+    margin = _check_margin(margin, op)
+    if not isinstance(p, numbers.Real) or p <= 0:
+        raise ValueError(f"{op}: p must be > 0, got {p!r}")
+    check_choice(reduction, "reduction", _REDUCTIONS, op)
+    d_ap = F.pairwise_distance(anchor, positive, p, eps)
+    d_an = F.pairwise_distance(anchor, negative, p, eps)
+    if swap:
+        d_an = torch.minimum(d_an, F.pairwise_distance(positive, negative, p, eps))
+    losses = torch.clamp_min(d_ap - d_an + margin, 0)
+    return {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
+
+
+def pairwise_distances(x, y, squared=False):
+    """(P, Q) Euclidean distances by the Gram identity ||x||^2 + ||y||^2 - 2 x.y (one GEMM,
+    no (P, Q, E) tensor), clamped at 0 against rounding. The square root's gradient is 0 at
+    a zero distance (an anchor against itself), never NaN."""
+    d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.t())
+    d2 = torch.clamp_min(d2, 0.0)
+    if squared:
+        return d2
+    zero = d2 == 0
+    # sqrt of 0 has an infinite derivative: take it of 1 there and put the 0 back
+    return torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, d2)))
+
+
+def _mined(distances, labels_a, labels_b, margin, mining, exclude_self):
+    positive = labels_a[:, None] == labels_b[None, :]
+    if exclude_self:
+        positive = positive & ~torch.eye(labels_a.shape[0], dtype=torch.bool,
+                                         device=labels_a.device)
+    negative = labels_a[:, None] != labels_b[None, :]
+    if mining == "hard":
+        # per anchor: the farthest positive, the nearest negative (masked max / min)
+        hardest_positive = torch.where(positive, distances, -math.inf).amax(dim=1)
+        hardest_negative = torch.where(negative, distances, math.inf).amin(dim=1)
+        valid = positive.any(dim=1) & negative.any(dim=1)
+        losses = torch.clamp_min(hardest_positive - hardest_negative + margin, 0)
+        losses = torch.where(valid, losses, 0.0)
+        return losses.sum() / torch.clamp_min(valid.sum(), 1)
+    # Batch all without the (A, Q, Q) tensor. For anchor i and positive j the negatives k
+    # with a positive loss are those with d_ik < d_ij + margin; with the anchor's negative
+    # distances sorted increasingly (non-negatives moved to the end as +inf), their count c_ij
+    # is a searchsorted and their distances' sum a prefix sum P_i[c_ij], so
+    #   sum_k relu(d_ij - d_ik + margin) = c_ij (d_ij + margin) - P_i[c_ij].
+    # The gradient flows through d_ij and through the gathered prefix sums (the sort's
+    # values): d/d d_ij = c_ij, d/d d_ik = -(number of positives j that count k).
+    sorted_negatives, _ = torch.sort(torch.where(negative, distances, math.inf), dim=1)
+    finite = torch.isfinite(sorted_negatives)
+    prefix = torch.cumsum(torch.where(finite, sorted_negatives, 0.0), dim=1)
+    prefix = torch.cat([prefix.new_zeros(prefix.shape[0], 1), prefix], dim=1)  # P[0] = 0
+    threshold = (distances + margin).detach().contiguous()
+    counts = torch.searchsorted(sorted_negatives.detach().contiguous(), threshold, side="left")
+    counts = torch.where(positive, counts, 0)
+    totals = counts * (distances + margin) - torch.gather(prefix, 1, counts)
+    totals = torch.where(positive, totals, 0.0)
+    # c_ij counts exactly the triplets (i, j, k) with a positive loss
+    return totals.sum() / torch.clamp_min(counts.sum(), 1)
+
+
+def _check_pair_labels(embeddings, labels, op):
+    _check_embeddings(embeddings, "embeddings", op)
+    _check_labels(labels, embeddings.shape[0], "labels", op, embeddings.device)
+
+
+def batch_hard_triplet_loss(embeddings, labels, margin=1.0, squared=False):
+    """Batch-hard triplet loss over a (B, E) batch: for every anchor with a positive and a
+    negative, relu(farthest positive - nearest negative + margin), averaged over those
+    anchors. Euclidean distances (squared ones with squared=True); one (B, B) matrix."""
+    op = "batch_hard_triplet_loss"
+    _check_pair_labels(embeddings, labels, op)
+    margin = _check_margin(margin, op)
+    d = pairwise_distances(embeddings, embeddings, squared)
+    return _mined(d, labels, labels, margin, "hard", exclude_self=True)
+
+
+def batch_all_triplet_loss(embeddings, labels, margin=1.0, squared=False):
+    """Batch-all triplet loss: relu(d(a, p) - d(a, n) + margin) over every valid triplet,
+    averaged over the triplets with a positive loss (0 when there is none). O(B^2 log B)
+    time and O(B^2) memory: the B x B x B triplet tensor is never formed (see _mined)."""
+    op = "batch_all_triplet_loss"
+    _check_pair_labels(embeddings, labels, op)
+    margin = _check_margin(margin, op)
+    d = pairwise_distances(embeddings, embeddings, squared)
+    return _mined(d, labels, labels, margin, "all", exclude_self=True)
+
+
+def cross_modal_triplet_loss(anchors, others, anchor_labels, other_labels, margin=1.0,
+                             mining="hard", squared=False):
+    """Triplets whose anchor comes from one modality (anchors (A, E)) and whose positive and
+    negative come from another (others (Q, E)): a positive shares the anchor's label.
+    mining "hard" (per anchor the farthest positive, the nearest negative) or "all"."""
+    op = "cross_modal_triplet_loss"
+    _check_embeddings(anchors, "anchors", op)
+    _check_embeddings(others, "others", op)
+    _check_same(anchors, others, "anchors", "others", op, same_rows=False)
+    _check_labels(anchor_labels, anchors.shape[0], "anchor_labels", op, anchors.device)
+    _check_labels(other_labels, others.shape[0], "other_labels", op, anchors.device)
+    margin = _check_margin(margin, op)
+    check_choice(mining, "mining", ("hard", "all"), op)
+    d = pairwise_distances(anchors, others, squared)
+    return _mined(d, anchor_labels, other_labels, margin, mining, exclude_self=False)
+
+
+# -------------------------------------------------------------------- contrastive
+
+class _BlockwiseInfoNCE(torch.autograd.Function):
+    """InfoNCE over L = a b^T / T (a, b already normalised), one (block, B) slab of L at a
+    time: the forward keeps only the row and column log-sum-exps (O(B)), the backward
+    recomputes each slab. With p = softmax over a row, q = softmax over a column:
+        loss  = w_r mean_i (lse_row_i - L_ii) + w_c mean_j (lse_col_j - L_jj)
+        dL_ij = (w_r p_ij + w_c q_ij - (w_r + w_c) [i = j]) / B
+        da    = dL b / T,  db = dL^T a / T
+    (w_r, w_c) = (1/2, 1/2) symmetric, (1, 0) one-directional. Slabs run in fp32 or fp64."""
+
+    @staticmethod
+    def forward(ctx, a, b, temperature, symmetric, block):
+        B = a.shape[0]
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        a_acc, b_acc = a.to(acc), b.to(acc)
+        row_lse = torch.empty(B, dtype=acc, device=a.device)
+        col_max = torch.full((B,), -math.inf, dtype=acc, device=a.device)
+        col_sum = torch.zeros(B, dtype=acc, device=a.device)
+        for start in range(0, B, block):
+            slab = a_acc[start:start + block] @ b_acc.t() / temperature  # (block, B)
+            row_lse[start:start + block] = torch.logsumexp(slab, dim=1)
+            if symmetric:  # online column log-sum-exp: rescale the running sums
+                slab_max = slab.amax(dim=0)
+                new_max = torch.maximum(col_max, slab_max)
+                col_sum = col_sum * torch.exp(col_max - new_max) + \
+                    torch.exp(slab - new_max).sum(dim=0)
+                col_max = new_max
+        diagonal = (a_acc * b_acc).sum(dim=1) / temperature
+        loss = (row_lse - diagonal).mean()
+        col_lse = col_max + torch.log(col_sum) if symmetric else None
+        if symmetric:
+            loss = (loss + (col_lse - diagonal).mean()) / 2
+        ctx.save_for_backward(a, b, row_lse, col_lse if symmetric else row_lse)
+        ctx.temperature, ctx.symmetric, ctx.block = temperature, symmetric, block
+        return loss.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, row_lse, col_lse = ctx.saved_tensors
+        T, block, B = ctx.temperature, ctx.block, a.shape[0]
+        acc = row_lse.dtype
+        a_acc, b_acc = a.to(acc), b.to(acc)
+        w_row, w_col = (0.5, 0.5) if ctx.symmetric else (1.0, 0.0)
+        scale = grad.to(acc) / B
+        grad_a = torch.empty_like(a_acc)
+        grad_b = torch.zeros_like(b_acc)
+        for start in range(0, B, block):
+            rows = slice(start, start + block)
+            slab = a_acc[rows] @ b_acc.t() / T
+            d_slab = w_row * torch.exp(slab - row_lse[rows, None])
+            if ctx.symmetric:
+                d_slab = d_slab + w_col * torch.exp(slab - col_lse[None, :])
+            index = torch.arange(start, min(start + block, B), device=a.device)
+            d_slab[index - start, index] -= w_row + w_col
+            d_slab = d_slab * scale
+            grad_a[rows] = d_slab @ b_acc / T
+            grad_b += d_slab.t() @ a_acc[rows] / T
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None
+
+
+def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, block=None):
+    """InfoNCE between matched rows of a and b (B, E) (CLIP-style): row i of a should pick
+    row i of b among all rows of b (and, symmetric, the other way round); logits are cosine
+    similarities / temperature (normalize=False: plain dot products). Computed one
+    (block, B) slab of logits at a time, forward and backward: O(B * block) memory for any
+    B (block=None: sized so a slab holds about 2^24 entries)."""
+    op = "contrastive_loss"
+    _check_embeddings(a, "a", op)
+    _check_embeddings(b, "b", op)
+    _check_same(a, b, "a", "b", op)
+    if not isinstance(temperature, numbers.Real) or not temperature > 0 or \
+            not math.isfinite(temperature):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    B = a.shape[0]
+    if block is None:
+        block = max(1, min(B, (1 << 24) // B))
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"{op}: block must be an int >= 1, got {block!r}")
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    return _BlockwiseInfoNCE.apply(a, b, float(temperature), bool(symmetric), block)
+
+
+# ------------------------------------------------------------- gradient reversal
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lambda_):
+        ctx.lambda_ = lambda_
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.lambda_ * grad, None
+
+
+def grad_reverse(x, lambda_=1.0):
+    """Identity in the forward, -lambda * grad in the backward (Ganin & Lempitsky's gradient
+    reversal layer, for domain-adversarial training)."""
+    check_tensor(x, "x")
+    if not isinstance(lambda_, numbers.Real) or isinstance(lambda_, bool) or \
+            not math.isfinite(lambda_):
+        raise ValueError(f"grad_reverse: lambda_ must be a finite number, got {lambda_!r}")
+    return _GradientReversal.apply(x, float(lambda_))
+
+
+class GradientReversal(torch.nn.Module):
+    """nn.Module form of grad_reverse; lambda_ can be changed between steps (a schedule)."""
+
+    def __init__(self, lambda_=1.0):
+        super().__init__()
+        self.lambda_ = lambda_
+
+    def forward(self, x):
+        return grad_reverse(x, self.lambda_)
+
+    def extra_repr(self):
+        return f"lambda_={self.lambda_}"
+
+
+# ---------------------------------------------------------------------- deep CCA
+
+def cca_loss(h1, h2, k=None, eps=1e-4):
+    """Deep CCA: -(sum of the top-k canonical correlations) between views h1 (n, d1) and
+    h2 (n, d2), k = min(d1, d2) by default. The covariances are regularised (S11 = H1c^T
+    H1c / (n - 1) + eps I) and whitened by Cholesky factors, T = L1^-1 S12 L2^-T, whose
+    singular values are the canonical correlations (any square root whitens: they do not
+    depend on which). Stable on rank-deficient batches: no eigendecomposition, whose
+    gradient divides by eigenvalue gaps (all equal to eps in a rank-deficient direction),
+    and svdvals' gradient U V^T needs no gaps either. Computed in fp64 for fp32 inputs."""
+    op = "cca_loss"
+    _check_embeddings(h1, "h1", op)
+    _check_embeddings(h2, "h2", op)
+    if h1.shape[0] != h2.shape[0]:
+        raise ValueError(f"{op}: h1 has {h1.shape[0]} rows but h2 has {h2.shape[0]}; the two "
+                         "views must describe the same samples")
+    if h1.shape[0] < 2:
+        raise ValueError(f"{op}: need at least 2 samples, got {h1.shape[0]}")
+    if h1.dtype != h2.dtype or h1.device != h2.device:
+        raise TypeError(f"{op}: h1 and h2 must have the same dtype and device")
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps!r}")
+    full = min(h1.shape[1], h2.shape[1])
+    k = full if k is None else k
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= full:
+        raise ValueError(f"{op}: k must be an int in [1, min(d1, d2) = {full}], got {k!r}")
+    work = torch.float64 if h1.dtype in (torch.float32, torch.float64) else torch.float32
+    x, y = h1.to(work), h2.to(work)
+    n = x.shape[0]
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    s11 = xc.t() @ xc / (n - 1) + eps * torch.eye(x.shape[1], dtype=work, device=x.device)
+    s22 = yc.t() @ yc / (n - 1) + eps * torch.eye(y.shape[1], dtype=work, device=x.device)
+    s12 = xc.t() @ yc / (n - 1)
+    l1 = torch.linalg.cholesky(s11)
+    l2 = torch.linalg.cholesky(s22)
+    # T = L1^-1 S12 L2^-T by two triangular solves
+    t = torch.linalg.solve_triangular(l1, s12, upper=False)
+    t = torch.linalg.solve_triangular(l2, t.t(), upper=False).t()
+    correlations = torch.linalg.svdvals(t)  # descending
+    return (-correlations[:k].sum()).to(h1.dtype)

@@ -1,0 +1,234 @@
+"""The alignment losses against their written-out references (reference/alignment.py) and
+torch's own formulas: values and every gradient, odd shapes, fp64 gradcheck, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ether_kernels as ek
+from ether_kernels.reference import alignment as ref
+
+
+def labelled_batch(B, E, classes, dtype=torch.float64):
+    x = torch.randn(B, E, dtype=dtype)
+    labels = torch.randint(0, classes, (B,))
+    return x, labels
+
+
+def grads_of(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    value = fn(*leaves)
+    return value, torch.autograd.grad(value, leaves)
+
+
+# ------------------------------------------------------------------------ triplet
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triplet_loss_is_torch_triplet_margin_loss(p, swap, reduction):
+    a, pos, neg = (torch.randn(13, 7, dtype=torch.float64) for _ in range(3))
+    for fn in (lambda *t: ek.triplet_loss(*t, margin=0.7, p=p, swap=swap, reduction=reduction),
+               lambda *t: ref.triplet_loss_reference(*t, margin=0.7, p=p, swap=swap,
+                                                     reduction=reduction)):
+        ours, ours_grads = grads_of(lambda *t: fn(*t).sum(), a, pos, neg)
+        theirs, their_grads = grads_of(
+            lambda *t: F.triplet_margin_loss(*t, margin=0.7, p=p, swap=swap,
+                                             reduction=reduction).sum(), a, pos, neg)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        for g, h in zip(ours_grads, their_grads):
+            torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("B,E,classes", [(1, 3, 2), (9, 4, 3), (41, 17, 5), (64, 8, 2)])
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("mining", ["hard", "all"])
+def test_mined_triplet_losses_match_the_brute_force(B, E, classes, squared, mining):
+    x, labels = labelled_batch(B, E, classes)
+    fn = ek.batch_hard_triplet_loss if mining == "hard" else ek.batch_all_triplet_loss
+    reference = ref.batch_hard_triplet_reference if mining == "hard" else \
+        ref.batch_all_triplet_reference
+    ours, ours_grad = grads_of(lambda t: fn(t, labels, margin=0.5, squared=squared), x)
+    theirs, their_grad = grads_of(
+        lambda t: reference(ref.pairwise_distances_reference(t, t, squared), labels, labels,
+                            0.5, exclude_self=True), x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours_grad[0], their_grad[0], rtol=1e-7, atol=1e-9)
+    assert torch.isfinite(ours_grad[0]).all()
+
+
+@pytest.mark.parametrize("mining", ["hard", "all"])
+def test_cross_modal_triplet_matches_the_brute_force(mining):
+    anchors, anchor_labels = labelled_batch(11, 6, 3)
+    others, other_labels = labelled_batch(17, 6, 3)
+    ours, ours_grads = grads_of(
+        lambda a, o: ek.cross_modal_triplet_loss(a, o, anchor_labels, other_labels, margin=1.0,
+                                                 mining=mining), anchors, others)
+    reference = ref.batch_hard_triplet_reference if mining == "hard" else \
+        ref.batch_all_triplet_reference
+    theirs, their_grads = grads_of(
+        lambda a, o: reference(ref.pairwise_distances_reference(a, o), anchor_labels,
+                               other_labels, 1.0, exclude_self=False), anchors, others)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    for g, h in zip(ours_grads, their_grads):
+        torch.testing.assert_close(g, h, rtol=1e-7, atol=1e-9)
+
+
+def test_mined_triplets_gradcheck_and_degenerate_batches():
+    x, labels = labelled_batch(10, 3, 3)
+    x.requires_grad_(True)
+    for fn in (ek.batch_hard_triplet_loss, ek.batch_all_triplet_loss):
+        assert torch.autograd.gradcheck(lambda t: fn(t, labels, margin=2.0), (x,))
+        # one class only: no negative, the loss is 0 with a zero (finite) gradient
+        value = fn(x, torch.zeros(10, dtype=torch.long))
+        assert value.item() == 0.0
+        (g,) = torch.autograd.grad(value, x)
+        assert torch.equal(g, torch.zeros_like(g))
+    # duplicated embeddings (zero distances) keep finite gradients
+    y = torch.randn(4, 3, dtype=torch.float64).repeat(2, 1).requires_grad_(True)
+    lab = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    for fn in (ek.batch_hard_triplet_loss, ek.batch_all_triplet_loss):
+        (g,) = torch.autograd.grad(fn(y, lab), y)
+        assert torch.isfinite(g).all()
+
+
+def test_batch_all_memory_stays_quadratic():
+    """B = 3000: the brute force's B^3 triplets (27e9) would need 200 GB; ours runs."""
+    x, labels = labelled_batch(3000, 8, 10, dtype=torch.float32)
+    x.requires_grad_(True)
+    value = ek.batch_all_triplet_loss(x, labels, margin=0.2)
+    (g,) = torch.autograd.grad(value, x)
+    assert torch.isfinite(value) and torch.isfinite(g).all()
+
+
+def test_triplet_bad_input():
+    x, labels = labelled_batch(6, 3, 2)
+    cases = [
+        (lambda: ek.triplet_loss(x, x, x[:, :2]), ValueError, "negative"),
+        (lambda: ek.triplet_loss(x, x.float(), x), TypeError, "same dtype"),
+        (lambda: ek.triplet_loss(x, x, x, margin=-1), ValueError, "margin"),
+        (lambda: ek.triplet_loss(x, x, x, p=0), ValueError, "p must be"),
+        (lambda: ek.triplet_loss(x, x, x, reduction="avg"), ValueError, "reduction"),
+        (lambda: ek.batch_hard_triplet_loss(x, labels[:5]), ValueError, "labels"),
+        (lambda: ek.batch_all_triplet_loss(x, labels.double()), ValueError, "labels"),
+        (lambda: ek.batch_all_triplet_loss(x[0], labels), ValueError, "embeddings"),
+        (lambda: ek.batch_hard_triplet_loss(x.long(), labels), TypeError, "floating"),
+        (lambda: ek.cross_modal_triplet_loss(x, x, labels, labels, mining="semi"), ValueError,
+         "mining"),
+        (lambda: ek.cross_modal_triplet_loss(x, x[:, :2], labels, labels), ValueError, "others"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+# -------------------------------------------------------------------- contrastive
+
+@pytest.mark.parametrize("B,E,block", [(1, 4, None), (7, 5, 3), (64, 16, 64), (130, 9, 17)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_contrastive_loss_matches_the_full_formula(B, E, block, symmetric, normalize):
+    a = torch.randn(B, E, dtype=torch.float64)
+    b = torch.randn(B, E, dtype=torch.float64)
+    kwargs = dict(temperature=0.1, symmetric=symmetric, normalize=normalize)
+    ours, ours_grads = grads_of(lambda u, v: ek.contrastive_loss(u, v, block=block, **kwargs),
+                                a, b)
+    theirs, their_grads = grads_of(lambda u, v: ref.contrastive_loss_reference(u, v, **kwargs),
+                                   a, b)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for g, h in zip(ours_grads, their_grads):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
+
+
+def test_contrastive_loss_gradcheck_fp32_and_large_logits():
+    a = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, v: ek.contrastive_loss(u, v, 0.5, block=4), (a, b))
+    # fp32 against fp64, and a tiny temperature (logits ~ 1e3) stays finite
+    for temperature in (0.07, 1e-3):
+        ours = ek.contrastive_loss(a.float(), b.float(), temperature, block=2)
+        exact = ref.contrastive_loss_reference(a.detach(), b.detach(), temperature)
+        assert torch.isfinite(ours)
+        assert abs(ours.item() - exact.item()) <= 1e-4 * max(1.0, abs(exact.item()))
+
+
+def test_contrastive_bad_input():
+    a = torch.randn(5, 3)
+    cases = [
+        (lambda: ek.contrastive_loss(a, a[:4]), ValueError, "b has shape"),
+        (lambda: ek.contrastive_loss(a, a, temperature=0), ValueError, "temperature"),
+        (lambda: ek.contrastive_loss(a, a, block=0), ValueError, "block"),
+        (lambda: ek.contrastive_loss(a, a.double()), TypeError, "same dtype"),
+        (lambda: ek.contrastive_loss(a[0], a[0]), ValueError, "a must be"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+# -------------------------------------------------------------- gradient reversal
+
+def test_gradient_reversal():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = ek.grad_reverse(x, 0.3)
+    assert torch.equal(y, x)
+    upstream = torch.randn_like(x)
+    (g,) = torch.autograd.grad(y, x, upstream)
+    torch.testing.assert_close(g, -0.3 * upstream, rtol=0, atol=0)
+    layer = ek.GradientReversal(2.0)
+    (g,) = torch.autograd.grad(layer(x).sum(), x)
+    assert torch.equal(g, torch.full_like(x, -2.0))
+    compiled = torch.compile(lambda t: ek.grad_reverse(t * 2, 0.5).sum(), fullgraph=True)
+    (g,) = torch.autograd.grad(compiled(x), x)
+    assert torch.equal(g, torch.full_like(x, -1.0))
+    with pytest.raises(ValueError, match="lambda_"):
+        ek.grad_reverse(x, float("nan"))
+
+
+# ---------------------------------------------------------------------- deep CCA
+
+@pytest.mark.parametrize("n,d1,d2,k", [(50, 4, 3, None), (37, 6, 6, 2), (200, 10, 5, 5)])
+def test_cca_loss_matches_the_eigendecomposition_formula(n, d1, d2, k):
+    h1 = torch.randn(n, d1, dtype=torch.float64)
+    h2 = h1[:, :d2] @ torch.randn(d2, d2, dtype=torch.float64) + 0.5 * torch.randn(
+        n, d2, dtype=torch.float64)
+    ours, ours_grads = grads_of(lambda u, v: ek.cca_loss(u, v, k=k), h1, h2)
+    theirs, their_grads = grads_of(lambda u, v: ref.cca_loss_reference(u, v, k=k), h1, h2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    for g, h in zip(ours_grads, their_grads):
+        torch.testing.assert_close(g, h, rtol=1e-7, atol=1e-9)
+    assert -ours.item() <= (k or min(d1, d2)) + 1e-9  # correlations are <= 1
+
+
+def test_cca_loss_is_stable_on_rank_deficient_batches():
+    """8 samples of 20 features (rank 7) and duplicated columns: the eigendecomposition
+    form's gradient divides by eigenvalue gaps (all eps here); ours stays finite."""
+    h1 = torch.randn(8, 20, dtype=torch.float64)
+    h1[:, 10:] = h1[:, :10]
+    h2 = torch.randn(8, 20, dtype=torch.float64)
+    ours, grads = grads_of(lambda u, v: ek.cca_loss(u, v, k=5), h1, h2)
+    assert torch.isfinite(ours) and all(torch.isfinite(g).all() for g in grads)
+    assert torch.autograd.gradcheck(lambda u, v: ek.cca_loss(u, v, k=3, eps=1e-2),
+                                    (torch.randn(6, 4, dtype=torch.float64, requires_grad=True),
+                                     torch.randn(6, 3, dtype=torch.float64, requires_grad=True)))
+    value32 = ek.cca_loss(h1.float(), h2.float(), k=5)
+    assert value32.dtype == torch.float32
+    assert abs(value32.item() - ours.item()) <= 1e-5 * abs(ours.item())
+
+
+def test_cca_bad_input():
+    h = torch.randn(10, 4)
+    cases = [
+        (lambda: ek.cca_loss(h, h[:9]), ValueError, "same samples"),
+        (lambda: ek.cca_loss(h[:1], h[:1]), ValueError, "at least 2"),
+        (lambda: ek.cca_loss(h, h, k=5), ValueError, "k must be"),
+        (lambda: ek.cca_loss(h, h, k=0), ValueError, "k must be"),
+        (lambda: ek.cca_loss(h, h, eps=0), ValueError, "eps"),
+        (lambda: ek.cca_loss(h, h.double()), TypeError, "same dtype"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert math.isfinite(ek.cca_loss(h, h).item())
