@@ -4,7 +4,7 @@ Each benchmark registers its median with `record(...)`; at the end of the sessio
 per (op, mode, shape) group is printed with every provider's median, the effective
 bandwidth (the bytes the op must move at least, over the median) and the speed-up against
 eager PyTorch and torch.compile, next to the machine's measured copy bandwidth. The same
-table goes to bench/results/<device>-<family>.json and .md (family: losses, dtw, amss), stamped
+table goes to bench/results/<device>-<family>.json and .md (family: losses, dtw, amss, alignment), stamped
 with the device and versions.
 """
 
@@ -108,7 +108,13 @@ def _summary_rows(records):
 def family(op):
     """Results are written per device and op family, so a run of one family (say, DTW on a
     GPU) never overwrites another's table."""
+    if op in ALIGNMENT_OPS:
+        return "alignment"
     return "dtw" if "dtw" in op else ("amss" if op.startswith("amss") else "losses")
+
+
+ALIGNMENT_OPS = ("contrastive_loss", "batch_all_triplet_loss", "batch_hard_triplet_loss",
+                 "cca_loss", "multimodal_loss")
 
 
 def render(device, rows, stamp):

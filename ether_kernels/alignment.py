@@ -188,13 +188,54 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
         loss  = w_r mean_i (lse_row_i - L_ii) + w_c mean_j (lse_col_j - L_jj)
         dL_ij = (w_r p_ij + w_c q_ij - (w_r + w_c) [i = j]) / B
         da    = dL b / T,  db = dL^T a / T
-    (w_r, w_c) = (1/2, 1/2) symmetric, (1, 0) one-directional. Slabs run in fp32 or fp64."""
+    (w_r, w_c) = (1/2, 1/2) symmetric, (1, 0) one-directional. Slabs run in fp32 or fp64.
+    When one slab holds all of L (B <= block) the forward forms dL itself and keeps it (the
+    memory of that one slab), so the backward is two GEMMs and no recomputation."""
 
     @staticmethod
-    def forward(ctx, a, b, temperature, symmetric, block):
+    def forward(ctx, a, b, temperature, symmetric, block, bound):
         B = a.shape[0]
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         a_acc, b_acc = a.to(acc), b.to(acc)
+        ctx.temperature, ctx.symmetric, ctx.block = temperature, symmetric, block
+        # |L| <= bound (1 / T for unit rows): exp(L - bound) lies in [exp(-2 bound), 1], so
+        # one exponential pass serves the row and the column softmaxes when that cannot
+        # underflow (fp32: 2 bound < 80; fp64: < 700), with no max pass at all.
+        single_exp = bound is not None and 2 * bound < (700.0 if acc == torch.float64 else 80.0)
+        if B <= block and single_exp:
+            x = (a_acc * (1.0 / temperature)) @ b_acc.t()
+            diagonal = torch.diagonal(x).clone()
+            x.sub_(bound).exp_()                     # exp(L - bound)
+            row_sum = x.sum(dim=1)
+            col_sum = x.sum(dim=0) if symmetric else None  # of exp(L - bound)
+            row_lse = torch.log(row_sum) + bound
+            loss = (row_lse - diagonal).mean()
+            w_row, w_col = (0.5, 0.5) if symmetric else (1.0, 0.0)
+            d_logits = x.mul_((w_row / row_sum)[:, None])  # w_r p (in place of x)
+            if symmetric:
+                loss = (loss + (torch.log(col_sum) + bound - diagonal).mean()) / 2
+                # w_c q = w_c exp(L - bound) / col_sum = d_logits * (row_sum w_c / w_r) / col_sum
+                d_logits.add_(d_logits * (row_sum * (w_col / w_row))[:, None] / col_sum[None, :])
+            torch.diagonal(d_logits).sub_(w_row + w_col)
+            ctx.save_for_backward(a, b, d_logits)
+            ctx.kept_gradient = True
+            return loss.to(a.dtype)
+        if B <= block:  # one slab: the gradient is formed now
+            logits = a_acc @ b_acc.t() / temperature
+            row_lse = torch.logsumexp(logits, dim=1)
+            diagonal = torch.diagonal(logits)
+            loss = (row_lse - diagonal).mean()
+            w_row, w_col = (0.5, 0.5) if symmetric else (1.0, 0.0)
+            d_logits = torch.exp(logits - row_lse[:, None])
+            if symmetric:
+                col_lse = torch.logsumexp(logits, dim=0)
+                loss = (loss + (col_lse - diagonal).mean()) / 2
+                d_logits = w_row * d_logits + w_col * torch.exp(logits - col_lse[None, :])
+            torch.diagonal(d_logits).sub_(w_row + w_col)
+            ctx.save_for_backward(a, b, d_logits)
+            ctx.kept_gradient = True
+            return loss.to(a.dtype)
+        ctx.kept_gradient = False
         row_lse = torch.empty(B, dtype=acc, device=a.device)
         col_max = torch.full((B,), -math.inf, dtype=acc, device=a.device)
         col_sum = torch.zeros(B, dtype=acc, device=a.device)
@@ -213,11 +254,17 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
         if symmetric:
             loss = (loss + (col_lse - diagonal).mean()) / 2
         ctx.save_for_backward(a, b, row_lse, col_lse if symmetric else row_lse)
-        ctx.temperature, ctx.symmetric, ctx.block = temperature, symmetric, block
         return loss.to(a.dtype)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.kept_gradient:
+            a, b, d_logits = ctx.saved_tensors
+            acc = d_logits.dtype
+            scale = grad.to(acc) / (a.shape[0] * ctx.temperature)
+            grad_a = (d_logits @ b.to(acc)) * scale
+            grad_b = (d_logits.t() @ a.to(acc)) * scale
+            return grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None, None
         a, b, row_lse, col_lse = ctx.saved_tensors
         T, block, B = ctx.temperature, ctx.block, a.shape[0]
         acc = row_lse.dtype
@@ -237,7 +284,7 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
             d_slab = d_slab * scale
             grad_a[rows] = d_slab @ b_acc / T
             grad_b += d_slab.t() @ a_acc[rows] / T
-        return grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None, None
 
 
 def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, block=None):
@@ -260,7 +307,8 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
         raise ValueError(f"{op}: block must be an int >= 1, got {block!r}")
     if normalize:
         a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    return _BlockwiseInfoNCE.apply(a, b, float(temperature), bool(symmetric), block)
+    bound = 1.0 / float(temperature) if normalize else None  # |cosine| <= 1
+    return _BlockwiseInfoNCE.apply(a, b, float(temperature), bool(symmetric), block, bound)
 
 
 # ------------------------------------------------------------- gradient reversal
