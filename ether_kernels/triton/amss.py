@@ -75,15 +75,21 @@ def _uniform(unit, tensor_index, step_lo, step_hi, seed_lo, seed_hi, STREAM: tl.
 # ----------------------------------------------------------------------- kernels
 
 @triton.jit
+def _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr):
+    """Global unit g: its tensor (slot), its index j inside the tensor, its length."""
+    slot = tl.load(unit_slot_ptr + g)
+    j = g - tl.load(first_unit_ptr + slot)
+    return slot, j, tl.load(unit_len_ptr + slot)
+
+
+@triton.jit
 def _importance_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_ptr,
                        num_units_ptr, tensor_index_ptr, u_ptr, gumbel_ptr, start_ptr,
                        step_lo, step_hi, seed_lo, seed_hi,
                        DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     # One unit: u = sum of grad^2 (fp64), its Gumbel noise; the tensor's start if first.
     g = tl.load(units_ptr + tl.program_id(0))          # global unit index
-    slot = tl.load(unit_slot_ptr + g)                  # its tensor
-    j = g - tl.load(first_unit_ptr + slot)             # unit index inside the tensor
-    length = tl.load(unit_len_ptr + slot)
+    slot, j, length = _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr)
     base = tl.load(addr_ptr + slot).to(tl.pointer_type(DTYPE)) + j.to(tl.int64) * length
     acc = tl.zeros((BLOCK,), dtype=tl.float64)
     for offset in range(0, length, BLOCK):
@@ -110,9 +116,7 @@ def _apply_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_p
     g = tl.load(units_ptr + tl.program_id(0))
     f = tl.load(factor_ptr + g)
     if f != 1.0:
-        slot = tl.load(unit_slot_ptr + g)
-        j = g - tl.load(first_unit_ptr + slot)
-        length = tl.load(unit_len_ptr + slot)
+        slot, j, length = _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr)
         base = tl.load(addr_ptr + slot).to(tl.pointer_type(DTYPE)) + j.to(tl.int64) * length
         for offset in range(0, length, BLOCK):
             idx = offset + tl.arange(0, BLOCK)
@@ -139,9 +143,7 @@ def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_add
     g_unit = tl.load(units_ptr + tl.program_id(0))
     f = tl.load(factor_ptr + g_unit)
     if f != 0.0:
-        slot = tl.load(unit_slot_ptr + g_unit)
-        j = g_unit - tl.load(first_unit_ptr + slot)
-        length = tl.load(unit_len_ptr + slot)
+        slot, j, length = _locate(g_unit, unit_slot_ptr, first_unit_ptr, unit_len_ptr)
         start = j.to(tl.int64) * length
         p_base = tl.load(param_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
         g_base = tl.load(grad_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
