@@ -36,8 +36,8 @@ def _cases():
     x_hard, y_hard = torch.randn(1024, 128), torch.randint(0, 16, (1024,))
     h1, h2 = torch.randn(1024, 64), torch.randn(1024, 48)
     module = ek.MultiModalLoss(2, 3, proxies_per_class=20)
-    z = torch.softmax(torch.randn(512, 3, 2), dim=2).reshape(512, 6)
-    y_mm = torch.randint(0, 2, (512,))
+    z = torch.softmax(torch.randn(4096, 3, 2), dim=2).reshape(4096, 6)
+    y_mm = torch.randint(0, 2, (4096,))
     return {
         "contrastive_loss": ((a, b), lambda u, v: ek.contrastive_loss(u, v),
                              lambda u, v: ref.contrastive_loss_reference(u, v)),

@@ -48,6 +48,11 @@ TORCH_LIBRARY(ether_kernels, m) {
         "int[] fresh, int[] group_of_tensor, float[] ratios, int sampling, int scaling, int seed, "
         "int step, int unit_size, float lr, float momentum, float dampening, float weight_decay, "
         "bool nesterov) -> ()");
+  // The MultiModal loss (ether_kernels/multimodal_loss.py): z (B, M*C), labels int64 (B,),
+  // W (M*C, C*K). Returns the mean loss and, with compute_grad, its gradients for z and W
+  // (formed in the same pass; the backward scales them), else empty tensors.
+  m.def("multimodal_loss_forward(Tensor z, Tensor labels, Tensor W, int num_classes, "
+        "float gamma, bool compute_grad) -> (Tensor, Tensor, Tensor)");
   // DTW / soft-DTW on a precomputed (B, N, M) cost, per-pair lengths (int64 (B,)), band r
   // (-1 = none). Returns the values (B,) and, with keep, the accumulated cost R (B, N, M)
   // that the backward needs (else an empty tensor).

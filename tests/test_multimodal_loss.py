@@ -8,6 +8,11 @@ import pytest
 import torch
 
 import ether_kernels as ek
+from ether_kernels import multimodal_loss as mm_module
+from ether_kernels.reference.multimodal_loss import multimodal_loss_reference
+
+BACKENDS = ["reference"] + (["cpp"] if mm_module._CPU_BACKENDS else [])
+needs_cpp = pytest.mark.skipif(not mm_module._CPU_BACKENDS, reason="the C++ extension is not built")
 
 
 def loop_logits(z, W, C, gamma):
@@ -34,16 +39,25 @@ def loop_logits(z, W, C, gamma):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,C,M,K,gamma", [(1, 2, 3, 1, 0.1), (7, 3, 2, 4, 0.1),
-                                           (5, 4, 3, 20, 0.5)])
-def test_multimodal_loss_matches_the_formula(B, C, M, K, gamma):
+                                           (5, 4, 3, 20, 0.5), (131, 2, 3, 5, 0.1),
+                                           (9, 3, 2, 4, 0.002)])
+def test_multimodal_loss_matches_the_formula(backend, B, C, M, K, gamma):
+    """131 rows: three row blocks of the C++ kernel, a ragged last one. A zero row of z
+    (the normalisation's eps branch), an all-negative proxy column (relu gives 0), and
+    gamma = 0.002 (the kernel's separate class-softmax path: exp(-2 / gamma) underflows)."""
     module = ek.MultiModalLoss(C, M, proxies_per_class=K, gamma=gamma).double()
     with torch.no_grad():
         module.W.uniform_(-1, 1)  # some negative entries: relu matters
+        module.W[:, 0] = -1.0
     z = torch.softmax(torch.randn(B, M, C, dtype=torch.float64), dim=2).reshape(B, M * C)
+    if B > 1:
+        z[1] = 0.0
     z.requires_grad_(True)
     labels = torch.randint(0, C, (B,))
-    loss = module(z, labels)
+    with ek.use_backend(backend):
+        loss = module(z, labels)
     gz, gW = torch.autograd.grad(loss, (z, module.W))
     W = module.W.detach().clone().requires_grad_(True)
     z2 = z.detach().clone().requires_grad_(True)
@@ -87,4 +101,77 @@ def test_multimodal_loss_bad_input():
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
+            call()
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_low_precision_against_fp64(dtype):
+    module = ek.MultiModalLoss(3, 3, proxies_per_class=6)
+    z = torch.softmax(torch.randn(50, 3, 3), dim=2).reshape(50, 9)
+    labels = torch.randint(0, 3, (50,))
+    zl = z.to(dtype).requires_grad_(True)
+    W = module.W.detach().to(dtype).requires_grad_(True)
+    loss = mm_module.multimodal_loss(zl, labels, W, 3, 0.1)
+    gz, gW = torch.autograd.grad(loss * 3.0, (zl, W))  # an upstream gradient of 3
+    assert loss.dtype == gz.dtype == gW.dtype == dtype
+    z64 = zl.detach().double().requires_grad_(True)
+    W64 = W.detach().double().requires_grad_(True)
+    expected = multimodal_loss_reference(z64, labels, W64, 3, 0.1)
+    ez, eW = torch.autograd.grad(expected * 3.0, (z64, W64))
+    # the kernel computes in fp64: only the rounding of the inputs and outputs remains
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert abs(loss.double().item() - expected.item()) <= tol * abs(expected.item())
+    for g, e in ((gz, ez), (gW, eW)):
+        assert ((g.double() - e).abs().max() / e.abs().max()).item() <= tol
+
+
+@needs_cpp
+def test_fused_op_opcheck_compile_and_thread_count_determinism():
+    ops = torch.ops.ether_kernels
+    z = torch.rand(70, 6, dtype=torch.float64)
+    W = torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.randint(0, 2, (70,))
+    torch.library.opcheck(ops.multimodal_loss_forward, (z, labels, W, 2, 0.1, False))
+    torch.library.opcheck(ops.multimodal_loss_forward,
+                          (z.clone().requires_grad_(True), labels,
+                           W.clone().requires_grad_(True), 2, 0.1, True))
+    module = ek.MultiModalLoss(2, 3, proxies_per_class=4).double()
+    zz = z.clone().requires_grad_(True)
+    compiled = torch.compile(lambda t: module(t, labels), fullgraph=True)
+    (g_compiled,) = torch.autograd.grad(compiled(zz), zz)
+    (g_eager,) = torch.autograd.grad(module(zz, labels), zz)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-12, atol=1e-15)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            zz = torch.rand(1000, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            zz.requires_grad_(True)
+            y = torch.randint(0, 2, (1000,), generator=torch.Generator().manual_seed(2))
+            loss = module(zz, y)
+            results.append((loss, *torch.autograd.grad(loss, (zz, module.W))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_fused_op_checks_its_arguments():
+    ops = torch.ops.ether_kernels
+    z, W = torch.rand(4, 6), torch.randn(6, 8)
+    y = torch.zeros(4, dtype=torch.long)
+    cases = [
+        (lambda: ops.multimodal_loss_forward(z, torch.full((4,), 2), W, 2, 0.1, False),
+         r"labels\[0\] = 2 is outside"),
+        (lambda: ops.multimodal_loss_forward(z[:, :5], y, W, 2, 0.1, False), r"z must be"),
+        (lambda: ops.multimodal_loss_forward(z, y, W.double(), 2, 0.1, False), r"same dtype"),
+        (lambda: ops.multimodal_loss_forward(z, y, W, 2, 0.0, False), r"gamma"),
+        (lambda: ops.multimodal_loss_forward(z, y.int(), W, 2, 0.1, False), r"int64"),
+        (lambda: ops.multimodal_loss_forward(z, y, W[:, :7], 2, 0.1, False), r"W must be"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
             call()

@@ -37,4 +37,9 @@ void amss_masked_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::T
                               double momentum, double dampening, double weight_decay,
                               bool nesterov);
 
+// The MultiModal loss, forward and gradients in one pass (multimodal_loss.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multimodal_loss_forward_cpu(
+    const at::Tensor& z, const at::Tensor& labels, const at::Tensor& W, int64_t num_classes,
+    double gamma, bool compute_grad);
+
 }  // namespace ether_kernels::cpu

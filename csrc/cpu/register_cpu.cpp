@@ -15,4 +15,5 @@ TORCH_LIBRARY_IMPL(ether_kernels, CPU, m) {
   m.impl("dtw_xy_backward", &ether_kernels::cpu::dtw_xy_backward_cpu);
   m.impl("amss_mask_gradients", &ether_kernels::cpu::amss_mask_gradients_cpu);
   m.impl("amss_masked_sgd_step", &ether_kernels::cpu::amss_masked_sgd_step_cpu);
+  m.impl("multimodal_loss_forward", &ether_kernels::cpu::multimodal_loss_forward_cpu);
 }

@@ -63,12 +63,30 @@ struct ScaleArgs {
   double scale;
 };
 
+// The MultiModal loss, every row of the batch (multimodal_loss_kernel.cpp): rows are cut
+// into blocks of rows_per_block; block b writes its loss sum to block_loss[b] and, with
+// grad, its part of the gradient for the normalised proxies to block_gw[b] (MC x CK) and
+// the rows' gradients (of the mean loss) to grad_z. w: (MC, CK) normalised proxies, fp64.
+struct MultimodalRowsArgs {
+  const void* z;           // (B, MC), dtype
+  const int64_t* labels;   // (B,), in [0, C)
+  c10::ScalarType dtype;
+  const double* w;
+  int64_t B, C, K, MC, CK, rows_per_block;
+  double s;                // 1 / gamma
+  bool grad;
+  double* block_loss;      // (blocks,)
+  double* block_gw;        // (blocks, MC, CK) or null
+  void* grad_z;            // (B, MC), dtype, or null
+};
+
 #define ETHER_KERNELS_DECLARE(ns)                  \
   namespace ns {                                   \
   void ether_loss_stats(const EtherStatsArgs&);    \
   void ether_loss_backward(const EtherBackwardArgs&); \
   void mse_forward(const MseForwardArgs&);         \
   void scale(const ScaleArgs&);                    \
+  void multimodal_loss_rows(const MultimodalRowsArgs&); \
   }
 
 ETHER_KERNELS_DECLARE(DEFAULT)
