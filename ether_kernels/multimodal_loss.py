@@ -9,10 +9,11 @@ modalities' class scores. The formula is the released code's (specs/multimodal_l
     sim_ic = sum_k softmax_c(S_ick / gamma) S_ick                   class-axis softmax
     loss   = mean_i CE(sim_i + att_i, y_i)
 
-Backends: on CPU the fused C++ op (csrc/cpu/multimodal_loss.cpp): one pass over the batch,
-one sample at a time, forms the loss and its gradients for z and W (the backward only scales
-them), so none of the (B, C*K) intermediates is stored at all; elsewhere (and for predict)
-the reference, composite PyTorch. A fused GPU kernel is still to come.
+Backends: on CPU the fused C++ op (csrc/cpu/multimodal_loss.cpp), on CUDA tensors the fused
+Triton kernel (triton/multimodal_loss.py): one pass over the batch, one sample at a time,
+forms the loss and its gradients for z and W (the backward only scales them), so none of
+the (B, C*K) intermediates is stored at all. predict() runs the reference (composite
+PyTorch, differentiable).
 """
 
 import math
@@ -22,41 +23,55 @@ import torch
 
 from . import _dispatch, _extension
 from ._checks import check_tensor
+from ._triton_support import triton_import_error
 from .reference.multimodal_loss import multimodal_logits_reference, multimodal_loss_reference
 
 _OP = "multimodal_loss"
+
+
+def _forward_fake(z, labels, W, num_classes, gamma, compute_grad):
+    if compute_grad:
+        return z.new_empty(()), torch.empty_like(z), torch.empty_like(W)
+    return z.new_empty(()), z.new_empty(0), W.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_z, grad_W = output
+    ctx.save_for_backward(grad_z, grad_W)
+
+
+def _backward(ctx, grad_loss, _grad_z, _grad_W):
+    # the forward formed d mean-loss / d z and / d W: scale them by the upstream gradient
+    grad_z, grad_W = ctx.saved_tensors
+    return (grad_z * grad_loss if ctx.needs_input_grad[0] else None, None,
+            grad_W * grad_loss if ctx.needs_input_grad[2] else None, None, None, None)
+
+
 _CPU_BACKENDS = ()
 if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "multimodal_loss_forward"):
     _CPU_BACKENDS = ("cpp",)
-
-    @torch.library.register_fake("ether_kernels::multimodal_loss_forward")
-    def _forward_fake(z, labels, W, num_classes, gamma, compute_grad):
-        if compute_grad:
-            return z.new_empty(()), torch.empty_like(z), torch.empty_like(W)
-        return z.new_empty(()), z.new_empty(0), W.new_empty(0)
-
-    def _setup_context(ctx, inputs, output):
-        _, grad_z, grad_W = output
-        ctx.save_for_backward(grad_z, grad_W)
-
-    def _backward(ctx, grad_loss, _grad_z, _grad_W):
-        # the forward formed d mean-loss / d z and / d W: scale them by the upstream gradient
-        grad_z, grad_W = ctx.saved_tensors
-        return (grad_z * grad_loss if ctx.needs_input_grad[0] else None, None,
-                grad_W * grad_loss if ctx.needs_input_grad[2] else None, None, None, None)
-
+    torch.library.register_fake("ether_kernels::multimodal_loss_forward")(_forward_fake)
     torch.library.register_autograd("ether_kernels::multimodal_loss_forward", _backward,
+                                    setup_context=_setup_context)
+_GPU_BACKENDS = ()
+if triton_import_error is None:
+    from .triton import multimodal_loss as _triton_multimodal_loss  # noqa: F401 (registers)
+
+    _GPU_BACKENDS = ("triton",)
+    torch.library.register_autograd("ether_kernels::multimodal_loss_forward_triton", _backward,
                                     setup_context=_setup_context)
 
 
 def multimodal_loss(z, labels, W, num_classes, gamma):
     """The MultiModal loss with the proxies W (M*C, C*K), on the backend chosen by device."""
-    backend = _dispatch.select(_OP, z.device, cpu_backends=_CPU_BACKENDS, gpu_backends=())
-    if backend == "cpp":
+    backend = _dispatch.select(_OP, z.device, cpu_backends=_CPU_BACKENDS,
+                               gpu_backends=_GPU_BACKENDS)
+    if backend in ("cpp", "triton"):
         weight = W.to(z.dtype)
         compute_grad = torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad)
-        loss, _, _ = torch.ops.ether_kernels.multimodal_loss_forward(
-            z, labels.long(), weight, num_classes, float(gamma), compute_grad)
+        op = (torch.ops.ether_kernels.multimodal_loss_forward if backend == "cpp" else
+              torch.ops.ether_kernels.multimodal_loss_forward_triton)
+        loss, _, _ = op(z, labels.long(), weight, num_classes, float(gamma), compute_grad)
         return loss
     return multimodal_loss_reference(z, labels, W.to(z.dtype), num_classes, gamma)
 

@@ -8,10 +8,15 @@ import pytest
 import torch
 
 import ether_kernels as ek
+from conftest import backend_params, is_interpreted
 from ether_kernels import multimodal_loss as mm_module
 from ether_kernels.reference.multimodal_loss import multimodal_loss_reference
 
-BACKENDS = ["reference"] + (["cpp"] if mm_module._CPU_BACKENDS else [])
+BACKENDS = (["reference"] + (["cpp"] if mm_module._CPU_BACKENDS else [])
+            + (["triton"] if mm_module._GPU_BACKENDS else []))
+FUSED = [p for p in backend_params()
+         if {"cpp": bool(mm_module._CPU_BACKENDS),
+             "triton": bool(mm_module._GPU_BACKENDS)}.get(p.values[1], False)]
 needs_cpp = pytest.mark.skipif(not mm_module._CPU_BACKENDS, reason="the C++ extension is not built")
 
 
@@ -104,26 +109,31 @@ def test_multimodal_loss_bad_input():
             call()
 
 
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_low_precision_against_fp64(dtype):
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_fused_against_fp64_on_every_device(device, backend, dtype):
+    if dtype == torch.bfloat16 and is_interpreted(device, backend):
+        pytest.skip("the Triton interpreter does not support bfloat16")
     module = ek.MultiModalLoss(3, 3, proxies_per_class=6)
     z = torch.softmax(torch.randn(50, 3, 3), dim=2).reshape(50, 9)
     labels = torch.randint(0, 3, (50,))
-    zl = z.to(dtype).requires_grad_(True)
-    W = module.W.detach().to(dtype).requires_grad_(True)
-    loss = mm_module.multimodal_loss(zl, labels, W, 3, 0.1)
+    zl = z.to(device=device, dtype=dtype).requires_grad_(True)
+    W = module.W.detach().to(device=device, dtype=dtype).requires_grad_(True)
+    with ek.use_backend(backend):
+        loss = mm_module.multimodal_loss(zl, labels.to(device), W, 3, 0.1)
     gz, gW = torch.autograd.grad(loss * 3.0, (zl, W))  # an upstream gradient of 3
     assert loss.dtype == gz.dtype == gW.dtype == dtype
-    z64 = zl.detach().double().requires_grad_(True)
-    W64 = W.detach().double().requires_grad_(True)
+    z64 = zl.detach().cpu().double().requires_grad_(True)
+    W64 = W.detach().cpu().double().requires_grad_(True)
     expected = multimodal_loss_reference(z64, labels, W64, 3, 0.1)
     ez, eW = torch.autograd.grad(expected * 3.0, (z64, W64))
-    # the kernel computes in fp64: only the rounding of the inputs and outputs remains
-    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    # C++ computes in fp64, Triton in fp32 (fp64 for fp64): rounding of the inputs, the
+    # outputs and, for Triton, fp32 arithmetic over a few hundred terms
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6 if backend == "cpp" else 2e-5,
+           torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert abs(loss.double().item() - expected.item()) <= tol * abs(expected.item())
     for g, e in ((gz, ez), (gW, eW)):
-        assert ((g.double() - e).abs().max() / e.abs().max()).item() <= tol
+        assert ((g.double().cpu() - e).abs().max() / e.abs().max()).item() <= tol
 
 
 @needs_cpp
@@ -171,6 +181,36 @@ def test_fused_op_checks_its_arguments():
         (lambda: ops.multimodal_loss_forward(z, y, W, 2, 0.0, False), r"gamma"),
         (lambda: ops.multimodal_loss_forward(z, y.int(), W, 2, 0.1, False), r"int64"),
         (lambda: ops.multimodal_loss_forward(z, y, W[:, :7], 2, 0.1, False), r"W must be"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
+def test_triton_op_opcheck_and_checks(device, backend):
+    ops = torch.ops.ether_kernels
+    z = torch.rand(20, 6, dtype=torch.float64, device=device)
+    W = torch.randn(6, 8, dtype=torch.float64, device=device)
+    labels = torch.randint(0, 2, (20,), device=device)
+    torch.library.opcheck(ops.multimodal_loss_forward_triton, (z, labels, W, 2, 0.1, False))
+    torch.library.opcheck(ops.multimodal_loss_forward_triton,
+                          (z.clone().requires_grad_(True), labels,
+                           W.clone().requires_grad_(True), 2, 0.1, True))
+    # a label out of range gives NaN (no host check on the GPU path), never a finite loss
+    bad = labels.clone()
+    bad[3] = 2
+    loss, _, _ = ops.multimodal_loss_forward_triton(z, bad, W, 2, 0.1, False)
+    assert torch.isnan(loss)
+    cases = [
+        (lambda: ops.multimodal_loss_forward_triton(z[:, :5], labels, W, 2, 0.1, False),
+         r"z must be"),
+        (lambda: ops.multimodal_loss_forward_triton(z, labels, W.float(), 2, 0.1, False),
+         r"same dtype"),
+        (lambda: ops.multimodal_loss_forward_triton(z, labels.int(), W, 2, 0.1, False),
+         r"int64"),
+        (lambda: ops.multimodal_loss_forward_triton(z, labels, W[:, :7], 2, 0.1, False),
+         r"W must be"),
     ]
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
