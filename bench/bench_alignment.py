@@ -75,3 +75,44 @@ def test_alignment_forward_backward(benchmark, op, provider):
     record(benchmark, op=op, mode="forward+backward", shape=tuple(inputs[0].shape),
            dtype=torch.float32, device="cpu", provider=provider,
            bytes_moved=sum(t.numel() * t.element_size() for t in inputs))
+
+
+# --------------------------------------------------------------------------------- GPU
+# On CUDA: the contrastive loss at B = 32768 (the memory target: one B x block slab,
+# where the plain formula holds the 4 GiB logits and their gradient) and the MultiModal
+# loss's Triton kernel; peak memory is in the results table next to the time.
+
+def _gpu_cases():
+    torch.manual_seed(0)
+    a, b = torch.randn(32768, 256, device="cuda"), torch.randn(32768, 256, device="cuda")
+    module = ek.MultiModalLoss(2, 3, proxies_per_class=20).cuda()
+    z = torch.softmax(torch.randn(65536, 3, 2, device="cuda"), dim=2).reshape(65536, 6)
+    y = torch.randint(0, 2, (65536,), device="cuda")
+    return {
+        "contrastive_loss": ((a, b), lambda u, v: ek.contrastive_loss(u, v, block=512),
+                             lambda u, v: ref.contrastive_loss_reference(u, v), []),
+        "multimodal_loss": ((z,), lambda t: module(t, y),
+                            lambda t: multimodal_loss_reference(t, y, module.W, 2, 0.1),
+                            [module.W]),
+    }
+
+
+@pytest.mark.parametrize("op", ["contrastive_loss", "multimodal_loss"])
+@pytest.mark.parametrize("provider", ["ether_kernels-cuda", "eager-cuda", "torch.compile"])
+def test_alignment_forward_backward_cuda(benchmark, op, provider):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    inputs, ours, reference, extra = _gpu_cases()[op]
+    fn = {"ether_kernels-cuda": ours, "eager-cuda": reference,
+          "torch.compile": torch.compile(reference, dynamic=False)}[provider]
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+
+    def run():
+        torch.autograd.grad(fn(*leaves), leaves + extra)
+        torch.cuda.synchronize()
+
+    benchmark.group = f"{op} fwd+bwd cuda"
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2)
+    record(benchmark, op=op, mode="forward+backward", shape=tuple(inputs[0].shape),
+           dtype=torch.float32, device="cuda", provider=provider,
+           bytes_moved=sum(t.numel() * t.element_size() for t in inputs))
