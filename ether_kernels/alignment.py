@@ -91,7 +91,9 @@ def triplet_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=F
 def pairwise_distances(x, y, squared=False):
     """(P, Q) Euclidean distances by the Gram identity ||x||^2 + ||y||^2 - 2 x.y (one GEMM,
     no (P, Q, E) tensor), clamped at 0 against rounding. The square root's gradient is 0 at
-    a zero distance (an anchor against itself), never NaN."""
+    a zero distance (an anchor against itself), never NaN. As with every Gram-based distance,
+    points much closer to each other than to the origin lose relative precision in fp32
+    (the squared distance is a difference of large numbers); use fp64 if that matters."""
     d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.t())
     d2 = torch.clamp_min(d2, 0.0)
     if squared:
