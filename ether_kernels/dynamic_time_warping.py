@@ -11,8 +11,9 @@ Backends: the C++ CPU kernels compute every local cost in place from x and y (va
 calls keep O(M) state per pair; 16 equal-length pairs share the lanes of one vector for hard
 DTW), and take a precomputed cost in the *_from_cost variants. On CUDA tensors the wavefront
 kernels of csrc/cuda/dtw_kernels.cu do the same (one thread block per pair, no length cap;
-a batch of 1 broadcast against B is read in place, never copied). Otherwise the reference
-runs.
+a batch of 1 broadcast against B is read in place, never copied); without the CUDA
+extension, the Triton fallback (triton/dtw.py: a diagonal-by-diagonal sweep through global
+memory on a PyTorch-formed cost). Otherwise the reference runs.
 """
 
 import math
@@ -23,6 +24,7 @@ import torch
 
 from . import _dispatch, _extension
 from ._checks import check_choice, check_tensor
+from ._triton_support import triton_import_error
 from .reference.dtw import (METRICS, allowed_cells, dtw_from_cost_reference, dtw_path_reference,
                             pairwise_cost)
 
@@ -146,7 +148,9 @@ def _run(cost, x_lengths, y_lengths, band, gamma):
                                gpu_backends=_GPU_BACKENDS)
     if backend == "reference":
         return dtw_from_cost_reference(cost, x_lengths, y_lengths, band, gamma)
-    values, _ = torch.ops.ether_kernels.dtw_forward(
+    forward = (torch.ops.ether_kernels.dtw_forward_triton if backend == "triton" else
+               torch.ops.ether_kernels.dtw_forward)
+    values, _ = forward(
         cost.contiguous(), x_lengths, y_lengths, -1 if band is None else band,
         1.0 if gamma is None else gamma, gamma is not None,
         torch.is_grad_enabled() and cost.requires_grad)
@@ -164,6 +168,8 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     if backend == "reference":
         return dtw_from_cost_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band,
                                        gamma)
+    if backend == "triton":  # the cost formed by PyTorch (autograd takes it back to x, y)
+        return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
     keep = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     # Both C++ ops read a broadcast (stride-0) batch in place: cdist_dtw copies nothing.
     values, _ = torch.ops.ether_kernels.dtw_xy_forward(
@@ -248,11 +254,12 @@ def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeucli
             # path's 0/1 indicator (same tie rule as the reference).
             cost = cost.contiguous()
             code = -1 if band is None else band
-            values, R = torch.ops.ether_kernels.dtw_forward(cost, x_lengths, y_lengths, code,
-                                                            1.0, False, True)
-            matrix = torch.ops.ether_kernels.dtw_backward(torch.ones_like(values), cost, R,
-                                                          x_lengths, y_lengths, code, 1.0,
-                                                          False)
+            ops = torch.ops.ether_kernels
+            forward, backward = ((ops.dtw_forward_triton, ops.dtw_backward_triton)
+                                 if backend == "triton" else (ops.dtw_forward, ops.dtw_backward))
+            values, R = forward(cost, x_lengths, y_lengths, code, 1.0, False, True)
+            matrix = backward(torch.ones_like(values), cost, R, x_lengths, y_lengths, code, 1.0,
+                              False)
             # a monotone path in row-major order is the path in order
             paths = None if return_matrix else [torch.nonzero(m != 0) for m in matrix]
     if not return_matrix:
@@ -350,17 +357,19 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (band, gamma, soft, keep)
 
 
-def _backward(ctx, grad_values, _grad_R):
-    band, gamma, soft, keep = ctx.options
-    if grad_values is None or not ctx.needs_input_grad[0]:
-        return (None,) * 7
-    if not keep:
-        raise RuntimeError("dtw_forward was called without keep=True, so it kept no "
-                           "accumulated cost for the backward")
-    cost, R, x_lengths, y_lengths = ctx.saved_tensors
-    grad_cost = torch.ops.ether_kernels.dtw_backward(grad_values.contiguous(), cost, R, x_lengths,
-                                                     y_lengths, band, gamma, soft)
-    return grad_cost, None, None, None, None, None, None
+def _make_backward(backward_op):
+    def backward(ctx, grad_values, _grad_R):
+        band, gamma, soft, keep = ctx.options
+        if grad_values is None or not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        if not keep:
+            raise RuntimeError("dtw_forward was called without keep=True, so it kept no "
+                               "accumulated cost for the backward")
+        cost, R, x_lengths, y_lengths = ctx.saved_tensors
+        grad_cost = backward_op(grad_values.contiguous(), cost, R, x_lengths, y_lengths, band,
+                                gamma, soft)
+        return grad_cost, None, None, None, None, None, None
+    return backward
 
 
 def _xy_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep):
@@ -401,14 +410,22 @@ def _xy_backward(ctx, grad_values, _grad_R):
 
 
 _CPU_BACKENDS = ()
-_GPU_BACKENDS = ("cuda",)  # the CUDA C++ wavefront; no Triton DTW (see the README)
+_GPU_BACKENDS = ("cuda",)  # the CUDA C++ wavefront first; Triton when it is not built
+if triton_import_error is None:
+    from .triton import dtw as _triton_dtw
+
+    _GPU_BACKENDS = ("cuda", "triton")
+    torch.library.register_autograd("ether_kernels::dtw_forward_triton",
+                                    _make_backward(_triton_dtw.dtw_backward_triton),
+                                    setup_context=_setup_context)
 if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "dtw_xy_forward"):
     _CPU_BACKENDS = ("cpp",)
     for _name, _fake in (("dtw_forward", _forward_fake), ("dtw_backward", _backward_fake),
                          ("dtw_xy_forward", _xy_forward_fake),
                          ("dtw_xy_backward", _xy_backward_fake)):
         torch.library.register_fake(f"ether_kernels::{_name}")(_fake)
-    torch.library.register_autograd("ether_kernels::dtw_forward", _backward,
+    torch.library.register_autograd("ether_kernels::dtw_forward",
+                                    _make_backward(torch.ops.ether_kernels.dtw_backward),
                                     setup_context=_setup_context)
     torch.library.register_autograd("ether_kernels::dtw_xy_forward", _xy_backward,
                                     setup_context=_xy_setup_context)

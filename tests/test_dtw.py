@@ -490,3 +490,75 @@ def test_dtw_path_backends_agree_with_the_reference(backend, band):
     for got, want in zip(paths, expected):
         assert torch.equal(got, want)
     assert torch.equal(matrix, expected_matrix) and matrix.dtype == x.dtype
+
+
+# ------------------------------------------------------------------ Triton fallback
+
+TRITON_DEVICES = [
+    pytest.param(device, marks=([pytest.mark.gpu] if device == "cuda" else []) + [pytest.mark.triton],
+                 id=device)
+    for device in ("cpu", "cuda")
+    if "triton" in dynamic_time_warping._GPU_BACKENDS
+    and not _dispatch.unsupported_reasons("triton", torch.device(device), ("triton",))
+    and (device == "cpu" or torch.cuda.is_available())
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("gamma", [None, 0.1, 1.0])
+@pytest.mark.parametrize("band", [None, 0, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_fallback_matches_the_reference(device, gamma, band, dtype):
+    """The Triton DTW (the CUDA fallback without the extension; under the interpreter on
+    CPU): values and gradients in x and y with per-pair lengths and bands, against the
+    reference on the same inputs."""
+    B, N, M, D = 6, 11, 8, 3
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    y = torch.randn(B, M, D, dtype=torch.float64)
+    x_lengths = torch.tensor([11, 4, 11, 1, 9, 7])
+    y_lengths = torch.tensor([8, 8, 3, 1, 8, 2])
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    results = []
+    for backend, dt, dev in (("triton", dtype, device), ("reference", torch.float64, "cpu")):
+        a = x.to(device=dev, dtype=dt).requires_grad_(True)
+        b = y.to(device=dev, dtype=dt).requires_grad_(True)
+        with ek.use_backend(backend):
+            kwargs = dict(band=band, x_lengths=x_lengths.to(dev), y_lengths=y_lengths.to(dev))
+            values = ek.dtw(a, b, **kwargs) if gamma is None else ek.soft_dtw(a, b, gamma,
+                                                                                **kwargs)
+            grads = torch.autograd.grad((values * weights.to(dev, dt)).sum(), (a, b))
+        results.append((values.double().cpu(), [g.double().cpu() for g in grads]))
+    (values, grads), (ref_values, ref_grads) = results
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert ((values - ref_values).abs().max() / ref_values.abs().max()).item() < tol
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        assert ((g - r).abs().max() / r.abs().max()).item() < (1e-9 if dtype == torch.float64
+                                                              else 1e-4)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_fallback_cost_gradient_path_and_opcheck(device):
+    cost = torch.rand(3, 7, 5, dtype=torch.float64, device=device)
+    for gamma in (None, 0.5):
+        results = []
+        for backend in ("triton", "reference"):
+            c = cost.clone().requires_grad_(True)
+            with ek.use_backend(backend):
+                value = (ek.dtw_from_cost(c, band=1) if gamma is None
+                         else ek.soft_dtw_from_cost(c, gamma, band=1))
+                results.append((value, torch.autograd.grad(value.sum(), c)[0]))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+    x = torch.randn(4, 9, 2, dtype=torch.float64, device=device)
+    y = torch.randn(4, 6, 2, dtype=torch.float64, device=device)
+    paths = {}
+    for backend in ("triton", "reference"):
+        with ek.use_backend(backend):
+            paths[backend] = ek.dtw_path(x, y, band=2)
+    assert all(torch.equal(p.cpu(), q.cpu()) for p, q in zip(paths["triton"], paths["reference"]))
+    lengths = torch.tensor([7, 7, 7], device=device), torch.tensor([5, 5, 5], device=device)
+    ops = torch.ops.ether_kernels
+    torch.library.opcheck(ops.dtw_forward_triton, (cost, *lengths, -1, 0.5, True, True))
+    torch.library.opcheck(ops.dtw_forward_triton,
+                          (cost.clone().requires_grad_(True), *lengths, 1, 1.0, False, True))
