@@ -151,7 +151,7 @@ def _hard_backward_kernel(grad_ptr, xl_ptr, yl_ptr, R_ptr, E_ptr, N, M):
         tl.store(E + i * ld + j, g)
 
 
-def _lengths32(x_lengths, y_lengths):
+def _contiguous_lengths(x_lengths, y_lengths):
     return x_lengths.contiguous(), y_lengths.contiguous()
 
 
@@ -165,7 +165,7 @@ def dtw_forward_triton(cost: torch.Tensor, x_lengths: torch.Tensor, y_lengths: t
     R = torch.full((B, N + 1, M + 1), float("inf"), dtype=dtype, device=cost.device)
     R[:, 0, 0] = 0.0
     values = torch.empty(B, dtype=cost.dtype, device=cost.device)
-    xl, yl = _lengths32(x_lengths, y_lengths)
+    xl, yl = _contiguous_lengths(x_lengths, y_lengths)
     if B > 0:
         _forward_kernel[(B,)](cost.contiguous(), xl, yl, R, values, N, M, band, gamma,
                               SOFT=soft, BLOCK=BLOCK)
@@ -186,7 +186,7 @@ def dtw_backward_triton(grad: torch.Tensor, cost: torch.Tensor, R: torch.Tensor,
     """The Triton twin of ether_kernels::dtw_backward: d value / d cost scaled by grad."""
     B, N, M = cost.shape
     E = torch.zeros((B, N + 1, M + 1), dtype=R.dtype, device=cost.device)
-    xl, yl = _lengths32(x_lengths, y_lengths)
+    xl, yl = _contiguous_lengths(x_lengths, y_lengths)
     if B > 0:
         if soft:
             _soft_backward_kernel[(B,)](grad.contiguous(), xl, yl, R, E, N, M, band, gamma,
