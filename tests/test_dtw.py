@@ -374,7 +374,7 @@ def test_the_cpp_ops_check_their_arguments():
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("band", [None, 2])
+@pytest.mark.parametrize("band", [None, 0, 2, 7])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
 @pytest.mark.parametrize("D", [1, 3, 4, 6])
 def test_lane_groups_match_the_reference(backend, dtype, band, metric, D):

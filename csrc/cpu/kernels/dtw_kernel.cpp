@@ -687,6 +687,51 @@ inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// softmin3_lanes of kN independent cells at once (the forward's skewed rows), written stage
+// by stage across the cells: one cell's exp -> log chain is ~200 cycles of latency and ~90
+// instructions, so cell after cell leaves the out-of-order window holding little more than
+// one chain; stage by stage, the independent chains sit next to each other in the
+// instruction stream and overlap. Same arithmetic as softmin3_lanes, cell by cell.
+template <bool kFast, int kN>
+inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
+                           const VA& gamma, const VA& inv_gamma, __m512d* r, __m512d* wa,
+                           __m512d* wb) {
+  const __m512d v_inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+  const __m512d v_ig = inv_gamma, v_g = gamma, one = _mm512_set1_pd(1.0);
+  __m512d mu[kN], ep[kN], eq[kN], sum[kN];
+  __mmask8 k_a[kN], k_b[kN];
+  for (int u = 0; u < kN; ++u) {
+    mu[u] = _mm512_min_pd(a[u], _mm512_min_pd(b[u], c[u]));
+    k_a[u] = _mm512_cmp_pd_mask(a[u], mu[u], _CMP_EQ_OQ);
+    k_b[u] = _mm512_mask_cmp_pd_mask(static_cast<__mmask8>(~k_a[u]), b[u], mu[u], _CMP_EQ_OQ);
+  }
+  for (int u = 0; u < kN; ++u) {
+    const __m512d p = _mm512_mask_blend_pd(k_a[u], a[u], b[u]);
+    ep[u] = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(mu[u], p), v_ig)));
+  }
+  for (int u = 0; u < kN; ++u) {
+    const __m512d q = _mm512_mask_blend_pd(k_a[u] | k_b[u], b[u], c[u]);
+    eq[u] = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(mu[u], q), v_ig)));
+  }
+  for (int u = 0; u < kN; ++u) sum[u] = _mm512_add_pd(_mm512_add_pd(one, ep[u]), eq[u]);
+  for (int u = 0; u < kN; ++u) {
+    const __m512d log_sum = log_of_sum_as<kFast>(VA(sum[u]));
+    const __mmask8 reach = _mm512_cmp_pd_mask(mu[u], v_inf, _CMP_NEQ_UQ);
+    r[u] = _mm512_mask_blend_pd(reach, v_inf, _mm512_fnmadd_pd(v_g, log_sum, mu[u]));
+  }
+  if (wa == nullptr) return;
+  for (int u = 0; u < kN; ++u) {
+    const __m512d inv_s = reciprocal_of_sum_as<kFast>(VA(sum[u]));
+    const __m512d wp = _mm512_mul_pd(ep[u], inv_s), wq = _mm512_mul_pd(eq[u], inv_s);
+    const __mmask8 reach = _mm512_cmp_pd_mask(mu[u], v_inf, _CMP_NEQ_UQ);
+    wa[u] = _mm512_maskz_mov_pd(reach, _mm512_mask_blend_pd(k_a[u], wp, inv_s));
+    wb[u] = _mm512_maskz_mov_pd(
+        reach, _mm512_mask_blend_pd(k_a[u], _mm512_mask_blend_pd(k_b[u], wq, inv_s), wp));
+  }
+}
+#endif
+
 // The two weights of a cell's lanes as 2 L floats (the L doubles of one kept cell slot).
 inline void store_weights(float* dst, const VA& wa, const VA& wb) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -812,7 +857,51 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     // Step j: cell (i + s, j - s) of every row whose range holds j - s. A row starts and
     // ends no earlier than the row above (the band only moves right), so every value of
     // the row above it reads was computed one step earlier (or is +inf outside its range).
-    for (int64_t j = first[0]; j <= last_step; ++j) {
+    int64_t j = first[0];
+#if defined(CPU_CAPABILITY_AVX512)
+    // The steps where all kSkewRows rows have a cell: the cells' soft-mins side by side
+    // (softmin3_cells). The first and last steps of the sweep take the loop below.
+    if (rows_now == kSkewRows) {
+      int64_t full_first = first[0], full_last = last_step;
+      for (int64_t s = 0; s < kSkewRows; ++s) {
+        full_first = std::max(full_first, first[s] + s);
+        full_last = std::min(full_last, last[s] + s);
+      }
+      for (; j < full_first; ++j) {  // the ramp: cell by cell
+        for (int64_t s = 0; s < rows_now; ++s) {
+          const int64_t col = j - s;
+          if (col >= first[s] && col <= last[s]) {
+            left[s] = cell(above[s], left[s], xt + (i + s - 1) * D * L, i + s, col);
+            cur[s][col] = left[s];
+          }
+        }
+      }
+      const bool keep_weights = kWeights && kept != nullptr;
+      for (; j <= full_last; ++j) {
+        __m512d a[kSkewRows], b[kSkewRows], c[kSkewRows], r[kSkewRows], wa[kSkewRows],
+            wb[kSkewRows];
+        for (int64_t s = 0; s < kSkewRows; ++s) {
+          const int64_t col = j - s;
+          a[s] = above[s][col - 1];
+          b[s] = above[s][col];
+          c[s] = left[s];
+        }
+        softmin3_cells<kWeights, kSkewRows>(a, b, c, g, ig, r, keep_weights ? wa : nullptr,
+                                            keep_weights ? wb : nullptr);
+        for (int64_t s = 0; s < kSkewRows; ++s) {
+          const int64_t col = j - s;
+          left[s] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
+                                                    yt + (col - 1) * D * L, D) + VA(r[s]);
+          cur[s][col] = left[s];
+          if (keep_weights) {
+            store_weights(reinterpret_cast<float*>(kept + ((i + s - 1) * m + (col - 1)) * L),
+                          VA(wa[s]), VA(wb[s]));
+          }
+        }
+      }
+    }
+#endif
+    for (; j <= last_step; ++j) {
       for (int64_t s = 0; s < rows_now; ++s) {
         const int64_t col = j - s;
         if (col >= first[s] && col <= last[s]) {
