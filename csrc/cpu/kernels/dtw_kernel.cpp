@@ -623,76 +623,15 @@ inline VA reciprocal_of_sum_as(const VA& s) {
   return VA(1.0) / s;
 }
 
-// softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
-// weights of a and b (the backward's weights of the diagonal and upper predecessors; the
-// left one's is 1 - both), 0 for a lane whose predecessors are all +inf.
-// kFast: the fp32-input precision (see exp_nonpositive_fast).
-template <bool kFast>
-inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
-                         const VA& inv_gamma, VA* weights = nullptr) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // The same computation on AVX-512 mask registers: ATen's comparisons return vectors that
-  // every blendv turns back into a mask (two extra instructions per select), and this
-  // function is most of the forward's instruction stream.
-  const __m512d va = a, vb = b, vc = c;
-  const __m512d v_inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
-  const __m512d v_mu = _mm512_min_pd(va, _mm512_min_pd(vb, vc));
-  const __mmask8 k_a = _mm512_cmp_pd_mask(va, v_mu, _CMP_EQ_OQ);
-  const __mmask8 k_b = _mm512_mask_cmp_pd_mask(static_cast<__mmask8>(~k_a), vb, v_mu,
-                                               _CMP_EQ_OQ);  // !a_min && b == mu
-  const __mmask8 k_ab = k_a | k_b;
-  const __m512d v_p = _mm512_mask_blend_pd(k_a, va, vb);   // a_min ? b : a
-  const __m512d v_q = _mm512_mask_blend_pd(k_ab, vb, vc);  // (a or b)_min ? c : b
-  const __m512d v_ig = inv_gamma;
-  const __m512d v_ep = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(v_mu, v_p), v_ig)));
-  const __m512d v_eq = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(v_mu, v_q), v_ig)));
-  const __m512d v_s = _mm512_add_pd(_mm512_add_pd(_mm512_set1_pd(1.0), v_ep), v_eq);
-  const __m512d v_log = log_of_sum_as<kFast>(VA(v_s));
-  const __m512d v_r = _mm512_fnmadd_pd(gamma, v_log, v_mu);
-  const __mmask8 k_reach = _mm512_cmp_pd_mask(v_mu, v_inf, _CMP_NEQ_UQ);  // NaN: reachable
-  if (weights != nullptr) {
-    const __m512d inv_s = reciprocal_of_sum_as<kFast>(VA(v_s));
-    const __m512d wp = _mm512_mul_pd(v_ep, inv_s), wq = _mm512_mul_pd(v_eq, inv_s);
-    const __m512d wa = _mm512_mask_blend_pd(k_a, wp, inv_s);
-    const __m512d wb = _mm512_mask_blend_pd(k_a, _mm512_mask_blend_pd(k_b, wq, inv_s), wp);
-    weights[0] = _mm512_maskz_mov_pd(k_reach, wa);
-    weights[1] = _mm512_maskz_mov_pd(k_reach, wb);
-  }
-  return _mm512_mask_blend_pd(k_reach, v_inf, v_r);
-#else
-  const VA inf(std::numeric_limits<double>::infinity());
-  const VA one(1.0);
-  const VA mu = at::vec::minimum(a, at::vec::minimum(b, c));
-  const VA a_min = (a == mu);
-  const VA b_min = VA::blendv(b == mu, VA(0.0), a_min);  // !a_min && b == mu
-  const VA ab_min = a_min | b_min;
-  const VA p = VA::blendv(a, b, a_min);
-  const VA q = VA::blendv(b, c, ab_min);
-  // (mu - inf) * inv_gamma = -inf and exp(-inf) = 0; mu = +inf lanes are replaced below.
-  const VA ep = exp_nonpositive_as<kFast>((mu - p) * inv_gamma);
-  const VA eq = exp_nonpositive_as<kFast>((mu - q) * inv_gamma);
-  const VA s = (one + ep) + eq;
-  const VA r = mu - gamma * log_of_sum_as<kFast>(s);
-  const VA unreachable = mu == inf;
-  if (weights != nullptr) {
-    // p is b when a is the minimum, else a; q is c when a or b is, else b (see above).
-    const VA zero(0.0), inv_s = reciprocal_of_sum_as<kFast>(s);
-    const VA wp = ep * inv_s, wq = eq * inv_s;
-    const VA wa = VA::blendv(wp, inv_s, a_min);
-    const VA wb = VA::blendv(VA::blendv(wq, inv_s, b_min), wp, a_min);
-    weights[0] = VA::blendv(wa, zero, unreachable);
-    weights[1] = VA::blendv(wb, zero, unreachable);
-  }
-  return VA::blendv(r, inf, unreachable);
-#endif
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
-// softmin3_lanes of kN independent cells at once (the forward's skewed rows), written stage
-// by stage across the cells: one cell's exp -> log chain is ~200 cycles of latency and ~90
+// softmin_gamma(a, b, c) of kN independent cells at once, on AVX-512 mask registers (ATen's
+// comparisons return vectors that every blendv turns back into a mask: two extra
+// instructions per select), with the soft-argmin weights when wa / wb are non-null (see
+// softmin3_lanes). kN > 1 (the forward's skewed rows) is written stage by stage across the
+// cells: one cell's exp -> log chain is ~200 cycles of latency and ~90
 // instructions, so cell after cell leaves the out-of-order window holding little more than
 // one chain; stage by stage, the independent chains sit next to each other in the
-// instruction stream and overlap. Same arithmetic as softmin3_lanes, cell by cell.
+// instruction stream and overlap. softmin3_lanes is the kN = 1 case.
 template <bool kFast, int kN>
 inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
                            const VA& gamma, const VA& inv_gamma, __m512d* r, __m512d* wa,
@@ -731,6 +670,51 @@ inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
   }
 }
 #endif
+
+// softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
+// weights of a and b (the backward's weights of the diagonal and upper predecessors; the
+// left one's is 1 - both), 0 for a lane whose predecessors are all +inf.
+// kFast: the fp32-input precision (see exp_nonpositive_fast).
+template <bool kFast>
+inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
+                         const VA& inv_gamma, VA* weights = nullptr) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d va = a, vb = b, vc = c;
+  __m512d r, wa, wb;
+  softmin3_cells<kFast, 1>(&va, &vb, &vc, gamma, inv_gamma, &r,
+                           weights != nullptr ? &wa : nullptr, weights != nullptr ? &wb : nullptr);
+  if (weights != nullptr) {
+    weights[0] = wa;
+    weights[1] = wb;
+  }
+  return r;
+#else
+  const VA inf(std::numeric_limits<double>::infinity());
+  const VA one(1.0);
+  const VA mu = at::vec::minimum(a, at::vec::minimum(b, c));
+  const VA a_min = (a == mu);
+  const VA b_min = VA::blendv(b == mu, VA(0.0), a_min);  // !a_min && b == mu
+  const VA ab_min = a_min | b_min;
+  const VA p = VA::blendv(a, b, a_min);
+  const VA q = VA::blendv(b, c, ab_min);
+  // (mu - inf) * inv_gamma = -inf and exp(-inf) = 0; mu = +inf lanes are replaced below.
+  const VA ep = exp_nonpositive_as<kFast>((mu - p) * inv_gamma);
+  const VA eq = exp_nonpositive_as<kFast>((mu - q) * inv_gamma);
+  const VA s = (one + ep) + eq;
+  const VA r = mu - gamma * log_of_sum_as<kFast>(s);
+  const VA unreachable = mu == inf;
+  if (weights != nullptr) {
+    // p is b when a is the minimum, else a; q is c when a or b is, else b (see above).
+    const VA zero(0.0), inv_s = reciprocal_of_sum_as<kFast>(s);
+    const VA wp = ep * inv_s, wq = eq * inv_s;
+    const VA wa = VA::blendv(wp, inv_s, a_min);
+    const VA wb = VA::blendv(VA::blendv(wq, inv_s, b_min), wp, a_min);
+    weights[0] = VA::blendv(wa, zero, unreachable);
+    weights[1] = VA::blendv(wb, zero, unreachable);
+  }
+  return VA::blendv(r, inf, unreachable);
+#endif
+}
 
 // The two weights of a cell's lanes as 2 L floats (the L doubles of one kept cell slot).
 inline void store_weights(float* dst, const VA& wa, const VA& wb) {
@@ -857,6 +841,15 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     // Step j: cell (i + s, j - s) of every row whose range holds j - s. A row starts and
     // ends no earlier than the row above (the band only moves right), so every value of
     // the row above it reads was computed one step earlier (or is +inf outside its range).
+    auto step_by_cell = [&](int64_t j) {
+      for (int64_t s = 0; s < rows_now; ++s) {
+        const int64_t col = j - s;
+        if (col >= first[s] && col <= last[s]) {
+          left[s] = cell(above[s], left[s], xt + (i + s - 1) * D * L, i + s, col);
+          cur[s][col] = left[s];
+        }
+      }
+    };
     int64_t j = first[0];
 #if defined(CPU_CAPABILITY_AVX512)
     // The steps where all kSkewRows rows have a cell: the cells' soft-mins side by side
@@ -867,15 +860,7 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
         full_first = std::max(full_first, first[s] + s);
         full_last = std::min(full_last, last[s] + s);
       }
-      for (; j < full_first; ++j) {  // the ramp: cell by cell
-        for (int64_t s = 0; s < rows_now; ++s) {
-          const int64_t col = j - s;
-          if (col >= first[s] && col <= last[s]) {
-            left[s] = cell(above[s], left[s], xt + (i + s - 1) * D * L, i + s, col);
-            cur[s][col] = left[s];
-          }
-        }
-      }
+      for (; j < full_first; ++j) step_by_cell(j);  // the ramp
       const bool keep_weights = kWeights && kept != nullptr;
       for (; j <= full_last; ++j) {
         __m512d a[kSkewRows], b[kSkewRows], c[kSkewRows], r[kSkewRows], wa[kSkewRows],
@@ -901,15 +886,7 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
       }
     }
 #endif
-    for (; j <= last_step; ++j) {
-      for (int64_t s = 0; s < rows_now; ++s) {
-        const int64_t col = j - s;
-        if (col >= first[s] && col <= last[s]) {
-          left[s] = cell(above[s], left[s], xt + (i + s - 1) * D * L, i + s, col);
-          cur[s][col] = left[s];
-        }
-      }
-    }
+    for (; j <= last_step; ++j) step_by_cell(j);
     if (!kWeights && kept != nullptr) {
       for (int64_t s = 0; s < rows_now; ++s) {
         std::memcpy(kept + (i + s - 1) * m * L, cur[s] + 1, m * sizeof(VA));
