@@ -35,6 +35,20 @@ def _band_ok(i, j, n, m, band):
 
 
 @triton.jit
+def _diagonal_rows(d, n, m):
+    """The rows i of diagonal i + j = d inside the pair: [i_lo, i_hi]."""
+    return tl.maximum(1, d - m), tl.minimum(n, d - 1)
+
+
+@triton.jit
+def _diagonal_cells(start, d, i_hi, n, m, band, BLOCK: tl.constexpr):
+    """BLOCK cells (i, j) of diagonal d from row start on, and which of them to compute."""
+    i = start + tl.arange(0, BLOCK)
+    j = d - i
+    return i, j, (i <= i_hi) & _band_ok(i, j, n, m, band)
+
+
+@triton.jit
 def _softmin(a, b, c, gamma, SOFT: tl.constexpr):
     mu = tl.minimum(a, tl.minimum(b, c))
     if SOFT:
@@ -58,12 +72,9 @@ def _forward_kernel(cost_ptr, xl_ptr, yl_ptr, R_ptr, values_ptr, N, M, band, gam
     R = R_ptr + b * (N + 1) * ld              # R[i][j] at i * ld + j; +inf everywhere but
     cost = cost_ptr + b * N * M               # R[0][0] = 0 (set by the host)
     for d in range(2, n + m + 1):
-        i_lo = tl.maximum(1, d - m)
-        i_hi = tl.minimum(n, d - 1)
+        i_lo, i_hi = _diagonal_rows(d, n, m)
         for start in range(i_lo, i_hi + 1, BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            j = d - i
-            mask = (i <= i_hi) & _band_ok(i, j, n, m, band)
+            i, j, mask = _diagonal_cells(start, d, i_hi, n, m, band, BLOCK)
             c = tl.load(cost + (i - 1) * M + (j - 1), mask=mask, other=0.0).to(R.dtype.element_ty)
             diag = tl.load(R + (i - 1) * ld + (j - 1), mask=mask, other=float("inf"))
             up = tl.load(R + (i - 1) * ld + j, mask=mask, other=float("inf"))
@@ -101,12 +112,9 @@ def _soft_backward_kernel(grad_ptr, xl_ptr, yl_ptr, R_ptr, E_ptr, N, M, band, ga
     tl.debug_barrier()
     for t in range(0, n + m - 2):
         d = n + m - 1 - t                     # diagonals n + m - 1 down to 2
-        i_lo = tl.maximum(1, d - m)
-        i_hi = tl.minimum(n, d - 1)
+        i_lo, i_hi = _diagonal_rows(d, n, m)
         for start in range(i_lo, i_hi + 1, BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            j = d - i
-            mask = (i <= i_hi) & _band_ok(i, j, n, m, band)
+            i, j, mask = _diagonal_cells(start, d, i_hi, n, m, band, BLOCK)
             r = tl.load(R + i * ld + j, mask=mask, other=float("inf"))
             e = tl.zeros((BLOCK,), dtype=E.dtype.element_ty)
             # successor (i + 1, j)
