@@ -21,7 +21,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_tensor
+from ._checks import check_choice, check_loss_pair, check_tensor
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -37,15 +37,16 @@ def _check_embeddings(x, name, op):
                          f"{tuple(x.shape)}")
 
 
-def _check_same(x, y, x_name, y_name, op, same_rows=True):
+def _check_same_width(x, y, x_name, y_name, op):
+    """Same dtype, device and embedding width (the row counts may differ)."""
     if x.dtype != y.dtype:
         raise TypeError(f"{op}: {x_name} ({x.dtype}) and {y_name} ({y.dtype}) must have the "
                         "same dtype")
     if x.device != y.device:
         raise RuntimeError(f"{op}: {x_name} is on {x.device} but {y_name} is on {y.device}")
-    if x.shape[1] != y.shape[1] or (same_rows and x.shape[0] != y.shape[0]):
+    if x.shape[1] != y.shape[1]:
         raise ValueError(f"{op}: {x_name} has shape {tuple(x.shape)} but {y_name} has shape "
-                         f"{tuple(y.shape)}")
+                         f"{tuple(y.shape)}: the embedding widths differ")
 
 
 def _check_labels(labels, rows, name, op, device):
@@ -74,8 +75,8 @@ def triplet_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=F
     op = "triplet_loss"
     for x, name in ((anchor, "anchor"), (positive, "positive"), (negative, "negative")):
         _check_embeddings(x, name, op)
-    _check_same(anchor, positive, "anchor", "positive", op)
-    _check_same(anchor, negative, "anchor", "negative", op)
+    check_loss_pair(anchor, positive, "anchor", "positive", op)
+    check_loss_pair(anchor, negative, "anchor", "negative", op)
     margin = _check_margin(margin, op)
     if not isinstance(p, numbers.Real) or p <= 0:
         raise ValueError(f"{op}: p must be > 0, got {p!r}")
@@ -172,7 +173,7 @@ def cross_modal_triplet_loss(anchors, others, anchor_labels, other_labels, margi
     op = "cross_modal_triplet_loss"
     _check_embeddings(anchors, "anchors", op)
     _check_embeddings(others, "others", op)
-    _check_same(anchors, others, "anchors", "others", op, same_rows=False)
+    _check_same_width(anchors, others, "anchors", "others", op)
     _check_labels(anchor_labels, anchors.shape[0], "anchor_labels", op, anchors.device)
     _check_labels(other_labels, others.shape[0], "other_labels", op, anchors.device)
     margin = _check_margin(margin, op)
@@ -298,7 +299,7 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
     op = "contrastive_loss"
     _check_embeddings(a, "a", op)
     _check_embeddings(b, "b", op)
-    _check_same(a, b, "a", "b", op)
+    check_loss_pair(a, b, "a", "b", op)
     if not isinstance(temperature, numbers.Real) or not temperature > 0 or \
             not math.isfinite(temperature):
         raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")

@@ -530,3 +530,43 @@ def test_masked_sgd_step_rejects_empty_and_mismatched_buffers():
     params = params_with_grads()
     with pytest.raises(ValueError, match="momentum_buffers must match"):
         ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9, momentum_buffers=[[None]])
+
+
+def test_masked_sgd_step_rejects_bad_buffers_and_gradients():
+    params = params_with_grads()
+    bad = [[torch.zeros(3, 5, dtype=torch.float64), None, None]]  # wrong shape for params[0]
+    with pytest.raises(ValueError, match=r"momentum_buffers\[0\]\[0\] must be a contiguous"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9, momentum_buffers=bad)
+    params[1].grad_dtype = None  # torch refuses a gradient of another dtype unless asked
+    params[1].grad = params[1].grad.float()
+    with pytest.raises(ValueError, match=r"params_per_group\[0\]\[1\]\.grad must match"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
+def test_triton_ops_check_the_rest_of_their_arguments(device, backend):
+    ops = torch.ops.ether_kernels
+    g = [torch.randn(6, 3, device=device), torch.randn(4, device=device)]
+    buffers = [torch.zeros_like(t) for t in g]
+    cases = [
+        (lambda: ops.amss_mask_gradients_triton(g, [0, 0], [0.5], 0, 2, 0, 0, 1),
+         r"scaling must be 0 or 1"),
+        (lambda: ops.amss_mask_gradients_triton(g, [0, 0], [0.5], 0, 0, 0, 0, 0),
+         r"unit_size must be >= 1"),
+        (lambda: ops.amss_mask_gradients_triton([torch.ones(4, 2, dtype=torch.int32,
+                                                            device=device)], [0], [0.5], 0, 0,
+                                                0, 0, 1), r"fp16, bf16, fp32 or fp64"),
+        (lambda: ops.amss_masked_sgd_step_triton(g[:1], g, [], [], [0, 0], [0.5], 0, 0, 0, 0, 1,
+                                                 0.1, 0.0, 0.0, 0.0, False),
+         r"params and grads differ in length"),
+        (lambda: ops.amss_masked_sgd_step_triton([g[0].double(), g[1]], g, [], [], [0, 0], [0.5],
+                                                 0, 0, 0, 0, 1, 0.1, 0.0, 0.0, 0.0, False),
+         r"params\[0\] must be contiguous with its gradient's"),
+        (lambda: ops.amss_masked_sgd_step_triton(g, g, [buffers[0].t(), buffers[1]], [1, 1],
+                                                 [0, 0], [0.5], 0, 0, 0, 0, 1, 0.1, 0.9, 0.0,
+                                                 0.0, False),
+         r"buffers\[0\] must be contiguous with its parameter's"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()

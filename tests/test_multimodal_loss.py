@@ -181,6 +181,7 @@ def test_fused_op_checks_its_arguments():
         (lambda: ops.multimodal_loss_forward(z, y, W, 2, 0.0, False), r"gamma"),
         (lambda: ops.multimodal_loss_forward(z, y.int(), W, 2, 0.1, False), r"int64"),
         (lambda: ops.multimodal_loss_forward(z, y, W[:, :7], 2, 0.1, False), r"W must be"),
+        (lambda: ops.multimodal_loss_forward(z, y, W, 0, 0.1, False), r"num_classes must be"),
     ]
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
@@ -211,6 +212,8 @@ def test_triton_op_opcheck_and_checks(device, backend):
          r"int64"),
         (lambda: ops.multimodal_loss_forward_triton(z, labels, W[:, :7], 2, 0.1, False),
          r"W must be"),
+        (lambda: ops.multimodal_loss_forward_triton(z, labels, W, 2, 0.0, False),
+         r"gamma must be > 0"),
     ]
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
