@@ -82,7 +82,9 @@ def _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr):
     return slot, j, tl.load(unit_len_ptr + slot)
 
 
-@triton.jit
+# do_not_specialize: Triton would turn an int argument equal to 1 into a compile-time
+# constant (no .to()) and compile again for each step; the step and seed words vary.
+@triton.jit(do_not_specialize=["step_lo", "step_hi", "seed_lo", "seed_hi"])
 def _importance_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_ptr,
                        num_units_ptr, tensor_index_ptr, u_ptr, gumbel_ptr, start_ptr,
                        step_lo, step_hi, seed_lo, seed_hi,
@@ -131,7 +133,9 @@ def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_add
                 fresh_ptr, unit_len_ptr, first_unit_ptr, factor_ptr, hyper_ptr,
                 DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                 BLOCK: tl.constexpr):
-    # torch.optim.SGD's rule on a kept unit (factor f != 0), in fp64, rounded once:
+    # torch.optim.SGD's rule on a kept unit (factor f != 0), in fp64, rounded once, launched
+    # without multiply-add contraction: each product and sum rounded as the reference's
+    # separate torch ops round them (an fma would change the last bit of fp64 parameters).
     #   g = f grad + wd p; buf = g (fresh buffer) or momentum buf + (1 - dampening) g;
     #   p -= lr (g + momentum buf if nesterov else buf)   (buf = g without momentum).
     # hyper: lr, momentum, dampening, weight_decay in fp64 (a Python float argument would
@@ -429,7 +433,7 @@ def amss_masked_sgd_step_triton(params: list[torch.Tensor], grads: list[torch.Te
         _grid_launch(_sgd_kernel, units, plan.unit_slot_t, param_addresses, grad_addresses,
                      buffer_addresses, fresh_t, plan.unit_len_t, plan.first_unit_t, factors,
                      hyper, DTYPE=_TL[dtype], MOMENTUM=with_momentum, NESTEROV=bool(nesterov),
-                     BLOCK=BLOCK)
+                     BLOCK=BLOCK, enable_fp_fusion=False)
 
 
 @amss_masked_sgd_step_triton.register_fake

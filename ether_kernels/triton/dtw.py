@@ -63,8 +63,9 @@ def _softmin(a, b, c, gamma, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(cost_ptr, xl_ptr, yl_ptr, R_ptr, values_ptr, N, M, band, gamma,
+def _forward_kernel(cost_ptr, xl_ptr, yl_ptr, R_ptr, values_ptr, N, M, band, gamma_ptr,
                     SOFT: tl.constexpr, BLOCK: tl.constexpr):
+    gamma = tl.load(gamma_ptr)                # in R's dtype (see _gamma_on_device)
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(xl_ptr + b).to(tl.int32)
     m = tl.load(yl_ptr + b).to(tl.int32)
@@ -100,8 +101,9 @@ def _weight(R, ld, p, q, self_value, gamma):
 
 
 @triton.jit
-def _soft_backward_kernel(grad_ptr, xl_ptr, yl_ptr, R_ptr, E_ptr, N, M, band, gamma,
+def _soft_backward_kernel(grad_ptr, xl_ptr, yl_ptr, R_ptr, E_ptr, N, M, band, gamma_ptr,
                           BLOCK: tl.constexpr):
+    gamma = tl.load(gamma_ptr)
     b = tl.program_id(0).to(tl.int64)
     n = tl.load(xl_ptr + b).to(tl.int32)
     m = tl.load(yl_ptr + b).to(tl.int32)
@@ -159,6 +161,13 @@ def _hard_backward_kernel(grad_ptr, xl_ptr, yl_ptr, R_ptr, E_ptr, N, M):
         tl.store(E + i * ld + j, g)
 
 
+def _gamma_on_device(gamma, R):
+    """gamma as a one-element tensor of R's dtype: a Python float argument reaches a compiled
+    Triton kernel as fp32 (0.1 would become 0.100000001); torch.full writes it on the device
+    without a host copy."""
+    return torch.full((1,), gamma, dtype=R.dtype, device=R.device)
+
+
 def _contiguous_lengths(x_lengths, y_lengths):
     return x_lengths.contiguous(), y_lengths.contiguous()
 
@@ -175,7 +184,8 @@ def dtw_forward_triton(cost: torch.Tensor, x_lengths: torch.Tensor, y_lengths: t
     values = torch.empty(B, dtype=cost.dtype, device=cost.device)
     xl, yl = _contiguous_lengths(x_lengths, y_lengths)
     if B > 0:
-        _forward_kernel[(B,)](cost.contiguous(), xl, yl, R, values, N, M, band, gamma,
+        _forward_kernel[(B,)](cost.contiguous(), xl, yl, R, values, N, M, band,
+                              _gamma_on_device(gamma, R),
                               SOFT=soft, BLOCK=BLOCK)
     return values, (R if keep else cost.new_empty((0,)))
 
@@ -197,7 +207,8 @@ def dtw_backward_triton(grad: torch.Tensor, cost: torch.Tensor, R: torch.Tensor,
     xl, yl = _contiguous_lengths(x_lengths, y_lengths)
     if B > 0:
         if soft:
-            _soft_backward_kernel[(B,)](grad.contiguous(), xl, yl, R, E, N, M, band, gamma,
+            _soft_backward_kernel[(B,)](grad.contiguous(), xl, yl, R, E, N, M, band,
+                                        _gamma_on_device(gamma, R),
                                         BLOCK=BLOCK)
         else:
             _hard_backward_kernel[(B,)](grad.contiguous(), xl, yl, R, E, N, M)

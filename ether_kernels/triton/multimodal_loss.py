@@ -18,13 +18,16 @@ import triton.language as tl
 
 ROWS = 16  # samples per program: enough work per program, few partial sums to fold
 NORM_FLOOR = 1e-12
+KERNEL_NORM_FLOOR = tl.constexpr(NORM_FLOOR)  # globals a compiled kernel reads are constexprs
 
 
 @triton.jit
-def _multimodal_rows_kernel(z_ptr, labels_ptr, w_ptr, loss_ptr, grad_z_ptr, gw_ptr, B, s,
-                            inv_B, MC: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
+def _multimodal_rows_kernel(z_ptr, labels_ptr, w_ptr, loss_ptr, grad_z_ptr, gw_ptr, B,
+                            scalars_ptr, MC: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
                             MCP: tl.constexpr, CP: tl.constexpr, KP: tl.constexpr,
                             ROWS: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr):
+    s = tl.load(scalars_ptr)               # 1 / gamma, in ACC (a Python float arrives as fp32)
+    inv_B = tl.load(scalars_ptr + 1)       # 1 / B
     pid = tl.program_id(0)
     r = tl.arange(0, MCP)              # row of the proxies / entry of z: m * C + c
     c = tl.arange(0, CP)
@@ -46,7 +49,7 @@ def _multimodal_rows_kernel(z_ptr, labels_ptr, w_ptr, loss_ptr, grad_z_ptr, gw_p
         z = tl.load(z_ptr + row + r, mask=z_ok, other=0.0).to(ACC)
         y = tl.load(labels_ptr + tl.minimum(i, B - 1))  # a valid address; unused if not valid
         norm = tl.sqrt(tl.sum(z * z, axis=0))
-        zn = z / tl.maximum(norm, NORM_FLOOR)
+        zn = z / tl.maximum(norm, KERNEL_NORM_FLOOR)
         S = tl.sum(zn[:, None, None] * w, axis=0)                          # (CP, KP)
         # P = softmax(s S) over every proxy
         x = tl.where(ck_ok, s * S, -float("inf"))
@@ -83,8 +86,9 @@ def _multimodal_rows_kernel(z_ptr, labels_ptr, w_ptr, loss_ptr, grad_z_ptr, gw_p
             dzn = tl.sum(tl.sum(dS[None, :, :] * w, axis=2), axis=1)
             gw += dS[None, :, :] * zn[:, None, None]
             dot = tl.sum(zn * dzn, axis=0)
-            dz += tl.where(norm > NORM_FLOOR, (dzn - zn * dot) / tl.maximum(norm, NORM_FLOOR),
-                           dzn / NORM_FLOOR)
+            dz += tl.where(norm > KERNEL_NORM_FLOOR,
+                           (dzn - zn * dot) / tl.maximum(norm, KERNEL_NORM_FLOOR),
+                           dzn / KERNEL_NORM_FLOOR)
             tl.store(grad_z_ptr + row + r, dz.to(grad_z_ptr.dtype.element_ty), mask=z_ok)
     tl.store(loss_ptr + pid + tl.arange(0, 1), total)
     if GRAD:
@@ -125,8 +129,11 @@ def multimodal_loss_forward_triton(z: torch.Tensor, labels: torch.Tensor, W: tor
     losses = torch.empty(programs, dtype=acc, device=z.device)
     grad_z = torch.empty_like(z) if compute_grad else z.new_empty(0)
     gw = torch.empty(programs, MC, CK, dtype=acc, device=z.device) if compute_grad else losses
+    # 1 / gamma and 1 / B in the accumulator's dtype, written on the device (no host copy)
+    scalars = torch.full((2,), 1.0 / gamma, dtype=acc, device=z.device)
+    scalars[1] = 1.0 / B
     _multimodal_rows_kernel[(programs,)](
-        z.contiguous(), labels.contiguous(), w, losses, grad_z, gw, B, 1.0 / gamma, 1.0 / B,
+        z.contiguous(), labels.contiguous(), w, losses, grad_z, gw, B, scalars,
         MC=MC, C=C, K=K, MCP=_next_power_of_2(MC), CP=_next_power_of_2(C),
         KP=_next_power_of_2(K), ROWS=ROWS, GRAD=compute_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32)
