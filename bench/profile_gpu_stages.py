@@ -7,7 +7,7 @@
 2. DTW / soft-DTW on the same inputs through the CUDA extension and the Triton fallback
    (median of CUDA-event timings), in G cells/s.
 
-Usage: python3 bench/profile_gpu_stages.py
+Usage: python3 bench/profile_gpu_stages.py [amss|dtw]   (both without an argument)
 """
 
 import statistics
@@ -86,5 +86,8 @@ def profile_dtw():
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
-    profile_amss()
-    profile_dtw()
+    parts = sys.argv[1:] or ["amss", "dtw"]
+    if "amss" in parts:
+        profile_amss()
+    if "dtw" in parts:
+        profile_dtw()

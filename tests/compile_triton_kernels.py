@@ -99,10 +99,12 @@ def run_every_triton_op():
             # AMSS: every mode, steps 0 / 1 / 17 (1 and multiples of 16 are specialised)
             grads = [torch.randn(8, 5, dtype=dtype), torch.randn(3, 7, dtype=dtype),
                      torch.randn(1, 1, dtype=dtype)]
-            for mode in ("amss", "amss+", "uniform", "topk"):
+            for mode, scaling in (("amss", None), ("amss+", "paper"),
+                                  ("amss+", "reference-code"), ("uniform", None),
+                                  ("topk", None)):
                 for step in (0, 1, 17, 32):
                     ek.amss.mask_gradients([grads[:2], grads[2:]], [0.5, 0.3], mode=mode,
-                                           seed=1, step=step)
+                                           scaling=scaling, seed=1, step=step)
             for options in ({}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}):
                 params = [torch.nn.Parameter(torch.randn(8, 5, dtype=dtype)) for _ in range(2)]
                 for p in params:

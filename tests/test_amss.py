@@ -338,6 +338,37 @@ def test_closed_form_inclusion_probabilities_match_the_reference_loop():
 
 
 @pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
+def test_triton_selection_kernel_equals_the_batched_torch_selection(device, backend):
+    """Stage 2 has two implementations: one kernel ranking units pairwise (tensors of up to
+    MAX_FUSED_SELECT_UNITS units) and batched torch sorts (larger ones). The same factors
+    from both, every mode, on tensors of 1 to 300 units with zero gradients (all q equal:
+    ties), dominant units (AMSS+ caps), and every kind of k (0, 1, n - 1, n)."""
+    from ether_kernels.triton import amss as triton_amss
+    rows = [1, 2, 7, 16, 17, 64, 300]
+    grads = [torch.randn(n, 3, device=device, dtype=torch.float64) for n in rows]
+    grads[2].zero_()
+    grads[5][:5] *= 1e3
+    grads[6][::7] *= 50.0
+    plan = triton_amss._plan_for(grads, 1)
+    addresses = triton_amss._addresses(grads, plan.slots, grads[0].device)
+    for step in range(3):
+        u, noise, start = triton_amss._importance(grads, plan, addresses, seed=5, step=step)
+        for ratio_of in (lambda n: 0.0, lambda n: 1.0, lambda n: 1.0 / n,
+                         lambda n: (n - 1) / n, lambda n: 0.37 + 0.1 * step):
+            ks = [ref.kept_units(ratio_of(n), n) for n in plan.num_units]
+            k = triton_amss._to_device(ks, torch.int64, u.device)
+            for mode, scaling in (("amss", "paper"), ("amss+", "paper"),
+                                  ("amss+", "reference-code"), ("uniform", "paper"),
+                                  ("topk", "paper")):
+                fused = triton_amss._factors(plan, u, noise, start, k, mode, scaling)
+                batched = triton_amss._factors_batched(plan, u, noise, start, k, mode, scaling)
+                assert torch.equal(fused != 0, batched != 0), (mode, scaling, ks)
+                torch.testing.assert_close(fused, batched, rtol=1e-12, atol=0)
+                kept = [int((f != 0).sum()) for f in fused.split(plan.num_units)]
+                assert kept == ks, (mode, scaling)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
 def test_triton_opcheck_and_argument_checks(device, backend):
     ops = torch.ops.ether_kernels
     grads = [torch.randn(6, 4, device=device), torch.randn(10, device=device)]

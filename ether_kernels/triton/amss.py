@@ -7,11 +7,13 @@ A step is three stages, whatever the number of tensors (no per-tensor launch, no
      generator (the same 32-bit hash chain as the reference, so the same numbers); the first
      unit of each tensor also draws the tensor's systematic-sampling start (AMSS+ "paper").
      The tensors are reached through a table of their addresses (one launch over all).
-  2. selection, on the small per-unit arrays only (a few batched torch ops over a
-     (tensors, max units) matrix, fp64): q_j = (u_j + eps) / sum (u + eps), then per mode the
-     k = ceil(rho N) units of each row by one batched sort (Gumbel-top-k, top-k) or, for
-     AMSS+ "paper", the capped inclusion probabilities in closed form (below) and one
-     systematic sample per row; the result is one fp64 factor per unit.
+  2. selection, on the small per-unit arrays only (one launch, a program per tensor, fp64):
+     q_j = (u_j + eps) / sum (u + eps), then per mode the k = ceil(rho N) units of the tensor
+     by their rank in a stable sort (Gumbel-top-k, top-k; ranks counted pairwise, no sort)
+     or, for AMSS+ "paper", the capped inclusion probabilities in closed form (below) and
+     one systematic sample in the order of the Gumbel noise; the result is one fp64 factor
+     per unit. Tensors of more than MAX_FUSED_SELECT_UNITS units (the pairwise count grows
+     as N^2) take a few batched torch ops over a (tensors, max units) matrix instead.
   3. apply (one launch per dtype): a program per unit multiplies the unit by its factor.
      A factor of 1 (every kept unit in "amss", "uniform", "topk") writes nothing, so those
      modes read the gradients once and write only the units they drop.
@@ -170,6 +172,104 @@ def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_add
             tl.store(p_base + idx, (p - lr * d).to(DTYPE), mask=mask)
 
 
+EPS_IN_KERNEL = tl.constexpr(EPS)  # globals a compiled kernel reads are constexprs
+
+
+@triton.jit
+def _unit_keys(u_ptr, noise_ptr, first, idx, n, total, KEY: tl.constexpr):
+    """q and the ranking key of units idx of one tensor (-inf past its n units). KEY: 0
+    Gumbel-top-k log q + noise, 2 the noise alone (uniform), 3 q (topk; AMSS+'s capping)."""
+    valid = idx < n
+    u = tl.load(u_ptr + first + idx, mask=valid, other=0.0)
+    q = (u + EPS_IN_KERNEL) / total
+    if KEY == 3:
+        key = q
+    else:
+        noise = tl.load(noise_ptr + first + idx, mask=valid, other=0.0)
+        if KEY == 2:
+            key = noise
+        else:
+            key = tl.log(q) + noise
+    key = tl.where(key != key, float("inf"), key)  # NaN (a NaN gradient) first, as torch.sort
+    return tl.where(valid, key, -float("inf")), q
+
+
+@triton.jit
+def _precedes(key_i, i, key_j, j):
+    """(CHUNK, WIDTH): unit i comes before unit j in the decreasing order of the key, ties
+    to the lower index (a stable descending sort)."""
+    return (key_i[:, None] > key_j[None, :]) | ((key_i[:, None] == key_j[None, :])
+                                                & (i[:, None] < j[None, :]))
+
+
+@triton.jit
+def _select_kernel(u_ptr, noise_ptr, start_ptr, k_ptr, first_unit_ptr, num_units_ptr,
+                   factor_ptr, MODE: tl.constexpr, KEY: tl.constexpr, PAPER: tl.constexpr,
+                   WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    # Stage 2 for one tensor (one program per tensor, its units in the WIDTH lanes): the
+    # fp64 factor of each unit. A unit's place in a sorted order is its rank, the number of
+    # units that precede it, counted CHUNK units at a time against all (n^2 / CHUNK steps
+    # of a (CHUNK, WIDTH) tile: no sort, no permutation, the same order as a stable sort).
+    s = tl.program_id(0)
+    first = tl.load(first_unit_ptr + s)
+    n = tl.load(num_units_ptr + s)
+    k = tl.load(k_ptr + s)
+    j = tl.arange(0, WIDTH)
+    valid = j < n
+    u = tl.load(u_ptr + first + j, mask=valid, other=0.0)
+    total = tl.sum(tl.where(valid, u + EPS_IN_KERNEL, 0.0), axis=0)
+    key_j, q = _unit_keys(u_ptr, noise_ptr, first, j, n, total, KEY)
+    rank = tl.zeros((WIDTH,), dtype=tl.int64)
+    tail = tl.zeros((WIDTH,), dtype=tl.float64)  # PAPER: sum of q from j's rank on
+    for i0 in range(0, n, CHUNK):
+        i = i0 + tl.arange(0, CHUNK)
+        key_i, q_i = _unit_keys(u_ptr, noise_ptr, first, i, n, total, KEY)
+        before = _precedes(key_i, i, key_j, j) & (i < n)[:, None]
+        rank += tl.sum(before.to(tl.int64), axis=0)
+        if PAPER:
+            tail += tl.sum(tl.where(before, 0.0, tl.where(i < n, q_i, 0.0)[:, None]), axis=0)
+    if PAPER:
+        # capped inclusion probabilities (module docstring): r = the smallest consistent rank
+        consistent = ((k - rank).to(tl.float64) * q <= tail) | (rank >= k - 1)
+        r = tl.min(tl.where(valid & consistent, rank, n), axis=0)
+        free_mass = tl.sum(tl.where(valid & (rank == r), tail, 0.0), axis=0)
+        pi = tl.minimum((k - r).to(tl.float64) * q / free_mass, 1.0)
+        pi = tl.where(valid, tl.where(rank < r, 1.0, pi), 0.0)
+        # systematic sampling in the increasing order of the Gumbel noise: unit j is chosen
+        # when a point start + m (m = 0..k-1) falls in (sum of pi before j, that + pi_j].
+        # Both sums are taken over sets of units by the same tiles, so the "through" sum of
+        # j's predecessor equals j's "before" sum bit for bit and exactly k points land.
+        tl.store(factor_ptr + first + j, pi, mask=valid)  # pi of every unit, read below
+        tl.debug_barrier()
+        noise_j = tl.load(noise_ptr + first + j, mask=valid, other=float("inf"))
+        sum_before = tl.zeros((WIDTH,), dtype=tl.float64)
+        sum_through = tl.zeros((WIDTH,), dtype=tl.float64)
+        for i0 in range(0, n, CHUNK):
+            i = i0 + tl.arange(0, CHUNK)
+            ok = (i < n)[:, None]
+            noise_i = tl.load(noise_ptr + first + i, mask=i < n, other=float("inf"))
+            pi_i = tl.load(factor_ptr + first + i, mask=i < n, other=0.0)[:, None]
+            before = _precedes(-noise_i, i, -noise_j, j) & ok
+            through = before | ((i[:, None] == j[None, :]) & ok)
+            sum_before += tl.sum(tl.where(before, pi_i, 0.0), axis=0)
+            sum_through += tl.sum(tl.where(through, pi_i, 0.0), axis=0)
+        start = tl.load(start_ptr + s)
+        kf = k.to(tl.float64)
+        points_before = tl.minimum(tl.maximum(tl.ceil(sum_before - start), 0.0), kf)
+        points_through = tl.minimum(tl.maximum(tl.ceil(sum_through - start), 0.0), kf)
+        chosen = valid & (points_through - points_before > 0)
+        tl.debug_barrier()  # every pi is read before the factors overwrite them
+        tl.store(factor_ptr + first + j, tl.where(chosen, 1.0 / tl.where(chosen, pi, 1.0), 0.0),
+                 mask=valid)
+    else:
+        keep = valid & (rank < k)
+        if MODE == 1:  # AMSS+ with the public code's scaling 1 / (q + 1 / N)
+            value = 1.0 / (q + 1.0 / n.to(tl.float64))
+        else:
+            value = tl.full((WIDTH,), 1.0, dtype=tl.float64)
+        tl.store(factor_ptr + first + j, tl.where(keep, value, 0.0), mask=valid)
+
+
 # --------------------------------------------------------------------- host side
 
 def _split64(value):
@@ -286,11 +386,34 @@ def capped_inclusion_probabilities(q, k):
     return torch.where(capped, 1.0, pi)
 
 
-def _factors(plan, u, noise, start, ks, mode, scaling):
-    """Stage 2: one fp64 factor per unit (0: left out) from the per-unit arrays."""
+MAX_FUSED_SELECT_UNITS = 2048  # larger tensors (by dim-0 units): the batched torch path
+SELECT_TILE = 8192  # elements of the selection kernel's (CHUNK, WIDTH) tile
+SELECT_WARPS = 8
+
+
+def _factors(plan, u, noise, start, k, mode, scaling):
+    """Stage 2: one fp64 factor per unit (0: left out) from the per-unit arrays (k: the
+    number of units to keep per tensor, int64 on the device); one launch (_select_kernel)
+    when every tensor has at most MAX_FUSED_SELECT_UNITS units. Its work per tensor grows
+    as n^2, so beyond that the batched torch ops take over."""
+    if plan.max_units > MAX_FUSED_SELECT_UNITS:
+        return _factors_batched(plan, u, noise, start, k, mode, scaling)
+    factors = torch.empty_like(u)
+    width = max(16, triton.next_power_of_2(plan.max_units))
+    paper = mode == "amss+" and scaling == "paper"
+    key = 3 if (paper or mode == "topk") else 2 if mode == "uniform" else 0
+    _select_kernel[(len(plan.slots),)](
+        u, noise, start, k, plan.first_unit_t, plan.num_units_t, factors,
+        MODE=_MODES.index(mode), KEY=key, PAPER=paper, WIDTH=width,
+        CHUNK=max(1, min(width, SELECT_TILE // width)), num_warps=SELECT_WARPS)
+    return factors
+
+
+def _factors_batched(plan, u, noise, start, k, mode, scaling):
+    """Stage 2 by a few batched torch ops over the (tensors, max units) padded matrix."""
     device = u.device
     T, width = len(plan.slots), plan.max_units
-    k = _to_device(ks, torch.int64, device)[:, None]
+    k = k[:, None]
     rank = torch.arange(width, device=device)[None, :]
     w = _padded(plan, u + EPS, 0.0)
     q = w / w.sum(dim=1, keepdim=True)
@@ -358,10 +481,14 @@ def _check_mask_args(op, grads, owner, ratios, sampling, scaling, unit_size):
 def _unit_factors(grads, owner, ratios, sampling, scaling, seed, step, unit_size):
     """(plan, addresses, factors) of one step: stages 1 and 2."""
     plan = _plan_for(grads, unit_size)
-    addresses = _addresses(grads, plan.slots, grads[0].device)
-    u, noise, start = _importance(grads, plan, addresses, seed, step)
     ks = [kept_units(ratios[owner[t]], n) for t, n in zip(plan.slots, plan.num_units)]
-    factors = _factors(plan, u, noise, start, ks, _MODES[sampling], _SCALINGS[scaling])
+    # the step's two host lists in one pinned copy: the gradients' addresses and k
+    T = len(plan.slots)
+    addresses_and_k = _to_device([grads[t].data_ptr() for t in plan.slots] + ks, torch.int64,
+                                 grads[0].device)
+    addresses, k = addresses_and_k[:T], addresses_and_k[T:]
+    u, noise, start = _importance(grads, plan, addresses, seed, step)
+    factors = _factors(plan, u, noise, start, k, _MODES[sampling], _SCALINGS[scaling])
     return plan, addresses, factors
 
 
