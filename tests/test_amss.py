@@ -369,6 +369,25 @@ def test_triton_selection_kernel_equals_the_batched_torch_selection(device, back
 
 
 @pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
+def test_triton_eager_steps_bump_the_version_counters(device, backend):
+    """In eager mode the Triton step runs without the custom op's dispatch; it still tells
+    autograd that the gradients (mask) or parameters and buffers (SGD) changed in place."""
+    grads = [torch.randn(6, 4, device=device), torch.randn(5, device=device)]
+    before = [g._version for g in grads]
+    with ek.use_backend(backend):
+        ek.amss.mask_gradients([grads[:1], grads[1:]], [0.5, 0.5], seed=3)
+    assert all(g._version > v for g, v in zip(grads, before))
+    params = [torch.nn.Parameter(torch.randn(6, 4, device=device))]
+    params[0].grad = torch.randn(6, 4, device=device)
+    with ek.use_backend(backend):
+        buffers = ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9)
+    before = (params[0]._version, buffers[0][0]._version)
+    with ek.use_backend(backend):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9, momentum_buffers=buffers)
+    assert params[0]._version > before[0] and buffers[0][0]._version > before[1]
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
 def test_triton_opcheck_and_argument_checks(device, backend):
     ops = torch.ops.ether_kernels
     grads = [torch.randn(6, 4, device=device), torch.randn(10, device=device)]

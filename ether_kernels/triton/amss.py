@@ -175,6 +175,24 @@ def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_add
 EPS_IN_KERNEL = tl.constexpr(EPS)  # globals a compiled kernel reads are constexprs
 
 
+# Stage 2. A unit's place in a stable sort of its tensor's units is its rank: the number of
+# units that precede it. A program takes JB units of one tensor and counts, IB units at a
+# time, how many of all the tensor's units precede each (a (JB, IB) tile, summed along its
+# rows): n^2 comparisons per tensor, spread over the tensor's n / JB programs, and no sort
+# or permutation. Every program of a tensor computes the same sums in the same order, so
+# they agree bit for bit on shared quantities (the tensor's sum of importances).
+
+@triton.jit
+def _tensor_total(u_ptr, first, n, IB: tl.constexpr):
+    """sum over the tensor's units of (u + eps), in a fixed order."""
+    acc = tl.zeros((IB,), dtype=tl.float64)
+    for i0 in range(0, n, IB):
+        i = i0 + tl.arange(0, IB)
+        acc += tl.where(i < n, tl.load(u_ptr + first + i, mask=i < n, other=0.0)
+                        + EPS_IN_KERNEL, 0.0)
+    return tl.sum(acc, axis=0)
+
+
 @triton.jit
 def _unit_keys(u_ptr, noise_ptr, first, idx, n, total, KEY: tl.constexpr):
     """q and the ranking key of units idx of one tensor (-inf past its n units). KEY: 0
@@ -195,79 +213,107 @@ def _unit_keys(u_ptr, noise_ptr, first, idx, n, total, KEY: tl.constexpr):
 
 
 @triton.jit
-def _precedes(key_i, i, key_j, j):
-    """(CHUNK, WIDTH): unit i comes before unit j in the decreasing order of the key, ties
-    to the lower index (a stable descending sort)."""
-    return (key_i[:, None] > key_j[None, :]) | ((key_i[:, None] == key_j[None, :])
-                                                & (i[:, None] < j[None, :]))
+def _preceded_by(key_j, j, key_i, i, n):
+    """(JB, IB): unit i (one of the tensor's n) comes before unit j in the decreasing order
+    of the key, ties to the lower index (a stable descending sort)."""
+    return ((key_i[None, :] > key_j[:, None])
+            | ((key_i[None, :] == key_j[:, None]) & (i[None, :] < j[:, None]))) \
+        & (i < n)[None, :]
 
 
 @triton.jit
-def _select_kernel(u_ptr, noise_ptr, start_ptr, k_ptr, first_unit_ptr, num_units_ptr,
-                   factor_ptr, MODE: tl.constexpr, KEY: tl.constexpr, PAPER: tl.constexpr,
-                   WIDTH: tl.constexpr, CHUNK: tl.constexpr):
-    # Stage 2 for one tensor (one program per tensor, its units in the WIDTH lanes): the
-    # fp64 factor of each unit. A unit's place in a sorted order is its rank, the number of
-    # units that precede it, counted CHUNK units at a time against all (n^2 / CHUNK steps
-    # of a (CHUNK, WIDTH) tile: no sort, no permutation, the same order as a stable sort).
+def _rank_kernel(u_ptr, noise_ptr, k_ptr, first_unit_ptr, num_units_ptr, factor_ptr,
+                 rank_ptr, tail_ptr, MODE: tl.constexpr, KEY: tl.constexpr,
+                 PAPER: tl.constexpr, JB: tl.constexpr, IB: tl.constexpr):
+    # Units j0 .. j0 + JB of tensor s: their rank by KEY. Not PAPER: the factor (kept: rank <
+    # k). PAPER (key q): the rank and the sum of q from the unit's rank on, for _pi_kernel.
+    s = tl.program_id(0)
+    n = tl.load(num_units_ptr + s)
+    j0 = tl.program_id(1) * JB
+    if j0 < n:
+        first = tl.load(first_unit_ptr + s)
+        total = _tensor_total(u_ptr, first, n, IB)
+        j = j0 + tl.arange(0, JB)
+        valid = j < n
+        key_j, q = _unit_keys(u_ptr, noise_ptr, first, j, n, total, KEY)
+        rank = tl.zeros((JB,), dtype=tl.int32)
+        tail = tl.zeros((JB,), dtype=tl.float64)
+        for i0 in range(0, n, IB):
+            i = i0 + tl.arange(0, IB)
+            key_i, q_i = _unit_keys(u_ptr, noise_ptr, first, i, n, total, KEY)
+            before = _preceded_by(key_j, j, key_i, i, n)
+            rank += tl.sum(before.to(tl.int32), axis=1)
+            if PAPER:
+                tail += tl.sum(tl.where(before | (i >= n)[None, :], 0.0, q_i[None, :]), axis=1)
+        if PAPER:
+            tl.store(rank_ptr + first + j, rank, mask=valid)
+            tl.store(tail_ptr + first + j, tail, mask=valid)
+        else:
+            k = tl.load(k_ptr + s)
+            if MODE == 1:  # AMSS+ with the public code's scaling 1 / (q + 1 / N)
+                value = 1.0 / (q + 1.0 / n.to(tl.float64))
+            else:
+                value = tl.full((JB,), 1.0, dtype=tl.float64)
+            tl.store(factor_ptr + first + j, tl.where(rank < k, value, 0.0), mask=valid)
+
+
+@triton.jit
+def _pi_kernel(u_ptr, k_ptr, first_unit_ptr, num_units_ptr, rank_ptr, tail_ptr, pi_ptr,
+               WIDTH: tl.constexpr, IB: tl.constexpr):
+    # AMSS+ "paper", tensor s: the capped inclusion probabilities (module docstring): r, the
+    # smallest rank where (k - rank) q <= tail (or rank >= k - 1), is the number of capped
+    # units; pi = 1 for them, (k - r) q / (tail at rank r) for the others.
     s = tl.program_id(0)
     first = tl.load(first_unit_ptr + s)
     n = tl.load(num_units_ptr + s)
     k = tl.load(k_ptr + s)
     j = tl.arange(0, WIDTH)
     valid = j < n
-    u = tl.load(u_ptr + first + j, mask=valid, other=0.0)
-    total = tl.sum(tl.where(valid, u + EPS_IN_KERNEL, 0.0), axis=0)
-    key_j, q = _unit_keys(u_ptr, noise_ptr, first, j, n, total, KEY)
-    rank = tl.zeros((WIDTH,), dtype=tl.int64)
-    tail = tl.zeros((WIDTH,), dtype=tl.float64)  # PAPER: sum of q from j's rank on
-    for i0 in range(0, n, CHUNK):
-        i = i0 + tl.arange(0, CHUNK)
-        key_i, q_i = _unit_keys(u_ptr, noise_ptr, first, i, n, total, KEY)
-        before = _precedes(key_i, i, key_j, j) & (i < n)[:, None]
-        rank += tl.sum(before.to(tl.int64), axis=0)
-        if PAPER:
-            tail += tl.sum(tl.where(before, 0.0, tl.where(i < n, q_i, 0.0)[:, None]), axis=0)
-    if PAPER:
-        # capped inclusion probabilities (module docstring): r = the smallest consistent rank
-        consistent = ((k - rank).to(tl.float64) * q <= tail) | (rank >= k - 1)
-        r = tl.min(tl.where(valid & consistent, rank, n), axis=0)
-        free_mass = tl.sum(tl.where(valid & (rank == r), tail, 0.0), axis=0)
-        pi = tl.minimum((k - r).to(tl.float64) * q / free_mass, 1.0)
-        pi = tl.where(valid, tl.where(rank < r, 1.0, pi), 0.0)
-        # systematic sampling in the increasing order of the Gumbel noise: unit j is chosen
-        # when a point start + m (m = 0..k-1) falls in (sum of pi before j, that + pi_j].
-        # Both sums are taken over sets of units by the same tiles, so the "through" sum of
-        # j's predecessor equals j's "before" sum bit for bit and exactly k points land.
-        tl.store(factor_ptr + first + j, pi, mask=valid)  # pi of every unit, read below
-        tl.debug_barrier()
-        noise_j = tl.load(noise_ptr + first + j, mask=valid, other=float("inf"))
-        sum_before = tl.zeros((WIDTH,), dtype=tl.float64)
-        sum_through = tl.zeros((WIDTH,), dtype=tl.float64)
-        for i0 in range(0, n, CHUNK):
-            i = i0 + tl.arange(0, CHUNK)
-            ok = (i < n)[:, None]
-            noise_i = tl.load(noise_ptr + first + i, mask=i < n, other=float("inf"))
-            pi_i = tl.load(factor_ptr + first + i, mask=i < n, other=0.0)[:, None]
-            before = _precedes(-noise_i, i, -noise_j, j) & ok
-            through = before | ((i[:, None] == j[None, :]) & ok)
-            sum_before += tl.sum(tl.where(before, pi_i, 0.0), axis=0)
-            sum_through += tl.sum(tl.where(through, pi_i, 0.0), axis=0)
+    q = (tl.load(u_ptr + first + j, mask=valid, other=0.0) + EPS_IN_KERNEL) \
+        / _tensor_total(u_ptr, first, n, IB)
+    rank = tl.load(rank_ptr + first + j, mask=valid, other=0).to(tl.int64)
+    tail = tl.load(tail_ptr + first + j, mask=valid, other=0.0)
+    consistent = ((k - rank).to(tl.float64) * q <= tail) | (rank >= k - 1)
+    r = tl.min(tl.where(valid & consistent, rank, n), axis=0)
+    free_mass = tl.sum(tl.where(valid & (rank == r), tail, 0.0), axis=0)
+    pi = tl.minimum((k - r).to(tl.float64) * q / free_mass, 1.0)
+    tl.store(pi_ptr + first + j, tl.where(rank < r, 1.0, pi), mask=valid)
+
+
+@triton.jit
+def _systematic_kernel(noise_ptr, start_ptr, k_ptr, first_unit_ptr, num_units_ptr, pi_ptr,
+                       factor_ptr, JB: tl.constexpr, IB: tl.constexpr):
+    # AMSS+ "paper", units j0 .. j0 + JB of tensor s: systematic sampling in the increasing
+    # order of the Gumbel noise. Unit j is chosen when a point start + m (m = 0..k-1) falls
+    # in (sum of pi before j, that + pi_j]. Both sums are taken over sets of units by the
+    # same tiles, so j's predecessor's "through" sum equals j's "before" sum bit for bit and
+    # exactly k points land. Factor 1 / pi for a chosen unit.
+    s = tl.program_id(0)
+    n = tl.load(num_units_ptr + s)
+    j0 = tl.program_id(1) * JB
+    if j0 < n:
+        first = tl.load(first_unit_ptr + s)
+        j = j0 + tl.arange(0, JB)
+        valid = j < n
+        later_j = -tl.load(noise_ptr + first + j, mask=valid, other=float("inf"))
+        pi = tl.load(pi_ptr + first + j, mask=valid, other=1.0)
+        sum_before = tl.zeros((JB,), dtype=tl.float64)
+        sum_through = tl.zeros((JB,), dtype=tl.float64)
+        for i0 in range(0, n, IB):
+            i = i0 + tl.arange(0, IB)
+            later_i = -tl.load(noise_ptr + first + i, mask=i < n, other=float("inf"))
+            pi_i = tl.load(pi_ptr + first + i, mask=i < n, other=0.0)[None, :]
+            before = _preceded_by(later_j, j, later_i, i, n)
+            through = before | ((i[None, :] == j[:, None]) & (i < n)[None, :])
+            sum_before += tl.sum(tl.where(before, pi_i, 0.0), axis=1)
+            sum_through += tl.sum(tl.where(through, pi_i, 0.0), axis=1)
         start = tl.load(start_ptr + s)
-        kf = k.to(tl.float64)
+        kf = tl.load(k_ptr + s).to(tl.float64)
         points_before = tl.minimum(tl.maximum(tl.ceil(sum_before - start), 0.0), kf)
         points_through = tl.minimum(tl.maximum(tl.ceil(sum_through - start), 0.0), kf)
-        chosen = valid & (points_through - points_before > 0)
-        tl.debug_barrier()  # every pi is read before the factors overwrite them
+        chosen = points_through - points_before > 0
         tl.store(factor_ptr + first + j, tl.where(chosen, 1.0 / tl.where(chosen, pi, 1.0), 0.0),
                  mask=valid)
-    else:
-        keep = valid & (rank < k)
-        if MODE == 1:  # AMSS+ with the public code's scaling 1 / (q + 1 / N)
-            value = 1.0 / (q + 1.0 / n.to(tl.float64))
-        else:
-            value = tl.full((WIDTH,), 1.0, dtype=tl.float64)
-        tl.store(factor_ptr + first + j, tl.where(keep, value, 0.0), mask=valid)
 
 
 # --------------------------------------------------------------------- host side
@@ -387,25 +433,38 @@ def capped_inclusion_probabilities(q, k):
 
 
 MAX_FUSED_SELECT_UNITS = 2048  # larger tensors (by dim-0 units): the batched torch path
-SELECT_TILE = 8192  # elements of the selection kernel's (CHUNK, WIDTH) tile
-SELECT_WARPS = 8
+SELECT_ROWS = 16     # JB: units of one tensor ranked per program
+SELECT_COLUMNS = 256  # IB: units compared against them per step
+SELECT_WARPS = 4
 
 
 def _factors(plan, u, noise, start, k, mode, scaling):
     """Stage 2: one fp64 factor per unit (0: left out) from the per-unit arrays (k: the
-    number of units to keep per tensor, int64 on the device); one launch (_select_kernel)
-    when every tensor has at most MAX_FUSED_SELECT_UNITS units. Its work per tensor grows
-    as n^2, so beyond that the batched torch ops take over."""
+    number of units to keep per tensor, int64 on the device): one launch of _rank_kernel,
+    or for AMSS+ "paper" three (ranks by q, capped pi per tensor, systematic sample), when
+    every tensor has at most MAX_FUSED_SELECT_UNITS units. The work per tensor grows as
+    n^2, so beyond that the batched torch ops take over."""
     if plan.max_units > MAX_FUSED_SELECT_UNITS:
         return _factors_batched(plan, u, noise, start, k, mode, scaling)
+    T = len(plan.slots)
     factors = torch.empty_like(u)
-    width = max(16, triton.next_power_of_2(plan.max_units))
+    grid = (T, triton.cdiv(plan.max_units, SELECT_ROWS))
+    columns = min(SELECT_COLUMNS, max(16, triton.next_power_of_2(plan.max_units)))
     paper = mode == "amss+" and scaling == "paper"
     key = 3 if (paper or mode == "topk") else 2 if mode == "uniform" else 0
-    _select_kernel[(len(plan.slots),)](
-        u, noise, start, k, plan.first_unit_t, plan.num_units_t, factors,
-        MODE=_MODES.index(mode), KEY=key, PAPER=paper, WIDTH=width,
-        CHUNK=max(1, min(width, SELECT_TILE // width)), num_warps=SELECT_WARPS)
+    rank = torch.empty(plan.total if paper else 0, dtype=torch.int32, device=u.device)
+    tail = torch.empty(plan.total if paper else 0, dtype=torch.float64, device=u.device)
+    _rank_kernel[grid](u, noise, k, plan.first_unit_t, plan.num_units_t, factors, rank, tail,
+                       MODE=_MODES.index(mode), KEY=key, PAPER=paper, JB=SELECT_ROWS,
+                       IB=columns, num_warps=SELECT_WARPS)
+    if paper:
+        pi = torch.empty_like(u)
+        _pi_kernel[(T,)](u, k, plan.first_unit_t, plan.num_units_t, rank, tail, pi,
+                         WIDTH=max(16, triton.next_power_of_2(plan.max_units)), IB=columns,
+                         num_warps=SELECT_WARPS)
+        _systematic_kernel[grid](noise, start, k, plan.first_unit_t, plan.num_units_t, pi,
+                                 factors, JB=SELECT_ROWS, IB=columns,
+                                 num_warps=SELECT_WARPS)
     return factors
 
 
@@ -496,11 +555,11 @@ _MODES = ("amss", "amss+", "uniform", "topk")  # the ops' sampling codes
 _SCALINGS = ("paper", "reference-code")
 
 
-@torch.library.custom_op("ether_kernels::amss_mask_gradients_triton", mutates_args=("grads",))
-def amss_mask_gradients_triton(grads: list[torch.Tensor], group_of_tensor: list[int],
-                               ratios: list[float], sampling: int, scaling: int, seed: int,
-                               step: int, unit_size: int) -> None:
-    """The Triton twin of ether_kernels::amss_mask_gradients (same arguments)."""
+def mask_gradients_triton(grads, group_of_tensor, ratios, sampling, scaling, seed, step,
+                          unit_size):
+    """The body of the op amss_mask_gradients_triton (below). ether_kernels.amss calls it
+    directly in eager mode: the custom op's Python dispatch layers cost more host time per
+    step than the step's kernels take on a GPU."""
     _check_mask_args("amss_mask_gradients_triton", grads, group_of_tensor, ratios, sampling,
                      scaling, unit_size)
     if not grads or all(g.numel() == 0 for g in grads):
@@ -512,20 +571,25 @@ def amss_mask_gradients_triton(grads: list[torch.Tensor], group_of_tensor: list[
                      plan.first_unit_t, factors, DTYPE=_TL[dtype], BLOCK=BLOCK)
 
 
+@torch.library.custom_op("ether_kernels::amss_mask_gradients_triton", mutates_args=("grads",))
+def amss_mask_gradients_triton(grads: list[torch.Tensor], group_of_tensor: list[int],
+                               ratios: list[float], sampling: int, scaling: int, seed: int,
+                               step: int, unit_size: int) -> None:
+    """The Triton twin of ether_kernels::amss_mask_gradients (same arguments)."""
+    mask_gradients_triton(grads, group_of_tensor, ratios, sampling, scaling, seed, step,
+                          unit_size)
+
+
 @amss_mask_gradients_triton.register_fake
 def _(grads, group_of_tensor, ratios, sampling, scaling, seed, step, unit_size):
     return None
 
 
-@torch.library.custom_op("ether_kernels::amss_masked_sgd_step_triton",
-                         mutates_args=("params", "buffers"))
-def amss_masked_sgd_step_triton(params: list[torch.Tensor], grads: list[torch.Tensor],
-                                buffers: list[torch.Tensor], fresh: list[int],
-                                group_of_tensor: list[int], ratios: list[float], sampling: int,
-                                scaling: int, seed: int, step: int, unit_size: int, lr: float,
-                                momentum: float, dampening: float, weight_decay: float,
-                                nesterov: bool) -> None:
-    """The Triton twin of ether_kernels::amss_masked_sgd_step (same arguments)."""
+def masked_sgd_step_triton(params, grads, buffers, fresh, group_of_tensor, ratios, sampling,
+                           scaling, seed, step, unit_size, lr, momentum, dampening,
+                           weight_decay, nesterov):
+    """The body of the op amss_masked_sgd_step_triton (below); called directly in eager mode
+    like mask_gradients_triton."""
     op = "amss_masked_sgd_step_triton"
     _check_mask_args(op, grads, group_of_tensor, ratios, sampling, scaling, unit_size)
     T = len(grads)
@@ -561,6 +625,20 @@ def amss_masked_sgd_step_triton(params: list[torch.Tensor], grads: list[torch.Te
                      buffer_addresses, fresh_t, plan.unit_len_t, plan.first_unit_t, factors,
                      hyper, DTYPE=_TL[dtype], MOMENTUM=with_momentum, NESTEROV=bool(nesterov),
                      BLOCK=BLOCK, enable_fp_fusion=False)
+
+
+@torch.library.custom_op("ether_kernels::amss_masked_sgd_step_triton",
+                         mutates_args=("params", "buffers"))
+def amss_masked_sgd_step_triton(params: list[torch.Tensor], grads: list[torch.Tensor],
+                                buffers: list[torch.Tensor], fresh: list[int],
+                                group_of_tensor: list[int], ratios: list[float], sampling: int,
+                                scaling: int, seed: int, step: int, unit_size: int, lr: float,
+                                momentum: float, dampening: float, weight_decay: float,
+                                nesterov: bool) -> None:
+    """The Triton twin of ether_kernels::amss_masked_sgd_step (same arguments)."""
+    masked_sgd_step_triton(params, grads, buffers, fresh, group_of_tensor, ratios, sampling,
+                           scaling, seed, step, unit_size, lr, momentum, dampening,
+                           weight_decay, nesterov)
 
 
 @amss_masked_sgd_step_triton.register_fake
