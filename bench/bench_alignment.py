@@ -41,6 +41,11 @@ def _cases():
     return {
         "contrastive_loss": ((a, b), lambda u, v: ek.contrastive_loss(u, v),
                              lambda u, v: ref.contrastive_loss_reference(u, v)),
+        # the same loss kept to (512, B) slabs (what large B needs): 8 slabs, each formed
+        # twice (forward, backward)
+        "contrastive_loss[block=512]": ((a, b),
+                                        lambda u, v: ek.contrastive_loss(u, v, block=512),
+                                        lambda u, v: ref.contrastive_loss_reference(u, v)),
         "batch_all_triplet_loss": ((x_all,), lambda t: ek.batch_all_triplet_loss(t, y_all, 0.2),
                                    lambda t: _batch_all_reference(t, y_all)),
         "batch_hard_triplet_loss": ((x_hard,),
