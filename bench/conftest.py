@@ -108,7 +108,7 @@ def _summary_rows(records):
 def family(op):
     """Results are written per device and op family, so a run of one family (say, DTW on a
     GPU) never overwrites another's table."""
-    if op in ALIGNMENT_OPS:
+    if op.split("[")[0] in ALIGNMENT_OPS:  # "contrastive_loss[block=512]": a variant
         return "alignment"
     return "dtw" if "dtw" in op else ("amss" if op.startswith("amss") else "losses")
 
