@@ -391,6 +391,21 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     T out_E = T(0);  // (E, S) of this thread's first row at its previous column (passed up)
     double out_S = inf;
+    // R of the thread's K rows at column j, read one step ahead: the loads of the next
+    // step's column are issued before this step's cells and land during its arithmetic and
+    // barrier (issued at use, their latency stalled every step: Nsight on the H200 put half
+    // the backward's stalls on them). Only cells the forward wrote are read.
+    const int valid_rows = pair.n - first_row;
+    auto load_R = [&](int j, double (&dst)[K]) {
+      const bool active = owns_rows && j >= stripe.j_begin && j <= stripe.j_end;
+      const double* src = active ? R + layout.at(p, t, j) : nullptr;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        dst[k] = active && k < valid_rows ? src[k * int(blockDim.x)] : inf;
+      }
+    };
+    double R_now[K], R_next[K];
+    load_R(stripe.j_end + lag, R_now);  // the column of step 0
     const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
     for (int s = 0; s < steps; ++s) {
       T below_E = __shfl_down_sync(kFullMask, out_E, 1);
@@ -405,22 +420,21 @@ __global__ void __launch_bounds__(kMaxThreads)
         below_E = ok ? E[below_row * M + j] : T(0);
         below_S = ok ? edge_below[j] : inf;
       }
+      load_R(j - 1, R_next);  // the next step's column
       if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
         cost.column(j);
-        const double* R_here = R + layout.at(p, t, j);
         T* E_here = E + int64_t(first_row) * M + j;
         const bool last_column = j == pair.m - 1;
         // Branch-free cells, as in the forward: invalid cells (outside the band, rows past
         // the pair's end) become (E, S) = (0, +inf), so they pass nothing on.
         const int offset = j - first_row;
-        const int valid_rows = pair.n - first_row;
         const int end_row = last_column ? pair.n - 1 - first_row : -1;
         T down_E = below_E, diag_E = below_right_E;
         double down_S = below_S, diag_S = below_right_S;
 #pragma unroll
         for (int k = K - 1; k >= 0; --k) {
           const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
-          const double r = ok ? R_here[k * int(blockDim.x)] : inf;
+          const double r = ok ? R_now[k] : inf;
           T e = down_E * weight(down_S, r) + right_E[k] * weight(right_S[k], r) +
                 diag_E * weight(diag_S, r);
           e = r < inf ? e : T(0);  // unreachable (or invalid): no alignment
@@ -444,6 +458,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         handoff_E[s % 2][warp] = out_E;
         handoff_S[s % 2][warp] = out_S;
       }
+#pragma unroll
+      for (int k = 0; k < K; ++k) R_now[k] = R_next[k];
       __syncthreads();
     }
   }
