@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
-# One prepared GPU session: build with CUDA, run the GPU tests, then the GPU benchmarks, and
-# copy what came out to $OUT (the device tool's output folder; default bench/results).
-# Usage on a GPU machine whose python has torch, triton, pytest and pytest-benchmark:
+# One prepared GPU session: build with CUDA, run the GPU tests, the GPU benchmarks and the
+# stage profiles, and leave what came out in $OUT (the device tool's output folder; default
+# bench/results/gpu-run) as at most 8 files (the device tool returns no more).
+# Usage on a GPU machine whose python3 has torch, triton, pytest and pytest-benchmark:
 #   bash bench/run_gpu.sh
-# Optional: TEST_PATHS (default: tests), BENCH_FILTER (pytest -k for bench/, default: cuda),
-# BUILD_SECONDS / TEST_SECONDS / BENCH_SECONDS (time limits of each part).
+# Options (environment):
+#   SKIP_BUILD=1     no C++/CUDA build (~130 s on an H100 machine): the reference and Triton
+#                    paths only (enough after a change to the Triton kernels alone)
+#   TEST_PATHS       default: tests;  TEST_FILTER: pytest -k for the tests (default: none)
+#   BENCH_FILES      default: bench;  BENCH_FILTER: pytest -k for bench/ (default: cuda)
+#   BUILD_SECONDS / TEST_SECONDS / BENCH_SECONDS / PROFILE_SECONDS: time limits of each part
+# Lessons of earlier sessions: keep --maxfail (not -x: one failure must not hide the rest),
+# and run a whole bench file (a filtered run rewrites that family's results with only its
+# rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
+OUT=${OUT:-bench/results/gpu-run}
 mkdir -p "$OUT"
-export MAX_JOBS=${MAX_JOBS:-16}
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } > "$OUT/gpu-machine.txt" 2>&1
-timeout ${BUILD_SECONDS:-200} env ETHER_KERNELS_REQUIRE_EXTENSION=1 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/gpu-build.log" 2>&1
-echo "build exit $?" >> "$OUT/gpu-build.log"
-tail -1 "$OUT/gpu-build.log"
-python3 -c "import json, ether_kernels; print(json.dumps(ether_kernels.info(), indent=1))" > "$OUT/gpu-info.json" 2>&1
-timeout ${TEST_SECONDS:-200} python3 -m pytest ${TEST_PATHS:-tests} -q -m gpu -p no:cacheprovider --maxfail=40 > "$OUT/gpu-tests.log" 2>&1
-echo "tests exit $?" >> "$OUT/gpu-tests.log"
-tail -3 "$OUT/gpu-tests.log"
-timeout ${BENCH_SECONDS:-200} python3 -m pytest bench -q -k "${BENCH_FILTER:-cuda}" --benchmark-enable --benchmark-columns=median -p no:cacheprovider > "$OUT/gpu-bench.log" 2>&1
-echo "bench exit $?" >> "$OUT/gpu-bench.log"
-cp bench/results/cuda-* "$OUT/" 2>/dev/null
-tail -3 "$OUT/gpu-bench.log"
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+start=$(date +%s)
+stamp() { echo "$1 at $(( $(date +%s) - start )) s"; }
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/machine.txt" 2>&1
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  timeout "${BUILD_SECONDS:-240}" env ETHER_KERNELS_REQUIRE_EXTENSION=1 \
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+  stamp "build exit $?" | tee -a "$OUT/build.log"
+fi
+python3 -c "import json, ether_kernels; print(json.dumps(ether_kernels.info()))" >> "$OUT/machine.txt" 2>&1
+timeout "${TEST_SECONDS:-200}" python3 -m pytest ${TEST_PATHS:-tests} -q -m gpu \
+  ${TEST_FILTER:+-k "$TEST_FILTER"} -p no:cacheprovider --maxfail=40 -rf > "$OUT/tests.log" 2>&1
+stamp "tests exit $?" | tee -a "$OUT/tests.log"
+grep -E "^FAILED|passed|failed" "$OUT/tests.log" | tail -20
+timeout "${BENCH_SECONDS:-200}" python3 -m pytest ${BENCH_FILES:-bench} -q -k "${BENCH_FILTER:-cuda}" \
+  --benchmark-enable --benchmark-columns=median -p no:cacheprovider > "$OUT/bench.log" 2>&1
+stamp "bench exit $?" | tee -a "$OUT/bench.log"
+timeout "${PROFILE_SECONDS:-90}" python3 bench/profile_gpu_stages.py > "$OUT/profile.log" 2>&1
+stamp "profile exit $?" | tee -a "$OUT/profile.log"
+tar czf "$OUT/results.tgz" bench/results/cuda-* 2>/dev/null
+grep -E "G cells/s|us wall|kernels per step" "$OUT/profile.log"
