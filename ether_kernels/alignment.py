@@ -184,6 +184,20 @@ def cross_modal_triplet_loss(anchors, others, anchor_labels, other_labels, margi
 
 # -------------------------------------------------------------------- contrastive
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """grad, tied to the loss's inputs so that differentiating it (a second derivative of
+    the contrastive loss) raises instead of silently treating the backward as constant."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("contrastive_loss: second derivatives are not supported (its "
+                           "blockwise backward is first order)")
+
+
 class _BlockwiseInfoNCE(torch.autograd.Function):
     """InfoNCE over L = a b^T / T (a, b already normalised), one (block, B) slab of L at a
     time: the forward keeps only the row and column log-sum-exps (O(B)), the backward
@@ -197,6 +211,23 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, temperature, symmetric, block, bound):
+        # in fp32 / fp64 whatever an enclosing autocast says: under fp16 autocast the slab's
+        # GEMM would come back in fp16, where exp(L) overflows past L = 11
+        with torch.autocast(a.device.type, enabled=False):
+            return _BlockwiseInfoNCE._forward(ctx, a, b, temperature, symmetric, block, bound)
+
+    @staticmethod
+    def backward(ctx, grad):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+            grads = _BlockwiseInfoNCE._backward(ctx, grad)
+        if create_graph:  # the slabs' in-place work is first order: differentiating raises
+            a, b = ctx.saved_tensors[:2]
+            grads = tuple(g if g is None else _FirstOrderOnly.apply(g, a, b) for g in grads)
+        return grads
+
+    @staticmethod
+    def _forward(ctx, a, b, temperature, symmetric, block, bound):
         B = a.shape[0]
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         a_acc, b_acc = a.to(acc), b.to(acc)
@@ -279,7 +310,7 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
         return loss.to(a.dtype)
 
     @staticmethod
-    def backward(ctx, grad):
+    def _backward(ctx, grad):
         if ctx.kept_gradient:
             a, b, d_logits = ctx.saved_tensors
             acc = d_logits.dtype

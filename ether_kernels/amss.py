@@ -116,12 +116,19 @@ def _backend_for(tensors, unit_dim, op):
     return "reference"
 
 
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode()
+
+
 def _triton_step(op, function, mutated):
     """The Triton op, or in eager mode the function behind it: the custom op's Python
     dispatch layers took most of a step's host time on an H100 (0.2 ms of kernels in a
     0.7 ms step, 40 tensors). Called directly, the mutated tensors' version counters are
     bumped as the op would bump them."""
-    if torch.compiler.is_compiling():
+    tracing = (torch.compiler.is_compiling() or _current_dispatch_mode() is not None
+               or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in mutated))
+    if tracing:  # torch.compile, make_fx / fake tensors, tensor subclasses: the op
         return op
 
     def run_eagerly(*args):

@@ -96,8 +96,11 @@ def run_every_triton_op():
             for options in ({}, {"discrepancy": "l2", "reduction": "sum"},
                             {"per_sample": True}):
                 ek.ether_loss(pred, true, [0, [1, 2]], 0.3, **options).backward()
+            ek.ether_loss(pred, true.detach(), [0, [1, 2]], 0.3).backward()  # y_pred only
+            ek.ether_loss(pred.detach(), true, [0, [1, 2]], 0.3).backward()  # y_true only
             # AMSS: every mode, steps 0 / 1 / 17 (1 and multiples of 16 are specialised)
-            grads = [torch.randn(8, 5, dtype=dtype), torch.randn(3, 7, dtype=dtype),
+            # 300 units: the selection's wide variants (IB = 256, WIDTH = 512)
+            grads = [torch.randn(8, 5, dtype=dtype), torch.randn(300, 2, dtype=dtype),
                      torch.randn(1, 1, dtype=dtype)]
             for mode, scaling in (("amss", None), ("amss+", "paper"),
                                   ("amss+", "reference-code"), ("uniform", None),
@@ -118,7 +121,9 @@ def run_every_triton_op():
             W = torch.randn(12, 4 * 5, dtype=dtype, requires_grad=True)
             for batch in (1, 5, 40):
                 multimodal_loss(z[:batch], torch.randint(0, 4, (batch,)), W, 4,
-                                   0.1).backward()
+                                0.1).backward()
+            with torch.no_grad():  # the forward without gradients
+                multimodal_loss(z, torch.randint(0, 4, (40,)), W, 4, 0.1)
         for dtype in (torch.float32, torch.float64):
             for batch, n, m in ((2, 5, 7), (1, 1, 1), (3, 16, 16)):
                 x = torch.randn(batch, n, 2, dtype=dtype, requires_grad=True)
@@ -129,9 +134,26 @@ def run_every_triton_op():
                         ek.soft_dtw(x, y, gamma, band=band).sum().backward()
 
 
+def every_kernel_in_the_package():
+    """The names of all @triton.jit kernels (launched ones: their names end in _kernel)."""
+    import importlib
+    import pkgutil
+
+    import ether_kernels.triton as package
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        names |= {name for name, value in vars(module).items()
+                  if isinstance(value, triton_jit.JITFunction) and name.endswith("_kernel")}
+    return names
+
+
 if __name__ == "__main__":
     _dispatch.triton_interpret = True  # let the dispatcher pick Triton for CPU tensors
     triton_jit.JITFunction.run = compile_launch
     run_every_triton_op()
-    print(f"compiled {len(compiled)} specialisations of "
-          f"{len({key[0] for key in compiled})} Triton kernels for sm_90")
+    reached = {key[0] for key in compiled}
+    missing = every_kernel_in_the_package() - reached
+    assert not missing, f"kernels no op launched here (add a call that reaches them): {missing}"
+    print(f"compiled {len(compiled)} specialisations of {len(reached)} Triton kernels for "
+          "sm_90")

@@ -162,6 +162,26 @@ def test_contrastive_loss_gradcheck_fp32_and_large_logits():
         assert ((g.double() - h).abs().max() <= 1e-5 * h.abs().max()).item()
 
 
+@pytest.mark.parametrize("block", [8, None])  # slab by slab; one slab
+def test_contrastive_loss_under_autocast_and_create_graph(block):
+    """Under fp16 / bf16 autocast the loss is still computed in fp32 (an fp16 slab's exp(L)
+    would overflow past L = 11: inf at T = 0.07); create_graph=True gives the first-order
+    gradients, and a second backward raises instead of returning a wrong Hessian."""
+    a, b = torch.randn(64, 16), torch.randn(64, 16)
+    exact = ek.contrastive_loss(a, b, 0.07, block=block)
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            under = ek.contrastive_loss(a, b, 0.07, block=block)
+        assert torch.isfinite(under) and abs(under.item() - exact.item()) <= 1e-5 * exact.item()
+    u = a.clone().requires_grad_(True)
+    loss = ek.contrastive_loss(u, b, 0.07, block=block)
+    (g,) = torch.autograd.grad(loss, u, create_graph=True)
+    (expected,) = torch.autograd.grad(ek.contrastive_loss(u, b, 0.07, block=block), u)
+    torch.testing.assert_close(g, expected)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), u)
+
+
 def test_contrastive_bad_input():
     a = torch.randn(5, 3)
     cases = [

@@ -337,6 +337,27 @@ def test_closed_form_inclusion_probabilities_match_the_reference_loop():
             assert abs(pi.sum().item() - k) < 1e-9 and (pi <= 1).all()
 
 
+@pytest.mark.parametrize("device,backend", FUSED)
+def test_nan_and_inf_gradients_keep_the_reference_units(device, backend):
+    """A NaN or inf gradient makes every q of its tensor NaN: the keys rank as in a stable
+    sort (NaN first, ties to the lower index), AMSS+ "paper" keeps nothing (NaN pi); every
+    backend keeps the reference's units and raises nothing."""
+    for mode, scaling in (("amss", None), ("amss+", "paper"), ("amss+", "reference-code"),
+                          ("uniform", None), ("topk", None)):
+        kept = {}
+        for name in (backend, "reference"):
+            g = torch.randn(10, 3, dtype=torch.float64)
+            g[4, 1] = float("nan")
+            h = torch.randn(6, 2, dtype=torch.float64)
+            h[2, 0] = float("inf")
+            g, h = g.to(device), h.to(device)
+            with ek.use_backend(name):
+                ek.amss.mask_gradients([[g], [h]], [0.4, 0.5], mode=mode, scaling=scaling,
+                                       seed=3, step=2)
+            kept[name] = [(x.reshape(x.shape[0], -1) != 0).any(1).tolist() for x in (g, h)]
+        assert kept[backend] == kept["reference"], (mode, scaling)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
 def test_triton_selection_kernel_equals_the_batched_torch_selection(device, backend):
     """Stage 2 has two implementations: one kernel ranking units pairwise (tensors of up to
@@ -344,11 +365,12 @@ def test_triton_selection_kernel_equals_the_batched_torch_selection(device, back
     from both, every mode, on tensors of 1 to 300 units with zero gradients (all q equal:
     ties), dominant units (AMSS+ caps), and every kind of k (0, 1, n - 1, n)."""
     from ether_kernels.triton import amss as triton_amss
-    rows = [1, 2, 7, 16, 17, 64, 300]
+    rows = [1, 2, 7, 16, 17, 64, 300, 9]
     grads = [torch.randn(n, 3, device=device, dtype=torch.float64) for n in rows]
     grads[2].zero_()
     grads[5][:5] *= 1e3
     grads[6][::7] *= 50.0
+    grads[7][4, 1] = float("nan")  # every q of that tensor NaN: torch.sort / clamp semantics
     plan = triton_amss._plan_for(grads, 1)
     addresses = triton_amss._addresses(grads, plan.slots, grads[0].device)
     for step in range(3):
@@ -363,9 +385,12 @@ def test_triton_selection_kernel_equals_the_batched_torch_selection(device, back
                 fused = triton_amss._factors(plan, u, noise, start, k, mode, scaling)
                 batched = triton_amss._factors_batched(plan, u, noise, start, k, mode, scaling)
                 assert torch.equal(fused != 0, batched != 0), (mode, scaling, ks)
-                torch.testing.assert_close(fused, batched, rtol=1e-12, atol=0)
+                torch.testing.assert_close(fused, batched, rtol=1e-12, atol=0, equal_nan=True)
                 kept = [int((f != 0).sum()) for f in fused.split(plan.num_units)]
-                assert kept == ks, (mode, scaling)
+                # exactly k everywhere, but AMSS+ "paper" keeps nothing of the NaN tensor
+                # (its pi are NaN), like the reference
+                nan_kept = 0 if (mode, scaling) == ("amss+", "paper") else ks[-1]
+                assert kept == ks[:-1] + [nan_kept], (mode, scaling)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
@@ -385,6 +410,22 @@ def test_triton_eager_steps_bump_the_version_counters(device, backend):
     with ek.use_backend(backend):
         ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9, momentum_buffers=buffers)
     assert params[0]._version > before[0] and buffers[0][0]._version > before[1]
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
+def test_triton_step_under_tracing_records_the_op(device, backend):
+    """Eager steps skip the op's dispatch; traced ones (fake tensors) must still go through
+    the op, or tracing would read the data of fake tensors."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(g0, g1):
+        with ek.use_backend(backend):
+            ek.amss.mask_gradients([[g0], [g1]], [0.5, 0.5], seed=1)
+        return g0, g1
+
+    graph = make_fx(step, tracing_mode="fake")(torch.randn(6, 4, device=device),
+                                               torch.randn(5, 3, device=device))
+    assert "amss_mask_gradients_triton" in str(graph.graph)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])

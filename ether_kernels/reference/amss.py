@@ -168,7 +168,9 @@ def unit_factors(q, k, mode, scaling, seed, step, tensor_index):
         return factors
     noise = gumbel(seed, step, tensor_index, n, q.device)
     keys = noise if mode == "uniform" else torch.log(q) + noise
-    chosen = torch.topk(keys, k).indices
+    # the k largest keys, ties (and NaN keys, from a NaN gradient) to the lower index: a
+    # stable sort, so every backend keeps the same units whatever the input
+    chosen = torch.sort(keys, descending=True, stable=True).indices[:k]
     factors[chosen] = 1.0 / (q[chosen] + 1.0 / n) if mode == "amss+" else 1.0
     return factors
 

@@ -173,6 +173,7 @@ def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_add
 
 
 EPS_IN_KERNEL = tl.constexpr(EPS)  # globals a compiled kernel reads are constexprs
+NAN_TOO = tl.constexpr(tl.PropagateNan.ALL)  # tl.minimum / maximum default to dropping NaN
 
 
 # Stage 2. A unit's place in a stable sort of its tensor's units is its rank: the number of
@@ -273,10 +274,12 @@ def _pi_kernel(u_ptr, k_ptr, first_unit_ptr, num_units_ptr, rank_ptr, tail_ptr, 
         / _tensor_total(u_ptr, first, n, IB)
     rank = tl.load(rank_ptr + first + j, mask=valid, other=0).to(tl.int64)
     tail = tl.load(tail_ptr + first + j, mask=valid, other=0.0)
-    consistent = ((k - rank).to(tl.float64) * q <= tail) | (rank >= k - 1)
+    # a NaN q (a NaN or inf gradient) caps nothing, as in the reference's capping rounds
+    consistent = ((k - rank).to(tl.float64) * q <= tail) | (rank >= k - 1) | (q != q)
     r = tl.min(tl.where(valid & consistent, rank, n), axis=0)
     free_mass = tl.sum(tl.where(valid & (rank == r), tail, 0.0), axis=0)
-    pi = tl.minimum((k - r).to(tl.float64) * q / free_mass, 1.0)
+    # NaN (a NaN or inf gradient) propagates as in torch.clamp: such a tensor keeps no unit
+    pi = tl.minimum((k - r).to(tl.float64) * q / free_mass, 1.0, propagate_nan=NAN_TOO)
     tl.store(pi_ptr + first + j, tl.where(rank < r, 1.0, pi), mask=valid)
 
 
@@ -309,8 +312,10 @@ def _systematic_kernel(noise_ptr, start_ptr, k_ptr, first_unit_ptr, num_units_pt
             sum_through += tl.sum(tl.where(through, pi_i, 0.0), axis=1)
         start = tl.load(start_ptr + s)
         kf = tl.load(k_ptr + s).to(tl.float64)
-        points_before = tl.minimum(tl.maximum(tl.ceil(sum_before - start), 0.0), kf)
-        points_through = tl.minimum(tl.maximum(tl.ceil(sum_through - start), 0.0), kf)
+        points_before = tl.minimum(tl.maximum(tl.ceil(sum_before - start), 0.0,
+                                              propagate_nan=NAN_TOO), kf, propagate_nan=NAN_TOO)
+        points_through = tl.minimum(tl.maximum(tl.ceil(sum_through - start), 0.0,
+                                               propagate_nan=NAN_TOO), kf, propagate_nan=NAN_TOO)
         chosen = points_through - points_before > 0
         tl.store(factor_ptr + first + j, tl.where(chosen, 1.0 / tl.where(chosen, pi, 1.0), 0.0),
                  mask=valid)
@@ -424,7 +429,7 @@ def capped_inclusion_probabilities(q, k):
     rank = torch.arange(q.shape[1], device=q.device)[None, :]
     q_sorted, by_q = torch.sort(q, dim=1, descending=True, stable=True)
     tail = torch.flip(torch.cumsum(torch.flip(q_sorted, [1]), dim=1), [1])
-    consistent = ((k - rank) * q_sorted <= tail) | (rank >= k - 1)
+    consistent = ((k - rank) * q_sorted <= tail) | (rank >= k - 1) | torch.isnan(q_sorted)
     capped_count = torch.argmax(consistent.to(torch.int8), dim=1, keepdim=True)  # first True
     free_mass = torch.gather(tail, 1, capped_count)
     pi = torch.clamp((k - capped_count) * q / free_mass, max=1.0)
