@@ -372,7 +372,8 @@ def test_triton_selection_kernel_equals_the_batched_torch_selection(device, back
     grads[6][::7] *= 50.0
     grads[7][4, 1] = float("nan")  # every q of that tensor NaN: torch.sort / clamp semantics
     plan = triton_amss._plan_for(grads, 1)
-    addresses = triton_amss._addresses(grads, plan.slots, grads[0].device)
+    addresses = triton_amss._to_device([grads[t].data_ptr() for t in plan.slots], torch.int64,
+                                       grads[0].device)
     for step in range(3):
         u, noise, start = triton_amss._importance(grads, plan, addresses, seed=5, step=step)
         for ratio_of in (lambda n: 0.0, lambda n: 1.0, lambda n: 1.0 / n,

@@ -391,10 +391,6 @@ def _to_device(values, dtype, device):
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _addresses(tensors, slots, device):
-    return _to_device([tensors[t].data_ptr() for t in slots], torch.int64, device)
-
-
 def _grid_launch(kernel, units, *args, **meta):
     if units.numel() > 0:
         kernel[(units.numel(),)](units, *args, num_warps=NUM_WARPS, **meta)
@@ -454,7 +450,8 @@ def _factors(plan, u, noise, start, k, mode, scaling):
     T = len(plan.slots)
     factors = torch.empty_like(u)
     grid = (T, triton.cdiv(plan.max_units, SELECT_ROWS))
-    columns = min(SELECT_COLUMNS, max(16, triton.next_power_of_2(plan.max_units)))
+    width = max(16, triton.next_power_of_2(plan.max_units))  # _pi_kernel's lanes
+    columns = min(SELECT_COLUMNS, width)
     paper = mode == "amss+" and scaling == "paper"
     key = 3 if (paper or mode == "topk") else 2 if mode == "uniform" else 0
     rank = torch.empty(plan.total if paper else 0, dtype=torch.int32, device=u.device)
@@ -465,7 +462,7 @@ def _factors(plan, u, noise, start, k, mode, scaling):
     if paper:
         pi = torch.empty_like(u)
         _pi_kernel[(T,)](u, k, plan.first_unit_t, plan.num_units_t, rank, tail, pi,
-                         WIDTH=max(16, triton.next_power_of_2(plan.max_units)), IB=columns,
+                         WIDTH=width, IB=columns,
                          num_warps=SELECT_WARPS)
         _systematic_kernel[grid](noise, start, k, plan.first_unit_t, plan.num_units_t, pi,
                                  factors, JB=SELECT_ROWS, IB=columns,
@@ -619,11 +616,15 @@ def masked_sgd_step_triton(params, grads, buffers, fresh, group_of_tensor, ratio
     plan, grad_addresses, factors = _unit_factors(grads, group_of_tensor, ratios, sampling,
                                                   scaling, seed, step, unit_size)
     device = params[0].device
-    param_addresses = _addresses(params, plan.slots, device)
-    buffer_addresses = _addresses(buffers, plan.slots, device) if with_momentum else \
-        param_addresses  # unused
-    fresh_t = _to_device([fresh[t] if with_momentum else 0 for t in plan.slots], torch.int32,
-                         device)
+    # the parameters' and buffers' addresses and the fresh flags in one pinned copy (without
+    # momentum the buffer table repeats the parameters' and is never read)
+    T = len(plan.slots)
+    owners_of_buffers = buffers if with_momentum else params
+    table = _to_device([params[t].data_ptr() for t in plan.slots]
+                       + [owners_of_buffers[t].data_ptr() for t in plan.slots]
+                       + [fresh[t] if with_momentum else 0 for t in plan.slots],
+                       torch.int64, device)
+    param_addresses, buffer_addresses, fresh_t = table[:T], table[T:2 * T], table[2 * T:]
     hyper = _to_device([lr, momentum, dampening, weight_decay], torch.float64, device)
     for dtype, units in plan.units_by_dtype.items():
         _grid_launch(_sgd_kernel, units, plan.unit_slot_t, param_addresses, grad_addresses,
