@@ -10,8 +10,11 @@
 Usage: python3 bench/profile_gpu_stages.py [amss|dtw]   (both without an argument)
 """
 
+import cProfile
+import pstats
 import statistics
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -52,13 +55,34 @@ def profile_amss():
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
+
+        # host time per step: launches queued without waiting (the GPU is not the limit
+        # when this is above the kernels' GPU time), then where it goes (cProfile)
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for _ in range(50):
+            step()
+        host_us = (time.perf_counter() - begin) / 50 * 1e6
+        torch.cuda.synchronize()
+        print(f"host time per step (no sync): {host_us:.0f} us")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(50):
+            step()
+        profiler.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(12)
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"
                   or getattr(e, "self_device_time_total", 0) > 0]
         events.sort(key=lambda e: -e.self_device_time_total)
         launches = sum(e.count for e in events) / 5
         print(f"kernels per step: {launches:.0f}; GPU time per step by kernel:")
         for e in events[:15]:
-            print(f"  {e.self_device_time_total / 5:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}")
+            us = e.self_device_time_total / 5
+            rate = (f"  ({4 * numel / us / 1e3:.0f} GB/s: one read of every gradient)"
+                    if e.key == "_importance_kernel" else "")
+            print(f"  {us:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}{rate}")
 
 
 def profile_dtw():

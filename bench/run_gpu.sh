@@ -9,6 +9,7 @@
 #                    paths only (enough after a change to the Triton kernels alone)
 #   TEST_PATHS       default: tests;  TEST_FILTER: pytest -k for the tests (default: none)
 #   BENCH_FILES      default: bench;  BENCH_FILTER: pytest -k for bench/ (default: cuda)
+#   PROFILE_PARTS    default: both stage profiles ("amss", "dtw" or "amss dtw")
 #   BUILD_SECONDS / TEST_SECONDS / BENCH_SECONDS / PROFILE_SECONDS: time limits of each part
 # Lessons of earlier sessions: keep --maxfail (not -x: one failure must not hide the rest),
 # and run a whole bench file (a filtered run rewrites that family's results with only its
@@ -36,7 +37,7 @@ grep -E "^FAILED|passed|failed" "$OUT/tests.log" | tail -20
 timeout "${BENCH_SECONDS:-200}" python3 -m pytest ${BENCH_FILES:-bench} -q -k "${BENCH_FILTER:-cuda}" \
   --benchmark-enable --benchmark-columns=median -p no:cacheprovider > "$OUT/bench.log" 2>&1
 stamp "bench exit $?" | tee -a "$OUT/bench.log"
-timeout "${PROFILE_SECONDS:-90}" python3 bench/profile_gpu_stages.py > "$OUT/profile.log" 2>&1
+timeout "${PROFILE_SECONDS:-90}" python3 bench/profile_gpu_stages.py ${PROFILE_PARTS:-} > "$OUT/profile.log" 2>&1
 stamp "profile exit $?" | tee -a "$OUT/profile.log"
 tar czf "$OUT/results.tgz" bench/results/cuda-* 2>/dev/null
 grep -E "G cells/s|us wall|kernels per step" "$OUT/profile.log"
