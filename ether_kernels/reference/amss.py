@@ -143,6 +143,13 @@ def inclusion_probabilities(q, k):
     return pi.clamp(max=1.0)
 
 
+def _nan_first(keys):
+    """Keys with NaN (from a NaN or inf gradient) as +inf: a NaN key ranks first. The keys
+    (q <= 1, log q + finite noise) are otherwise below +inf, and torch.sort places NaN
+    differently on CPU and on CUDA: the order must not depend on the device."""
+    return torch.where(torch.isnan(keys), float("inf"), keys)
+
+
 def unit_factors(q, k, mode, scaling, seed, step, tensor_index):
     """(N,) float64 factors of one tensor's units: 0 for left-out units, 1 (or 1 / pi_j, or
     1 / (q_j + 1 / N)) for kept ones."""
@@ -150,8 +157,8 @@ def unit_factors(q, k, mode, scaling, seed, step, tensor_index):
     factors = torch.zeros(n, dtype=torch.float64, device=q.device)
     if k == 0:
         return factors
-    if mode == "topk":  # ties to the lower index: a stable sort
-        factors[torch.sort(q, descending=True, stable=True).indices[:k]] = 1.0
+    if mode == "topk":  # ties to the lower index: a stable sort; NaN first (_nan_first)
+        factors[torch.sort(_nan_first(q), descending=True, stable=True).indices[:k]] = 1.0
         return factors
     if mode == "amss+" and scaling == "paper":
         pi = inclusion_probabilities(q, k)
@@ -170,7 +177,7 @@ def unit_factors(q, k, mode, scaling, seed, step, tensor_index):
     keys = noise if mode == "uniform" else torch.log(q) + noise
     # the k largest keys, ties (and NaN keys, from a NaN gradient) to the lower index: a
     # stable sort, so every backend keeps the same units whatever the input
-    chosen = torch.sort(keys, descending=True, stable=True).indices[:k]
+    chosen = torch.sort(_nan_first(keys), descending=True, stable=True).indices[:k]
     factors[chosen] = 1.0 / (q[chosen] + 1.0 / n) if mode == "amss+" else 1.0
     return factors
 

@@ -498,6 +498,8 @@ def _factors_batched(plan, u, noise, start, k, mode, scaling):
             noise_padded = _padded(plan, noise, 0.0)
             keys = noise_padded if mode == "uniform" else torch.log(q) + noise_padded
             keys = torch.where(plan.valid, keys, -float("inf"))
+        # NaN keys first on every device (reference.amss._nan_first)
+        keys = torch.where(torch.isnan(keys), float("inf"), keys)
         order = torch.sort(keys, dim=1, descending=True, stable=True).indices
         keep = rank < k
         if mode == "amss+":  # scaling "reference-code": 1 / (q + 1 / N)
