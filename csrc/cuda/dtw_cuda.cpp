@@ -1,7 +1,8 @@
 // The CUDA implementations of the DTW ops (schemas in csrc/ether_kernels.cpp, CPU twins in
 // csrc/cpu/dtw.cpp): argument checks, outputs and workspaces allocated with torch, launches
 // of the wavefront kernels of dtw_kernels.cu on the current stream, and for the series ops
-// the contraction of the alignment E with the local cost's gradient (batched matmuls).
+// the contraction of the alignment E with the local cost's gradient (batched matmuls; for
+// soft-DTW with the squared Euclidean cost and D <= 4, in the backward kernel itself).
 //
 // Nothing here reads device memory on the host: the lengths are checked for shape and
 // dtype only (the Python layer has checked their values; the kernels guard against bad
@@ -142,6 +143,29 @@ std::tuple<at::Tensor, at::Tensor> run_forward(DtwArgs& a, const at::TensorOptio
   return {values, R};
 }
 
+// ETHER_KERNELS_DTW_FUSED_BACKWARD=0 turns the fused soft-DTW backward off (the E path
+// instead), for A/B timings and as a way out should it ever misbehave.
+bool fused_backward_enabled() {
+  const char* value = std::getenv("ETHER_KERNELS_DTW_FUSED_BACKWARD");
+  return value == nullptr || std::string(value) != "0";
+}
+
+// Soft-DTW with the squared Euclidean cost, D <= 4, one series per pair: the kernel
+// contracts E into the gradients as it goes (no (B, N, M) tensor, no matmuls).
+std::tuple<at::Tensor, at::Tensor> run_fused_backward(DtwArgs& a, const at::Tensor& grad,
+                                                      const at::Tensor& R,
+                                                      const at::TensorOptions& options,
+                                                      bool need_x, bool need_y) {
+  const at::Tensor g = grad.reshape({a.B}).to(options).contiguous();
+  const at::Tensor r = R.contiguous();
+  at::Tensor gx = at::zeros({a.B, a.N, a.D}, options);  // rows past a pair's length stay 0
+  at::Tensor gy = at::zeros({a.B, a.M, a.D}, options);  // the kernel adds each stripe's sum
+  const at::Tensor workspace = attach_workspace(a, options);
+  C10_CUDA_CHECK(soft_dtw_backward_series(a, g.data_ptr(), r.data_ptr(), gx.data_ptr(),
+                                          gy.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  return {need_x ? gx : at::empty({0}, options), need_y ? gy : at::empty({0}, options)};
+}
+
 // E = grad[b] * d values[b] / d cost, (B, N, M) in the inputs' dtype.
 at::Tensor run_backward(DtwArgs& a, const at::Tensor& grad, const at::Tensor& R,
                         const at::TensorOptions& options) {
@@ -269,6 +293,9 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cuda(
   a.y = ys.data_ptr();
   a.x_batch_stride = x_stride;
   a.y_batch_stride = y_stride;
+  if (dtw_fused_backward_supported(a) && fused_backward_enabled()) {
+    return run_fused_backward(a, grad, R, x.options(), need_x, need_y);
+  }
   const at::Tensor E = run_backward(a, grad, R, x.options());
   return contract(E, x, y, metric, need_x, need_y);
 }

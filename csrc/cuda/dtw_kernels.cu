@@ -46,6 +46,9 @@ constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr int kRowsSoft = 4;      // K: rows per thread (soft forward and backward)
 constexpr int kRowsHard = 16;     // K for hard DTW: a cheaper cell, so more cells per barrier
 constexpr int64_t kMaxPairs = 2147483647;  // one block per pair: the grid's x limit
+// Boundary rows of fp64 per pair in the workspace: the forward's R (or the backward's S) of
+// the last (first) row of a stripe, double-buffered, then the fused backward's E likewise.
+constexpr int kEdgeRows = 4;
 
 template <typename T> __device__ __forceinline__ T infinity();
 template <> __device__ __forceinline__ float infinity<float>() {
@@ -262,7 +265,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   const KeptLayout layout(blockDim.x, K, M);
   V* R = R_out != nullptr ? R_out + b * args.kept_per_pair : nullptr;
   // Two boundary rows (no workspace when the pair fits in one stripe: never touched then).
-  V* edge = args.workspace != nullptr ? static_cast<V*>(args.workspace) + b * 2 * M : nullptr;
+  V* edge = args.workspace != nullptr
+                ? reinterpret_cast<V*>(static_cast<double*>(args.workspace) + b * kEdgeRows * M)
+                : nullptr;
   const V inf = infinity<V>();
 
   const int stripes = (pair.n + rows_per_stripe - 1) / rows_per_stripe;
@@ -333,12 +338,22 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // ----------------------------------------------------------------------- backward (soft)
 
-template <typename T, int K, typename Cost>
+// kFusedD = 0: E is written to E_out (B, N, M). kFusedD = D' > 0 (the squared Euclidean
+// series cost with D <= D' features in registers): E is contracted on the fly into
+// grad_x / grad_y (kernels_cuda.h, soft_dtw_backward_series) and never stored; the stripes'
+// boundary rows of E go through the workspace like those of S.
+template <typename T, int K, typename Cost, int kFusedD>
 __global__ void __launch_bounds__(kMaxThreads)
     soft_dtw_backward_kernel(const DtwArgs args, const T* __restrict__ grad,
-                             const double* __restrict__ R_in, T* __restrict__ E_out) {
+                             const double* __restrict__ R_in, T* __restrict__ E_out,
+                             T* __restrict__ grad_x, T* __restrict__ grad_y) {
+  constexpr bool kFused = kFusedD > 0;
+  constexpr int kG = kFused ? kFusedD : 1;  // gradient features kept per row / column
   __shared__ T handoff_E[2][kMaxWarps];  // lane 0 of warp w -> lane 31 of warp w - 1
   __shared__ double handoff_S[2][kMaxWarps];
+  // Fused: the partial grad_y of the columns in flight, column j in slot j mod kMaxThreads
+  // (at most blockDim consecutive columns are in flight at once, see below).
+  __shared__ T column_ring[kFused ? kMaxThreads : 1][kG];
   const int64_t b = blockIdx.x;
   const PairShape pair(args, b);
   if (!pair.ok) return;
@@ -351,9 +366,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
   const KeptLayout layout(blockDim.x, K, M);
   const double* R = R_in + b * args.kept_per_pair;
-  T* E = E_out + b * N * M;
-  double* edge = args.workspace != nullptr  // S of the boundary rows (see the forward)
-                     ? static_cast<double*>(args.workspace) + b * 2 * M
+  T* E = kFused ? nullptr : E_out + b * N * M;
+  T* gx = kFused ? grad_x + b * N * args.D : nullptr;
+  T* gy = kFused ? grad_y + b * M * args.D : nullptr;
+  const int D = static_cast<int>(args.D);
+  double* edge = args.workspace != nullptr  // S (and E when fused) of the boundary rows
+                     ? static_cast<double*>(args.workspace) + b * kEdgeRows * M
                      : nullptr;
   const T seed = grad[b];
   const double inf = infinity<double>();
@@ -368,6 +386,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     const Stripe stripe(pair, p, rows_per_stripe, K);
     const double* edge_below = edge + ((p + 1) % 2) * M;  // S of the next stripe's first row
     double* edge_above = edge + (p % 2) * M;               // S of this stripe's first row
+    const double* edge_E_below = edge + (2 + (p + 1) % 2) * M;  // fused: E of those rows
+    double* edge_E_above = edge + (2 + p % 2) * M;
     const int first_row = stripe.i0 + t * K;
     const bool owns_rows = t <= stripe.t_last;
     const int lag = stripe.t_last - t;  // the last owning thread leads
@@ -386,8 +406,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     T below_right_E = T(0);
     double below_right_S = inf;
     if (t == stripe.t_last && pair.allowed(below_row, stripe.j_end + 1)) {
-      below_right_E = E[below_row * M + stripe.j_end + 1];  // int64: M is
+      below_right_E = kFused ? static_cast<T>(edge_E_below[stripe.j_end + 1])
+                             : E[below_row * M + stripe.j_end + 1];  // int64: M is
       below_right_S = edge_below[stripe.j_end + 1];
+    }
+    // Fused: this thread's rows' gradient, sum over the stripe's columns of 2 E (x_i - y_j).
+    T row_grad[K][kG];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int d = 0; d < kG; ++d) row_grad[k][d] = T(0);
     }
     T out_E = T(0);  // (E, S) of this thread's first row at its previous column (passed up)
     double out_S = inf;
@@ -417,14 +445,17 @@ __global__ void __launch_bounds__(kMaxThreads)
       const int j = stripe.j_end - (s - lag);
       if (t == stripe.t_last) {  // the row below the stripe: written by the previous stripe
         const bool ok = pair.allowed(below_row, j);
-        below_E = ok ? E[below_row * M + j] : T(0);
+        below_E = ok ? (kFused ? static_cast<T>(edge_E_below[j]) : E[below_row * M + j]) : T(0);
         below_S = ok ? edge_below[j] : inf;
       }
       load_R(j - 1, R_next);  // the next step's column
       if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
         cost.column(j);
-        T* E_here = E + int64_t(first_row) * M + j;
+        T* E_here = kFused ? nullptr : E + int64_t(first_row) * M + j;
         const bool last_column = j == pair.m - 1;
+        T column_grad[kG];  // fused: minus the sum over this thread's rows of 2 E (x_i - y_j)
+#pragma unroll
+        for (int d = 0; d < kG; ++d) column_grad[d] = T(0);
         // Branch-free cells, as in the forward: invalid cells (outside the band, rows past
         // the pair's end) become (E, S) = (0, +inf), so they pass nothing on.
         const int offset = j - first_row;
@@ -440,7 +471,19 @@ __global__ void __launch_bounds__(kMaxThreads)
           e = r < inf ? e : T(0);  // unreachable (or invalid): no alignment
           e = k == end_row ? seed : e;
           const double S = ok ? r - static_cast<double>(cost.at(k, first_row + k)) : inf;
-          if (ok) E_here[k * M] = e;
+          if constexpr (kFused) {
+            // d cost / d x_i = 2 (x_i - y_j) = -d cost / d y_j; e is 0 on invalid cells, and
+            // rows past the pair's end (zeros in registers) are masked out by ok as well.
+            const T w = ok ? T(2) * e : T(0);
+#pragma unroll
+            for (int d = 0; d < kG; ++d) {
+              const T diff = cost.xr[k][d] - cost.yj[d];  // 0 - 0 for features d >= D
+              row_grad[k][d] += w * diff;
+              column_grad[d] -= w * diff;
+            }
+          } else if (ok) {
+            E_here[k * M] = e;
+          }
           diag_E = right_E[k];
           diag_S = right_S[k];
           down_E = e;
@@ -450,7 +493,28 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
         out_E = down_E;
         out_S = down_S;
-        if (t == 0 && p > 0) edge_above[j] = out_S;
+        if (t == 0 && p > 0) {
+          edge_above[j] = out_S;
+          if constexpr (kFused) edge_E_above[j] = static_cast<double>(out_E);
+        }
+        if constexpr (kFused) {
+          // Column j is visited by threads t_last, t_last - 1, ..., 0 at consecutive steps
+          // (thread t at step t_last - t + j_end - j): the first starts its ring slot, each
+          // adds its rows, thread 0 adds the stripe's sum to grad_y. The in-flight columns
+          // at one step are distinct and span at most blockDim <= kMaxThreads consecutive
+          // columns, so their slots differ; a slot is reused kMaxThreads columns later, after
+          // thread 0 has read it. Fixed order, so the sums are deterministic.
+          T* slot = column_ring[j % kMaxThreads];
+#pragma unroll
+          for (int d = 0; d < kG; ++d) {
+            const T sum = (t == stripe.t_last ? T(0) : slot[d]) + column_grad[d];
+            if (t > 0) {
+              slot[d] = sum;
+            } else if (d < D) {
+              gy[int64_t(j) * D + d] += sum;  // the stripes run one after another
+            }
+          }
+        }
       }
       below_right_E = below_E;
       below_right_S = below_S;
@@ -461,6 +525,18 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int k = 0; k < K; ++k) R_now[k] = R_next[k];
       __syncthreads();
+    }
+    if constexpr (kFused) {  // each row belongs to one thread of one stripe: plain stores
+      if (owns_rows) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (k >= valid_rows) continue;
+#pragma unroll
+          for (int d = 0; d < kG; ++d) {
+            if (d < D) gx[int64_t(first_row + k) * D + d] = row_grad[k][d];
+          }
+        }
+      }
     }
   }
 }
@@ -608,10 +684,31 @@ cudaError_t backward_typed(const DtwArgs& args, const void* grad, const void* R,
   }
   return with_cost<T, kRowsSoft>(a, [&](auto* cost_tag) {
     using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    soft_dtw_backward_kernel<T, kRowsSoft, Cost><<<a.B, a.threads, 0, stream>>>(
-        a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E));
+    soft_dtw_backward_kernel<T, kRowsSoft, Cost, 0><<<a.B, a.threads, 0, stream>>>(
+        a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E),
+        nullptr, nullptr);
     return cudaGetLastError();
   });
+}
+
+template <typename T>
+cudaError_t fused_backward_typed(const DtwArgs& args, const void* grad, const void* R,
+                                 void* grad_x, void* grad_y, cudaStream_t stream) {
+  const DtwArgs a = resolved(args);
+  auto launch = [&](auto* cost_tag, auto dims) {
+    using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+    constexpr int kD = decltype(dims)::value;
+    soft_dtw_backward_kernel<T, kRowsSoft, Cost, kD><<<a.B, a.threads, 0, stream>>>(
+        a, static_cast<const T*>(grad), static_cast<const double*>(R), nullptr,
+        static_cast<T*>(grad_x), static_cast<T*>(grad_y));
+    return cudaGetLastError();
+  };
+  if (a.D == 1) {
+    return launch(static_cast<SeriesCost<T, 1, kRowsSoft, true>*>(nullptr),
+                  std::integral_constant<int, 1>{});
+  }
+  return launch(static_cast<SeriesCost<T, 4, kRowsSoft, true>*>(nullptr),
+                std::integral_constant<int, 4>{});
 }
 
 }  // namespace
@@ -619,7 +716,25 @@ cudaError_t backward_typed(const DtwArgs& args, const void* grad, const void* R,
 size_t dtw_workspace_bytes(const DtwArgs& args) {
   const int K = rows_per_thread(args);
   if (args.N <= int64_t(threads_for(args, K)) * K) return 0;  // one stripe: no boundary
-  return static_cast<size_t>(args.B) * 2 * static_cast<size_t>(args.M) * sizeof(double);
+  return static_cast<size_t>(args.B) * kEdgeRows * static_cast<size_t>(args.M) *
+         sizeof(double);
+}
+
+bool dtw_fused_backward_supported(const DtwArgs& args) {
+  return args.soft && args.cost == nullptr && args.metric == 0 && args.D >= 1 &&
+         args.D <= 4 && args.x_batch_stride == args.N * args.D &&
+         args.y_batch_stride == args.M * args.D;
+}
+
+cudaError_t soft_dtw_backward_series(const DtwArgs& args, const void* grad, const void* R,
+                                     void* grad_x, void* grad_y, cudaStream_t stream) {
+  if (!dtw_fused_backward_supported(args)) return cudaErrorInvalidValue;
+  if (args.B == 0) return cudaSuccess;
+  if (args.B > kMaxPairs) return cudaErrorInvalidValue;
+  if (args.dtype == DType::kFloat64) {
+    return fused_backward_typed<double>(args, grad, R, grad_x, grad_y, stream);
+  }
+  return fused_backward_typed<float>(args, grad, R, grad_x, grad_y, stream);
 }
 
 cudaError_t dtw_forward(const DtwArgs& args, void* values, void* R, cudaStream_t stream) {

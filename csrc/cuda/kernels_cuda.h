@@ -145,7 +145,7 @@ struct DtwArgs {
   double gamma;      // > 0 when soft
   bool soft;
   int max_threads;   // threads per pair (a multiple of 32, <= 512); 0 = the default 512
-  void* workspace;   // dtw_workspace_bytes(*this) bytes (two boundary rows per pair)
+  void* workspace;   // dtw_workspace_bytes(*this) bytes (four boundary rows per pair)
   size_t workspace_bytes;
   // Set by the launchers (callers leave them 0): threads and rows per thread of a pair's
   // block, kept R elements per pair.
@@ -172,8 +172,20 @@ cudaError_t dtw_forward(const DtwArgs& args, void* values, void* R, cudaStream_t
 cudaError_t dtw_backward(const DtwArgs& args, const void* grad, const void* R, void* E,
                          cudaStream_t stream);
 
-// Workspace bytes of dtw_forward / dtw_backward for these sizes (0 when every pair fits in
-// one stripe of rows).
+// Soft-DTW backward contracted in the kernel: grad_x [B, N, D] and grad_y [B, M, D] (dtype,
+// zero-filled by the caller) = d values / d x and d y scaled by grad, for the squared
+// Euclidean cost, without E: cell (i, j) adds 2 E_ij (x_i - y_j) to grad_x[i] (registers of
+// the thread owning row i) and subtracts it from grad_y[j] (a shared-memory ring of columns:
+// a column is visited by one thread per step, bottom thread first, so the sums need no
+// atomics and are deterministic), accumulated in fp64. Needs soft, no cost matrix, metric 0,
+// D <= 4 and a series per pair (batch strides N D and M D); anything else returns
+// cudaErrorInvalidValue (dtw_fused_backward_supported says beforehand).
+bool dtw_fused_backward_supported(const DtwArgs& args);
+cudaError_t soft_dtw_backward_series(const DtwArgs& args, const void* grad, const void* R,
+                                     void* grad_x, void* grad_y, cudaStream_t stream);
+
+// Workspace bytes of dtw_forward / dtw_backward / soft_dtw_backward_series for these sizes
+// (0 when every pair fits in one stripe of rows): four boundary rows of fp64 per pair.
 size_t dtw_workspace_bytes(const DtwArgs& args);
 
 }  // namespace ether_kernels::cuda

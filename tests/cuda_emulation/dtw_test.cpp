@@ -1,6 +1,7 @@
 // Emulated test of the DTW CUDA kernels (dtw_kernels.cu compiled as C++, see cuda_runtime.h):
 // forward values (kept R and value-only), backward E (soft: Cuturi & Blondel's Algorithm 2;
-// hard: the backtracked path) against a double-precision loop of the spec, for fp32 and fp64,
+// hard: the backtracked path) and the fused soft backward's grad_x / grad_y against a
+// double-precision loop of the spec, for fp32 and fp64,
 // hard and soft, bands, per-pair lengths, the three cost paths (D = 1, D <= 4, any D), the
 // precomputed cost, and 32-thread blocks so that pairs span several stripes of rows.
 // Usage: dtw_test SEED (fresh random inputs per seed); exit status 0 when every case passes.
@@ -111,13 +112,45 @@ template <class T> void run(const Case& cs) {
   for (size_t k = 0; k < E.size(); ++k) emax = std::max(emax, std::fabs(E[k]));
   for (size_t k = 0; k < E.size(); ++k) worst_e = std::max(worst_e, std::fabs((double)Ek[k] - E[k]) / std::max(emax, 1e-30));
   double etol = sizeof(T) == 8 ? 1e-9 : 1e-4;
+  // The fused soft backward (squared Euclidean, D <= 4, series): grad_x and grad_y against
+  // the contraction of the reference E, 2 sum_j E_ij (x_i - y_j) and its negative over i.
+  double worst_g = 0;
+  const bool fused = cs.soft && !cs.matrix && cs.metric == 0 && D <= 4;
+  if (!dtw_fused_backward_supported(a) != !fused) {
+    std::printf("dtw_fused_backward_supported disagrees  <-- FAIL\n");
+    ++failures;
+  }
+  if (fused) {
+    std::vector<T> gx(B * N * D, T(0)), gy(B * M * D, T(0));
+    if (soft_dtw_backward_series(a, grad.data(), Rk.data(), gx.data(), gy.data(), nullptr) !=
+        cudaSuccess) {
+      std::printf("soft_dtw_backward_series refused a supported case  <-- FAIL\n");
+      ++failures;
+    }
+    std::vector<double> gx_ref(B * N * D, 0.0), gy_ref(B * M * D, 0.0);
+    for (int b = 0; b < B; ++b) for (int i = 0; i < N; ++i) for (int j = 0; j < M; ++j)
+      for (int d = 0; d < D; ++d) {
+        const double w = 2 * E[(b*N+i)*M+j] * ((double)x[(b*N+i)*D+d] - (double)y[(b*M+j)*D+d]);
+        gx_ref[(b*N+i)*D+d] += w;
+        gy_ref[(b*M+j)*D+d] -= w;
+      }
+    double gmax = 1e-30;
+    for (double v : gx_ref) gmax = std::max(gmax, std::fabs(v));
+    for (double v : gy_ref) gmax = std::max(gmax, std::fabs(v));
+    for (size_t k = 0; k < gx.size(); ++k) worst_g = std::max(worst_g, std::fabs((double)gx[k] - gx_ref[k]) / gmax);
+    for (size_t k = 0; k < gy.size(); ++k) worst_g = std::max(worst_g, std::fabs((double)gy[k] - gy_ref[k]) / gmax);
+  } else if (soft_dtw_backward_series(a, grad.data(), Rk.data(), nullptr, nullptr, nullptr) !=
+             cudaErrorInvalidValue) {
+    std::printf("soft_dtw_backward_series accepted an unsupported case  <-- FAIL\n");
+    ++failures;
+  }
   // Hard DTW with the l1 cost in 1-D has exact ties between paths (|a - b| + |b - c| sums):
   // fp32 rounding picks among equally optimal paths, so only its value is compared.
   const bool ties = !cs.soft && cs.metric == 2 && sizeof(T) == 4;
-  bool bad = !(worst_v <= vtol) || (!ties && !(worst_e <= etol));
+  bool bad = !(worst_v <= vtol) || (!ties && !(worst_e <= etol)) || !(worst_g <= etol);
   if (bad) ++failures;
-  std::printf("%s %s B=%d N=%d M=%d D=%d band=%lld gamma=%g metric=%d matrix=%d thr=%d: val %.2e E %.2e%s\n",
-    sizeof(T)==8?"f64":"f32", cs.soft?"soft":"hard", B, N, M, D, (long long)cs.band, cs.gamma, cs.metric, cs.matrix, cs.threads, worst_v, worst_e, bad ? "  <-- FAIL" : "");
+  std::printf("%s %s B=%d N=%d M=%d D=%d band=%lld gamma=%g metric=%d matrix=%d thr=%d: val %.2e E %.2e grad %.2e%s\n",
+    sizeof(T)==8?"f64":"f32", cs.soft?"soft":"hard", B, N, M, D, (long long)cs.band, cs.gamma, cs.metric, cs.matrix, cs.threads, worst_v, worst_e, worst_g, bad ? "  <-- FAIL" : "");
 }
 
 int main(int argc, char** argv) {
@@ -136,6 +169,7 @@ int main(int argc, char** argv) {
         cases.push_back({3, 40, 33, 6, band, (bool)soft, 0.3, matrix ? 0 : 1, (bool)matrix, 0});
         cases.push_back({2, 300, 80, 3, band, (bool)soft, 0.2, 0, (bool)matrix, 32});
         cases.push_back({2, 290, 70, 7, band, (bool)soft, 0.2, 0, (bool)matrix, 32});
+        cases.push_back({2, 260, 200, 4, band, (bool)soft, 0.7, 0, (bool)matrix, 32});
       }
   for (auto& c : cases) { run<double>(c); run<float>(c); }
   std::printf("%d failures\n", failures);
