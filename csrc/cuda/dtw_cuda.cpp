@@ -131,9 +131,9 @@ at::Tensor attach_workspace(DtwArgs& a, const at::TensorOptions& options) {
 std::tuple<at::Tensor, at::Tensor> run_forward(DtwArgs& a, const at::TensorOptions& options,
                                                bool keep) {
   at::Tensor values = at::empty({a.B}, options);
-  // Zero-filled: the kernels write only the cells they compute, and the kept state should
-  // not hold whatever the allocator handed out (torch.compile / opcheck compare it).
-  at::Tensor R = keep ? at::zeros({a.B, dtw_kept_per_pair(a)},
+  // No zero fill: the forward kernel writes every element of R (0 where no cell is kept),
+  // so its content is deterministic (torch.compile / opcheck compare it).
+  at::Tensor R = keep ? at::empty({a.B, dtw_kept_per_pair(a)},
                                   options.dtype(dtw_kept_dtype(
                                       options.dtype().toScalarType(), a.soft)))
                       : at::empty({0}, options);

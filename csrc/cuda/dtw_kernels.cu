@@ -252,8 +252,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ V handoff[2][kMaxWarps];  // lane 31 of warp w -> lane 0 of warp w + 1
   const int64_t b = blockIdx.x;
   const PairShape pair(args, b);
+  // The kept R: every element is written (the cells computed, 0 elsewhere: the padding of
+  // the step-major layout, rows and stripes past the pair's lengths), so the caller needs no
+  // zero fill (a whole extra pass over R) for its content to be deterministic.
+  V* R = R_out != nullptr ? R_out + b * args.kept_per_pair : nullptr;
+  auto zero_range = [&](V* begin, int64_t count) {
+    for (int64_t e = threadIdx.x; e < count; e += blockDim.x) begin[e] = V(0);
+  };
   if (!pair.ok) {  // block-uniform: the whole block leaves together
     if (threadIdx.x == 0) values[b] = static_cast<T>(NAN);
+    if (R != nullptr) zero_range(R, args.kept_per_pair);
     return;
   }
   const int t = threadIdx.x, lane = t % kWarpSize, warp = t / kWarpSize;
@@ -263,7 +271,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const double gamma = args.gamma, inv_gamma = 1.0 / args.gamma;
   Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
   const KeptLayout layout(blockDim.x, K, M);
-  V* R = R_out != nullptr ? R_out + b * args.kept_per_pair : nullptr;
+  const int64_t slots_per_step = int64_t(K) * blockDim.x;  // the (k, t) slots of one step
   // Two boundary rows (no workspace when the pair fits in one stripe: never touched then).
   V* edge = args.workspace != nullptr
                 ? reinterpret_cast<V*>(static_cast<double*>(args.workspace) + b * kEdgeRows * M)
@@ -280,6 +288,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     const bool owns_last_row = first_row + K - 1 == stripe.i0 + rows_per_stripe - 1 &&
                                p + 1 < stripes;
     cost.rows(first_row, pair.n);
+    const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
+    if (R != nullptr) {
+      // Step s writes every slot of layout column q = j_begin + s (below); the columns of
+      // the layout the sweep never reaches are zeroed here.
+      V* R_stripe = R + p * layout.stripe_size;
+      const int64_t swept_end = int64_t(stripe.j_begin + steps) * slots_per_step;
+      zero_range(R_stripe, int64_t(stripe.j_begin) * slots_per_step);
+      zero_range(R_stripe + swept_end, layout.stripe_size - swept_end);
+    }
 
     V left[K];  // R[i_k][j - 1]: +inf left of the stripe's first column (outside the band)
 #pragma unroll
@@ -295,7 +312,6 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     }
     V out = inf;  // R of this thread's last row at its previous column (passed down)
-    const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
     for (int s = 0; s < steps; ++s) {
       // R[first_row - 1][j]: thread t - 1's `out` from the previous step.
       V above = __shfl_up_sync(kFullMask, out, 1);
@@ -320,7 +336,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           V r = static_cast<V>(cost.at(k, first_row + k)) +
                 best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
           r = ok ? r : inf;
-          if (R_here != nullptr && k < valid_rows) R_here[k * int(blockDim.x)] = r;
+          if (R_here != nullptr) R_here[k * int(blockDim.x)] = k < valid_rows ? r : V(0);
           if (k == end_row) values[b] = static_cast<T>(r);
           diag = left[k];
           up = r;
@@ -328,11 +344,19 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
         out = up;
         if (owns_last_row) edge_below[j] = out;
+      } else if (R != nullptr) {  // no cell of this thread at this step: its slots are 0
+        V* R_slot = R + layout.at(p, t, j);  // column q = j + t = j_begin + s >= 0
+#pragma unroll
+        for (int k = 0; k < K; ++k) R_slot[k * int(blockDim.x)] = V(0);
       }
       above_left = above;
       if (lane == kWarpSize - 1) handoff[s % 2][warp] = out;
       __syncthreads();
     }
+  }
+  if (R != nullptr) {  // the layout's stripes below the pair's last row
+    const int64_t swept = int64_t(stripes) * layout.stripe_size;
+    zero_range(R + swept, args.kept_per_pair - swept);
   }
 }
 

@@ -161,8 +161,9 @@ struct DtwArgs {
 int64_t dtw_kept_per_pair(const DtwArgs& args);
 
 // Forward: values [B] (dtype); R [B, dtw_kept_per_pair] (fp64 when soft, dtype when hard)
-// when non-null, written on every allowed cell of each pair (other elements are left as
-// they were: the op fills it with zeros first so that its content is deterministic).
+// when non-null: every element is written (R on the allowed cells of each pair, +inf on
+// the band's excluded cells the sweep passes, 0 on the layout's padding), so it needs no
+// initialisation and its content is deterministic.
 cudaError_t dtw_forward(const DtwArgs& args, void* values, void* R, cudaStream_t stream);
 
 // Backward: E [B, N, M] (dtype) = grad[b] * d values[b] / d cost, the expected alignment
