@@ -7,7 +7,8 @@
 2. DTW / soft-DTW on the same inputs through the CUDA extension and the Triton fallback
    (median of CUDA-event timings), in G cells/s.
 
-Usage: python3 bench/profile_gpu_stages.py [amss|dtw]   (both without an argument)
+Usage: python3 bench/profile_gpu_stages.py [amss] [dtw | dtw-triton]   (amss and dtw without
+an argument)
 """
 
 import cProfile
@@ -85,27 +86,52 @@ def profile_amss():
             print(f"  {us:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}{rate}")
 
 
-def profile_dtw():
+def profile_dtw(backends=("cuda",)):
+    """G cells/s of hard DTW, soft forward and soft forward+backward; for the CUDA extension
+    the backward both fused (E contracted in the kernel, the default) and through E
+    (ETHER_KERNELS_DTW_FUSED_BACKWARD=0), then the GPU time of the fused fwd+bwd by kernel."""
+    import os
     torch.manual_seed(0)
-    print("\n== DTW: CUDA extension vs Triton fallback (fp32, D = 4)")
-    for batch, length in ((256, 512), (64, 1024)):
+    print(f"\n== DTW: {', '.join(backends)} (fp32, D = 4)")
+    for batch, length in ((256, 512), (64, 1024), (32, 4096)):
         x = torch.randn(batch, length, 4, device="cuda")
         y = torch.randn(batch, length, 4, device="cuda")
         cells = batch * length * length
-        for backend in ("cuda", "triton"):
-            for name, fn in (
-                ("hard", lambda: ek.dtw(x, y)),
-                ("soft fwd", lambda: ek.soft_dtw(x, y, 1.0)),
-                ("soft fwd+bwd", lambda: ek.soft_dtw(x.requires_grad_(), y, 1.0).sum().backward()),
-            ):
+
+        def fwd_bwd():
+            x.grad = None
+            ek.soft_dtw(x.requires_grad_(), y, 1.0).sum().backward()
+
+        for backend in backends:
+            cases = [("hard", lambda: ek.dtw(x.detach(), y)),
+                     ("soft fwd", lambda: ek.soft_dtw(x.detach(), y, 1.0)),
+                     ("soft fwd+bwd", fwd_bwd)]
+            if backend == "cuda":
+                cases.append(("soft fwd+bwd via E", fwd_bwd))
+            for name, fn in cases:
+                os.environ["ETHER_KERNELS_DTW_FUSED_BACKWARD"] = "0" if "via E" in name else "1"
                 try:
                     with ek.use_backend(backend):
-                        ms = cuda_ms(fn, repeats=10, warmup=2)
-                    print(f"  {batch}x{length}^2 {backend:6s} {name:13s} {ms:8.3f} ms "
+                        ms = cuda_ms(fn, repeats=5 if length > 1024 else 10, warmup=2)
+                    print(f"  {batch}x{length}^2 {backend:6s} {name:19s} {ms:8.3f} ms "
                           f"{cells / ms / 1e6:7.1f} G cells/s")
                 except Exception as error:  # report and go on: this is a probe
-                    print(f"  {batch}x{length}^2 {backend:6s} {name:13s} failed: {error!r}"[:300])
-                x.grad = None
+                    print(f"  {batch}x{length}^2 {backend:6s} {name:19s} failed: {error!r}"[:300])
+        os.environ.pop("ETHER_KERNELS_DTW_FUSED_BACKWARD", None)
+        if length == 512 and "cuda" in backends:
+            for fused in ("1", "0"):
+                os.environ["ETHER_KERNELS_DTW_FUSED_BACKWARD"] = fused
+                with ek.use_backend("cuda"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        fwd_bwd()
+                    torch.cuda.synchronize()
+                print(f"  soft fwd+bwd {batch}x{length}^2, fused={fused}: GPU time per call:")
+                events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+                for e in events[:8]:
+                    if e.self_device_time_total > 0:
+                        print(f"    {e.self_device_time_total / 3:9.1f} us  x{e.count // 3:2d}  "
+                              f"{e.key[:80]}")
+            os.environ.pop("ETHER_KERNELS_DTW_FUSED_BACKWARD", None)
 
 
 if __name__ == "__main__":
@@ -115,3 +141,5 @@ if __name__ == "__main__":
         profile_amss()
     if "dtw" in parts:
         profile_dtw()
+    if "dtw-triton" in parts:  # the Triton fallback as well (slow: ~10x the CUDA kernels)
+        profile_dtw(("cuda", "triton"))
