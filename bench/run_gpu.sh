@@ -7,6 +7,7 @@
 # Options (environment):
 #   SKIP_BUILD=1     no C++/CUDA build (~130 s on an H100 machine): the reference and Triton
 #                    paths only (enough after a change to the Triton kernels alone)
+#   SKIP_TESTS=1     no tests (a second call on the still-warm machine, after the build)
 #   TEST_PATHS       default: tests;  TEST_FILTER: pytest -k for the tests (default: none)
 #   BENCH_FILES      default: bench;  BENCH_FILTER: pytest -k for bench/ (default: cuda)
 #   PROFILE_PARTS    default: both stage profiles ("amss", "dtw" or "amss dtw")
@@ -30,10 +31,12 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   stamp "build exit $?" | tee -a "$OUT/build.log"
 fi
 python3 -c "import json, ether_kernels; print(json.dumps(ether_kernels.info()))" >> "$OUT/machine.txt" 2>&1
-timeout "${TEST_SECONDS:-200}" python3 -m pytest ${TEST_PATHS:-tests} -q -m gpu \
-  ${TEST_FILTER:+-k "$TEST_FILTER"} -p no:cacheprovider --maxfail=40 -rf > "$OUT/tests.log" 2>&1
-stamp "tests exit $?" | tee -a "$OUT/tests.log"
-grep -E "^FAILED|passed|failed" "$OUT/tests.log" | tail -20
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout "${TEST_SECONDS:-200}" python3 -m pytest ${TEST_PATHS:-tests} -q -m gpu \
+    ${TEST_FILTER:+-k "$TEST_FILTER"} -p no:cacheprovider --maxfail=40 -rf > "$OUT/tests.log" 2>&1
+  stamp "tests exit $?" | tee -a "$OUT/tests.log"
+  grep -E "^FAILED|passed|failed" "$OUT/tests.log" | tail -20
+fi
 timeout "${BENCH_SECONDS:-200}" python3 -m pytest ${BENCH_FILES:-bench} -q -k "${BENCH_FILTER:-cuda}" \
   --benchmark-enable --benchmark-columns=median -p no:cacheprovider > "$OUT/bench.log" 2>&1
 stamp "bench exit $?" | tee -a "$OUT/bench.log"
