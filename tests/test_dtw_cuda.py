@@ -21,8 +21,9 @@ pytestmark = [
         reason="needs a GPU and the CUDA build of the extension"),
 ]
 
-# (D, metric): the kernels' three cost paths (D == 1, D <= 4, any D) and the three metrics.
-FEATURES = [(1, "sqeuclidean"), (3, "euclidean"), (6, "l1")]
+# (D, metric): the kernels' three cost paths (D == 1, D <= 4, any D) and the three metrics;
+# soft-DTW with sqeuclidean and D <= 4 takes the fused backward (D = 1 and D = 4 variants).
+FEATURES = [(1, "sqeuclidean"), (4, "sqeuclidean"), (3, "euclidean"), (6, "l1")]
 
 
 def case(B, N, M, D, dtype):
@@ -86,6 +87,28 @@ def test_cuda_matches_the_reference(gamma, band, features, dtype, threads, monke
     for name, grad, ref in zip(("x", "y"), grads, ref_grads):
         assert torch.isfinite(grad).all(), name
         assert relative_error(grad, ref) < grad_bound, f"gradient in {name}"
+
+
+@pytest.mark.parametrize("threads", [None, 32], ids=["default-block", "32-threads-several-stripes"])
+@pytest.mark.parametrize("D", [1, 3])
+def test_fused_soft_backward_equals_the_E_path(D, threads, monkeypatch):
+    """The fused backward (E contracted in the kernel) and the E path + matmuls compute the
+    same gradients (fp64: to rounding), bands and per-pair lengths included."""
+    if threads is not None:
+        monkeypatch.setenv("ETHER_KERNELS_DTW_THREADS", str(threads))
+    B, N, M = (3, 530, 190) if threads else (5, 37, 29)
+    x, y, x_lengths, y_lengths = case(B, N, M, D, torch.float64)
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("ETHER_KERNELS_DTW_FUSED_BACKWARD", fused)
+        results.append(values_and_grads(x, y, x_lengths, y_lengths, weights, "cuda", "cuda",
+                                        gamma=0.3, band=40, metric="sqeuclidean"))
+    (values, grads), (values_e, grads_e) = results
+    torch.testing.assert_close(values, values_e, rtol=0, atol=0)  # the same forward
+    for grad, grad_e in zip(grads, grads_e):
+        assert torch.isfinite(grad).all()
+        assert relative_error(grad, grad_e) < 1e-10
 
 
 @pytest.mark.parametrize("threads", [None, 32])
