@@ -322,7 +322,9 @@ def _kept_R(like, B, N, M, soft, D=None):
     """An empty tensor shaped like the kept R of the backend `like` lives on.
 
     CPU: (B, N, M); CUDA: (B, L) in the kernels' coalesced layout. Float64 for soft-DTW
-    whatever the dtype (the backward's weights need it at small gamma), else the dtype;
+    whatever the dtype (the backward's weights need it at small gamma; on CUDA an fp32
+    forward keeps in each 8-byte element the cell's two fp32 soft-argmin weights instead of
+    its R: kernels_cuda.h), else the dtype;
     L = dtw_kept_per_pair in csrc/cuda/kernels_cuda.h: ceil(N / (T K)) (M + T - 1) T K for
     K rows per thread (4 soft; hard: 16 on a precomputed cost (D None) or D = 1, else 8)
     and T = min(cap, 32 ceil(N / (32 K))) threads.

@@ -244,11 +244,39 @@ __device__ __forceinline__ value_t<T, kSoft> best_predecessor(value_t<T, kSoft> 
   }
 }
 
+// fp32 soft-DTW keeps, instead of R, each cell's soft-argmin weights: the share of its
+// soft-min that came from the cell above and from the cell to the left (the diagonal's is
+// 1 minus both), two fp32 in the 8 bytes an fp64 R would take (kernels_cuda.h says why).
+struct alignas(8) WeightPair {
+  float up, left;
+};
+
+// softmin_gamma(diag, up, left) as best_predecessor<float, true> computes it (the same
+// operations in the same order: the same value), and the weights
+// exp(-(a_k - softmin) / gamma) = e_k / sum of the up and left predecessors (0 when no
+// predecessor is reachable).
+__device__ __forceinline__ double soft_min_and_weights(double diag, double up, double left,
+                                                       double gamma, double inv_gamma,
+                                                       WeightPair& weights) {
+  const double mu = fmin(fmin(diag, left), up);
+  const double base = mu < infinity<double>() ? mu : 0.0;
+  const float e_diag = fast_exp(static_cast<float>((base - diag) * inv_gamma));
+  const float e_up = fast_exp(static_cast<float>((base - up) * inv_gamma));
+  const float e_left = fast_exp(static_cast<float>((base - left) * inv_gamma));
+  const float sum = e_diag + e_up + e_left;
+  const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+  weights.up = e_up * inverse;
+  weights.left = e_left * inverse;
+  return base - gamma * static_cast<double>(fast_log(sum));
+}
+
 template <typename T, bool kSoft, int K, typename Cost>
 __global__ void __launch_bounds__(kMaxThreads)
     dtw_forward_kernel(const DtwArgs args, T* __restrict__ values,
                        value_t<T, kSoft>* __restrict__ R_out) {
   using V = value_t<T, kSoft>;
+  // What the kept state holds per cell: R, or for fp32 soft-DTW its soft-argmin weights.
+  constexpr bool kKeepWeights = kSoft && std::is_same_v<T, float>;
   __shared__ V handoff[2][kMaxWarps];  // lane 31 of warp w -> lane 0 of warp w + 1
   const int64_t b = blockIdx.x;
   const PairShape pair(args, b);
@@ -333,10 +361,24 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
-          V r = static_cast<V>(cost.at(k, first_row + k)) +
+          V r;
+          WeightPair weights{0.0f, 0.0f};
+          if constexpr (kKeepWeights) {
+            r = static_cast<V>(cost.at(k, first_row + k)) +
+                soft_min_and_weights(diag, up, left[k], gamma, inv_gamma, weights);
+          } else {
+            r = static_cast<V>(cost.at(k, first_row + k)) +
                 best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
+          }
           r = ok ? r : inf;
-          if (R_here != nullptr) R_here[k * int(blockDim.x)] = k < valid_rows ? r : V(0);
+          if (R_here != nullptr) {
+            if constexpr (kKeepWeights) {  // no weight out of an invalid cell
+              reinterpret_cast<WeightPair*>(R_here)[k * int(blockDim.x)] =
+                  ok ? weights : WeightPair{0.0f, 0.0f};
+            } else {
+              R_here[k * int(blockDim.x)] = k < valid_rows ? r : V(0);
+            }
+          }
           if (k == end_row) values[b] = static_cast<T>(r);
           diag = left[k];
           up = r;
@@ -565,6 +607,190 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ------------------------------------------------------- backward (soft, fp32: weights)
+
+// The fp32 soft backward from the forward's weights, as a "push" along the same mirrored
+// wavefront: a cell's E is the sum of what its three successors pushed into it,
+//   E[i][j] = E[i+1][j] w_up[i+1][j] + E[i][j+1] w_left[i][j+1] + E[i+1][j+1] w_diag[i+1][j+1]
+// (w: the successor's soft-argmin weight of that predecessor, stored by the forward), so a
+// cell costs two loads, three multiplies and three adds: no exp, no fp64, no local cost
+// (but for the fused gradient's x_i - y_j). Pushes travel like the pull version's messages:
+// up to the next row of the same step (the row above's thread through a shuffle), left to
+// the same row at the next step (a register), diagonally to the row above at the next step.
+// kFusedD as in soft_dtw_backward_kernel.
+template <int K, typename Cost, int kFusedD>
+__global__ void __launch_bounds__(kMaxThreads)
+    soft_dtw_backward_weights_kernel(const DtwArgs args, const float* __restrict__ grad,
+                                     const WeightPair* __restrict__ W_in,
+                                     float* __restrict__ E_out, float* __restrict__ grad_x,
+                                     float* __restrict__ grad_y) {
+  using T = float;
+  constexpr bool kFused = kFusedD > 0;
+  constexpr int kG = kFused ? kFusedD : 1;
+  // lane 0 of warp w -> lane 31 of warp w - 1: the pushes of a thread's top row
+  __shared__ T handoff_up[2][kMaxWarps];
+  __shared__ T handoff_diag[2][kMaxWarps];
+  __shared__ T column_ring[kFused ? kMaxThreads : 1][kG];  // as in soft_dtw_backward_kernel
+  const int64_t b = blockIdx.x;
+  const PairShape pair(args, b);
+  if (!pair.ok) return;
+  const int t = threadIdx.x, lane = t % kWarpSize, warp = t / kWarpSize;
+  static_assert(Cost::kRows == K, "the cost source caches the thread's K rows");
+  const int warps = blockDim.x / kWarpSize;
+  const int rows_per_stripe = blockDim.x * K;
+  const int64_t N = args.N, M = args.M;
+  Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
+  const KeptLayout layout(blockDim.x, K, M);
+  const WeightPair* W = W_in + b * args.kept_per_pair;
+  T* E = kFused ? nullptr : E_out + b * N * M;
+  T* gx = kFused ? grad_x + b * N * args.D : nullptr;
+  T* gy = kFused ? grad_y + b * M * args.D : nullptr;
+  const int D = static_cast<int>(args.D);
+  // The pushes out of a stripe's top row into the stripe above (up, then diagonal),
+  // double-buffered like the forward's boundary rows.
+  T* edge = args.workspace != nullptr
+                ? reinterpret_cast<T*>(static_cast<double*>(args.workspace) + b * kEdgeRows * M)
+                : nullptr;
+  const T seed = grad[b];
+
+  const int stripes = (pair.n + rows_per_stripe - 1) / rows_per_stripe;
+  for (int p = stripes - 1; p >= 0; --p) {
+    const Stripe stripe(pair, p, rows_per_stripe, K);
+    const T* edge_up_below = edge + ((p + 1) % 2) * M;  // the stripe below's top-row pushes
+    const T* edge_diag_below = edge + (2 + (p + 1) % 2) * M;
+    T* edge_up_above = edge + (p % 2) * M;  // this stripe's, for the stripe above
+    T* edge_diag_above = edge + (2 + p % 2) * M;
+    const int first_row = stripe.i0 + t * K;
+    const bool owns_rows = t <= stripe.t_last;
+    const int lag = stripe.t_last - t;  // the last owning thread leads
+    const int below_row = stripe.i_last + 1;
+    const int valid_rows = pair.n - first_row;
+    if constexpr (kFused) cost.rows(first_row, pair.n);
+
+    // Pushes into row k at the coming step: from (k, j + 1) and from (k + 1, j + 1).
+    T from_right[K], from_diag[K];
+    T row_grad[K][kG];  // fused: as in soft_dtw_backward_kernel
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      from_right[k] = T(0);
+      from_diag[k] = T(0);
+#pragma unroll
+      for (int d = 0; d < kG; ++d) row_grad[k][d] = T(0);
+    }
+    // The last row's diagonal push at the first column comes from (below_row, j_end + 1),
+    // which a band can allow beyond this stripe's last column.
+    if (t == stripe.t_last && pair.allowed(below_row, stripe.j_end + 1)) {
+      from_diag[K - 1] = edge_diag_below[stripe.j_end + 1];
+    }
+    T out_up = T(0), out_diag = T(0);  // this thread's top-row pushes at its previous step
+    // The weights of the thread's K rows at column j, read one step ahead (see the R
+    // lookahead of soft_dtw_backward_kernel); only cells the forward wrote are read.
+    auto load_weights = [&](int j, WeightPair (&dst)[K]) {
+      const bool active = owns_rows && j >= stripe.j_begin && j <= stripe.j_end;
+      const WeightPair* src = active ? W + layout.at(p, t, j) : nullptr;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        dst[k] = active && k < valid_rows ? src[k * int(blockDim.x)] : WeightPair{0.0f, 0.0f};
+      }
+    };
+    WeightPair W_now[K], W_next[K];
+    load_weights(stripe.j_end + lag, W_now);
+    const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
+    for (int s = 0; s < steps; ++s) {
+      // The pushes of the row below this thread's rows at its previous step: into
+      // (last row, j) now, and into (last row, j - 1) at the next step.
+      T in_up = __shfl_down_sync(kFullMask, out_up, 1);
+      T in_diag = __shfl_down_sync(kFullMask, out_diag, 1);
+      if (lane == kWarpSize - 1 && warp + 1 < warps) {
+        in_up = s > 0 ? handoff_up[(s + 1) % 2][warp + 1] : T(0);
+        in_diag = s > 0 ? handoff_diag[(s + 1) % 2][warp + 1] : T(0);
+      }
+      const int j = stripe.j_end - (s - lag);
+      if (t == stripe.t_last) {  // the row below the stripe: pushed by the previous stripe
+        const bool ok = pair.allowed(below_row, j);
+        in_up = ok ? edge_up_below[j] : T(0);
+        in_diag = ok ? edge_diag_below[j] : T(0);
+      }
+      load_weights(j - 1, W_next);
+      if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
+        if constexpr (kFused) cost.column(j);
+        T* E_here = kFused ? nullptr : E + int64_t(first_row) * M + j;
+        const int offset = j - first_row;
+        const int end_row = j == pair.m - 1 ? pair.n - 1 - first_row : -1;
+        T column_grad[kG];
+#pragma unroll
+        for (int d = 0; d < kG; ++d) column_grad[d] = T(0);
+        T below = in_up;    // the push into (k, j) from (k + 1, j)
+        T carry = in_diag;  // the push into (k, j - 1) from (k + 1, j): next step's from_diag[k]
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+          const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
+          T e = below + from_right[k] + from_diag[k];
+          e = k == end_row ? seed : e;
+          e = ok ? e : T(0);  // invalid cells push nothing (their weights are 0 as well)
+          const WeightPair w = W_now[k];
+          const T w_diag = fmaxf(0.0f, 1.0f - w.up - w.left);  // the weights sum to 1
+          from_diag[k] = carry;
+          below = e * w.up;
+          from_right[k] = e * w.left;
+          carry = e * w_diag;
+          if constexpr (kFused) {
+            const T g = ok ? T(2) * e : T(0);
+#pragma unroll
+            for (int d = 0; d < kG; ++d) {
+              const T diff = cost.xr[k][d] - cost.yj[d];
+              row_grad[k][d] += g * diff;
+              column_grad[d] -= g * diff;
+            }
+          } else if (ok) {
+            E_here[k * M] = e;
+          }
+        }
+        out_up = below;
+        out_diag = carry;
+        if (t == 0 && p > 0) {
+          edge_up_above[j] = out_up;
+          edge_diag_above[j] = out_diag;
+        }
+        if constexpr (kFused) {  // column j's grad_y: see soft_dtw_backward_kernel
+          T* slot = column_ring[j % kMaxThreads];
+#pragma unroll
+          for (int d = 0; d < kG; ++d) {
+            const T sum = (t == stripe.t_last ? T(0) : slot[d]) + column_grad[d];
+            if (t > 0) {
+              slot[d] = sum;
+            } else if (d < D) {
+              gy[int64_t(j) * D + d] += sum;
+            }
+          }
+        }
+      } else {
+        out_up = T(0);  // no cell at this step: nothing pushed up
+        out_diag = T(0);
+      }
+      if (lane == 0) {
+        handoff_up[s % 2][warp] = out_up;
+        handoff_diag[s % 2][warp] = out_diag;
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) W_now[k] = W_next[k];
+      __syncthreads();
+    }
+    if constexpr (kFused) {
+      if (owns_rows) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (k >= valid_rows) continue;
+#pragma unroll
+          for (int d = 0; d < kG; ++d) {
+            if (d < D) gx[int64_t(first_row + k) * D + d] = row_grad[k][d];
+          }
+        }
+      }
+    }
+  }
+}
+
 // ----------------------------------------------------------------------- backward (hard)
 
 // One thread per pair walks the optimal path back from (n - 1, m - 1) through R, choosing
@@ -708,9 +934,15 @@ cudaError_t backward_typed(const DtwArgs& args, const void* grad, const void* R,
   }
   return with_cost<T, kRowsSoft>(a, [&](auto* cost_tag) {
     using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    soft_dtw_backward_kernel<T, kRowsSoft, Cost, 0><<<a.B, a.threads, 0, stream>>>(
-        a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E),
-        nullptr, nullptr);
+    if constexpr (std::is_same_v<T, float>) {  // the forward kept the weights
+      soft_dtw_backward_weights_kernel<kRowsSoft, Cost, 0><<<a.B, a.threads, 0, stream>>>(
+          a, static_cast<const float*>(grad), static_cast<const WeightPair*>(R),
+          static_cast<float*>(E), nullptr, nullptr);
+    } else {
+      soft_dtw_backward_kernel<T, kRowsSoft, Cost, 0><<<a.B, a.threads, 0, stream>>>(
+          a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E),
+          nullptr, nullptr);
+    }
     return cudaGetLastError();
   });
 }
@@ -722,9 +954,15 @@ cudaError_t fused_backward_typed(const DtwArgs& args, const void* grad, const vo
   auto launch = [&](auto* cost_tag, auto dims) {
     using Cost = std::remove_pointer_t<decltype(cost_tag)>;
     constexpr int kD = decltype(dims)::value;
-    soft_dtw_backward_kernel<T, kRowsSoft, Cost, kD><<<a.B, a.threads, 0, stream>>>(
-        a, static_cast<const T*>(grad), static_cast<const double*>(R), nullptr,
-        static_cast<T*>(grad_x), static_cast<T*>(grad_y));
+    if constexpr (std::is_same_v<T, float>) {
+      soft_dtw_backward_weights_kernel<kRowsSoft, Cost, kD><<<a.B, a.threads, 0, stream>>>(
+          a, static_cast<const float*>(grad), static_cast<const WeightPair*>(R), nullptr,
+          static_cast<float*>(grad_x), static_cast<float*>(grad_y));
+    } else {
+      soft_dtw_backward_kernel<T, kRowsSoft, Cost, kD><<<a.B, a.threads, 0, stream>>>(
+          a, static_cast<const T*>(grad), static_cast<const double*>(R), nullptr,
+          static_cast<T*>(grad_x), static_cast<T*>(grad_y));
+    }
     return cudaGetLastError();
   };
   if (a.D == 1) {

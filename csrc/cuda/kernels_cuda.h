@@ -121,11 +121,15 @@ cudaError_t mse_backward(const MseBackwardArgs& args, cudaStream_t stream);
 // cell by cell in the kernel. A pair's series start x_batch_stride (y_batch_stride) elements
 // apart: 0 broadcasts one series against every pair without a copy.
 //
-// Precision: hard DTW runs in the element type. Soft-DTW keeps R in fp64 for every dtype:
-// the backward's weights exp((S - R) / gamma) need differences of neighbouring R far below
-// fp32's resolution at small gamma (R ~ 1e3 has an fp32 ulp of 6e-5; gamma may be 1e-3).
-// The exp / log themselves run in the element type (their arguments are O(1) after the
-// fp64 subtraction), so fp32 soft-DTW still uses the fast fp32 special-function units.
+// Precision: hard DTW runs in the element type. Soft-DTW runs R in fp64 for every dtype:
+// the soft-min's weights exp(-(a_k - softmin) / gamma) need differences of neighbouring R
+// far below fp32's resolution at small gamma (R ~ 1e3 has an fp32 ulp of 6e-5; gamma may be
+// 1e-3). The exp / log themselves run in the element type (their arguments are O(1) after
+// the fp64 subtraction), so fp32 soft-DTW still uses the fast fp32 special-function units.
+// What the forward keeps for the backward (8 bytes per cell either way): fp64 soft-DTW keeps
+// R (the backward recomputes the weights from it); fp32 soft-DTW keeps each cell's weights
+// of its up and left predecessors as two fp32 (the diagonal's is 1 minus both), so its
+// backward is a few multiply-adds per cell (no exp, no fp64); hard DTW keeps R.
 //
 // Lengths live on the device and are not read on the host; a pair whose lengths are out of
 // range [1, N] x [1, M] gets a NaN value and no gradient instead of an out-of-bounds read
@@ -160,7 +164,8 @@ struct DtwArgs {
 // The kept R is a [B, dtw_kept_per_pair(args)] tensor.
 int64_t dtw_kept_per_pair(const DtwArgs& args);
 
-// Forward: values [B] (dtype); R [B, dtw_kept_per_pair] (fp64 when soft, dtype when hard)
+// Forward: values [B] (dtype); R [B, dtw_kept_per_pair] (8-byte elements when soft: fp64 R,
+// or for fp32 the two fp32 weights above; dtype when hard)
 // when non-null: every element is written (R on the allowed cells of each pair, +inf on
 // the band's excluded cells the sweep passes, 0 on the layout's padding), so it needs no
 // initialisation and its content is deterministic.
