@@ -102,11 +102,11 @@ def _backend_for(tensors, unit_dim, op):
                                gpu_backends=_GPU_BACKENDS)
     if backend == "reference":
         return backend
-    fusable = all(t.device == device and t.is_contiguous() and unit_dim in (0, -t.dim())
-                  for t in tensors)
-    if backend == "triton":
-        fusable = fusable and all(t.dtype in _triton_amss.SUPPORTED_DTYPES for t in tensors)
-    if fusable:
+    triton = backend == "triton"
+    # one pass over the tensors (this runs every step)
+    if all(t.is_contiguous() and t.device == device
+           and (not triton or t.dtype in _triton_amss.SUPPORTED_DTYPES)
+           and (unit_dim == 0 or unit_dim == -t.dim()) for t in tensors):
         return backend
     if _dispatch.forced_backend() == backend:
         raise _dispatch.BackendUnavailableError(
@@ -121,13 +121,17 @@ def _current_dispatch_mode():
     return _get_current_dispatch_mode()
 
 
+_PLAIN_TENSORS = {torch.Tensor, torch.nn.Parameter}
+
+
 def _triton_step(op, function, mutated):
-    """The Triton op, or in eager mode the function behind it: the custom op's Python
-    dispatch layers took most of a step's host time on an H100 (0.2 ms of kernels in a
-    0.7 ms step, 40 tensors). Called directly, the mutated tensors' version counters are
-    bumped as the op would bump them."""
+    """The Triton op, or in eager mode the function behind it without the op's argument
+    checks (the public functions have checked a superset): the custom op's Python dispatch
+    layers took most of a step's host time on an H100 (0.2 ms of kernels in a 0.7 ms step,
+    40 tensors). Called directly, the mutated tensors' version counters are bumped as the
+    op would bump them."""
     tracing = (torch.compiler.is_compiling() or _current_dispatch_mode() is not None
-               or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in mutated))
+               or not set(map(type, mutated)) <= _PLAIN_TENSORS)
     if tracing:  # torch.compile, make_fx / fake tensors, tensor subclasses: the op
         return op
 
@@ -148,7 +152,7 @@ def _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size):
             owner = [m for m, group in enumerate(groups) for _ in group]
             op = (torch.ops.ether_kernels.amss_mask_gradients if backend == "cpp" else
                   _triton_step(torch.ops.ether_kernels.amss_mask_gradients_triton,
-                               _triton_amss.mask_gradients_triton, mutated=flat))
+                               _triton_amss.mask_gradients_unchecked, mutated=flat))
             op(flat, owner, [float(r) for r in ratios], _MODE_CODES[mode],
                _SCALING_CODES[scaling], _as_int64(seed), _as_int64(step), int(unit_size))
         else:
@@ -188,6 +192,13 @@ def _scaling(mode, scaling, op):
     return scaling
 
 
+def _units_fit(tensor, unit_dim, unit_size):
+    """Whether tensor has a dimension unit_dim whose size unit_size divides (the quick test
+    of the checks that run every step; _check_units then says what is wrong)."""
+    dims = tensor.dim()
+    return -dims <= unit_dim < dims and tensor.shape[unit_dim] % unit_size == 0
+
+
 def _check_units(tensor, unit_dim, unit_size, name, op):
     if tensor.dim() == 0 or not (-tensor.dim() <= unit_dim < tensor.dim()):
         raise ValueError(f"{op}: unit_dim {unit_dim} is out of range for {name} of shape "
@@ -211,12 +222,23 @@ def mask_gradients(grads_per_group, ratios, *, mode="amss", scaling=None, seed=0
     ratios = _check_ratios(ratios, len(groups), op)
     if not (isinstance(unit_size, int) and unit_size >= 1):
         raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
-    for m, group in enumerate(groups):
-        for t, grad in enumerate(group):
-            if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
-                raise TypeError(f"{op}: grads_per_group[{m}][{t}] must be a floating-point tensor")
-            _check_units(grad, unit_dim, unit_size, f"grads_per_group[{m}][{t}]", op)
+    # every step: one quick pass, and the loop that names the culprit only when it fails
+    if not all(isinstance(grad, torch.Tensor) and grad.is_floating_point()
+               and _units_fit(grad, unit_dim, unit_size) for group in groups for grad in group):
+        for m, group in enumerate(groups):
+            for t, grad in enumerate(group):
+                if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
+                    raise TypeError(f"{op}: grads_per_group[{m}][{t}] must be a floating-point "
+                                    "tensor")
+                _check_units(grad, unit_dim, unit_size, f"grads_per_group[{m}][{t}]", op)
     _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size)
+
+
+def _buffer_fits(buf, p):
+    """A momentum buffer (None: not created yet) that the fused step can use for p."""
+    return buf is None or (isinstance(buf, torch.Tensor) and buf.shape == p.shape
+                           and buf.dtype == p.dtype and buf.device == p.device
+                           and buf.is_contiguous())
 
 
 def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0,
@@ -245,50 +267,56 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
         raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening = 0")
     if not (isinstance(unit_size, int) and unit_size >= 1):
         raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
-    grads = []
-    for m, group in enumerate(groups):
-        for t, p in enumerate(group):
-            if p.grad is None:
-                raise RuntimeError(f"{op}: params_per_group[{m}][{t}] has no .grad")
-            _check_units(p, 0, unit_size, f"params_per_group[{m}][{t}]", op)
-        grads.append([p.grad for p in group])
+    # the checks that run every step: one quick pass, and the loop that names the culprit only
+    # when it fails
+    grads = [[p.grad for p in group] for group in groups]
+    if not all(grad is not None and _units_fit(p, 0, unit_size) and grad.dtype == p.dtype
+               and grad.shape == p.shape
+               for group, group_grads in zip(groups, grads)
+               for p, grad in zip(group, group_grads)):
+        for m, group in enumerate(groups):
+            for t, p in enumerate(group):
+                if p.grad is None:
+                    raise RuntimeError(f"{op}: params_per_group[{m}][{t}] has no .grad")
+                _check_units(p, 0, unit_size, f"params_per_group[{m}][{t}]", op)
+                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+                    raise ValueError(f"{op}: params_per_group[{m}][{t}].grad must match the "
+                                     f"parameter's dtype and shape")
     if momentum_buffers is None:
         momentum_buffers = [[None] * len(group) for group in groups]
     if [len(b) for b in momentum_buffers] != [len(g) for g in groups]:
         raise ValueError(f"{op}: momentum_buffers must match params_per_group")
-    for m, (group_buffers, group) in enumerate(zip(momentum_buffers, groups)):
-        for t, (buf, p) in enumerate(zip(group_buffers, group)):
-            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape
-                                        and buf.dtype == p.dtype and buf.device == p.device
-                                        and buf.is_contiguous()):
-                raise ValueError(f"{op}: momentum_buffers[{m}][{t}] must be a contiguous "
-                                 "tensor with the parameter's shape, dtype and device")
+    if not all(_buffer_fits(buf, p) for group_buffers, group in zip(momentum_buffers, groups)
+               for buf, p in zip(group_buffers, group)):
+        for m, (group_buffers, group) in enumerate(zip(momentum_buffers, groups)):
+            for t, (buf, p) in enumerate(zip(group_buffers, group)):
+                if not _buffer_fits(buf, p):
+                    raise ValueError(f"{op}: momentum_buffers[{m}][{t}] must be a contiguous "
+                                     "tensor with the parameter's shape, dtype and device")
     flat = [p for group in groups for p in group]
     if not flat:
         raise ValueError(f"{op}: params_per_group holds no parameters")
-    for m, group in enumerate(groups):
-        for t, p in enumerate(group):
-            if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
-                raise ValueError(f"{op}: params_per_group[{m}][{t}].grad must match the "
-                                 f"parameter's dtype and shape")
-    backend = _backend_for(flat + [p.grad for p in flat], 0, op)
+    flat_grads = [grad for group_grads in grads for grad in group_grads]
+    backend = _backend_for(flat + flat_grads, 0, op)
     with torch.no_grad():
         if backend in ("cpp", "triton"):
             fresh, buffers = [], []
             if momentum != 0:
-                for group_buffers, group in zip(momentum_buffers, groups):
-                    for t, p in enumerate(group):
-                        fresh.append(int(group_buffers[t] is None))
-                        if group_buffers[t] is None:
-                            group_buffers[t] = torch.zeros_like(p)
-                        buffers.append(group_buffers[t])
+                fresh = [int(buf is None) for group_buffers in momentum_buffers
+                         for buf in group_buffers]
+                if any(fresh):  # as torch.optim.SGD, a buffer is created on first use
+                    for group_buffers, group in zip(momentum_buffers, groups):
+                        for t, p in enumerate(group):
+                            if group_buffers[t] is None:
+                                group_buffers[t] = torch.zeros_like(p)
+                buffers = [buf for group_buffers in momentum_buffers for buf in group_buffers]
             owner = [m for m, group in enumerate(groups) for _ in group]
             step_op = (torch.ops.ether_kernels.amss_masked_sgd_step if backend == "cpp" else
                        _triton_step(torch.ops.ether_kernels.amss_masked_sgd_step_triton,
-                                    _triton_amss.masked_sgd_step_triton,
+                                    _triton_amss.masked_sgd_step_unchecked,
                                     mutated=flat + buffers))
             step_op(
-                flat, [p.grad for p in flat], buffers, fresh, owner, [float(r) for r in ratios],
+                flat, flat_grads, buffers, fresh, owner, [float(r) for r in ratios],
                 _MODE_CODES[mode], _SCALING_CODES[scaling], _as_int64(seed), _as_int64(step),
                 int(unit_size), float(lr), float(momentum), float(dampening),
                 float(weight_decay), bool(nesterov))
@@ -338,14 +366,15 @@ class SubnetworkMasker:
         """Masks every .grad in place with this step's masks, then advances the step."""
         op = "SubnetworkMasker.step"
         ratios = _check_ratios(ratios, len(self.groups), op)
-        grads = []
-        for name, group in zip(self.names, self.groups):
-            for t, p in enumerate(group):
-                if p.grad is None:
-                    raise RuntimeError(f"{op}: modality {name!r} parameter {t} (shape "
-                                       f"{tuple(p.shape)}) has no .grad; call step() after "
-                                       "backward(), on parameters that received a gradient")
-            grads.append([p.grad for p in group])
+        grads = [[p.grad for p in group] for group in self.groups]
+        if any(grad is None for group_grads in grads for grad in group_grads):
+            for name, group in zip(self.names, self.groups):
+                for t, p in enumerate(group):
+                    if p.grad is None:
+                        raise RuntimeError(f"{op}: modality {name!r} parameter {t} (shape "
+                                           f"{tuple(p.shape)}) has no .grad; call step() "
+                                           "after backward(), on parameters that received a "
+                                           "gradient")
         _run_mask(grads, ratios, self.mode, self.scaling, self.seed, self.step_count,
                   self.unit_dim, self.unit_size)
         self.step_count += 1

@@ -358,6 +358,61 @@ def test_nan_and_inf_gradients_keep_the_reference_units(device, backend):
         assert kept[backend] == kept["reference"], (mode, scaling)
 
 
+def at_an_odd_address(x):
+    """A contiguous copy of x one element into its storage: not on a 16-byte boundary."""
+    y = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    return y.copy_(x)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_triton_vector_and_scalar_branches_equal_the_reference(device, backend, dtype):
+    """The Triton kernels access a tensor in 16-byte vectors when it starts on a 16-byte
+    boundary and its unit length is a multiple of 16 / element size, element by element
+    otherwise. Units of 3 (scalar), 4 (vectors in fp32 / fp64), 4 at an odd address
+    (scalar), 8 (vectors in every dtype): both branches of the importance, apply (zeros
+    without reading, rescaling) and SGD kernels against the reference."""
+    shapes = [(6, 3), (8, 4), (8, 4), (4, 8)]
+
+    def tensors(seed, odd):
+        torch.manual_seed(seed)
+        xs = [torch.randn(s, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+        return [at_an_odd_address(x) if odd and t == 2 else x for t, x in enumerate(xs)]
+
+    for mode, scaling in (("amss", None), ("amss+", "reference-code")):
+        results = {}
+        for name in (backend, "reference"):
+            grads = tensors(0, odd=name == backend)
+            with ek.use_backend(name):
+                ek.amss.mask_gradients([grads[:2], grads[2:]], [0.5, 0.6], mode=mode,
+                                       scaling=scaling, seed=5, step=1)
+            results[name] = grads
+        assert results[backend][2].data_ptr() % 16 != 0
+        for a, b in zip(results[backend], results["reference"]):
+            assert torch.equal(a == 0, b == 0)
+            if mode == "amss+":  # the factors agree to rounding (test_fused_equals_the_reference)
+                ulp = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+                assert ((a.double() - b.double()).abs() <= ulp * b.double().abs()).all()
+            else:
+                assert torch.equal(a, b)
+    if dtype == torch.float16:
+        return
+    results = {}
+    for name in (backend, "reference"):
+        params = [torch.nn.Parameter(x) for x in tensors(1, odd=name == backend)]
+        for p, g in zip(params, tensors(2, odd=name == backend)):
+            p.grad = g
+        buffers = None
+        for step in range(2):
+            with ek.use_backend(name):
+                buffers = ek.amss.masked_sgd_step([params[:2], params[2:]], [0.5, 0.6], lr=0.05,
+                                                  momentum=0.9, weight_decay=0.01, seed=3,
+                                                  step=step, momentum_buffers=buffers)
+        results[name] = params + sum(buffers, [])
+    for a, b in zip(results[backend], results["reference"]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in FUSED if p.values[1] == "triton"])
 def test_triton_selection_kernel_equals_the_batched_torch_selection(device, backend):
     """Stage 2 has two implementations: one kernel ranking units pairwise (tensors of up to
@@ -374,17 +429,19 @@ def test_triton_selection_kernel_equals_the_batched_torch_selection(device, back
     plan = triton_amss._plan_for(grads, 1)
     addresses = triton_amss._to_device([grads[t].data_ptr() for t in plan.slots], torch.int64,
                                        grads[0].device)
+    work = triton_amss._Workspace(plan, paper=True)
     for step in range(3):
-        u, noise, start = triton_amss._importance(grads, plan, addresses, seed=5, step=step)
+        triton_amss._importance(grads, plan, addresses, seed=5, step=step, work=work)
         for ratio_of in (lambda n: 0.0, lambda n: 1.0, lambda n: 1.0 / n,
                          lambda n: (n - 1) / n, lambda n: 0.37 + 0.1 * step):
             ks = [ref.kept_units(ratio_of(n), n) for n in plan.num_units]
-            k = triton_amss._to_device(ks, torch.int64, u.device)
+            k = triton_amss._to_device(ks, torch.int64, plan.device)
             for mode, scaling in (("amss", "paper"), ("amss+", "paper"),
                                   ("amss+", "reference-code"), ("uniform", "paper"),
                                   ("topk", "paper")):
-                fused = triton_amss._factors(plan, u, noise, start, k, mode, scaling)
-                batched = triton_amss._factors_batched(plan, u, noise, start, k, mode, scaling)
+                fused = triton_amss._factors(plan, work, k, mode, scaling)
+                batched = triton_amss._factors_batched(plan, work.u, work.noise, work.start, k,
+                                                       mode, scaling)
                 assert torch.equal(fused != 0, batched != 0), (mode, scaling, ks)
                 torch.testing.assert_close(fused, batched, rtol=1e-12, atol=0, equal_nan=True)
                 kept = [int((f != 0).sum()) for f in fused.split(plan.num_units)]

@@ -15,8 +15,11 @@ A step is three stages, whatever the number of tensors (no per-tensor launch, no
      per unit. Tensors of more than MAX_FUSED_SELECT_UNITS units (the pairwise count grows
      as N^2) take a few batched torch ops over a (tensors, max units) matrix instead.
   3. apply (one launch per dtype): a program per unit multiplies the unit by its factor.
-     A factor of 1 (every kept unit in "amss", "uniform", "topk") writes nothing, so those
-     modes read the gradients once and write only the units they drop.
+     A factor of 1 (every kept unit in "amss", "uniform", "topk") writes nothing and a
+     factor of 0 stores zeros without reading, so those modes read the gradients once (in
+     stage 1) and write only the units they drop.
+Stages 1 and 3 (and the SGD step) access a tensor in 16-byte vectors when its address and
+unit length allow (see _vectorisable), element by element otherwise.
 masked_sgd_step replaces stage 3 by the SGD update of the kept units (parameters and
 momentum buffers), leaving the other units untouched.
 
@@ -36,6 +39,7 @@ from ..reference.amss import EPS, kept_units
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
        torch.float64: tl.float64}
 SUPPORTED_DTYPES = tuple(_TL)
+_VEC = {dtype: 16 // dtype.itemsize for dtype in _TL}  # elements per 16-byte vector
 BLOCK = 1024  # elements per iteration of a unit's loop
 NUM_WARPS = 4
 
@@ -84,23 +88,71 @@ def _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr):
     return slot, j, tl.load(unit_len_ptr + slot)
 
 
+# 16-byte vector access. The tensors are reached through a table of raw addresses, so the
+# compiler cannot know their alignment and emits one 2-, 4- or 8-byte access per element.
+# When a tensor starts on a 16-byte boundary and its unit length is a multiple of VEC = 16 /
+# element size (every unit then starts on one: j * length * size is a multiple of 16), a
+# branch of the kernel (a run-time test, the same for the whole program) tells the compiler
+# so, and its loads and stores become 128-bit ones (ld.global.v4.b32 for fp32, .v2.b64 for
+# fp64). The other tensors (e.g. a first conv layer's units of 3 * 7 * 7 = 147) take the
+# generic branch.
+
+@triton.jit
+def _vectorisable(address, length, VEC: tl.constexpr):
+    """Whether the units of `length` elements of the tensor at byte `address` can be accessed
+    in 16-byte vectors."""
+    return (address % 16 == 0) & (length % VEC == 0)
+
+
+@triton.jit
+def _known_multiple(x, m: tl.constexpr):
+    """x, a multiple of m at run time, written (x // m) * m: the same value, which the
+    compiler's alignment analysis knows to be a multiple of m (a loaded value has no known
+    divisibility). Only inside a branch where _vectorisable holds."""
+    return (x // m) * m
+
+
+@triton.jit
+def _unit_base(address, j, length, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to unit j (of `length` elements) of the tensor at byte `address`. ALIGNED
+    (only where _vectorisable holds, with length = _known_multiple(length, VEC)): the
+    compiler is told that the address is a multiple of 16. The hint sits on the pointer made
+    here, in the caller's aligned branch only; the analysis loses it through an integer to
+    pointer conversion, hence on the pointer and not on the integer."""
+    base = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    return base + j.to(tl.int64) * length
+
+
+@triton.jit
+def _sum_of_squares(base, length, BLOCK: tl.constexpr):
+    """sum_i base[i]^2 over i < length, in fp64."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for offset in range(0, length, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        x = tl.load(base + idx, mask=idx < length, other=0.0).to(tl.float64)
+        acc += x * x
+    return tl.sum(acc, axis=0)
+
+
 # do_not_specialize: Triton would turn an int argument equal to 1 into a compile-time
 # constant (no .to()) and compile again for each step; the step and seed words vary.
 @triton.jit(do_not_specialize=["step_lo", "step_hi", "seed_lo", "seed_hi"])
 def _importance_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_ptr,
                        num_units_ptr, tensor_index_ptr, u_ptr, gumbel_ptr, start_ptr,
                        step_lo, step_hi, seed_lo, seed_hi,
-                       DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                       DTYPE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     # One unit: u = sum of grad^2 (fp64), its Gumbel noise; the tensor's start if first.
     g = tl.load(units_ptr + tl.program_id(0))          # global unit index
     slot, j, length = _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr)
-    base = tl.load(addr_ptr + slot).to(tl.pointer_type(DTYPE)) + j.to(tl.int64) * length
-    acc = tl.zeros((BLOCK,), dtype=tl.float64)
-    for offset in range(0, length, BLOCK):
-        idx = offset + tl.arange(0, BLOCK)
-        x = tl.load(base + idx, mask=idx < length, other=0.0).to(tl.float64)
-        acc += x * x
-    tl.store(u_ptr + g, tl.sum(acc, axis=0))
+    address = tl.load(addr_ptr + slot)
+    if _vectorisable(address, length, VEC):  # the same sum, in 16-byte loads
+        n = _known_multiple(length, VEC)
+        u = _sum_of_squares(_unit_base(address, j, n, DTYPE, True), n, BLOCK)
+    else:
+        u = _sum_of_squares(_unit_base(address, j, length, DTYPE, False), length, BLOCK)
+    tl.store(u_ptr + g, u)
     tensor_index = tl.load(tensor_index_ptr + slot).to(tl.uint32)
     u0 = _uniform(j.to(tl.uint32), tensor_index, step_lo.to(tl.uint32), step_hi.to(tl.uint32),
                   seed_lo.to(tl.uint32), seed_hi.to(tl.uint32), 0)
@@ -113,35 +165,74 @@ def _importance_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_u
 
 
 @triton.jit
-def _apply_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_ptr,
-                  factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    # grad_unit *= factor (computed in fp64 and rounded once, as the reference); 0 gives
-    # exact zeros (NaN / inf included); 1 writes nothing.
-    g = tl.load(units_ptr + tl.program_id(0))
-    f = tl.load(factor_ptr + g)
-    if f != 1.0:
-        slot, j, length = _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr)
-        base = tl.load(addr_ptr + slot).to(tl.pointer_type(DTYPE)) + j.to(tl.int64) * length
+def _scale(base, length, f, BLOCK: tl.constexpr):
+    """base[i] *= f for i < length (f != 1; fp64 product rounded once, as the reference).
+    f = 0 stores zeros without reading the unit: the exact zeros of a left-out unit whatever
+    it held (NaN, inf), and half the traffic of a load and a store."""
+    if f == 0.0:
+        for offset in range(0, length, BLOCK):
+            idx = offset + tl.arange(0, BLOCK)
+            tl.store(base + idx, tl.zeros((BLOCK,), dtype=base.dtype.element_ty),
+                     mask=idx < length)
+    else:
         for offset in range(0, length, BLOCK):
             idx = offset + tl.arange(0, BLOCK)
             mask = idx < length
             x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float64)
-            y = tl.where(f == 0.0, 0.0, x * f)
-            tl.store(base + idx, y.to(DTYPE), mask=mask)
+            tl.store(base + idx, (x * f).to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_kernel(units_ptr, unit_slot_ptr, addr_ptr, unit_len_ptr, first_unit_ptr,
+                  factor_ptr, DTYPE: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    # grad_unit *= factor; 0 gives exact zeros (NaN / inf included); 1 writes nothing.
+    g = tl.load(units_ptr + tl.program_id(0))
+    f = tl.load(factor_ptr + g)
+    if f != 1.0:
+        slot, j, length = _locate(g, unit_slot_ptr, first_unit_ptr, unit_len_ptr)
+        address = tl.load(addr_ptr + slot)
+        if _vectorisable(address, length, VEC):  # the same, in 16-byte accesses
+            n = _known_multiple(length, VEC)
+            _scale(_unit_base(address, j, n, DTYPE, True), n, f, BLOCK)
+        else:
+            _scale(_unit_base(address, j, length, DTYPE, False), length, f, BLOCK)
+
+
+@triton.jit
+def _sgd_unit(p_base, g_base, b_base, length, f, fresh, lr, momentum, dampening,
+              weight_decay, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """The SGD update of one unit (see _sgd_kernel) through its three pointers."""
+    dtype = p_base.dtype.element_ty
+    for offset in range(0, length, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        mask = idx < length
+        p = tl.load(p_base + idx, mask=mask, other=0.0).to(tl.float64)
+        grad = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float64)
+        d = grad * f + weight_decay * p
+        if MOMENTUM:
+            buf = tl.load(b_base + idx, mask=mask, other=0.0).to(tl.float64)
+            new_buf = tl.where(fresh != 0, d, momentum * buf + (1.0 - dampening) * d)
+            tl.store(b_base + idx, new_buf.to(dtype), mask=mask)
+            if NESTEROV:
+                d = d + momentum * new_buf
+            else:
+                d = new_buf
+        tl.store(p_base + idx, (p - lr * d).to(dtype), mask=mask)
 
 
 @triton.jit
 def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_addr_ptr,
                 fresh_ptr, unit_len_ptr, first_unit_ptr, factor_ptr, hyper_ptr,
                 DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                BLOCK: tl.constexpr):
+                VEC: tl.constexpr, BLOCK: tl.constexpr):
     # torch.optim.SGD's rule on a kept unit (factor f != 0), in fp64, rounded once, launched
     # without multiply-add contraction: each product and sum rounded as the reference's
     # separate torch ops round them (an fma would change the last bit of fp64 parameters).
     #   g = f grad + wd p; buf = g (fresh buffer) or momentum buf + (1 - dampening) g;
     #   p -= lr (g + momentum buf if nesterov else buf)   (buf = g without momentum).
     # hyper: lr, momentum, dampening, weight_decay in fp64 (a Python float argument would
-    # arrive as fp32)
+    # arrive as fp32). Without momentum the buffer table repeats the parameters' addresses.
     lr = tl.load(hyper_ptr)
     momentum = tl.load(hyper_ptr + 1)
     dampening = tl.load(hyper_ptr + 2)
@@ -150,26 +241,22 @@ def _sgd_kernel(units_ptr, unit_slot_ptr, param_addr_ptr, grad_addr_ptr, buf_add
     f = tl.load(factor_ptr + g_unit)
     if f != 0.0:
         slot, j, length = _locate(g_unit, unit_slot_ptr, first_unit_ptr, unit_len_ptr)
-        start = j.to(tl.int64) * length
-        p_base = tl.load(param_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
-        g_base = tl.load(grad_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
         fresh = tl.load(fresh_ptr + slot)
-        for offset in range(0, length, BLOCK):
-            idx = offset + tl.arange(0, BLOCK)
-            mask = idx < length
-            p = tl.load(p_base + idx, mask=mask, other=0.0).to(tl.float64)
-            grad = tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float64)
-            d = grad * f + weight_decay * p
-            if MOMENTUM:
-                b_base = tl.load(buf_addr_ptr + slot).to(tl.pointer_type(DTYPE)) + start
-                buf = tl.load(b_base + idx, mask=mask, other=0.0).to(tl.float64)
-                new_buf = tl.where(fresh != 0, d, momentum * buf + (1.0 - dampening) * d)
-                tl.store(b_base + idx, new_buf.to(DTYPE), mask=mask)
-                if NESTEROV:
-                    d = d + momentum * new_buf
-                else:
-                    d = new_buf
-            tl.store(p_base + idx, (p - lr * d).to(DTYPE), mask=mask)
+        p_address = tl.load(param_addr_ptr + slot)
+        g_address = tl.load(grad_addr_ptr + slot)
+        b_address = tl.load(buf_addr_ptr + slot)
+        if (_vectorisable(p_address, length, VEC) & _vectorisable(g_address, length, VEC)
+                & _vectorisable(b_address, length, VEC)):
+            n = _known_multiple(length, VEC)  # the same update, in 16-byte accesses
+            _sgd_unit(_unit_base(p_address, j, n, DTYPE, True),
+                      _unit_base(g_address, j, n, DTYPE, True),
+                      _unit_base(b_address, j, n, DTYPE, True), n, f, fresh,
+                      lr, momentum, dampening, weight_decay, MOMENTUM, NESTEROV, BLOCK)
+        else:
+            _sgd_unit(_unit_base(p_address, j, length, DTYPE, False),
+                      _unit_base(g_address, j, length, DTYPE, False),
+                      _unit_base(b_address, j, length, DTYPE, False), length, f, fresh,
+                      lr, momentum, dampening, weight_decay, MOMENTUM, NESTEROV, BLOCK)
 
 
 EPS_IN_KERNEL = tl.constexpr(EPS)  # globals a compiled kernel reads are constexprs
@@ -335,7 +422,7 @@ class _Plan:
 
     def __init__(self, tensors, unit_size, device):
         slots = [t for t, x in enumerate(tensors) if x.numel() > 0]
-        self.slots = slots
+        self.slots, self.device = slots, device
         self.num_units = [tensors[t].shape[0] // unit_size for t in slots]
         self.unit_len = [tensors[t].numel() // n for t, n in zip(slots, self.num_units)]
         firsts, total = [], 0
@@ -365,13 +452,44 @@ class _Plan:
             self.units_by_dtype.setdefault(tensors[t].dtype, []).append(
                 torch.arange(firsts[s], firsts[s] + self.num_units[s]))
         self.units_by_dtype = {d: torch.cat(u).to(device) for d, u in self.units_by_dtype.items()}
+        self.no_rank = torch.empty(0, dtype=torch.int32, device=device)  # rank unused
+        self._kept = {}    # kept_units per (owners, ratios)
+        self._tables = {}  # device copies of int64 host tables, by their values
+
+    def kept_units(self, owner, ratios):
+        """k = kept_units(ratio of its modality, its units) per tensor (slot), memoised: the
+        ratios often repeat from step to step, and k = ceil(rho N) changes more rarely still;
+        a miss computes each distinct (ratio, N) pair once."""
+        key = (tuple(owner), tuple(ratios))
+        ks = self._kept.get(key)
+        if ks is None:
+            pairs = [(ratios[owner[t]], n) for t, n in zip(self.slots, self.num_units)]
+            k_of = {pair: kept_units(*pair) for pair in set(pairs)}
+            if len(self._kept) >= 64:
+                self._kept.clear()
+            ks = self._kept[key] = [k_of[pair] for pair in pairs]
+        return ks
+
+    def device_table(self, values, sizes):
+        """An int64 host list on the plan's device (_to_device) split into parts of `sizes`,
+        memoised by its values: a step's tables (addresses, k, fresh flags) usually repeat
+        those of the step before (the caching allocator hands the gradients the same
+        blocks), and a hit saves the copy. The cached tensors are only ever read."""
+        key = tuple(values)
+        parts = self._tables.get(key)
+        if parts is None:
+            if len(self._tables) >= 8:
+                self._tables.clear()
+            parts = self._tables[key] = \
+                _to_device(values, torch.int64, self.device).split_with_sizes(sizes)
+        return parts
 
 
 _plans = {}  # by the tensors' shapes, dtypes, unit size and device: rebuilt only when they change
 
 
 def _plan_for(tensors, unit_size):
-    key = (tuple((tuple(x.shape), x.dtype) for x in tensors), unit_size, tensors[0].device)
+    key = (tuple([(x.shape, x.dtype) for x in tensors]), unit_size, tensors[0].device)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) > 16:
@@ -396,19 +514,28 @@ def _grid_launch(kernel, units, *args, **meta):
         kernel[(units.numel(),)](units, *args, num_warps=NUM_WARPS, **meta)
 
 
-def _importance(grads, plan, addresses, seed, step):
-    """Stage 1: u (U,), Gumbel noise (U,), systematic-sampling starts (T,), fp64."""
-    device = grads[0].device
-    u = torch.empty(plan.total, dtype=torch.float64, device=device)
-    noise = torch.empty_like(u)
-    start = torch.empty(len(plan.slots), dtype=torch.float64, device=device)
+class _Workspace:
+    """A step's fp64 arrays, views of one allocation (one allocator call instead of six):
+    u, noise, factors (U each), start (T); tail and pi (U each) for AMSS+ "paper" only."""
+
+    def __init__(self, plan, paper):
+        U, T = plan.total, len(plan.slots)
+        sizes = [U, U, U, T] + ([U, U] if paper else [0, 0])
+        memory = torch.empty(sum(sizes), dtype=torch.float64, device=plan.device)
+        self.u, self.noise, self.factors, self.start, self.tail, self.pi = \
+            memory.split_with_sizes(sizes)
+
+
+def _importance(grads, plan, addresses, seed, step, work):
+    """Stage 1 into work.u (U,), work.noise (U,) and work.start (T,): the unit importances,
+    their Gumbel noise and the tensors' systematic-sampling starts."""
     step_lo, step_hi = _split64(step)
     seed_lo, seed_hi = _split64(seed)
     for dtype, units in plan.units_by_dtype.items():
         _grid_launch(_importance_kernel, units, plan.unit_slot_t, addresses, plan.unit_len_t,
-                     plan.first_unit_t, plan.num_units_t, plan.tensor_index_t, u, noise, start,
-                     step_lo, step_hi, seed_lo, seed_hi, DTYPE=_TL[dtype], BLOCK=BLOCK)
-    return u, noise, start
+                     plan.first_unit_t, plan.num_units_t, plan.tensor_index_t, work.u,
+                     work.noise, work.start, step_lo, step_hi, seed_lo, seed_hi,
+                     DTYPE=_TL[dtype], VEC=_VEC[dtype], BLOCK=BLOCK)
 
 
 def _padded(plan, values, fill):
@@ -439,32 +566,30 @@ SELECT_COLUMNS = 256  # IB: units compared against them per step
 SELECT_WARPS = 4
 
 
-def _factors(plan, u, noise, start, k, mode, scaling):
-    """Stage 2: one fp64 factor per unit (0: left out) from the per-unit arrays (k: the
-    number of units to keep per tensor, int64 on the device): one launch of _rank_kernel,
+def _factors(plan, work, k, mode, scaling):
+    """Stage 2: one fp64 factor per unit (0: left out; in work.factors) from the per-unit
+    arrays of work (k: the units to keep per tensor, int64 on the device; for AMSS+ "paper"
+    work must hold tail and pi): one launch of _rank_kernel,
     or for AMSS+ "paper" three (ranks by q, capped pi per tensor, systematic sample), when
     every tensor has at most MAX_FUSED_SELECT_UNITS units. The work per tensor grows as
     n^2, so beyond that the batched torch ops take over."""
+    u, noise, start, factors = work.u, work.noise, work.start, work.factors
     if plan.max_units > MAX_FUSED_SELECT_UNITS:
         return _factors_batched(plan, u, noise, start, k, mode, scaling)
     T = len(plan.slots)
-    factors = torch.empty_like(u)
     grid = (T, triton.cdiv(plan.max_units, SELECT_ROWS))
     width = max(16, triton.next_power_of_2(plan.max_units))  # _pi_kernel's lanes
     columns = min(SELECT_COLUMNS, width)
     paper = mode == "amss+" and scaling == "paper"
     key = 3 if (paper or mode == "topk") else 2 if mode == "uniform" else 0
-    rank = torch.empty(plan.total if paper else 0, dtype=torch.int32, device=u.device)
-    tail = torch.empty(plan.total if paper else 0, dtype=torch.float64, device=u.device)
-    _rank_kernel[grid](u, noise, k, plan.first_unit_t, plan.num_units_t, factors, rank, tail,
+    rank = torch.empty(plan.total, dtype=torch.int32, device=u.device) if paper else plan.no_rank
+    _rank_kernel[grid](u, noise, k, plan.first_unit_t, plan.num_units_t, factors, rank, work.tail,
                        MODE=_MODES.index(mode), KEY=key, PAPER=paper, JB=SELECT_ROWS,
                        IB=columns, num_warps=SELECT_WARPS)
     if paper:
-        pi = torch.empty_like(u)
-        _pi_kernel[(T,)](u, k, plan.first_unit_t, plan.num_units_t, rank, tail, pi,
-                         WIDTH=width, IB=columns,
-                         num_warps=SELECT_WARPS)
-        _systematic_kernel[grid](noise, start, k, plan.first_unit_t, plan.num_units_t, pi,
+        _pi_kernel[(T,)](u, k, plan.first_unit_t, plan.num_units_t, rank, work.tail, work.pi,
+                         WIDTH=width, IB=columns, num_warps=SELECT_WARPS)
+        _systematic_kernel[grid](noise, start, k, plan.first_unit_t, plan.num_units_t, work.pi,
                                  factors, JB=SELECT_ROWS, IB=columns,
                                  num_warps=SELECT_WARPS)
     return factors
@@ -541,18 +666,16 @@ def _check_mask_args(op, grads, owner, ratios, sampling, scaling, unit_size):
                                "[0, 1]")
 
 
-def _unit_factors(grads, owner, ratios, sampling, scaling, seed, step, unit_size):
-    """(plan, addresses, factors) of one step: stages 1 and 2."""
-    plan = _plan_for(grads, unit_size)
-    ks = [kept_units(ratios[owner[t]], n) for t, n in zip(plan.slots, plan.num_units)]
-    # the step's two host lists in one pinned copy: the gradients' addresses and k
+def _unit_factors(plan, grads, owner, ratios, sampling, scaling, seed, step):
+    """(addresses, factors) of one step: stages 1 and 2 (grads: at least one non-empty)."""
+    # the step's two host lists in one table: the gradients' addresses and k
     T = len(plan.slots)
-    addresses_and_k = _to_device([grads[t].data_ptr() for t in plan.slots] + ks, torch.int64,
-                                 grads[0].device)
-    addresses, k = addresses_and_k[:T], addresses_and_k[T:]
-    u, noise, start = _importance(grads, plan, addresses, seed, step)
-    factors = _factors(plan, u, noise, start, k, _MODES[sampling], _SCALINGS[scaling])
-    return plan, addresses, factors
+    addresses, k = plan.device_table([grads[t].data_ptr() for t in plan.slots]
+                                     + plan.kept_units(owner, ratios), (T, T))
+    mode, scaling = _MODES[sampling], _SCALINGS[scaling]
+    work = _Workspace(plan, paper=mode == "amss+" and scaling == "paper")
+    _importance(grads, plan, addresses, seed, step, work)
+    return addresses, _factors(plan, work, k, mode, scaling)
 
 
 _MODES = ("amss", "amss+", "uniform", "topk")  # the ops' sampling codes
@@ -561,18 +684,30 @@ _SCALINGS = ("paper", "reference-code")
 
 def mask_gradients_triton(grads, group_of_tensor, ratios, sampling, scaling, seed, step,
                           unit_size):
-    """The body of the op amss_mask_gradients_triton (below). ether_kernels.amss calls it
-    directly in eager mode: the custom op's Python dispatch layers cost more host time per
-    step than the step's kernels take on a GPU."""
+    """The body of the op amss_mask_gradients_triton (below): its checks, then the step."""
     _check_mask_args("amss_mask_gradients_triton", grads, group_of_tensor, ratios, sampling,
                      scaling, unit_size)
-    if not grads or all(g.numel() == 0 for g in grads):
+    mask_gradients_unchecked(grads, group_of_tensor, ratios, sampling, scaling, seed, step,
+                             unit_size)
+
+
+def mask_gradients_unchecked(grads, group_of_tensor, ratios, sampling, scaling, seed, step,
+                             unit_size):
+    """The step on arguments _check_mask_args accepts. ether_kernels.amss calls it directly
+    in eager mode, after its own checks (a superset): the custom op's Python dispatch
+    layers, and checking every tensor twice, cost more host time per step than the step's
+    kernels take on a GPU."""
+    if not grads:
         return
-    plan, addresses, factors = _unit_factors(grads, group_of_tensor, ratios, sampling,
-                                             scaling, seed, step, unit_size)
+    plan = _plan_for(grads, unit_size)
+    if not plan.slots:  # every tensor empty
+        return
+    addresses, factors = _unit_factors(plan, grads, group_of_tensor, ratios, sampling,
+                                       scaling, seed, step)
     for dtype, units in plan.units_by_dtype.items():
         _grid_launch(_apply_kernel, units, plan.unit_slot_t, addresses, plan.unit_len_t,
-                     plan.first_unit_t, factors, DTYPE=_TL[dtype], BLOCK=BLOCK)
+                     plan.first_unit_t, factors, DTYPE=_TL[dtype], VEC=_VEC[dtype],
+                     BLOCK=BLOCK)
 
 
 @torch.library.custom_op("ether_kernels::amss_mask_gradients_triton", mutates_args=("grads",))
@@ -592,8 +727,7 @@ def _(grads, group_of_tensor, ratios, sampling, scaling, seed, step, unit_size):
 def masked_sgd_step_triton(params, grads, buffers, fresh, group_of_tensor, ratios, sampling,
                            scaling, seed, step, unit_size, lr, momentum, dampening,
                            weight_decay, nesterov):
-    """The body of the op amss_masked_sgd_step_triton (below); called directly in eager mode
-    like mask_gradients_triton."""
+    """The body of the op amss_masked_sgd_step_triton (below): its checks, then the step."""
     op = "amss_masked_sgd_step_triton"
     _check_mask_args(op, grads, group_of_tensor, ratios, sampling, scaling, unit_size)
     T = len(grads)
@@ -613,26 +747,38 @@ def masked_sgd_step_triton(params, grads, buffers, fresh, group_of_tensor, ratio
                                   and buffers[t].device == params[t].device):
             raise RuntimeError(f"{op}: buffers[{t}] must be contiguous with its parameter's "
                                "shape, dtype and device")
-    if not params or all(p.numel() == 0 for p in params):
+    masked_sgd_step_unchecked(params, grads, buffers, fresh, group_of_tensor, ratios, sampling,
+                              scaling, seed, step, unit_size, lr, momentum, dampening,
+                              weight_decay, nesterov)
+
+
+def masked_sgd_step_unchecked(params, grads, buffers, fresh, group_of_tensor, ratios,
+                              sampling, scaling, seed, step, unit_size, lr, momentum,
+                              dampening, weight_decay, nesterov):
+    """The step on arguments masked_sgd_step_triton accepts; called directly in eager mode
+    like mask_gradients_unchecked."""
+    if not params:
         return
-    plan, grad_addresses, factors = _unit_factors(grads, group_of_tensor, ratios, sampling,
-                                                  scaling, seed, step, unit_size)
-    device = params[0].device
-    # the parameters' and buffers' addresses and the fresh flags in one pinned copy (without
+    plan = _plan_for(grads, unit_size)
+    if not plan.slots:  # every tensor empty
+        return
+    grad_addresses, factors = _unit_factors(plan, grads, group_of_tensor, ratios, sampling,
+                                            scaling, seed, step)
+    # the parameters' and buffers' addresses and the fresh flags in one table (without
     # momentum the buffer table repeats the parameters' and is never read)
-    T = len(plan.slots)
+    with_momentum = momentum != 0
     owners_of_buffers = buffers if with_momentum else params
-    table = _to_device([params[t].data_ptr() for t in plan.slots]
-                       + [owners_of_buffers[t].data_ptr() for t in plan.slots]
-                       + [fresh[t] if with_momentum else 0 for t in plan.slots],
-                       torch.int64, device)
-    param_addresses, buffer_addresses, fresh_t = table[:T], table[T:2 * T], table[2 * T:]
-    hyper = _to_device([lr, momentum, dampening, weight_decay], torch.float64, device)
+    T = len(plan.slots)
+    param_addresses, buffer_addresses, fresh_t = plan.device_table(
+        [params[t].data_ptr() for t in plan.slots]
+        + [owners_of_buffers[t].data_ptr() for t in plan.slots]
+        + [fresh[t] if with_momentum else 0 for t in plan.slots], (T, T, T))
+    hyper = _to_device([lr, momentum, dampening, weight_decay], torch.float64, plan.device)
     for dtype, units in plan.units_by_dtype.items():
         _grid_launch(_sgd_kernel, units, plan.unit_slot_t, param_addresses, grad_addresses,
                      buffer_addresses, fresh_t, plan.unit_len_t, plan.first_unit_t, factors,
                      hyper, DTYPE=_TL[dtype], MOMENTUM=with_momentum, NESTEROV=bool(nesterov),
-                     BLOCK=BLOCK, enable_fp_fusion=False)
+                     VEC=_VEC[dtype], BLOCK=BLOCK, enable_fp_fusion=False)
 
 
 @torch.library.custom_op("ether_kernels::amss_masked_sgd_step_triton",
