@@ -270,26 +270,28 @@ __device__ __forceinline__ double soft_min_and_weights(double diag, double up, d
   return base - gamma * static_cast<double>(fast_log(sum));
 }
 
-template <typename T, bool kSoft, int K, typename Cost>
+// kKeep: R_out is non-null and every element of it is written (the value-only forward is a
+// separate instantiation, free of the keeping code: registers matter in the sweep).
+template <typename T, bool kSoft, int K, typename Cost, bool kKeep>
 __global__ void __launch_bounds__(kMaxThreads)
     dtw_forward_kernel(const DtwArgs args, T* __restrict__ values,
                        value_t<T, kSoft>* __restrict__ R_out) {
   using V = value_t<T, kSoft>;
   // What the kept state holds per cell: R, or for fp32 soft-DTW its soft-argmin weights.
-  constexpr bool kKeepWeights = kSoft && std::is_same_v<T, float>;
+  constexpr bool kKeepWeights = kKeep && kSoft && std::is_same_v<T, float>;
   __shared__ V handoff[2][kMaxWarps];  // lane 31 of warp w -> lane 0 of warp w + 1
   const int64_t b = blockIdx.x;
   const PairShape pair(args, b);
   // The kept R: every element is written (the cells computed, 0 elsewhere: the padding of
   // the step-major layout, rows and stripes past the pair's lengths), so the caller needs no
   // zero fill (a whole extra pass over R) for its content to be deterministic.
-  V* R = R_out != nullptr ? R_out + b * args.kept_per_pair : nullptr;
+  V* R = kKeep ? R_out + b * args.kept_per_pair : nullptr;
   auto zero_range = [&](V* begin, int64_t count) {
     for (int64_t e = threadIdx.x; e < count; e += blockDim.x) begin[e] = V(0);
   };
   if (!pair.ok) {  // block-uniform: the whole block leaves together
     if (threadIdx.x == 0) values[b] = static_cast<T>(NAN);
-    if (R != nullptr) zero_range(R, args.kept_per_pair);
+    if (kKeep) zero_range(R, args.kept_per_pair);
     return;
   }
   const int t = threadIdx.x, lane = t % kWarpSize, warp = t / kWarpSize;
@@ -317,7 +319,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                                p + 1 < stripes;
     cost.rows(first_row, pair.n);
     const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
-    if (R != nullptr) {
+    if (kKeep) {
       // Step s writes every slot of layout column q = j_begin + s (below); the columns of
       // the layout the sweep never reaches are zeroed here.
       V* R_stripe = R + p * layout.stripe_size;
@@ -350,7 +352,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
         cost.column(j);
-        V* R_here = R != nullptr ? R + layout.at(p, t, j) : nullptr;
+        V* R_here = kKeep ? R + layout.at(p, t, j) : nullptr;
         // Branch-free cells: every cell is computed and an invalid one (outside the band, or
         // a row past the pair's end: only in the last thread of the last stripe) is replaced
         // by +inf; such rows only feed rows below them, which are invalid as well.
@@ -365,15 +367,12 @@ __global__ void __launch_bounds__(kMaxThreads)
           V r;
           WeightPair weights{0.0f, 0.0f};
           if constexpr (kKeepWeights) {
-            // block-uniform: the value-only forward (no R kept) computes no weights
-            r = c + (R_here != nullptr
-                         ? soft_min_and_weights(diag, up, left[k], gamma, inv_gamma, weights)
-                         : best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma));
+            r = c + soft_min_and_weights(diag, up, left[k], gamma, inv_gamma, weights);
           } else {
             r = c + best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
           }
           r = ok ? r : inf;
-          if (R_here != nullptr) {
+          if constexpr (kKeep) {
             if constexpr (kKeepWeights) {  // no weight out of an invalid cell
               reinterpret_cast<WeightPair*>(R_here)[k * int(blockDim.x)] =
                   ok ? weights : WeightPair{0.0f, 0.0f};
@@ -388,7 +387,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
         out = up;
         if (owns_last_row) edge_below[j] = out;
-      } else if (R != nullptr) {  // no cell of this thread at this step: its slots are 0
+      } else if (kKeep) {  // no cell of this thread at this step: its slots are 0
         V* R_slot = R + layout.at(p, t, j);  // column q = j + t = j_begin + s >= 0
 #pragma unroll
         for (int k = 0; k < K; ++k) R_slot[k * int(blockDim.x)] = V(0);
@@ -398,7 +397,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       __syncthreads();
     }
   }
-  if (R != nullptr) {  // the layout's stripes below the pair's last row
+  if (kKeep) {  // the layout's stripes below the pair's last row
     const int64_t swept = int64_t(stripes) * layout.stripe_size;
     zero_range(R + swept, args.kept_per_pair - swept);
   }
@@ -899,15 +898,25 @@ cudaError_t forward_typed(const DtwArgs& args, void* values, void* R, cudaStream
   if (a.soft) {
     return with_cost<T, kRowsSoft>(a, [&](auto* cost_tag) {
       using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-      dtw_forward_kernel<T, true, kRowsSoft, Cost><<<a.B, a.threads, 0, stream>>>(
-          a, static_cast<T*>(values), static_cast<double*>(R));
+      if (R != nullptr) {
+        dtw_forward_kernel<T, true, kRowsSoft, Cost, true><<<a.B, a.threads, 0, stream>>>(
+            a, static_cast<T*>(values), static_cast<double*>(R));
+      } else {
+        dtw_forward_kernel<T, true, kRowsSoft, Cost, false><<<a.B, a.threads, 0, stream>>>(
+            a, static_cast<T*>(values), nullptr);
+      }
       return cudaGetLastError();
     });
   }
   auto hard = [&](auto* cost_tag) {
     using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    dtw_forward_kernel<T, false, Cost::kRows, Cost><<<a.B, a.threads, 0, stream>>>(
-        a, static_cast<T*>(values), static_cast<T*>(R));
+    if (R != nullptr) {
+      dtw_forward_kernel<T, false, Cost::kRows, Cost, true><<<a.B, a.threads, 0, stream>>>(
+          a, static_cast<T*>(values), static_cast<T*>(R));
+    } else {
+      dtw_forward_kernel<T, false, Cost::kRows, Cost, false><<<a.B, a.threads, 0, stream>>>(
+          a, static_cast<T*>(values), nullptr);
+    }
     return cudaGetLastError();
   };
   constexpr int kWide = kRowsHard / 2;  // rows per thread when D > 1 (see rows_per_thread)
