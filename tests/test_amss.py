@@ -337,11 +337,18 @@ def test_closed_form_inclusion_probabilities_match_the_reference_loop():
             assert abs(pi.sum().item() - k) < 1e-9 and (pi <= 1).all()
 
 
+@pytest.mark.parametrize("batched_selection", [False, True], ids=["fused-select", "batched-select"])
 @pytest.mark.parametrize("device,backend", FUSED)
-def test_nan_and_inf_gradients_keep_the_reference_units(device, backend):
+def test_nan_and_inf_gradients_keep_the_reference_units(device, backend, batched_selection,
+                                                        monkeypatch):
     """A NaN or inf gradient makes every q of its tensor NaN: the keys rank as in a stable
     sort (NaN first, ties to the lower index), AMSS+ "paper" keeps nothing (NaN pi); every
-    backend keeps the reference's units and raises nothing."""
+    backend keeps the reference's units and raises nothing. batched-select: the Triton
+    path's torch-op selection for wide tensors (whose sorts place NaN by device)."""
+    if batched_selection:
+        if backend != "triton":
+            pytest.skip("the batched selection is the Triton path's")
+        monkeypatch.setattr(ek.amss._triton_amss, "MAX_FUSED_SELECT_UNITS", 4)
     for mode, scaling in (("amss", None), ("amss+", "paper"), ("amss+", "reference-code"),
                           ("uniform", None), ("topk", None)):
         kept = {}

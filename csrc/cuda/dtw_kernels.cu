@@ -253,8 +253,10 @@ struct alignas(8) WeightPair {
 
 // softmin_gamma(diag, up, left) as best_predecessor<float, true> computes it (the same
 // operations in the same order: the same value), and the weights
-// exp(-(a_k - softmin) / gamma) = e_k / sum of the up and left predecessors (0 when no
-// predecessor is reachable).
+// exp(-(a_k - softmin) / gamma) = e_k / sum of the up and left predecessors. A cell no
+// predecessor reaches (R = +inf: only with infinite or NaN costs) is marked by up = -1
+// (kUnreachable): the backward gives it no alignment, as the R-based backward does.
+constexpr float kUnreachable = -1.0f;
 __device__ __forceinline__ double soft_min_and_weights(double diag, double up, double left,
                                                        double gamma, double inv_gamma,
                                                        WeightPair& weights) {
@@ -265,8 +267,9 @@ __device__ __forceinline__ double soft_min_and_weights(double diag, double up, d
   const float e_left = fast_exp(static_cast<float>((base - left) * inv_gamma));
   const float sum = e_diag + e_up + e_left;  // in [1, 3] unless nothing is reachable (0)
   // The fast division (2 ulp; an IEEE division would cost the forward a third of its time)
-  weights.up = sum > 0.0f ? __fdividef(e_up, sum) : 0.0f;
-  weights.left = sum > 0.0f ? __fdividef(e_left, sum) : 0.0f;
+  const bool reached = sum > 0.0f;  // false for 0 and NaN
+  weights.up = reached ? __fdividef(e_up, sum) : kUnreachable;
+  weights.left = reached ? __fdividef(e_left, sum) : 0.0f;
   return base - gamma * static_cast<double>(fast_log(sum));
 }
 
@@ -726,14 +729,17 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
         for (int k = K - 1; k >= 0; --k) {
           const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
+          const WeightPair w = W_now[k];
+          const bool reached = w.up >= 0.0f;  // see kUnreachable
           T e = below + from_right[k] + from_diag[k];
+          e = reached ? e : T(0);  // as the R-based backward: no alignment through R = +inf
           e = k == end_row ? seed : e;
           e = ok ? e : T(0);  // invalid cells push nothing (their weights are 0 as well)
-          const WeightPair w = W_now[k];
-          const T w_diag = fmaxf(0.0f, 1.0f - w.up - w.left);  // the weights sum to 1
+          const T w_up = reached ? w.up : T(0), w_left = reached ? w.left : T(0);
+          const T w_diag = reached ? fmaxf(0.0f, 1.0f - w.up - w.left) : T(0);  // sum to 1
           from_diag[k] = carry;
-          below = e * w.up;
-          from_right[k] = e * w.left;
+          below = e * w_up;
+          from_right[k] = e * w_left;
           carry = e * w_diag;
           if constexpr (kFused) {
             const T g = ok ? T(2) * e : T(0);

@@ -167,8 +167,9 @@ int64_t dtw_kept_per_pair(const DtwArgs& args);
 // Forward: values [B] (dtype); R [B, dtw_kept_per_pair] (8-byte elements when soft: fp64 R,
 // or for fp32 the two fp32 weights above; dtype when hard)
 // when non-null: every element is written (R on the allowed cells of each pair, +inf on
-// the band's excluded cells the sweep passes, 0 on the layout's padding), so it needs no
-// initialisation and its content is deterministic.
+// the band's excluded cells the sweep passes, 0 on the layout's padding; for fp32 soft-DTW
+// the weights, {0, 0} on excluded cells), so it needs no initialisation and its content is
+// deterministic.
 cudaError_t dtw_forward(const DtwArgs& args, void* values, void* R, cudaStream_t stream);
 
 // Backward: E [B, N, M] (dtype) = grad[b] * d values[b] / d cost, the expected alignment
@@ -183,7 +184,8 @@ cudaError_t dtw_backward(const DtwArgs& args, const void* grad, const void* R, v
 // Euclidean cost, without E: cell (i, j) adds 2 E_ij (x_i - y_j) to grad_x[i] (registers of
 // the thread owning row i) and subtracts it from grad_y[j] (a shared-memory ring of columns:
 // a column is visited by one thread per step, bottom thread first, so the sums need no
-// atomics and are deterministic), accumulated in fp64. Needs soft, no cost matrix, metric 0,
+// atomics and are deterministic), accumulated in the element type (the E path's matmuls
+// accumulate in it too). Needs soft, no cost matrix, metric 0,
 // D <= 4 and a series per pair (batch strides N D and M D); anything else returns
 // cudaErrorInvalidValue (dtw_fused_backward_supported says beforehand).
 bool dtw_fused_backward_supported(const DtwArgs& args);

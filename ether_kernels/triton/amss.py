@@ -475,7 +475,10 @@ class _Plan:
         memoised by its values: a step's tables (addresses, k, fresh flags) usually repeat
         those of the step before (the caching allocator hands the gradients the same
         blocks), and a hit saves the copy. The cached tensors are only ever read."""
-        key = tuple(values)
+        # by stream as well: a table is copied on the stream current at its creation, and a
+        # kernel on another stream must not read it before that copy (nor after its reuse)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        key = (tuple(values), stream)
         parts = self._tables.get(key)
         if parts is None:
             if len(self._tables) >= 8:
@@ -550,7 +553,10 @@ def capped_inclusion_probabilities(q, k):
     q >= 0, padding 0). Sorted decreasingly, the capped units are the first r, r the smallest
     with (k - r) q_(r) <= sum_{i >= r} q_(i); the others get (k - r) q / sum_{i >= r} q."""
     rank = torch.arange(q.shape[1], device=q.device)[None, :]
-    q_sorted, by_q = torch.sort(q, dim=1, descending=True, stable=True)
+    # NaN first on every device (reference.amss._nan_first): then every pi of the row is NaN
+    by_q = torch.sort(torch.where(torch.isnan(q), float("inf"), q), dim=1, descending=True,
+                      stable=True).indices
+    q_sorted = torch.gather(q, 1, by_q)
     tail = torch.flip(torch.cumsum(torch.flip(q_sorted, [1]), dim=1), [1])
     consistent = ((k - rank) * q_sorted <= tail) | (rank >= k - 1) | torch.isnan(q_sorted)
     capped_count = torch.argmax(consistent.to(torch.int8), dim=1, keepdim=True)  # first True
