@@ -89,7 +89,9 @@ def profile_amss():
 def profile_dtw(backends=("cuda",)):
     """G cells/s of hard DTW, soft forward and soft forward+backward; for the CUDA extension
     the backward both fused (E contracted in the kernel, the default) and through E
-    (ETHER_KERNELS_DTW_FUSED_BACKWARD=0), then the GPU time of the fused fwd+bwd by kernel."""
+    (ETHER_KERNELS_DTW_FUSED_BACKWARD=0), soft with 2 rows per thread
+    (ETHER_KERNELS_DTW_SOFT_ROWS=2: twice the warps per pair), then the GPU time of the fused
+    fwd+bwd by kernel."""
     import os
     torch.manual_seed(0)
     print(f"\n== DTW: {', '.join(backends)} (fp32, D = 4)")
@@ -107,9 +109,11 @@ def profile_dtw(backends=("cuda",)):
                      ("soft fwd", lambda: ek.soft_dtw(x.detach(), y, 1.0)),
                      ("soft fwd+bwd", fwd_bwd)]
             if backend == "cuda":
-                cases.append(("soft fwd+bwd via E", fwd_bwd))
+                cases += [("soft fwd+bwd via E", fwd_bwd), ("soft fwd 2 rows", cases[1][1]),
+                          ("soft fwd+bwd 2 rows", fwd_bwd)]
             for name, fn in cases:
                 os.environ["ETHER_KERNELS_DTW_FUSED_BACKWARD"] = "0" if "via E" in name else "1"
+                os.environ["ETHER_KERNELS_DTW_SOFT_ROWS"] = "2" if "2 rows" in name else "4"
                 try:
                     with ek.use_backend(backend):
                         ms = cuda_ms(fn, repeats=5 if length > 1024 else 10, warmup=2)
@@ -118,6 +122,7 @@ def profile_dtw(backends=("cuda",)):
                 except Exception as error:  # report and go on: this is a probe
                     print(f"  {batch}x{length}^2 {backend:6s} {name:19s} failed: {error!r}"[:300])
         os.environ.pop("ETHER_KERNELS_DTW_FUSED_BACKWARD", None)
+        os.environ.pop("ETHER_KERNELS_DTW_SOFT_ROWS", None)
         if length == 512 and "cuda" in backends:
             for fused in ("1", "0"):
                 os.environ["ETHER_KERNELS_DTW_FUSED_BACKWARD"] = fused

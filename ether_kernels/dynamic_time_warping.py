@@ -318,24 +318,35 @@ def _cuda_threads_per_pair():
     return int(value) if value else 512
 
 
-def _kept_R(like, B, N, M, soft, D=None):
-    """An empty tensor shaped like the kept R of the backend `like` lives on.
+def _cuda_soft_rows():
+    """csrc/cuda/dtw_cuda.cpp's rows per thread for soft-DTW: ETHER_KERNELS_DTW_SOFT_ROWS or 4."""
+    value = os.environ.get("ETHER_KERNELS_DTW_SOFT_ROWS", "").strip()
+    return int(value) if value in ("2", "4") else 4
 
-    CPU: (B, N, M); CUDA: (B, L) in the kernels' coalesced layout. Float64 for soft-DTW
-    whatever the dtype (the backward's weights need it at small gamma; on CUDA an fp32
-    forward keeps in each 8-byte element the cell's two fp32 soft-argmin weights instead of
-    its R: kernels_cuda.h), else the dtype;
-    L = dtw_kept_per_pair in csrc/cuda/kernels_cuda.h: ceil(N / (T K)) (M + T - 1) T K for
-    K rows per thread (4 soft; hard: 16 on a precomputed cost (D None) or D = 1, else 8)
-    and T = min(cap, 32 ceil(N / (32 K))) threads.
-    """
-    if like.device.type != "cuda":  # soft-DTW keeps R in float64 on the CPU as well
-        return like.new_empty((B, N, M), dtype=torch.float64 if soft else like.dtype)
-    K = 4 if soft else (16 if D is None or D == 1 else 8)
+
+def cuda_kept_per_pair(N, M, soft, D=None):
+    """Elements of the CUDA kernels' kept R per pair (dtw_kept_per_pair in
+    csrc/cuda/kernels_cuda.h): ceil(N / (T K)) (M + T - 1) T K for K rows per thread
+    (soft: 4, or 2 with ETHER_KERNELS_DTW_SOFT_ROWS=2; hard: 16 on a precomputed cost (D
+    None) or D = 1, else 8) and T = min(cap, 32 ceil(N / (32 K))) threads."""
+    K = _cuda_soft_rows() if soft else (16 if D is None or D == 1 else 8)
     cap = _cuda_threads_per_pair() // 32 * 32
     threads = torch.sym_min(torch.sym_max(-(-(-(-N // K)) // 32) * 32, 32), cap)
     rows = threads * K
-    kept = (-(-N // rows)) * (M + threads - 1) * rows
+    return (-(-N // rows)) * (M + threads - 1) * rows
+
+
+def _kept_R(like, B, N, M, soft, D=None):
+    """An empty tensor shaped like the kept R of the backend `like` lives on.
+
+    CPU: (B, N, M); CUDA: (B, L) in the kernels' coalesced layout, L = cuda_kept_per_pair.
+    Float64 for soft-DTW whatever the dtype (the backward's weights need it at small gamma;
+    on CUDA an fp32 forward keeps in each 8-byte element the cell's two fp32 soft-argmin
+    weights instead of its R: kernels_cuda.h), else the dtype.
+    """
+    if like.device.type != "cuda":  # soft-DTW keeps R in float64 on the CPU as well
+        return like.new_empty((B, N, M), dtype=torch.float64 if soft else like.dtype)
+    kept = cuda_kept_per_pair(N, M, soft, D)
     return like.new_empty((B, kept), dtype=torch.float64 if soft else like.dtype)
 
 

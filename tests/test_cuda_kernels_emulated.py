@@ -64,3 +64,31 @@ def test_cuda_kernels_under_emulation(harness, tmp_path, fresh_seed):
     failures = [line for line in ran.stdout.splitlines() if "FAIL" in line]
     assert ran.returncode == 0, (f"{harness} failed (seed {fresh_seed}):\n" + "\n".join(failures[:30])
                                  + "\n" + ran.stdout[-2000:] + ran.stderr[-2000:])
+
+
+def test_fake_kernels_shape_the_kept_state_as_the_cuda_kernels(tmp_path, monkeypatch):
+    """The DTW ops' fake kernels (torch.compile, opcheck) shape the CUDA kernels' kept state
+    with a Python copy of dtw_kept_per_pair: the two agree over a grid of lengths, feature
+    counts, thread caps (ETHER_KERNELS_DTW_THREADS) and soft rows per thread
+    (ETHER_KERNELS_DTW_SOFT_ROWS), the C++ side printed by the emulated harness."""
+    from ether_kernels.dynamic_time_warping import cuda_kept_per_pair
+    build_dir = str(tmp_path)
+    sources = emulated_sources(build_dir, HARNESSES["dtw_test.cpp"])
+    binary = os.path.join(build_dir, "dtw_test")
+    built = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-D__CUDACC__", "-w",
+                            "-I", EMULATION, "-I", build_dir, *sources,
+                            os.path.join(EMULATION, "dtw_test.cpp"), "-o", binary],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, f"emulated build failed:\n{built.stderr[-4000:]}"
+    lines = subprocess.run([binary, "kept"], capture_output=True, text=True,
+                           timeout=60).stdout.splitlines()
+    assert len(lines) > 1000
+    for line in lines:
+        N, M, soft, D, threads, rows, kept = map(int, line.split())
+        for name, value in (("ETHER_KERNELS_DTW_THREADS", threads),
+                            ("ETHER_KERNELS_DTW_SOFT_ROWS", rows)):
+            if value:
+                monkeypatch.setenv(name, str(value))
+            else:
+                monkeypatch.delenv(name, raising=False)
+        assert cuda_kept_per_pair(N, M, bool(soft), None if D == 0 else D) == kept, line

@@ -90,6 +90,36 @@ def test_cuda_matches_the_reference(gamma, band, features, dtype, threads, monke
 
 
 @pytest.mark.parametrize("threads", [None, 32], ids=["default-block", "32-threads-several-stripes"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("features", [(1, "sqeuclidean"), (4, "sqeuclidean"), (3, "euclidean")],
+                         ids=["D1-fused", "D4-fused", "D3-E-path"])
+@pytest.mark.parametrize("band", [None, 2])
+def test_soft_two_rows_per_thread_matches_the_reference(band, features, dtype, threads,
+                                                        monkeypatch):
+    """ETHER_KERNELS_DTW_SOFT_ROWS=2 (twice the threads per pair): the same values and
+    gradients as the reference, and the fake kernel shapes the kept state alike (opcheck)."""
+    monkeypatch.setenv("ETHER_KERNELS_DTW_SOFT_ROWS", "2")
+    if threads is not None:
+        monkeypatch.setenv("ETHER_KERNELS_DTW_THREADS", str(threads))
+    D, metric = features
+    B, N, M = (3, 300, 170) if threads else (5, 37, 29)
+    x, y, x_lengths, y_lengths = case(B, N, M, D, dtype)
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    options = dict(gamma=0.4, band=band, metric=metric)
+    values, grads = values_and_grads(x, y, x_lengths, y_lengths, weights, "cuda", "cuda",
+                                     **dict(options))
+    ref_values, ref_grads = values_and_grads(x.double(), y.double(), x_lengths, y_lengths,
+                                             weights, "reference", "cpu", **dict(options))
+    assert relative_error(values, ref_values) < (1e-10 if dtype == torch.float64 else 1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        assert relative_error(grad, ref) < (1e-9 if dtype == torch.float64 else 1e-4)
+    metric_code = {"sqeuclidean": 0, "euclidean": 1, "l1": 2}[metric]
+    torch.library.opcheck(torch.ops.ether_kernels.dtw_xy_forward,
+                          (x.cuda(), y.cuda(), x_lengths.cuda(), y_lengths.cuda(), metric_code,
+                           -1 if band is None else band, 0.4, True, True))
+
+
+@pytest.mark.parametrize("threads", [None, 32], ids=["default-block", "32-threads-several-stripes"])
 @pytest.mark.parametrize("D", [1, 3])
 def test_fused_soft_backward_equals_the_E_path(D, threads, monkeypatch):
     """The fused backward (E contracted in the kernel) and the E path + matmuls compute the

@@ -42,6 +42,17 @@ int max_threads_per_pair() {
   return threads;
 }
 
+// Rows per thread of the soft-DTW kernels: 4, or ETHER_KERNELS_DTW_SOFT_ROWS=2 (twice the
+// threads per pair: more warps per SM when a batch has few pairs; for A/B timings).
+int soft_rows_per_thread() {
+  const char* value = std::getenv("ETHER_KERNELS_DTW_SOFT_ROWS");
+  if (value == nullptr || *value == '\0') return 0;
+  const int rows = std::atoi(value);
+  TORCH_CHECK(rows == 2 || rows == 4, "ETHER_KERNELS_DTW_SOFT_ROWS must be 2 or 4, got '",
+              value, "'");
+  return rows;
+}
+
 void check_float(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.is_cuda(), op, " (CUDA kernel): ", name, " must be a CUDA tensor, got ",
               t.device());
@@ -116,6 +127,7 @@ DtwArgs base_args(at::ScalarType dtype, int64_t B, int64_t N, int64_t M, int64_t
   a.gamma = soft ? gamma : 1.0;
   a.soft = soft;
   a.max_threads = max_threads_per_pair();
+  a.soft_rows = soft_rows_per_thread();
   return a;
 }
 

@@ -43,7 +43,7 @@ using detail::min64;
 
 constexpr int kMaxThreads = 512;  // threads per pair (16 warps); __launch_bounds__ below
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
-constexpr int kRowsSoft = 4;      // K: rows per thread (soft forward and backward)
+constexpr int kRowsSoft = 4;      // K: rows per thread (soft forward and backward); 2 on request
 constexpr int kRowsHard = 16;     // K for hard DTW: a cheaper cell, so more cells per barrier
 constexpr int64_t kMaxPairs = 2147483647;  // one block per pair: the grid's x limit
 // Boundary rows of fp64 per pair in the workspace: the forward's R (or the backward's S) of
@@ -860,7 +860,7 @@ int threads_for(const DtwArgs& a, int K) {
 // K: 4 rows per thread for soft-DTW; 16 for hard DTW on a precomputed cost or D = 1, 8 for
 // D > 1 (16 rows of D <= 4 cached features would not fit in the registers).
 int rows_per_thread(const DtwArgs& a) {
-  if (a.soft) return kRowsSoft;
+  if (a.soft) return a.soft_rows == 2 ? 2 : kRowsSoft;
   return a.cost != nullptr || a.D == 1 ? kRowsHard : kRowsHard / 2;
 }
 
@@ -889,6 +889,14 @@ cudaError_t with_cost(const DtwArgs& a, Body&& body) {
   return with_series_cost<T, K, false>(a, body);
 }
 
+// Calls body(std::integral_constant<int, K>) with the soft-DTW rows per thread K of `a`
+// (resolved: a.rows), so the kernels are compiled for K = 4 (the default) and K = 2.
+template <typename Body>
+cudaError_t with_soft_rows(const DtwArgs& a, Body&& body) {
+  if (a.rows == 2) return body(std::integral_constant<int, 2>{});
+  return body(std::integral_constant<int, kRowsSoft>{});
+}
+
 // The arguments with the launch-derived fields filled in.
 DtwArgs resolved(const DtwArgs& args) {
   DtwArgs a = args;
@@ -902,16 +910,19 @@ template <typename T>
 cudaError_t forward_typed(const DtwArgs& args, void* values, void* R, cudaStream_t stream) {
   const DtwArgs a = resolved(args);
   if (a.soft) {
-    return with_cost<T, kRowsSoft>(a, [&](auto* cost_tag) {
-      using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-      if (R != nullptr) {
-        dtw_forward_kernel<T, true, kRowsSoft, Cost, true><<<a.B, a.threads, 0, stream>>>(
-            a, static_cast<T*>(values), static_cast<double*>(R));
-      } else {
-        dtw_forward_kernel<T, true, kRowsSoft, Cost, false><<<a.B, a.threads, 0, stream>>>(
-            a, static_cast<T*>(values), nullptr);
-      }
-      return cudaGetLastError();
+    return with_soft_rows(a, [&](auto rows) {
+      constexpr int K = decltype(rows)::value;
+      return with_cost<T, K>(a, [&](auto* cost_tag) {
+        using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+        if (R != nullptr) {
+          dtw_forward_kernel<T, true, K, Cost, true><<<a.B, a.threads, 0, stream>>>(
+              a, static_cast<T*>(values), static_cast<double*>(R));
+        } else {
+          dtw_forward_kernel<T, true, K, Cost, false><<<a.B, a.threads, 0, stream>>>(
+              a, static_cast<T*>(values), nullptr);
+        }
+        return cudaGetLastError();
+      });
     });
   }
   auto hard = [&](auto* cost_tag) {
@@ -949,18 +960,21 @@ cudaError_t backward_typed(const DtwArgs& args, const void* grad, const void* R,
         a, static_cast<const T*>(grad), static_cast<const T*>(R), static_cast<T*>(E));
     return cudaGetLastError();
   }
-  return with_cost<T, kRowsSoft>(a, [&](auto* cost_tag) {
-    using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    if constexpr (std::is_same_v<T, float>) {  // the forward kept the weights
-      soft_dtw_backward_weights_kernel<kRowsSoft, Cost, 0><<<a.B, a.threads, 0, stream>>>(
-          a, static_cast<const float*>(grad), static_cast<const WeightPair*>(R),
-          static_cast<float*>(E), nullptr, nullptr);
-    } else {
-      soft_dtw_backward_kernel<T, kRowsSoft, Cost, 0><<<a.B, a.threads, 0, stream>>>(
-          a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E),
-          nullptr, nullptr);
-    }
-    return cudaGetLastError();
+  return with_soft_rows(a, [&](auto rows) {
+    constexpr int K = decltype(rows)::value;
+    return with_cost<T, K>(a, [&](auto* cost_tag) {
+      using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+      if constexpr (std::is_same_v<T, float>) {  // the forward kept the weights
+        soft_dtw_backward_weights_kernel<K, Cost, 0><<<a.B, a.threads, 0, stream>>>(
+            a, static_cast<const float*>(grad), static_cast<const WeightPair*>(R),
+            static_cast<float*>(E), nullptr, nullptr);
+      } else {
+        soft_dtw_backward_kernel<T, K, Cost, 0><<<a.B, a.threads, 0, stream>>>(
+            a, static_cast<const T*>(grad), static_cast<const double*>(R), static_cast<T*>(E),
+            nullptr, nullptr);
+      }
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -968,26 +982,29 @@ template <typename T>
 cudaError_t fused_backward_typed(const DtwArgs& args, const void* grad, const void* R,
                                  void* grad_x, void* grad_y, cudaStream_t stream) {
   const DtwArgs a = resolved(args);
-  auto launch = [&](auto* cost_tag, auto dims) {
-    using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-    constexpr int kD = decltype(dims)::value;
-    if constexpr (std::is_same_v<T, float>) {
-      soft_dtw_backward_weights_kernel<kRowsSoft, Cost, kD><<<a.B, a.threads, 0, stream>>>(
-          a, static_cast<const float*>(grad), static_cast<const WeightPair*>(R), nullptr,
-          static_cast<float*>(grad_x), static_cast<float*>(grad_y));
-    } else {
-      soft_dtw_backward_kernel<T, kRowsSoft, Cost, kD><<<a.B, a.threads, 0, stream>>>(
-          a, static_cast<const T*>(grad), static_cast<const double*>(R), nullptr,
-          static_cast<T*>(grad_x), static_cast<T*>(grad_y));
+  return with_soft_rows(a, [&](auto rows) {
+    constexpr int K = decltype(rows)::value;
+    auto launch = [&](auto* cost_tag, auto dims) {
+      using Cost = std::remove_pointer_t<decltype(cost_tag)>;
+      constexpr int kD = decltype(dims)::value;
+      if constexpr (std::is_same_v<T, float>) {
+        soft_dtw_backward_weights_kernel<K, Cost, kD><<<a.B, a.threads, 0, stream>>>(
+            a, static_cast<const float*>(grad), static_cast<const WeightPair*>(R), nullptr,
+            static_cast<float*>(grad_x), static_cast<float*>(grad_y));
+      } else {
+        soft_dtw_backward_kernel<T, K, Cost, kD><<<a.B, a.threads, 0, stream>>>(
+            a, static_cast<const T*>(grad), static_cast<const double*>(R), nullptr,
+            static_cast<T*>(grad_x), static_cast<T*>(grad_y));
+      }
+      return cudaGetLastError();
+    };
+    if (a.D == 1) {
+      return launch(static_cast<SeriesCost<T, 1, K, true>*>(nullptr),
+                    std::integral_constant<int, 1>{});
     }
-    return cudaGetLastError();
-  };
-  if (a.D == 1) {
-    return launch(static_cast<SeriesCost<T, 1, kRowsSoft, true>*>(nullptr),
-                  std::integral_constant<int, 1>{});
-  }
-  return launch(static_cast<SeriesCost<T, 4, kRowsSoft, true>*>(nullptr),
-                std::integral_constant<int, 4>{});
+    return launch(static_cast<SeriesCost<T, 4, K, true>*>(nullptr),
+                  std::integral_constant<int, 4>{});
+  });
 }
 
 }  // namespace

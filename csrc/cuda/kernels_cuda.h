@@ -149,6 +149,8 @@ struct DtwArgs {
   double gamma;      // > 0 when soft
   bool soft;
   int max_threads;   // threads per pair (a multiple of 32, <= 512); 0 = the default 512
+  int soft_rows;     // rows per thread for soft-DTW: 2 or 4 (0 = the default 4); fewer rows
+                     // give a pair more threads (more warps per SM for small batches)
   void* workspace;   // dtw_workspace_bytes(*this) bytes (four boundary rows per pair)
   size_t workspace_bytes;
   // Set by the launchers (callers leave them 0): threads and rows per thread of a pair's
@@ -159,7 +161,7 @@ struct DtwArgs {
 
 // Elements of the kept R per pair: R is kept in the kernels' own "step-major" layout (see
 // dtw_kernels.cu), slightly larger than N * M: ceil(N / (T K)) * (M + T - 1) * T * K for T
-// threads of K rows (K = 4 soft; hard: 16 for a precomputed cost or D = 1, else 8;
+// threads of K rows (K = soft_rows or 4 soft; hard: 16 for a precomputed cost or D = 1, else 8;
 // T = min(max_threads, 32 * ceil(N / (32 K)))).
 // The kept R is a [B, dtw_kept_per_pair(args)] tensor.
 int64_t dtw_kept_per_pair(const DtwArgs& args);

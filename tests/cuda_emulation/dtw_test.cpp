@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <random>
 #include <vector>
+#include <string>
 #include <cmath>
 #include <algorithm>
 using namespace ether_kernels::cuda;
@@ -17,7 +18,7 @@ static const double INF = INFINITY;
 std::mt19937_64 rng;
 int failures = 0;
 
-struct Case { int B, N, M, D; int64_t band; bool soft; double gamma; int metric; bool matrix; int threads; };
+struct Case { int B, N, M, D; int64_t band; bool soft; double gamma; int metric; bool matrix; int threads; int soft_rows = 0; };
 
 template <class T> void run(const Case& cs) {
   int B = cs.B, N = cs.N, M = cs.M, D = cs.D;
@@ -91,6 +92,7 @@ template <class T> void run(const Case& cs) {
   a.dtype = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
   a.B = B; a.N = N; a.M = M; a.D = D; a.x_lengths = xl.data(); a.y_lengths = yl.data();
   a.metric = cs.metric; a.band = cs.band; a.gamma = cs.gamma; a.soft = cs.soft; a.max_threads = cs.threads;
+  a.soft_rows = cs.soft_rows;
   std::vector<char> ws(dtw_workspace_bytes(a) + 8);
   a.workspace = ws.data(); a.workspace_bytes = ws.size();
   std::vector<T> values(B);
@@ -161,10 +163,30 @@ template <class T> void run(const Case& cs) {
   bool bad = !(worst_v <= vtol) || (!ties && !(worst_e <= etol)) || !(worst_g <= etol);
   if (bad) ++failures;
   std::printf("%s %s B=%d N=%d M=%d D=%d band=%lld gamma=%g metric=%d matrix=%d thr=%d: val %.2e E %.2e grad %.2e%s\n",
-    sizeof(T)==8?"f64":"f32", cs.soft?"soft":"hard", B, N, M, D, (long long)cs.band, cs.gamma, cs.metric, cs.matrix, cs.threads, worst_v, worst_e, worst_g, bad ? "  <-- FAIL" : "");
+    sizeof(T)==8?"f64":"f32", cs.soft?"soft":"hard", B, N, M, D, (long long)cs.band, cs.gamma, cs.metric, cs.matrix, cs.threads + 1000 * cs.soft_rows, worst_v, worst_e, worst_g, bad ? "  <-- FAIL" : "");
+}
+
+// `dtw_test kept`: dtw_kept_per_pair over a grid, one line "N M soft D threads rows kept"
+// each, which tests/test_cuda_kernels_emulated.py compares with the Python fake kernels'.
+int print_kept_sizes() {
+  for (int soft = 0; soft < 2; ++soft)
+    for (int N : {1, 31, 128, 129, 500, 2048, 2049, 5000})
+      for (int M : {1, 77, 4096})
+        for (int D : {0, 1, 3, 6})  // 0: a precomputed cost
+          for (int threads : {0, 32, 96})
+            for (int rows : {0, 2, 4}) {
+              DtwArgs a{};
+              a.cost = D == 0 ? reinterpret_cast<const void*>(1) : nullptr;
+              a.B = 1; a.N = N; a.M = M; a.D = D == 0 ? 1 : D; a.soft = soft; a.max_threads = threads;
+              a.soft_rows = rows;
+              std::printf("%d %d %d %d %d %d %lld\n", N, M, soft, D, threads, rows,
+                          (long long)dtw_kept_per_pair(a));
+            }
+  return 0;
 }
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "kept") return print_kept_sizes();
   const unsigned long long seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 12345;
   rng.seed(seed);
   std::printf("seed %llu\n", seed);
@@ -184,6 +206,15 @@ int main(int argc, char** argv) {
         // soft only: long fp32 hard paths have near-ties that fp32 rounding breaks either way
         if (soft) cases.push_back({2, 300, 270, 2, band, (bool)soft, 1.0, 0, (bool)matrix, 32});
       }
+  // soft-DTW with 2 rows per thread (ETHER_KERNELS_DTW_SOFT_ROWS=2) on the multi-stripe cases
+  const size_t base_cases = cases.size();
+  for (size_t i = 0; i < base_cases; ++i) {
+    if (cases[i].soft && cases[i].threads == 32) {
+      Case c = cases[i];
+      c.soft_rows = 2;
+      cases.push_back(c);
+    }
+  }
   for (auto& c : cases) { run<double>(c); run<float>(c); }
   std::printf("%d failures\n", failures);
   return failures != 0;
