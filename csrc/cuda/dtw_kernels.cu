@@ -406,6 +406,46 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ------------------------------------------------- fused gradient (both soft backwards)
+
+// Column j's share of grad_y from this thread's rows (column_grad, kG features). Column j is
+// visited by threads t_last, t_last - 1, ..., 0 at consecutive steps (thread t at step
+// t_last - t + j_end - j): the first starts the column's ring slot, each adds its rows,
+// thread 0 adds the stripe's sum to grad_y (gy: the pair's (M, D) rows; the stripes run one
+// after another). The in-flight columns at one step are distinct and span at most
+// blockDim <= kMaxThreads consecutive columns, so their slots (j mod kMaxThreads) differ; a
+// slot is reused kMaxThreads columns later, after thread 0 has read it. A fixed order, so
+// the sums are deterministic without atomics.
+template <typename T, int kG>
+__device__ __forceinline__ void add_column_grad(T (*column_ring)[kG], int j, int t, int t_last,
+                                                const T (&column_grad)[kG], T* gy, int D) {
+  T* slot = column_ring[j % kMaxThreads];
+#pragma unroll
+  for (int d = 0; d < kG; ++d) {
+    const T sum = (t == t_last ? T(0) : slot[d]) + column_grad[d];
+    if (t > 0) {
+      slot[d] = sum;
+    } else if (d < D) {
+      gy[int64_t(j) * D + d] += sum;
+    }
+  }
+}
+
+// The thread's rows' grad_x at the end of a stripe: each row belongs to one thread of one
+// stripe, so plain stores (gx: the pair's (N, D) rows).
+template <typename T, int K, int kG>
+__device__ __forceinline__ void store_row_grad(const T (&row_grad)[K][kG], int first_row,
+                                               int valid_rows, T* gx, int D) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (k >= valid_rows) continue;
+#pragma unroll
+    for (int d = 0; d < kG; ++d) {
+      if (d < D) gx[int64_t(first_row + k) * D + d] = row_grad[k][d];
+    }
+  }
+}
+
 // ----------------------------------------------------------------------- backward (soft)
 
 // kFusedD = 0: E is written to E_out (B, N, M). kFusedD = D' > 0 (the squared Euclidean
@@ -421,8 +461,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr int kG = kFused ? kFusedD : 1;  // gradient features kept per row / column
   __shared__ T handoff_E[2][kMaxWarps];  // lane 0 of warp w -> lane 31 of warp w - 1
   __shared__ double handoff_S[2][kMaxWarps];
-  // Fused: the partial grad_y of the columns in flight, column j in slot j mod kMaxThreads
-  // (at most blockDim consecutive columns are in flight at once, see below).
+  // Fused: the partial grad_y of the columns in flight (add_column_grad)
   __shared__ T column_ring[kFused ? kMaxThreads : 1][kG];
   const int64_t b = blockIdx.x;
   const PairShape pair(args, b);
@@ -568,22 +607,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           if constexpr (kFused) edge_E_above[j] = static_cast<double>(out_E);
         }
         if constexpr (kFused) {
-          // Column j is visited by threads t_last, t_last - 1, ..., 0 at consecutive steps
-          // (thread t at step t_last - t + j_end - j): the first starts its ring slot, each
-          // adds its rows, thread 0 adds the stripe's sum to grad_y. The in-flight columns
-          // at one step are distinct and span at most blockDim <= kMaxThreads consecutive
-          // columns, so their slots differ; a slot is reused kMaxThreads columns later, after
-          // thread 0 has read it. Fixed order, so the sums are deterministic.
-          T* slot = column_ring[j % kMaxThreads];
-#pragma unroll
-          for (int d = 0; d < kG; ++d) {
-            const T sum = (t == stripe.t_last ? T(0) : slot[d]) + column_grad[d];
-            if (t > 0) {
-              slot[d] = sum;
-            } else if (d < D) {
-              gy[int64_t(j) * D + d] += sum;  // the stripes run one after another
-            }
-          }
+          add_column_grad<T, kG>(column_ring, j, t, stripe.t_last, column_grad, gy, D);
         }
       }
       below_right_E = below_E;
@@ -596,17 +620,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int k = 0; k < K; ++k) R_now[k] = R_next[k];
       __syncthreads();
     }
-    if constexpr (kFused) {  // each row belongs to one thread of one stripe: plain stores
-      if (owns_rows) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          if (k >= valid_rows) continue;
-#pragma unroll
-          for (int d = 0; d < kG; ++d) {
-            if (d < D) gx[int64_t(first_row + k) * D + d] = row_grad[k][d];
-          }
-        }
-      }
+    if constexpr (kFused) {
+      if (owns_rows) store_row_grad<T, K, kG>(row_grad, first_row, valid_rows, gx, D);
     }
   }
 }
@@ -634,7 +649,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   // lane 0 of warp w -> lane 31 of warp w - 1: the pushes of a thread's top row
   __shared__ T handoff_up[2][kMaxWarps];
   __shared__ T handoff_diag[2][kMaxWarps];
-  __shared__ T column_ring[kFused ? kMaxThreads : 1][kG];  // as in soft_dtw_backward_kernel
+  __shared__ T column_ring[kFused ? kMaxThreads : 1][kG];  // add_column_grad
   const int64_t b = blockIdx.x;
   const PairShape pair(args, b);
   if (!pair.ok) return;
@@ -759,17 +774,8 @@ __global__ void __launch_bounds__(kMaxThreads)
           edge_up_above[j] = out_up;
           edge_diag_above[j] = out_diag;
         }
-        if constexpr (kFused) {  // column j's grad_y: see soft_dtw_backward_kernel
-          T* slot = column_ring[j % kMaxThreads];
-#pragma unroll
-          for (int d = 0; d < kG; ++d) {
-            const T sum = (t == stripe.t_last ? T(0) : slot[d]) + column_grad[d];
-            if (t > 0) {
-              slot[d] = sum;
-            } else if (d < D) {
-              gy[int64_t(j) * D + d] += sum;
-            }
-          }
+        if constexpr (kFused) {
+          add_column_grad<T, kG>(column_ring, j, t, stripe.t_last, column_grad, gy, D);
         }
       } else {
         out_up = T(0);  // no cell at this step: nothing pushed up
@@ -784,16 +790,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       __syncthreads();
     }
     if constexpr (kFused) {
-      if (owns_rows) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          if (k >= valid_rows) continue;
-#pragma unroll
-          for (int d = 0; d < kG; ++d) {
-            if (d < D) gx[int64_t(first_row + k) * D + d] = row_grad[k][d];
-          }
-        }
-      }
+      if (owns_rows) store_row_grad<T, K, kG>(row_grad, first_row, valid_rows, gx, D);
     }
   }
 }
