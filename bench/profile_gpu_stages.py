@@ -86,6 +86,34 @@ def profile_amss():
             print(f"  {us:8.1f} us  x{e.count // 5:3d}  {e.key[:90]}{rate}")
 
 
+def sweep_amss_passes():
+    """GPU time of the two passes over gradient memory (importance: one read; apply: the
+    dropped units' zeros) for other elements per loop iteration (BLOCK) and warps per
+    program than the defaults: the importance pass reads at ~70% of the copy bandwidth."""
+    from ether_kernels.triton import amss as triton_amss
+    torch.manual_seed(0)
+    grads = [[torch.randn(s, device="cuda") for s in SHAPES] for _ in range(2)]
+    numel = sum(g.numel() for group in grads for g in group)
+    defaults = triton_amss.BLOCK, triton_amss.NUM_WARPS
+    print("\n== AMSS passes by (BLOCK, warps), fp32 amss: importance us (TB/s), apply us")
+    try:
+        for block, warps in ((1024, 4), (512, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16)):
+            triton_amss.BLOCK, triton_amss.NUM_WARPS = block, warps
+            for _ in range(3):
+                ek.amss.mask_gradients(grads, [0.3, 0.7], mode="amss", seed=0, step=1)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    ek.amss.mask_gradients(grads, [0.3, 0.7], mode="amss", seed=0, step=1)
+                torch.cuda.synchronize()
+            times = {e.key: e.self_device_time_total / 5 for e in prof.key_averages()}
+            importance = times.get("_importance_kernel", float("nan"))
+            print(f"  BLOCK {block:5d} warps {warps:2d}: importance {importance:6.1f} us "
+                  f"({4 * numel / importance / 1e6:.2f} TB/s), apply "
+                  f"{times.get('_apply_kernel', float('nan')):6.1f} us")
+    finally:
+        triton_amss.BLOCK, triton_amss.NUM_WARPS = defaults
+
+
 def profile_dtw(backends=("cuda",)):
     """G cells/s of hard DTW, soft forward and soft forward+backward; for the CUDA extension
     the backward both fused (E contracted in the kernel, the default) and through E
@@ -144,6 +172,7 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["amss", "dtw"]
     if "amss" in parts:
         profile_amss()
+        sweep_amss_passes()
     if "dtw" in parts:
         profile_dtw()
     if "dtw-triton" in parts:  # the Triton fallback as well (slow: ~10x the CUDA kernels)

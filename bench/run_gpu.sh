@@ -12,6 +12,11 @@
 #   BENCH_FILES      default: bench;  BENCH_FILTER: pytest -k for bench/ (default: cuda)
 #   PROFILE_PARTS    default: both stage profiles ("amss", "dtw" or "amss dtw")
 #   BUILD_SECONDS / TEST_SECONDS / BENCH_SECONDS / PROFILE_SECONDS: time limits of each part
+# A 15-minute session (measured on an H100, 2026-11-26: machine start ~35 s, build ~150 s,
+# every gpu-marked test ~110 s, DTW + AMSS benchmarks ~40 s, both profiles ~25 s): one call
+#   TEST_SECONDS=200 BENCH_FILES="bench/bench_dtw.py bench/bench_amss.py" bash bench/run_gpu.sh
+# then, within idle_release_s (30 s) so the build is still there, a second one
+#   SKIP_BUILD=1 SKIP_TESTS=1 BENCH_FILES=bench/bench_alignment.py PROFILE_SECONDS=1 bash bench/run_gpu.sh
 # Lessons of earlier sessions: keep --maxfail (not -x: one failure must not hide the rest),
 # and run a whole bench file (a filtered run rewrites that family's results with only its
 # rows).
