@@ -293,3 +293,11 @@ def test_cuda_dtw_path_matches_the_reference(band):
                         y_lengths=y_lengths.cuda())
     for got, want in zip(paths, expected):
         assert torch.equal(got.cpu(), want)
+
+
+def test_bad_soft_rows_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("ETHER_KERNELS_DTW_SOFT_ROWS", "3")
+    x = torch.randn(2, 5, 1, device="cuda")
+    with pytest.raises(RuntimeError, match="ETHER_KERNELS_DTW_SOFT_ROWS must be 2 or 4"):
+        with ek.use_backend("cuda"):
+            ek.soft_dtw(x, x, 1.0)
