@@ -3,7 +3,8 @@
 Each benchmark registers its median with `record(...)`; at the end of the session a table
 per (op, mode, shape) group is printed with every provider's median, the effective
 bandwidth (the bytes the op must move at least, over the median) and the speed-up against
-eager PyTorch and torch.compile, next to the machine's measured copy bandwidth. The same
+eager PyTorch and torch.compile (a ratio of throughputs, so a peer timed on a different
+amount of work compares per cell or per byte), next to the machine's measured copy bandwidth. The same
 table goes to bench/results/<device>-<family>.json and .md (family: losses, dtw, amss, alignment), stamped
 with the device and versions.
 """
@@ -86,6 +87,20 @@ def machine_stamp(device):
     return stamp
 
 
+def _work_rate(entry):
+    """The entry's throughput (G cells/s or GB/s): the speed-up is a ratio of throughputs, so
+    a peer timed on more work than ours (dtaidistance's 64 x 64 block of pairs against our 64
+    pairs) is compared per cell, not per call."""
+    return entry.get("gcells_per_s", entry.get("gbps"))
+
+
+def _speedup(entry, baseline):
+    rate, base_rate = _work_rate(entry), _work_rate(baseline)
+    if rate is not None and base_rate is not None:
+        return rate / base_rate
+    return baseline["median_s"] / entry["median_s"]
+
+
 def _summary_rows(records):
     groups = {}
     for r in records:
@@ -93,14 +108,15 @@ def _summary_rows(records):
     rows = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3][0] * 10**9 + (k[3][1] if len(k[3]) > 1 else 0), k[4])):
         entries = groups[key]
-        by_provider = {e["provider"]: e["median_s"] for e in entries}
+        by_provider = {e["provider"]: e for e in entries}
         eager = by_provider.get("eager", by_provider.get("eager-cuda"))  # same-device loop
+        compiled = by_provider.get("torch.compile")
         for e in entries:
             row = dict(e)
             if eager is not None:
-                row["vs_eager"] = eager / e["median_s"]
-            if "torch.compile" in by_provider:
-                row["vs_compile"] = by_provider["torch.compile"] / e["median_s"]
+                row["vs_eager"] = _speedup(e, eager)
+            if compiled is not None:
+                row["vs_compile"] = _speedup(e, compiled)
             rows.append(row)
     return rows
 
@@ -115,6 +131,10 @@ def family(op):
 
 ALIGNMENT_OPS = ("contrastive_loss", "batch_all_triplet_loss", "batch_hard_triplet_loss",
                  "cca_loss", "multimodal_loss")
+
+
+def _ratio_text(ratio):
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def render(device, rows, stamp):
@@ -132,7 +152,7 @@ def render(device, rows, stamp):
         lines.append(
             f"| {r['op']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
             f"{r['provider']} | {r['median_s'] * 1e6:.1f} us | {rate} | "
-            f"{r.get('vs_eager', float('nan')):.2f}x | {r.get('vs_compile', float('nan')):.2f}x |"
+            f"{_ratio_text(r.get('vs_eager'))} | {_ratio_text(r.get('vs_compile'))} |"
             + (f" {r.get('peak_mem_mb', float('nan')):.0f} |" if memory else ""))
     return lines
 
