@@ -370,6 +370,18 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (band, gamma, soft, keep)
 
 
+def _reference_gradients(values_of, inputs, grad_values):
+    """The gradient of sum(grad_values * values_of()) in `inputs` as a differentiable
+    function of them (a double backward: autograd's create_graph=True). The kernels' backward
+    ops have no derivative of their own, so the reference recomputes the forward under
+    autograd and is differentiated once here, keeping its graph for the second derivative:
+    correct and slow (the reference's speed), and only on this path."""
+    with torch.enable_grad():
+        values = values_of()
+        return torch.autograd.grad(values, inputs, grad_values, create_graph=True,
+                                   allow_unused=True, materialize_grads=True)
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad_values, _grad_R):
         band, gamma, soft, keep = ctx.options
@@ -379,6 +391,13 @@ def _make_backward(backward_op):
             raise RuntimeError("dtw_forward was called without keep=True, so it kept no "
                                "accumulated cost for the backward")
         cost, R, x_lengths, y_lengths = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see _reference_gradients
+            (grad_cost,) = _reference_gradients(
+                lambda: dtw_from_cost_reference(cost, x_lengths, y_lengths,
+                                                None if band < 0 else band,
+                                                gamma if soft else None),
+                (cost,), grad_values)
+            return grad_cost, None, None, None, None, None, None
         grad_cost = backward_op(grad_values.contiguous(), cost, R, x_lengths, y_lengths, band,
                                 gamma, soft)
         return grad_cost, None, None, None, None, None, None
@@ -415,6 +434,20 @@ def _xy_backward(ctx, grad_values, _grad_R):
         raise RuntimeError("dtw_xy_forward was called without keep=True, so it kept no "
                            "accumulated cost for the backward")
     x, y, R, x_lengths, y_lengths = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: see _reference_gradients
+        metric_name = next(name for name, code in _METRIC_CODES.items() if code == metric)
+        # Two distinct graph nodes even when x and y are one tensor (the divergence's
+        # sdtw(x, x)): each input slot gets its own partial derivative, not the sum of both.
+        with torch.enable_grad():
+            x_in, y_in = x.view_as(x), y.view_as(y)
+        wanted = [t for t, need in ((x_in, need_x), (y_in, need_y)) if need]
+        grads = iter(_reference_gradients(
+            lambda: dtw_from_cost_reference(pairwise_cost(x_in, y_in, metric_name), x_lengths,
+                                            y_lengths, None if band < 0 else band,
+                                            gamma if soft else None),
+            wanted, grad_values))
+        grad_x, grad_y = next(grads) if need_x else None, next(grads) if need_y else None
+        return (grad_x, grad_y, None, None, None, None, None, None, None)
     grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_backward(
         grad_values.contiguous(), x, y, R, x_lengths, y_lengths, metric, band, gamma, soft,
         need_x, need_y)

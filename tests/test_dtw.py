@@ -492,6 +492,64 @@ def test_dtw_path_backends_agree_with_the_reference(backend, band):
     assert torch.equal(matrix, expected_matrix) and matrix.dtype == x.dtype
 
 
+def _second_order(values_of, inputs):
+    """d/dinputs of (sum(w * v) + |d sum(w * v) / d inputs|^2): a gradient penalty, which
+    differentiates the first gradient (autograd's create_graph=True)."""
+    values = values_of(*inputs)
+    weights = torch.linspace(0.5, 1.5, values.numel(), dtype=values.dtype,
+                             device=values.device)
+    first = torch.autograd.grad((values * weights).sum(), inputs, create_graph=True)
+    penalty = (values * weights).sum() + sum(g.pow(2).sum() for g in first)
+    return [f.detach() for f in first], torch.autograd.grad(penalty, inputs)
+
+
+DOUBLE_BACKWARD_CASES = {
+    "soft-series-lengths": lambda x, y, c: ek.soft_dtw(
+        x, y, 0.4, band=3, x_lengths=torch.tensor([7, 4, 6]), y_lengths=torch.tensor([5, 5, 2])),
+    "hard-series-l1": lambda x, y, c: ek.dtw(x, y, metric="l1"),
+    "soft-divergence": lambda x, y, c: ek.soft_dtw_divergence(x, y, 0.7),
+    "soft-cost": lambda x, y, c: ek.soft_dtw_from_cost(c, 0.3, band=2),
+    "hard-cost": lambda x, y, c: ek.dtw_from_cost(c, y_lengths=torch.tensor([5, 3, 4])),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", list(DOUBLE_BACKWARD_CASES))
+def test_double_backward_matches_the_reference(backend, case):
+    """create_graph=True (a gradient penalty): the kernels' backward is not differentiable
+    itself, so this path recomputes through the reference; first and second derivatives
+    must equal the reference's (before, the C++ path returned a gradient without a graph
+    and the second derivative silently lost the penalty's term)."""
+    x = torch.randn(3, 7, 2, dtype=torch.float64)
+    y = torch.randn(3, 5, 2, dtype=torch.float64)
+    cost = torch.rand(3, 6, 5, dtype=torch.float64)
+    fn = DOUBLE_BACKWARD_CASES[case]
+    results = []
+    for name in (backend, "reference"):
+        inputs = ((cost.clone().requires_grad_(True),) if "cost" in case else
+                  (x.clone().requires_grad_(True), y.clone().requires_grad_(True)))
+        with ek.use_backend(name):
+            if "cost" in case:
+                results.append(_second_order(lambda c: fn(None, None, c), inputs))
+            else:
+                results.append(_second_order(lambda a, b: fn(a, b, None), inputs))
+    for got, want in zip(results[0], results[1]):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    # and the second derivative is the true one: finite differences of the first gradient
+    if backend != "reference" and case.startswith("soft"):
+        inputs = ((cost.clone().requires_grad_(True),) if "cost" in case else
+                  (x[:2, :4].clone().requires_grad_(True), y[:2, :3].clone().requires_grad_(True)))
+        with ek.use_backend(backend):
+            if "cost" in case:
+                assert torch.autograd.gradgradcheck(lambda c: fn(None, None, c), inputs)
+            elif case == "soft-divergence":
+                assert torch.autograd.gradgradcheck(lambda a, b: fn(a, b, None), inputs)
+            else:
+                assert torch.autograd.gradgradcheck(lambda a, b: ek.soft_dtw(a, b, 0.4, band=1),
+                                                    inputs)
+
+
 # ------------------------------------------------------------------ Triton fallback
 
 TRITON_DEVICES = [
@@ -562,3 +620,11 @@ def test_triton_fallback_cost_gradient_path_and_opcheck(device):
     torch.library.opcheck(ops.dtw_forward_triton, (cost, *lengths, -1, 0.5, True, True))
     torch.library.opcheck(ops.dtw_forward_triton,
                           (cost.clone().requires_grad_(True), *lengths, 1, 1.0, False, True))
+    # double backward (create_graph=True) through the reference, as for the other backends
+    results = []
+    for backend in ("triton", "reference"):
+        with ek.use_backend(backend):
+            results.append(_second_order(lambda c: ek.soft_dtw_from_cost(c, 0.5, band=1),
+                                         (cost.clone().requires_grad_(True),)))
+    for got, want in zip(results[0], results[1]):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-10)

@@ -301,3 +301,22 @@ def test_bad_soft_rows_setting_names_the_variable(monkeypatch):
     with pytest.raises(RuntimeError, match="ETHER_KERNELS_DTW_SOFT_ROWS must be 2 or 4"):
         with ek.use_backend("cuda"):
             ek.soft_dtw(x, x, 1.0)
+
+
+def test_cuda_double_backward_matches_the_cpu_reference():
+    """create_graph=True on CUDA tensors goes through the reference (the kernels' backward
+    has no derivative of its own): first and second derivatives equal the CPU reference's."""
+    x = torch.randn(3, 9, 2, dtype=torch.float64)
+    y = torch.randn(3, 6, 2, dtype=torch.float64)
+    results = []
+    for device, backend in (("cuda", "cuda"), ("cpu", "reference")):
+        a = x.to(device).requires_grad_(True)
+        b = y.to(device).requires_grad_(True)
+        with ek.use_backend(backend):
+            values = ek.soft_dtw(a, b, 0.3, band=2)
+            first = torch.autograd.grad(values.sum(), (a, b), create_graph=True)
+            penalty = values.sum() + sum(g.pow(2).sum() for g in first)
+            second = torch.autograd.grad(penalty, (a, b))
+        results.append([t.detach().cpu() for t in (*first, *second)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
