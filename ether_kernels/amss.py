@@ -168,16 +168,70 @@ def _as_int64(value):
 
 
 def _check_ratios(ratios, groups, op):
+    """The M ratios as floats: a 1-D tensor, or a sequence of numbers (0-d tensors too)."""
     if isinstance(ratios, torch.Tensor):
+        if ratios.dim() > 1 or ratios.is_complex() or ratios.dtype == torch.bool:
+            raise TypeError(f"{op}: ratios must be a 1-D real tensor of {groups} values, got "
+                            f"{ratios.dtype} of shape {tuple(ratios.shape)}")
         values = ratios.detach().flatten().tolist()
+    elif isinstance(ratios, (str, bytes)) or not isinstance(ratios, collections.abc.Iterable):
+        raise TypeError(f"{op}: ratios must be {groups} numbers in [0, 1] (a sequence or a "
+                        f"1-D tensor), got {type(ratios).__name__}")
     else:
-        values = list(ratios)
+        values = [r.item() if isinstance(r, torch.Tensor) and r.numel() == 1 else r
+                  for r in ratios]
     if len(values) != groups:
         raise ValueError(f"{op}: got {len(values)} ratios for {groups} modalities")
     for m, r in enumerate(values):
-        if not (isinstance(r, numbers.Real) and 0.0 <= r <= 1.0):
+        if isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise TypeError(f"{op}: ratios[{m}] must be a number in [0, 1], got "
+                            f"{type(r).__name__}")
+        if not 0.0 <= r <= 1.0:
             raise ValueError(f"{op}: ratios[{m}] = {r} is outside [0, 1]")
-    return values
+    return [float(r) for r in values]
+
+
+def _check_int(value, name, op, minimum=None):
+    """An int argument (not a bool), at least `minimum` when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _as_groups(groups, what, op):
+    """Lists of tensors, one per modality, from an iterable of iterables; a bare tensor is
+    refused (iterating it would give its rows)."""
+    if isinstance(groups, torch.Tensor):
+        raise TypeError(f"{op}: {what} must hold one iterable of tensors per modality, got a "
+                        "tensor (wrap it in a list: [[tensor]])")
+    out = []
+    for m, group in enumerate(groups):
+        if isinstance(group, torch.Tensor):
+            raise TypeError(f"{op}: {what}[{m}] must be an iterable of tensors, got a tensor "
+                            f"(wrap it in a list: [tensor])")
+        out.append(list(group))
+    return out
+
+
+def _check_distinct(tensors, what, op):
+    """The same tensor twice (one parameter in two modalities, or twice in one) would be
+    masked twice, or stepped twice, and the backends would disagree on it: refused."""
+    if len(set(map(id, tensors))) == len(tensors):
+        return
+    seen = {}
+    for index, t in enumerate(tensors):
+        if id(t) in seen:
+            raise ValueError(f"{op}: {what} holds the same tensor twice (items {seen[id(t)]} "
+                             f"and {index} of the flattened groups); each may appear once")
+        seen[id(t)] = index
+
+
+def _check_dense(tensor, name, op):
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout "
+                        f"{tensor.layout}")
 
 
 def _scaling(mode, scaling, op):
@@ -218,18 +272,21 @@ def mask_gradients(grads_per_group, ratios, *, mode="amss", scaling=None, seed=0
     """
     op = "mask_gradients"
     scaling = _scaling(mode, scaling, op)
-    groups = [list(g) for g in grads_per_group]
+    groups = _as_groups(grads_per_group, "grads_per_group", op)
     ratios = _check_ratios(ratios, len(groups), op)
-    if not (isinstance(unit_size, int) and unit_size >= 1):
-        raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
+    unit_size = _check_int(unit_size, "unit_size", op, minimum=1)
+    unit_dim = _check_int(unit_dim, "unit_dim", op)
+    _check_distinct([g for group in groups for g in group], "grads_per_group", op)
     # every step: one quick pass, and the loop that names the culprit only when it fails
     if not all(isinstance(grad, torch.Tensor) and grad.is_floating_point()
-               and _units_fit(grad, unit_dim, unit_size) for group in groups for grad in group):
+               and grad.layout == torch.strided and _units_fit(grad, unit_dim, unit_size)
+               for group in groups for grad in group):
         for m, group in enumerate(groups):
             for t, grad in enumerate(group):
                 if not isinstance(grad, torch.Tensor) or not grad.is_floating_point():
                     raise TypeError(f"{op}: grads_per_group[{m}][{t}] must be a floating-point "
                                     "tensor")
+                _check_dense(grad, f"grads_per_group[{m}][{t}]", op)
                 _check_units(grad, unit_dim, unit_size, f"grads_per_group[{m}][{t}]", op)
     _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size)
 
@@ -257,27 +314,28 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
     """
     op = "masked_sgd_step"
     scaling = _scaling(mode, scaling, op)
-    groups = [list(g) for g in params_per_group]
+    groups = _as_groups(params_per_group, "params_per_group", op)
     ratios = _check_ratios(ratios, len(groups), op)
+    _check_distinct([p for group in groups for p in group], "params_per_group", op)
     for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
                         ("weight_decay", weight_decay)):
         if not (isinstance(value, numbers.Real) and value >= 0):
             raise ValueError(f"{op}: {name} must be a number >= 0, got {value}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening = 0")
-    if not (isinstance(unit_size, int) and unit_size >= 1):
-        raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
+    unit_size = _check_int(unit_size, "unit_size", op, minimum=1)
     # the checks that run every step: one quick pass, and the loop that names the culprit only
     # when it fails
     grads = [[p.grad for p in group] for group in groups]
     if not all(grad is not None and _units_fit(p, 0, unit_size) and grad.dtype == p.dtype
-               and grad.shape == p.shape
+               and grad.shape == p.shape and grad.layout == torch.strided
                for group, group_grads in zip(groups, grads)
                for p, grad in zip(group, group_grads)):
         for m, group in enumerate(groups):
             for t, p in enumerate(group):
                 if p.grad is None:
                     raise RuntimeError(f"{op}: params_per_group[{m}][{t}] has no .grad")
+                _check_dense(p.grad, f"params_per_group[{m}][{t}].grad", op)
                 _check_units(p, 0, unit_size, f"params_per_group[{m}][{t}]", op)
                 if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
                     raise ValueError(f"{op}: params_per_group[{m}][{t}].grad must match the "
@@ -308,7 +366,8 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
                     for group_buffers, group in zip(momentum_buffers, groups):
                         for t, p in enumerate(group):
                             if group_buffers[t] is None:
-                                group_buffers[t] = torch.zeros_like(p)
+                                group_buffers[t] = torch.zeros_like(
+                                    p, memory_format=torch.contiguous_format)
                 buffers = [buf for group_buffers in momentum_buffers for buf in group_buffers]
             owner = [m for m, group in enumerate(groups) for _ in group]
             step_op = (torch.ops.ether_kernels.amss_masked_sgd_step if backend == "cpp" else
@@ -340,17 +399,17 @@ class SubnetworkMasker:
         op = "SubnetworkMasker"
         self.scaling = _scaling(mode, scaling, op)
         self.mode = mode
+        names = None
         if isinstance(groups, collections.abc.Mapping):
-            self.names = [str(k) for k in groups]
+            names = [str(k) for k in groups]
             groups = list(groups.values())
-        else:
-            groups = list(groups)
-            self.names = [str(m) for m in range(len(groups))]
-        self.groups = [list(g) for g in groups]
+        self.groups = _as_groups(groups, "groups", op)
+        self.names = names or [str(m) for m in range(len(self.groups))]
         if not self.groups:
             raise ValueError(f"{op}: groups must hold one iterable of parameters per modality")
-        if not (isinstance(unit_size, int) and unit_size >= 1):
-            raise ValueError(f"{op}: unit_size must be an int >= 1, got {unit_size}")
+        unit_size = _check_int(unit_size, "unit_size", op, minimum=1)
+        unit_dim = _check_int(unit_dim, "unit_dim", op)
+        _check_distinct([p for group in self.groups for p in group], "groups", op)
         for name, group in zip(self.names, self.groups):
             if not group:
                 raise ValueError(f"{op}: modality {name!r} has no parameters")
@@ -367,7 +426,8 @@ class SubnetworkMasker:
         op = "SubnetworkMasker.step"
         ratios = _check_ratios(ratios, len(self.groups), op)
         grads = [[p.grad for p in group] for group in self.groups]
-        if any(grad is None for group_grads in grads for grad in group_grads):
+        if any(grad is None or grad.layout != torch.strided
+               for group_grads in grads for grad in group_grads):
             for name, group in zip(self.names, self.groups):
                 for t, p in enumerate(group):
                     if p.grad is None:
@@ -375,21 +435,40 @@ class SubnetworkMasker:
                                            f"{tuple(p.shape)}) has no .grad; call step() "
                                            "after backward(), on parameters that received a "
                                            "gradient")
+                    _check_dense(p.grad, f"modality {name!r} parameter {t}'s .grad", op)
         _run_mask(grads, ratios, self.mode, self.scaling, self.seed, self.step_count,
                   self.unit_dim, self.unit_size)
         self.step_count += 1
 
+    def _layout(self):
+        """What a state must match to reproduce this masker's masks: the units of every
+        tensor of every modality."""
+        return {"unit_dim": self.unit_dim, "unit_size": self.unit_size,
+                "units": [[int(p.shape[self.unit_dim]) // self.unit_size for p in group]
+                          for group in self.groups]}
+
     def state_dict(self):
         return {"step": self.step_count, "seed": self.seed, "mode": self.mode,
-                "scaling": self.scaling}
+                "scaling": self.scaling, **self._layout()}
 
     def load_state_dict(self, state):
-        if state.get("mode") != self.mode or state.get("scaling") != self.scaling:
-            raise ValueError(f"SubnetworkMasker.load_state_dict: the state is for mode "
-                             f"{state.get('mode')!r} / scaling {state.get('scaling')!r}, this "
-                             f"masker is {self.mode!r} / {self.scaling!r}")
-        self.step_count = int(state["step"])
-        self.seed = int(state["seed"])
+        op = "SubnetworkMasker.load_state_dict"
+        missing = [key for key in ("step", "seed", "mode", "scaling") if key not in state]
+        if missing:
+            raise ValueError(f"{op}: the state lacks {missing}; expected a state_dict() of a "
+                             "SubnetworkMasker")
+        if state["mode"] != self.mode or state["scaling"] != self.scaling:
+            raise ValueError(f"{op}: the state is for mode {state['mode']!r} / scaling "
+                             f"{state['scaling']!r}, this masker is {self.mode!r} / "
+                             f"{self.scaling!r}")
+        # (states saved before the layout was recorded carry none of these keys)
+        for key, value in self._layout().items():
+            if key in state and state[key] != value:
+                raise ValueError(f"{op}: the state's {key} ({state[key]}) differs from this "
+                                 f"masker's ({value}): it was saved for other parameters, so "
+                                 "its masks would not be reproduced")
+        self.step_count = _check_int(state["step"], "state['step']", op, minimum=0)
+        self.seed = _check_int(state["seed"], "state['seed']", op)
 
 
 __all__ = ["update_ratios", "SubnetworkMasker", "mask_gradients", "masked_sgd_step"]

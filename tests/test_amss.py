@@ -247,6 +247,120 @@ def test_masker_bad_input():
             ek.amss.SubnetworkMasker([a.parameters()]).state_dict())
 
 
+def test_ratios_units_and_groups_are_checked_by_type():
+    a, v = two_encoders()
+    backward(a, v)
+    masker = ek.amss.SubnetworkMasker([a.parameters(), v.parameters()])
+    # ratios: 0-d tensors and numpy-like numbers are numbers; other things are refused
+    masker.step([torch.tensor(0.5), torch.tensor(0.25, dtype=torch.float64)])
+    masker.step(torch.tensor([0.5, 0.25]))
+    for bad, error, match in ((0.5, TypeError, "ratios must be 2 numbers"),
+                              ("0.5", TypeError, "ratios must be 2 numbers"),
+                              ([True, 0.5], TypeError, r"ratios\[0\] must be a number"),
+                              (["0.5", 0.5], TypeError, r"ratios\[0\] must be a number"),
+                              (torch.ones(2, 1) / 2, TypeError, "1-D real tensor"),
+                              ([float("nan"), 0.5], ValueError, "outside")):
+        with pytest.raises(error, match=match):
+            masker.step(bad)
+    for kwargs, error, match in ((dict(unit_dim=0.0), TypeError, "unit_dim must be an int"),
+                                 (dict(unit_size=True), TypeError, "unit_size must be an int"),
+                                 (dict(unit_size=0), ValueError, "unit_size must be an int >= 1")):
+        with pytest.raises(error, match=match):
+            ek.amss.SubnetworkMasker([a.parameters()], **kwargs)
+        with pytest.raises(error, match=match):
+            ek.amss.mask_gradients([[torch.randn(4, 2)]], [0.5], **kwargs)
+    # a bare tensor as a group would be iterated row by row: refused
+    with pytest.raises(TypeError, match=r"groups\[0\] must be an iterable of tensors"):
+        ek.amss.SubnetworkMasker([a.weight])
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        ek.amss.mask_gradients(torch.randn(4, 2), [0.5])
+    with pytest.raises(TypeError, match=r"params_per_group\[0\] must be an iterable"):
+        ek.amss.masked_sgd_step([a.weight], [0.5], lr=0.1)
+
+
+def test_a_tensor_twice_is_refused_before_anything_changes():
+    """One parameter in two modalities (or twice in one) would be masked or stepped twice,
+    and the backends would disagree: a clear error, and no gradient is touched."""
+    a, v = two_encoders()
+    with pytest.raises(ValueError, match="same tensor twice"):
+        ek.amss.SubnetworkMasker({"audio": [a.weight, a.bias], "video": [a.weight]})
+    with pytest.raises(ValueError, match="same tensor twice"):
+        ek.amss.SubnetworkMasker([[a.weight, a.weight]])
+    grad = torch.randn(10, 3)
+    before = grad.clone()
+    with pytest.raises(ValueError, match="same tensor twice"):
+        ek.amss.mask_gradients([[grad], [grad]], [0.5, 0.5])
+    assert torch.equal(grad, before)
+    params = params_with_grads()
+    values = [p.clone() for p in params]
+    with pytest.raises(ValueError, match="same tensor twice"):
+        ek.amss.masked_sgd_step([params, params[:1]], [1.0, 1.0], lr=0.1)
+    assert all(torch.equal(p, q) for p, q in zip(params, values))
+
+
+def test_sparse_gradients_are_refused_before_any_gradient_changes():
+    dense = torch.randn(6, 3)
+    sparse = torch.randn(5, 2).to_sparse()
+    before = dense.clone()
+    with ek.use_backend("reference"):  # the per-tensor loop: it would have masked `dense`
+        with pytest.raises(TypeError, match=r"grads_per_group\[0\]\[1\] must be a dense"):
+            ek.amss.mask_gradients([[dense, sparse]], [0.5])
+    assert torch.equal(dense, before)
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    embedding(torch.tensor([1, 2, 3])).sum().backward()
+    masker = ek.amss.SubnetworkMasker([embedding.parameters()])
+    with pytest.raises(TypeError, match="must be a dense"):
+        masker.step([0.5])
+    with pytest.raises(TypeError, match="must be a dense"):
+        ek.amss.masked_sgd_step([embedding.parameters()], [0.5], lr=0.1)
+
+
+def test_state_dict_records_the_layout_and_load_checks_it():
+    a, v = two_encoders()
+    masker = ek.amss.SubnetworkMasker([a.parameters(), v.parameters()], seed=5)
+    backward(a, v)
+    masker.step([0.5, 0.5])
+    state = masker.state_dict()
+    assert state["units"] == [[12, 12], [8, 8]] and state["unit_size"] == 1
+    same = ek.amss.SubnetworkMasker([a.parameters(), v.parameters()])
+    same.load_state_dict(state)
+    assert same.step_count == 1 and same.seed == 5
+    other = ek.amss.SubnetworkMasker([v.parameters(), a.parameters()])
+    with pytest.raises(ValueError, match="units"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="lacks"):
+        same.load_state_dict({"seed": 1, "mode": "amss", "scaling": "paper"})
+    old_format = {k: state[k] for k in ("step", "seed", "mode", "scaling")}
+    other.load_state_dict(old_format)  # states saved before the layout was recorded
+    assert other.step_count == 1
+
+
+def test_a_ratio_of_one_keeps_every_unit_of_a_huge_tensor():
+    from ether_kernels.reference.amss import kept_units
+    n = 2**25 + 3
+    assert kept_units(1.0, n) == n
+    assert kept_units(0.3, 10) == 3 and kept_units(float(torch.tensor(0.3)), 10) == 3  # fp32
+    assert kept_units(0.0, n) == 0
+
+
+@pytest.mark.skipif(not amss_module._CPU_BACKENDS, reason="the C++ extension is not built")
+def test_cpp_masks_do_not_depend_on_the_thread_count():
+    grads = [torch.randn(300, 7), torch.randn(64, 3, 3), torch.randn(5)]
+    results = []
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            copies = [g.clone() for g in grads]
+            with ek.use_backend("cpp"):
+                ek.amss.mask_gradients([copies[:2], copies[2:]], [0.3, 0.6], mode="amss+",
+                                       seed=9, step=4)
+            results.append(copies)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
 def test_seeds_beyond_int63_and_empty_tensors():
     grads = [torch.randn(10, 3), torch.randn(0, 3)]
     results = []
@@ -349,20 +463,25 @@ def test_nan_and_inf_gradients_keep_the_reference_units(device, backend, batched
         if backend != "triton":
             pytest.skip("the batched selection is the Triton path's")
         monkeypatch.setattr(ek.amss._triton_amss, "MAX_FUSED_SELECT_UNITS", 4)
-    for mode, scaling in (("amss", None), ("amss+", "paper"), ("amss+", "reference-code"),
-                          ("uniform", None), ("topk", None)):
-        kept = {}
-        for name in (backend, "reference"):
-            g = torch.randn(10, 3, dtype=torch.float64)
-            g[4, 1] = float("nan")
-            h = torch.randn(6, 2, dtype=torch.float64)
-            h[2, 0] = float("inf")
-            g, h = g.to(device), h.to(device)
-            with ek.use_backend(name):
-                ek.amss.mask_gradients([[g], [h]], [0.4, 0.5], mode=mode, scaling=scaling,
-                                       seed=3, step=2)
-            kept[name] = [(x.reshape(x.shape[0], -1) != 0).any(1).tolist() for x in (g, h)]
-        assert kept[backend] == kept["reference"], (mode, scaling)
+    modes = (("amss", None), ("amss+", "paper"), ("amss+", "reference-code"),
+             ("uniform", None), ("topk", None))
+    # The bad value in every row of h in turn (a row inside the first k by chance says
+    # nothing about the order), NaN and inf alike
+    for position in range(6):
+        bad = float("inf") if position % 2 == 0 else float("nan")
+        g0 = torch.randn(10, 3, dtype=torch.float64)
+        g0[(3 * position + 4) % 10, 1] = float("nan")
+        h0 = torch.randn(6, 2, dtype=torch.float64)
+        h0[position, 0] = bad
+        for mode, scaling in modes:
+            kept = {}
+            for name in (backend, "reference"):
+                g, h = g0.clone().to(device), h0.clone().to(device)
+                with ek.use_backend(name):
+                    ek.amss.mask_gradients([[g], [h]], [0.4, 0.5], mode=mode, scaling=scaling,
+                                           seed=3, step=position)
+                kept[name] = [(x.reshape(x.shape[0], -1) != 0).any(1).tolist() for x in (g, h)]
+            assert kept[backend] == kept["reference"], (mode, scaling, position, bad)
 
 
 def at_an_odd_address(x):

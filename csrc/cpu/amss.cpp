@@ -65,16 +65,29 @@ inline double gumbel(uint64_t seed, uint64_t step, uint64_t tensor, uint64_t uni
 }
 
 int64_t kept_units(double ratio, int64_t n) {
+  if (ratio >= 1.0) return n;  // every unit (the tolerance would drop some beyond 2^24)
   const double k = std::ceil(ratio * static_cast<double>(n) * (1.0 - std::ldexp(1.0, -24)));
   return std::min<int64_t>(n, std::max<int64_t>(0, static_cast<int64_t>(k)));
 }
 
-// Indices of the k largest keys (keys are continuous random values: no ties in practice).
+// The selection order of the reference (reference.amss: a stable descending sort of the
+// keys with NaN as +inf): larger keys first, a NaN key (from a NaN or inf gradient) before
+// every other, equal keys by index. A strict total order, so any sort gives that one result.
+// (Ties are real: with one inf gradient every other unit's q is 0 and its key -inf.)
+struct RanksBefore {
+  const double* keys;
+  static double key(double value) { return std::isnan(value) ? INFINITY : value; }
+  bool operator()(int64_t a, int64_t b) const {
+    const double ka = key(keys[a]), kb = key(keys[b]);
+    return ka > kb || (ka == kb && a < b);
+  }
+};
+
+// Indices of the k units that rank first (RanksBefore).
 std::vector<int64_t> top_k(const std::vector<double>& keys, int64_t k) {
   std::vector<int64_t> order(keys.size());
   std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [&](int64_t a, int64_t b) { return keys[a] > keys[b]; });
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), RanksBefore{keys.data()});
   order.resize(k);
   return order;
 }
@@ -116,10 +129,7 @@ void unit_factors(const double* u, int64_t n, double ratio, int64_t mode, int64_
   const int64_t k = kept_units(ratio, n);
   if (k == 0) return;
   if (mode == kTopk) {
-    std::vector<int64_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return q[a] > q[b]; });
-    for (int64_t i = 0; i < k; ++i) factors[order[i]] = 1.0;
+    for (const int64_t j : top_k(q, k)) factors[j] = 1.0;
     return;
   }
   if (mode == kAmssPlus && scaling == kPaper) {

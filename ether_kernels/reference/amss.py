@@ -123,7 +123,11 @@ def unit_importance(grad, unit_dim=0, unit_size=1):
 
 def kept_units(ratio, num_units):
     """k = ceil(rho N), with a relative tolerance of 2^-24 (float32's half ulp) so that a ratio
-    rounded to float32 (0.3 is 0.30000001) keeps ceil(0.3 N) units, not one more."""
+    rounded to float32 (0.3 is 0.30000001) keeps ceil(0.3 N) units, not one more. Beyond
+    N = 2^24 units in one tensor (float32 cannot tell such ratios apart) k can be one or two
+    below ceil(rho N); rho = 1 keeps every unit whatever N."""
+    if float(ratio) >= 1.0:
+        return num_units
     return min(num_units, max(0, math.ceil(float(ratio) * num_units * (1.0 - 2.0**-24))))
 
 
@@ -240,7 +244,7 @@ def masked_sgd_step_reference(params_per_group, grads_per_group, buffers_per_gro
             g = (grad.double() * scale.view(shape) + weight_decay * p.double())[rows]
             if momentum != 0:
                 if buf is None:
-                    buf = torch.zeros_like(p)
+                    buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     new_buf = g
                 else:
                     new_buf = momentum * buf.double()[rows] + (1 - dampening) * g
