@@ -550,6 +550,44 @@ def test_double_backward_matches_the_reference(backend, case):
                                                     inputs)
 
 
+def _hard_tie_cases(count, device="cpu"):
+    """Small 0/1 costs: hard DTW full of tied predecessors, with bands and lengths."""
+    for trial in range(count):
+        N, M = int(torch.randint(1, 7, ())), int(torch.randint(1, 7, ()))
+        yield (torch.randint(0, 2, (3, N, M)).double().to(device), [None, 0, 1, 2][trial % 4],
+               torch.randint(1, N + 1, (3,)).to(device), torch.randint(1, M + 1, (3,)).to(device))
+
+
+def _hard_value_and_gradient(backend, cost, band, x_lengths, y_lengths):
+    c = cost.clone().requires_grad_(True)
+    with ek.use_backend(backend):
+        value = ek.dtw_from_cost(c, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+        return value.detach(), torch.autograd.grad(value.sum(), c)[0]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_hard_gradient_at_ties_is_the_optimal_path(backend):
+    """At tied predecessors the hard DTW gradient is the 0/1 indicator of dtw_path's optimal
+    path (ties: diagonal, then (i - 1, j), then (i, j - 1)) on every backend, the reference
+    included (its min used to split the gradient between tied predecessors)."""
+    for cost, band, x_lengths, y_lengths in _hard_tie_cases(60):
+        value, grad = _hard_value_and_gradient(backend, cost, band, x_lengths, y_lengths)
+        ref_value, ref_grad = _hard_value_and_gradient("reference", cost, band, x_lengths,
+                                                       y_lengths)
+        assert torch.equal(value, ref_value) and torch.equal(grad, ref_grad)
+        for b, path in enumerate(dtw_path_of_cost(cost, band, x_lengths, y_lengths)):
+            indicator = torch.zeros_like(cost[b])
+            indicator[path[:, 0], path[:, 1]] = 1.0
+            assert torch.equal(grad[b], indicator), (b, band)
+
+
+def dtw_path_of_cost(cost, band, x_lengths, y_lengths):
+    """The optimal paths of a precomputed cost (dtw_path takes series): the reference's
+    backtrack, the tie rule dtw_path documents."""
+    from ether_kernels.reference.dtw import dtw_path_reference
+    return dtw_path_reference(cost, x_lengths, y_lengths, band)
+
+
 # ------------------------------------------------------------------ Triton fallback
 
 TRITON_DEVICES = [
@@ -620,6 +658,12 @@ def test_triton_fallback_cost_gradient_path_and_opcheck(device):
     torch.library.opcheck(ops.dtw_forward_triton, (cost, *lengths, -1, 0.5, True, True))
     torch.library.opcheck(ops.dtw_forward_triton,
                           (cost.clone().requires_grad_(True), *lengths, 1, 1.0, False, True))
+    # hard DTW at ties: the same single path as the reference (_hard_tie_cases)
+    for tie_cost, band, x_lengths, y_lengths in _hard_tie_cases(12, device):
+        got = _hard_value_and_gradient("triton", tie_cost, band, x_lengths, y_lengths)
+        want = _hard_value_and_gradient("reference", tie_cost.cpu(), band, x_lengths.cpu(),
+                                        y_lengths.cpu())
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
     # double backward (create_graph=True) through the reference, as for the other backends
     results = []
     for backend in ("triton", "reference"):

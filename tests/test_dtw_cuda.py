@@ -320,3 +320,23 @@ def test_cuda_double_backward_matches_the_cpu_reference():
         results.append([t.detach().cpu() for t in (*first, *second)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_cuda_hard_gradient_at_ties_equals_the_reference():
+    """0/1 costs (tied predecessors everywhere): the CUDA backtrack's gradient is the
+    reference's single optimal path (ties: diagonal, then up, then left)."""
+    for trial in range(24):
+        N, M = int(torch.randint(1, 9, ())), int(torch.randint(1, 9, ()))
+        cost = torch.randint(0, 2, (3, N, M)).double()
+        band = [None, 0, 1, 2][trial % 4]
+        x_lengths, y_lengths = torch.randint(1, N + 1, (3,)), torch.randint(1, M + 1, (3,))
+        results = []
+        for device, backend in (("cuda", "cuda"), ("cpu", "reference")):
+            c = cost.to(device).requires_grad_(True)
+            with ek.use_backend(backend):
+                value = ek.dtw_from_cost(c, band=band, x_lengths=x_lengths.to(device),
+                                         y_lengths=y_lengths.to(device))
+                results.append((value.detach().cpu(),
+                                torch.autograd.grad(value.sum(), c)[0].cpu()))
+        assert torch.equal(results[0][0], results[1][0])
+        assert torch.equal(results[0][1], results[1][1]), (trial, band)

@@ -90,7 +90,14 @@ def dtw_diagonals(cost, x_lengths, y_lengths, band=None, gamma=None):
         up = torch.cat([inf_row, prev1[:, :-1]], dim=1)             # R[i-1][j]
         left = prev1                                                # R[i][j-1]
         if gamma is None:
-            best = torch.minimum(torch.minimum(up_left, up), left)
+            # min of the three, its gradient routed to one predecessor: the diagonal on a tie,
+            # then the cell above, then the left one (dtw_path_reference's rule). The
+            # gradient of R[n][m] is then the 0/1 indicator of that optimal path, as the
+            # kernels' backtrack gives, where torch.minimum would split it at ties.
+            # torch.where keeps the value of the min (NaN included) wherever they differ.
+            lowest = torch.minimum(torch.minimum(up_left, up), left)
+            chosen = torch.where(up_left == lowest, up_left, torch.where(up == lowest, up, left))
+            best = torch.where(chosen == lowest, chosen, lowest)
         else:
             best = softmin3(up_left, up, left, gamma)
         current = torch.where(ok, local + best, math.inf)
