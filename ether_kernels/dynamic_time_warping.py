@@ -46,6 +46,8 @@ def _as_batch(series, name, op):
                          f"{tuple(series.shape)}")
     if series.shape[1] == 0:
         raise ValueError(f"{op}: {name} is an empty sequence (shape {tuple(series.shape)})")
+    if series.shape[2] == 0:
+        raise ValueError(f"{op}: {name} has no features (D = 0, shape {tuple(series.shape)})")
     if series.dtype in (torch.float16, torch.bfloat16):
         series = series.float()
     return series
@@ -61,6 +63,8 @@ def _lengths(lengths, name, batch, full, device, op):
         raise ValueError(f"{op}: {name} must have shape ({batch},), one length per pair, got "
                          f"{tuple(lengths.shape)}")
     lengths = lengths.to(device=device, dtype=torch.int64)
+    if batch == 0:
+        return lengths
     low, high = int(lengths.min()), int(lengths.max())  # a host read: lengths are metadata
     if low < 1 or high > full:
         bad = low if low < 1 else high
@@ -75,7 +79,8 @@ def _band(band, op):
         raise TypeError(f"{op}: band must be an int >= 0 or None, got {type(band).__name__}")
     if band < 0:
         raise ValueError(f"{op}: band must be >= 0 (a Sakoe-Chiba radius), got {band}")
-    return int(band)
+    # any radius >= N + M is no constraint: capped so that it fits the ops' int64
+    return min(int(band), 2**62)
 
 
 def _gamma(gamma, op):
@@ -241,6 +246,9 @@ def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeucli
     Ties prefer the diagonal step, then advancing x, then advancing y. The C++ and CUDA
     backends read the path off their hard-DTW backward (one pass, no Python loop).
     """
+    if not isinstance(return_matrix, bool):
+        raise TypeError(f"dtw_path: return_matrix must be a bool, got "
+                        f"{type(return_matrix).__name__}")
     x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "dtw_path")
     with torch.no_grad():
         cost = pairwise_cost(x.detach(), y.detach(), metric)
@@ -273,13 +281,30 @@ def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeucli
 
 def cdist_dtw(X, Y, *, band=None, metric="sqeuclidean"):
     """(P, Q) hard DTW between every series of X (P, N, D) and every series of Y (Q, M, D).
+    An (N, D) or (N,) tensor is one series, as everywhere in this module (so P univariate
+    series of length N are passed as (P, N, 1), not (P, N)).
 
     Each row is computed against all of Y at once with X[p] broadcast: a stride-0 view the
     C++ and CUDA kernels read in place, so the inputs are never copied (the reference backend
     forms one (Q, N, M) cost at a time).
     """
-    X, Y = _as_batch(X, "X", "cdist_dtw"), _as_batch(Y, "Y", "cdist_dtw")
-    rows = [dtw(X[p:p + 1], Y, band=band, metric=metric) for p in range(X.shape[0])]
+    op = "cdist_dtw"
+    X, Y = _as_batch(X, "X", op), _as_batch(Y, "Y", op)  # (N, D) / (N,): one series
+    if X.dtype != Y.dtype:
+        raise TypeError(f"{op}: X ({X.dtype}) and Y ({Y.dtype}) must have the same dtype")
+    if X.device != Y.device:
+        raise RuntimeError(f"{op}: X is on {X.device} but Y is on {Y.device}")
+    if X.shape[2] != Y.shape[2]:
+        raise ValueError(f"{op}: X has {X.shape[2]} features per step but Y has {Y.shape[2]}")
+    check_choice(metric, "metric", METRICS, op)
+    band = _band(band, op)
+    P, Q = X.shape[0], Y.shape[0]
+    if P == 0 or Q == 0:
+        return X.new_zeros((P, Q))
+    x_lengths = torch.full((Q,), X.shape[1], dtype=torch.int64, device=X.device)
+    y_lengths = torch.full((Q,), Y.shape[1], dtype=torch.int64, device=X.device)
+    rows = [_run_series(X[p:p + 1].expand(Q, -1, -1), Y, x_lengths, y_lengths, band, None,
+                        metric) for p in range(P)]
     return torch.stack(rows)
 
 

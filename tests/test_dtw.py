@@ -180,6 +180,16 @@ def test_cdist_dtw_equals_pairwise_calls():
     for p in range(3):
         for q in range(4):
             torch.testing.assert_close(table[p, q], ek.dtw(X[p], Y[q], band=2)[0])
+    # empty sides give empty tables; a huge band is no band
+    assert ek.cdist_dtw(X[:0], Y).shape == (0, 4) and ek.cdist_dtw(X, Y[:0]).shape == (3, 0)
+    torch.testing.assert_close(ek.cdist_dtw(X, Y, band=2**63), ek.cdist_dtw(X, Y))
+
+
+def test_empty_batches_with_lengths():
+    x, y = torch.randn(0, 5, 2), torch.randn(0, 4, 2)
+    lengths = torch.zeros(0, dtype=torch.int64)
+    assert ek.dtw(x, y, x_lengths=lengths, y_lengths=lengths).shape == (0,)
+    assert ek.soft_dtw(x, y, 0.5, x_lengths=lengths).shape == (0,)
 
 
 # ---------------------------------------------------------------- peers' conventions
@@ -235,6 +245,12 @@ def test_parity_with_dtaidistance():
     (lambda x, y: ek.dtw(x, y, metric="cosine"), ValueError, r"metric must be one of"),
     (lambda x, y: ek.SoftDTWLoss(reduction="max"), ValueError, r"SoftDTWLoss: reduction must be one of"),
     (lambda x, y: ek.soft_dtw_from_cost(torch.randn(2, 3), 0.0), ValueError, r"soft_dtw_from_cost: gamma"),
+    (lambda x, y: ek.dtw(x[:, :, :0], y[:, :, :0]), ValueError, r"dtw: x has no features \(D = 0"),
+    (lambda x, y: ek.dtw_path(x, y, return_matrix="yes"), TypeError, r"return_matrix must be a bool"),
+    (lambda x, y: ek.cdist_dtw(x, torch.randn(2, 6, 3)), ValueError, r"cdist_dtw: X has 2 features per step but Y has 3"),
+    (lambda x, y: ek.cdist_dtw(x, y.double()), TypeError, r"cdist_dtw: X \(torch.float32\) and Y"),
+    (lambda x, y: ek.cdist_dtw(x, y, band=-2), ValueError, r"cdist_dtw: band must be >= 0"),
+    (lambda x, y: ek.cdist_dtw(x, y, metric="cos"), ValueError, r"cdist_dtw: metric must be one of"),
 ])
 def test_bad_input_raises_a_clear_error(call, error, match):
     x, y = torch.randn(2, 5, 2), torch.randn(2, 6, 2)
