@@ -566,6 +566,74 @@ def test_double_backward_matches_the_reference(backend, case):
                                                     inputs)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("gamma", [None, 0.05, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_from_cost_values_and_gradients_match_the_reference(backend, gamma, dtype):
+    """dtw_from_cost / soft_dtw_from_cost with per-pair lengths and bands, fp32 and fp64,
+    against the fp64 reference (values and the gradient in the cost)."""
+    B, N, M = 5, 13, 9
+    cost = torch.rand(B, N, M, dtype=torch.float64) * 3
+    x_lengths, y_lengths = torch.tensor([13, 1, 7, 13, 10]), torch.tensor([9, 4, 9, 1, 6])
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    # hard DTW: the reference in the same dtype takes the same path (an fp64 oracle could
+    # take another one at an fp32 near-tie), so the gradients (the path's weights) are equal
+    ref_dtype = dtype if gamma is None else torch.float64
+    for band in (None, 0, 2):
+        results = []
+        for name, dt in ((backend, dtype), ("reference", ref_dtype)):
+            c = cost.to(dt).requires_grad_(True)
+            with ek.use_backend(name):
+                kwargs = dict(band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+                value = (ek.dtw_from_cost(c, **kwargs) if gamma is None
+                         else ek.soft_dtw_from_cost(c, gamma, **kwargs))
+                grad = torch.autograd.grad((value * weights.to(dt)).sum(), c)[0]
+            results.append((value.double(), grad.double()))
+        (value, grad), (ref_value, ref_grad) = results
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(value, ref_value, rtol=tol, atol=tol)
+        if gamma is None:
+            assert torch.equal(grad, ref_grad)
+        torch.testing.assert_close(grad, ref_grad, rtol=tol,
+                                   atol=tol if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_inputs_match_contiguous_ones_and_are_left_unmodified(backend):
+    """Transposed / sliced inputs give the contiguous copies' values and gradients, and no
+    call writes into a caller's tensor."""
+    base_x = torch.randn(7, 3, 2, dtype=torch.float64)   # (N, B, D): x = base.transpose(0, 1)
+    base_y = torch.randn(3, 12, 2, dtype=torch.float64)  # y = base[:, ::2]: every other step
+    x, y = base_x.transpose(0, 1), base_y[:, ::2, :]
+    cost = torch.rand(3, 9, 6, dtype=torch.float64).transpose(1, 2)  # (3, 6, 9) strided
+    snapshots = [t.clone() for t in (base_x, base_y, cost)]
+    with ek.use_backend(backend):
+        for fn in (lambda a, b: ek.soft_dtw(a, b, 0.3, band=2),
+                   lambda a, b: ek.dtw(a, b, metric="l1"),
+                   lambda a, b: ek.soft_dtw_divergence(a, b, 0.7)):
+            results = []
+            for a, b in ((x, y), (x.contiguous(), y.contiguous())):
+                a = a.detach().requires_grad_(True)
+                b = b.detach().requires_grad_(True)
+                value = fn(a, b)
+                results.append((value, *torch.autograd.grad(value.sum(), (a, b))))
+            for got, want in zip(*results):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for fn in (lambda c: ek.soft_dtw_from_cost(c, 0.5), lambda c: ek.dtw_from_cost(c)):
+            results = []
+            for c in (cost, cost.contiguous()):
+                c = c.detach().requires_grad_(True)
+                value = fn(c)
+                results.append((value, torch.autograd.grad(value.sum(), c)[0]))
+            for got, want in zip(*results):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        ek.dtw_path(x, y)
+        ek.soft_dtw_alignment(x, y, 0.5)
+        ek.cdist_dtw(x, y)
+    for before, after in zip(snapshots, (base_x, base_y, cost)):
+        assert torch.equal(before, after)
+
+
 def _hard_tie_cases(count, device="cpu"):
     """Small 0/1 costs: hard DTW full of tied predecessors, with bands and lengths."""
     for trial in range(count):
