@@ -97,6 +97,42 @@ def test_soft_dtw_forward_backward(benchmark, provider):
            provider=provider, cells=cells)
 
 
+@pytest.mark.parametrize("provider", ["ether_kernels", "eager", "tslearn", "pysdtw"])
+def test_soft_dtw_forward(benchmark, provider):
+    """Soft-DTW values only (no gradient wanted): ours keeps O(M) state per pair."""
+    x = _series(SOFT["pairs"], SOFT["n"], SOFT["dim"], 2)
+    y = _series(SOFT["pairs"], SOFT["n"], SOFT["dim"], 3)
+    gamma = SOFT["gamma"]
+    rounds = 5
+    if provider in ("ether_kernels", "eager"):
+        backend = "auto" if provider == "ether_kernels" else "reference"
+        rounds = 5 if provider == "ether_kernels" else 2
+
+        def fn():
+            with ek.use_backend(backend), torch.no_grad():
+                return ek.soft_dtw(x, y, gamma)
+    elif provider == "tslearn":
+        soft = pytest.importorskip("tslearn.metrics")
+        a, b = x.double().numpy(), y.double().numpy()
+
+        def fn():
+            return [soft.soft_dtw(a[k], b[k], gamma=gamma) for k in range(len(a))]
+        fn()  # numba compilation outside the timing
+    else:
+        pysdtw = pytest.importorskip("pysdtw")
+        criterion = pysdtw.SoftDTW(gamma=gamma, use_cuda=False)
+
+        def fn():
+            with torch.no_grad():
+                return criterion(x, y)
+        fn()
+    benchmark.group = "soft_dtw forward 64 x 256 x 256, D=4"
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    record(benchmark, op="soft_dtw", mode="forward",
+           shape=(SOFT["pairs"], SOFT["n"], SOFT["n"]), dtype=torch.float32, device="cpu",
+           provider=provider, cells=SOFT["pairs"] * SOFT["n"] * SOFT["n"])
+
+
 # --------------------------------------------------------------------------------- GPU
 # On a GPU: ours (the CUDA wavefront kernels) against the plain-PyTorch anti-diagonal loop
 # on the same GPU ("eager-cuda") and pysdtw's CUDA path where it is installed. Batches are
