@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from . import _dispatch, _extension
+from . import _dispatch, _double_backward, _extension
 from ._checks import check_choice, check_tensor
 from ._triton_support import triton_import_error
 from .reference.dtw import (METRICS, allowed_cells, dtw_from_cost_reference, dtw_path_reference,
@@ -395,18 +395,6 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (band, gamma, soft, keep)
 
 
-def _reference_gradients(values_of, inputs, grad_values):
-    """The gradient of sum(grad_values * values_of()) in `inputs` as a differentiable
-    function of them (a double backward: autograd's create_graph=True). The kernels' backward
-    ops have no derivative of their own, so the reference recomputes the forward under
-    autograd and is differentiated once here, keeping its graph for the second derivative:
-    correct and slow (the reference's speed), and only on this path."""
-    with torch.enable_grad():
-        values = values_of()
-        return torch.autograd.grad(values, inputs, grad_values, create_graph=True,
-                                   allow_unused=True, materialize_grads=True)
-
-
 def _make_backward(backward_op):
     def backward(ctx, grad_values, _grad_R):
         band, gamma, soft, keep = ctx.options
@@ -416,8 +404,8 @@ def _make_backward(backward_op):
             raise RuntimeError("dtw_forward was called without keep=True, so it kept no "
                                "accumulated cost for the backward")
         cost, R, x_lengths, y_lengths = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: see _reference_gradients
-            (grad_cost,) = _reference_gradients(
+        if _double_backward.wants_graph():  # create_graph=True: through the reference
+            (grad_cost,) = _double_backward.reference_gradients(
                 lambda: dtw_from_cost_reference(cost, x_lengths, y_lengths,
                                                 None if band < 0 else band,
                                                 gamma if soft else None),
@@ -459,14 +447,11 @@ def _xy_backward(ctx, grad_values, _grad_R):
         raise RuntimeError("dtw_xy_forward was called without keep=True, so it kept no "
                            "accumulated cost for the backward")
     x, y, R, x_lengths, y_lengths = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: see _reference_gradients
+    if _double_backward.wants_graph():  # create_graph=True: through the reference
         metric_name = next(name for name, code in _METRIC_CODES.items() if code == metric)
-        # Two distinct graph nodes even when x and y are one tensor (the divergence's
-        # sdtw(x, x)): each input slot gets its own partial derivative, not the sum of both.
-        with torch.enable_grad():
-            x_in, y_in = x.view_as(x), y.view_as(y)
+        x_in, y_in = _double_backward.distinct_nodes(x, y)
         wanted = [t for t, need in ((x_in, need_x), (y_in, need_y)) if need]
-        grads = iter(_reference_gradients(
+        grads = iter(_double_backward.reference_gradients(
             lambda: dtw_from_cost_reference(pairwise_cost(x_in, y_in, metric_name), x_lengths,
                                             y_lengths, None if band < 0 else band,
                                             gamma if soft else None),

@@ -23,7 +23,7 @@ import numbers
 
 import torch
 
-from . import _dispatch, _extension
+from . import _dispatch, _double_backward, _extension
 from ._checks import check_choice, check_loss_pair, check_non_negative_real
 from ._triton_support import triton_import_error
 from .reference import ether_loss_reference
@@ -304,8 +304,11 @@ def _backward_fake(grad_loss, y_pred, y_true, coef, reduction, per_sample, need_
 
 
 def _setup_context(ctx, inputs, output):
-    y_pred, y_true, _, _, _, _, _, reduction, per_sample = inputs
+    y_pred, y_true, member_channel, member_group, weights, alpha, discrepancy, reduction, \
+        per_sample = inputs
     _, coef = output
+    # the options, for a second derivative through the reference (_reference_loss)
+    ctx.groups = (member_channel, member_group, weights, alpha, discrepancy)
     ctx.mark_non_differentiable(coef)
     # The second output never gets a gradient: without this, autograd would fill a tensor of
     # zeros of its size on every backward (for the MSE, a whole input-sized pass).
@@ -315,12 +318,29 @@ def _setup_context(ctx, inputs, output):
     ctx.per_sample = per_sample
 
 
+def _reference_loss(y_pred, y_true, ctx):
+    """The reference Ether loss with the op's options (its group tensors turned back into
+    one channel index tensor per modality)."""
+    member_channel, member_group, weights, alpha, discrepancy = ctx.groups
+    groups = [member_channel[member_group == g] for g in range(weights.numel())]
+    return ether_loss_reference(
+        y_pred, y_true, groups, weights.tolist(), alpha,
+        next(k for k, v in _DISCREPANCIES.items() if v == discrepancy),
+        next(k for k, v in _REDUCTIONS.items() if v == ctx.reduction), ctx.per_sample)
+
+
 def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_coef):
         if grad_loss is None:  # the loss itself was not used (grads are not materialized)
             return (None,) * 9
         y_pred, y_true, coef = ctx.saved_tensors
         need_pred, need_true = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if _double_backward.wants_graph():  # create_graph=True: through the reference
+            a, b = _double_backward.distinct_nodes(y_pred, y_true)
+            grad_pred, grad_true = _double_backward.reference_gradients(
+                lambda: _reference_loss(a, b, ctx), (a, b), grad_loss)
+            return (grad_pred if need_pred else None, grad_true if need_true else None,
+                    None, None, None, None, None, None, None)
         grad_pred, grad_true = backward_op(grad_loss, y_pred, y_true, coef, ctx.reduction,
                                            ctx.per_sample, need_pred, need_true)
         return (grad_pred if need_pred else None, grad_true if need_true else None,

@@ -10,7 +10,7 @@ against four reads and two writes for the unfused forward + backward.
 
 import torch
 
-from . import _dispatch, _extension
+from . import _dispatch, _double_backward, _extension
 from ._checks import check_choice, check_loss_pair
 from ._triton_support import triton_import_error
 from .reference import mse_loss_reference
@@ -60,9 +60,11 @@ def _setup_context(ctx, inputs, output):
     # d loss / d input = 2 * (input - target) * upstream, / N for the mean
     ctx.mean = reduction == _REDUCTIONS["mean"]
     ctx.saved_grad = compute_grad and reduction != _REDUCTIONS["none"]
-    # The forward's 2 * (input - target) replaces the inputs when it was written; otherwise
-    # the backward needs the inputs themselves.
-    ctx.save_for_backward(*((grad,) if ctx.saved_grad else (input, target)))
+    ctx.reduction = reduction
+    # The forward's 2 * (input - target) is what the backward scales when it was written;
+    # the inputs themselves (references, no copy) serve a second derivative, or the
+    # backward when nothing was written.
+    ctx.save_for_backward(input, target, grad if ctx.saved_grad else None)
 
 
 def _backward_fake(grad_loss, twice_diff, mean):
@@ -73,16 +75,22 @@ def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_grad):
         if grad_loss is None:  # the loss itself was not used (grads are not materialized)
             return None, None, None, None
+        input, target, twice_diff = ctx.saved_tensors
+        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if _double_backward.wants_graph():  # create_graph=True: through the reference
+            reduction = next(k for k, v in _REDUCTIONS.items() if v == ctx.reduction)
+            a, b = _double_backward.distinct_nodes(input, target)
+            grad_input, grad_target = _double_backward.reference_gradients(
+                lambda: mse_loss_reference(a, b, reduction), (a, b), grad_loss)
+            return (grad_input if need_input else None, grad_target if need_target else None,
+                    None, None)
         if ctx.saved_grad:
             # One pass: twice_diff * grad_loss (/ N), rounded once.
-            (twice_diff,) = ctx.saved_tensors
             grad_input = backward_op(grad_loss, twice_diff, ctx.mean)
         else:  # the forward kept nothing (reduction "none", or no gradient was expected)
-            input, target = ctx.saved_tensors
             grad_input = 2.0 * (input - target) * grad_loss
             if ctx.mean:
                 grad_input = grad_input / input.numel()
-        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (grad_input if need_input else None, -grad_input if need_target else None,
                 None, None)
     return backward

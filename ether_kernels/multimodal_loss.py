@@ -21,7 +21,7 @@ import numbers
 
 import torch
 
-from . import _dispatch, _extension
+from . import _dispatch, _double_backward, _extension
 from ._checks import check_tensor
 from ._triton_support import triton_import_error
 from .reference.multimodal_loss import multimodal_logits_reference, multimodal_loss_reference
@@ -36,15 +36,28 @@ def _forward_fake(z, labels, W, num_classes, gamma, compute_grad):
 
 
 def _setup_context(ctx, inputs, output):
+    z, labels, W, num_classes, gamma, _ = inputs
     _, grad_z, grad_W = output
-    ctx.save_for_backward(grad_z, grad_W)
+    ctx.mark_non_differentiable(grad_z, grad_W)
+    ctx.set_materialize_grads(False)
+    ctx.options = (num_classes, gamma)
+    # the inputs (references) serve a second derivative through the reference
+    ctx.save_for_backward(grad_z, grad_W, z, labels, W)
 
 
 def _backward(ctx, grad_loss, _grad_z, _grad_W):
+    if grad_loss is None:  # the loss itself was not used
+        return (None,) * 6
+    grad_z, grad_W, z, labels, W = ctx.saved_tensors
+    need_z, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if _double_backward.wants_graph():  # create_graph=True: through the reference
+        a, b = _double_backward.distinct_nodes(z, W)
+        grad_z, grad_W = _double_backward.reference_gradients(
+            lambda: multimodal_loss_reference(a, labels, b, *ctx.options), (a, b), grad_loss)
+        return (grad_z if need_z else None, None, grad_W if need_W else None, None, None, None)
     # the forward formed d mean-loss / d z and / d W: scale them by the upstream gradient
-    grad_z, grad_W = ctx.saved_tensors
-    return (grad_z * grad_loss if ctx.needs_input_grad[0] else None, None,
-            grad_W * grad_loss if ctx.needs_input_grad[2] else None, None, None, None)
+    return (grad_z * grad_loss if need_z else None, None,
+            grad_W * grad_loss if need_W else None, None, None, None)
 
 
 _CPU_BACKENDS = ()

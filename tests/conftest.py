@@ -93,3 +93,28 @@ def random_pair(shape, dtype, device, requires_grad=(True, True)):
     y_pred = (y_pred + offsets).to(device=device, dtype=dtype)
     y_true = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
     return y_pred.requires_grad_(requires_grad[0]), y_true.requires_grad_(requires_grad[1])
+
+
+def second_order(loss_of, inputs):
+    """First derivatives of loss_of(*inputs).sum() with create_graph=True, then the
+    derivatives of (loss + |first derivatives|^2) (a gradient penalty): what a second
+    derivative through an op gives. Inputs that do not require grad are skipped."""
+    wanted = [t for t in inputs if t.requires_grad]
+    loss = loss_of(*inputs).sum()
+    first = torch.autograd.grad(loss, wanted, create_graph=True)
+    penalty = loss + sum(g.pow(2).sum() for g in first)
+    second = torch.autograd.grad(penalty, wanted)
+    return [t.detach() for t in (*first, *second)]
+
+
+def assert_second_order_matches_the_reference(loss_of, inputs, device, backend,
+                                              rtol=1e-9, atol=1e-11):
+    """The fused backend's first and second derivatives (create_graph=True) equal the
+    reference's on copies of the same fp64 inputs (those requiring grad are differentiated)."""
+    results = []
+    for name, dev in ((backend, device), ("reference", "cpu")):
+        copies = [t.detach().clone().to(dev).requires_grad_(t.requires_grad) for t in inputs]
+        with ether_kernels.use_backend(name):
+            results.append([t.cpu() for t in second_order(loss_of, copies)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import ether_kernels as ek
-from conftest import assert_close, backend_params, is_interpreted, random_pair
+from conftest import (assert_close, assert_second_order_matches_the_reference,
+                      backend_params, is_interpreted, random_pair)
 
 ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -475,3 +476,21 @@ def test_the_cpp_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match=r"reduction code must be 0"):
         torch.ops.ether_kernels.ether_loss_backward(torch.tensor(1.0), p, t, torch.zeros(3), 5,
                                                     False, True, True)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("discrepancy,reduction,per_sample", [("l1", "mean", False),
+                                                              ("l2", "sum", True)])
+def test_second_derivatives_match_the_reference(device, backend, discrepancy, reduction,
+                                                per_sample):
+    """create_graph=True (a gradient penalty) goes through the reference: the kernels'
+    backward has no derivative of its own, and its gradient used to come back without a
+    graph (the penalty's term was silently lost)."""
+    y_pred = torch.randn(9, 5, 3, dtype=torch.float64, requires_grad=True)
+    y_true = torch.randn(9, 5, 3, dtype=torch.float64, requires_grad=True)
+    for inputs in ([y_pred, y_true], [y_pred, y_true.detach()]):
+        assert_second_order_matches_the_reference(
+            lambda a, b: ek.ether_loss(a, b, [[0, 1], [2, 3, 4]], alpha=0.7,
+                                       discrepancy=discrepancy, weights=[0.25, 0.75],
+                                       reduction=reduction, per_sample=per_sample),
+            inputs, device, backend)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import ether_kernels as ek
-from conftest import assert_close, backend_params, is_interpreted
+from conftest import (assert_close, assert_second_order_matches_the_reference,
+                      backend_params, is_interpreted)
 
 ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (3,), (41,), (423,), (7, 5), (3, 4, 17), (2, 3, 4, 5), (70000,), (65, 1031)]
@@ -206,3 +207,18 @@ def test_automatic_choice_on_cpu_uses_the_kernel_only_where_it_pays(monkeypatch)
     with ek.use_backend("cpp"):
         ek.fused_mse_loss(small, small)
     assert calls == ["reference"]  # a forced backend is always honoured
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_second_derivatives_match_the_reference(device, backend, reduction):
+    """create_graph=True (a gradient penalty) goes through the reference: the kernels'
+    backward has no derivative of its own, and its gradient used to come back without a
+    graph (the penalty's term was silently lost)."""
+    input = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    assert_second_order_matches_the_reference(
+        lambda a, b: ek.fused_mse_loss(a, b, reduction), [input, target], device, backend)
+    assert_second_order_matches_the_reference(  # the target without a gradient
+        lambda a, b: ek.fused_mse_loss(a, b, reduction), [input, target.detach()], device,
+        backend)

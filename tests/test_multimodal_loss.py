@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ether_kernels as ek
-from conftest import backend_params, is_interpreted
+from conftest import assert_second_order_matches_the_reference, backend_params, is_interpreted
 from ether_kernels import multimodal_loss as mm_module
 from ether_kernels.reference.multimodal_loss import multimodal_loss_reference
 
@@ -218,3 +218,16 @@ def test_triton_op_opcheck_and_checks(device, backend):
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+def test_second_derivatives_match_the_reference(device, backend):
+    """create_graph=True (a gradient penalty) goes through the reference: the fused op's
+    gradients are first order (they used to be differentiated as constants)."""
+    module = ek.MultiModalLoss(3, 2, proxies_per_class=4)
+    z = torch.softmax(torch.randn(11, 2, 3, dtype=torch.float64), dim=2).reshape(11, 6)
+    labels = torch.randint(0, 3, (11,))
+    W = module.W.detach().double()
+    assert_second_order_matches_the_reference(
+        lambda z, W, labels: mm_module.multimodal_loss(z, labels, W, 3, 0.1),
+        [z.requires_grad_(True), W.requires_grad_(True), labels], device, backend)
