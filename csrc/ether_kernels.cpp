@@ -36,6 +36,10 @@ TORCH_LIBRARY(ether_kernels, m) {
   // grad_input = twice_diff * grad_loss (/ N for the mean), one pass, the product formed in
   // fp32 (fp64 for fp64) and rounded once.
   m.def("mse_loss_backward(Tensor grad_loss, Tensor twice_diff, bool mean) -> Tensor");
+  // The same, written over twice_diff (CPU): the backward uses it when autograd frees the
+  // forward's buffer right after (no retain_graph), so that no fresh input-sized tensor is
+  // allocated: on the CPU a fresh large buffer costs its page faults (more than the pass).
+  m.def("mse_loss_backward_(Tensor(a!) twice_diff, Tensor grad_loss, bool mean) -> ()");
   // AMSS / AMSS+ (ether_kernels/amss.py): masks every gradient of a step in place. Units
   // are dim-0 slices of unit_size rows; tensor t belongs to modality group_of_tensor[t];
   // sampling (the mode) 0 amss, 1 amss+, 2 uniform, 3 topk; scaling 0 paper, 1 reference-code.

@@ -39,7 +39,9 @@ def fused_mse_loss(input, target, reduction="mean"):
     forward = (torch.ops.ether_kernels.mse_loss_forward_triton if backend == "triton"
                else torch.ops.ether_kernels.mse_loss_forward)
     compute_grad = input.requires_grad and torch.is_grad_enabled()
-    loss, _ = forward(input, target, _REDUCTIONS[reduction], compute_grad)
+    loss, twice_diff = forward(input, target, _REDUCTIONS[reduction], compute_grad)
+    if backend == "cpp" and twice_diff.numel() > 0 and type(twice_diff) is torch.Tensor:
+        setattr(twice_diff, _PRIVATE, True)  # dropped here: the backward may overwrite it
     return loss
 
 
@@ -67,6 +69,28 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, target, grad if ctx.saved_grad else None)
 
 
+# Set by fused_mse_loss on the op's second output, which it drops: nothing but autograd's
+# saved copy (the same tensor object) can read that buffer afterwards. See _can_overwrite.
+_PRIVATE = "_ether_kernels_private_buffer"
+
+
+def _can_overwrite(twice_diff):
+    """Whether the backward may write the gradient over the forward's 2 * (input - target)
+    instead of a fresh tensor. On the CPU a fresh input-sized tensor is fresh memory from
+    the system, whose page faults cost more than the scaling pass (4096 x 1024 fp32: the
+    backward took twice the pass). Only when nothing else can read the buffer afterwards:
+    it is fused_mse_loss's private buffer (a caller of the op itself may hold it), autograd
+    frees it after this backward (no retain_graph: a second backward would read it), eager
+    mode (a traced backward is functional), the C++ kernel's device."""
+    return (getattr(twice_diff, _PRIVATE, False) and twice_diff.device.type == "cpu"
+            and _extension.cpp_available and not torch.compiler.is_compiling()
+            and not torch._C._autograd._get_current_graph_task_keep_graph())
+
+
+def _inplace_backward_fake(twice_diff, grad_loss, mean):
+    return None
+
+
 def _backward_fake(grad_loss, twice_diff, mean):
     return torch.empty_like(twice_diff)
 
@@ -84,8 +108,11 @@ def _make_backward(backward_op):
                 lambda: mse_loss_reference(a, b, reduction), (a, b), grad_loss)
             return (grad_input if need_input else None, grad_target if need_target else None,
                     None, None)
-        if ctx.saved_grad:
-            # One pass: twice_diff * grad_loss (/ N), rounded once.
+        if ctx.saved_grad and _can_overwrite(twice_diff):
+            # One pass: twice_diff * grad_loss (/ N), rounded once, written in place.
+            torch.ops.ether_kernels.mse_loss_backward_(twice_diff, grad_loss, ctx.mean)
+            grad_input = twice_diff
+        elif ctx.saved_grad:
             grad_input = backward_op(grad_loss, twice_diff, ctx.mean)
         else:  # the forward kept nothing (reduction "none", or no gradient was expected)
             grad_input = 2.0 * (input - target) * grad_loss
@@ -106,6 +133,7 @@ def _register(forward_name, backward_name, backward_op):
 if _extension.cpp_available:
     _register("ether_kernels::mse_loss_forward", "ether_kernels::mse_loss_backward",
               torch.ops.ether_kernels.mse_loss_backward)
+    torch.library.register_fake("ether_kernels::mse_loss_backward_")(_inplace_backward_fake)
 if triton_import_error is None:
     from .triton import mse_loss as _triton_mse_loss
 

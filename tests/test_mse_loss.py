@@ -222,3 +222,45 @@ def test_second_derivatives_match_the_reference(device, backend, reduction):
     assert_second_order_matches_the_reference(  # the target without a gradient
         lambda a, b: ek.fused_mse_loss(a, b, reduction), [input, target.detach()], device,
         backend)
+
+
+def _backward_ops_called(run):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return {e.name for e in profile.events()} & {"ether_kernels::mse_loss_backward_",
+                                                  "ether_kernels::mse_loss_backward"}
+
+
+@pytest.mark.skipif(not ek.info()["cpp"], reason="the C++ extension is not built")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cpu_backward_writes_over_the_forwards_buffer_only_when_nothing_else_reads_it(reduction):
+    """The CPU backward scales the forward's 2 * (input - target) in place (no fresh buffer:
+    its page faults cost more than the pass) only when that buffer is read by nothing else:
+    retain_graph, create_graph and a caller holding the op's second output get a new tensor,
+    and every gradient equals F.mse_loss's."""
+    input = torch.randn(33, 65, requires_grad=True)
+    target = torch.randn(33, 65, requires_grad=True)
+    expected = torch.autograd.grad(F.mse_loss(input, target, reduction=reduction) * 1.5,
+                                   (input, target))
+    with ek.use_backend("cpp"):
+        grads = {}
+
+        def plain():
+            grads["plain"] = torch.autograd.grad(ek.fused_mse_loss(input, target, reduction) * 1.5,
+                                                 (input, target))
+        assert _backward_ops_called(plain) == {"ether_kernels::mse_loss_backward_"}
+
+        def retained():
+            loss = ek.fused_mse_loss(input, target, reduction) * 1.5
+            grads["first"] = torch.autograd.grad(loss, (input, target), retain_graph=True)
+            grads["second"] = torch.autograd.grad(loss, (input, target))
+        assert "ether_kernels::mse_loss_backward" in _backward_ops_called(retained)
+
+        code = {"mean": 0, "sum": 1}[reduction]
+        loss, twice_diff = torch.ops.ether_kernels.mse_loss_forward(input, target, code, True)
+        held = twice_diff.clone()
+        grads["held"] = torch.autograd.grad(loss * 1.5, (input, target))
+        assert torch.equal(twice_diff, held)  # the caller's tensor is left as it was
+    for name in ("plain", "first", "second", "held"):
+        for got, want in zip(grads[name], expected):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -41,19 +41,42 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
   return {at::scalar_tensor(loss, p.options()), grad};
 }
 
+namespace {
+
+// grad_loss (/ n for the mean), checked: the factor of both backwards.
+double backward_factor(const char* op, const at::Tensor& grad_loss, const at::Tensor& twice_diff,
+                       bool mean) {
+  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value, got ",
+              grad_loss.numel());
+  TORCH_CHECK(at::isFloatingType(twice_diff.scalar_type()), op,
+              ": twice_diff must be floating point, got ", twice_diff.scalar_type());
+  const double g = grad_loss.item<double>();
+  return mean ? g / static_cast<double>(twice_diff.numel()) : g;
+}
+
+}  // namespace
+
 at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
                                  bool mean) {
-  TORCH_CHECK(grad_loss.numel() == 1, "mse_loss_backward: grad_loss must hold one value, got ",
-              grad_loss.numel());
-  TORCH_CHECK(at::isFloatingType(twice_diff.scalar_type()),
-              "mse_loss_backward: twice_diff must be floating point");
+  const double factor = backward_factor("mse_loss_backward", grad_loss, twice_diff, mean);
   const at::Tensor in = twice_diff.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
-  ScaleArgs args{in.data_ptr(), out.data_ptr(), in.scalar_type(), in.numel(),
-                 mean ? grad_loss.item<double>() / static_cast<double>(in.numel())
-                      : grad_loss.item<double>()};
+  ScaleArgs args{in.data_ptr(), out.data_ptr(), in.scalar_type(), in.numel(), factor};
   ETHER_CPU_DISPATCH(scale)(args);
   return out;
+}
+
+void mse_loss_backward_inplace_cpu(const at::Tensor& twice_diff, const at::Tensor& grad_loss,
+                                   bool mean) {
+  const double factor = backward_factor("mse_loss_backward_", grad_loss, twice_diff, mean);
+  TORCH_CHECK(twice_diff.device().is_cpu() && twice_diff.is_contiguous(),
+              "mse_loss_backward_: twice_diff must be a contiguous CPU tensor (the forward's "
+              "own buffer), got device ", twice_diff.device(), " and strides ",
+              twice_diff.strides());
+  // The same kernel with out = in: each element is read, then written at the same place.
+  ScaleArgs args{twice_diff.data_ptr(), twice_diff.data_ptr(), twice_diff.scalar_type(),
+                 twice_diff.numel(), factor};
+  ETHER_CPU_DISPATCH(scale)(args);
 }
 
 }  // namespace ether_kernels::cpu

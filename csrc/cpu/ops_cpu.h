@@ -23,6 +23,8 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
 
 at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
                                  bool mean);
+void mse_loss_backward_inplace_cpu(const at::Tensor& twice_diff, const at::Tensor& grad_loss,
+                                   bool mean);
 
 // AMSS / AMSS+ gradient masking of every tensor of a step, in place (amss.cpp).
 void amss_mask_gradients_cpu(at::TensorList grads, at::IntArrayRef group_of_tensor,

@@ -9,6 +9,7 @@ TORCH_LIBRARY_IMPL(ether_kernels, CPU, m) {
   m.impl("ether_loss_backward", &ether_kernels::cpu::ether_loss_backward_cpu);
   m.impl("mse_loss_forward", &ether_kernels::cpu::mse_loss_forward_cpu);
   m.impl("mse_loss_backward", &ether_kernels::cpu::mse_loss_backward_cpu);
+  m.impl("mse_loss_backward_", &ether_kernels::cpu::mse_loss_backward_inplace_cpu);
   m.impl("dtw_forward", &ether_kernels::cpu::dtw_forward_cpu);
   m.impl("dtw_backward", &ether_kernels::cpu::dtw_backward_cpu);
   m.impl("dtw_xy_forward", &ether_kernels::cpu::dtw_xy_forward_cpu);
