@@ -74,6 +74,15 @@ TORCH_LIBRARY(ether_kernels, m) {
   m.def("dtw_xy_backward(Tensor grad, Tensor x, Tensor y, Tensor R, Tensor x_lengths, "
         "Tensor y_lengths, int metric, int band, float gamma, bool soft, bool need_x, "
         "bool need_y) -> (Tensor, Tensor)");
+  // Soft-DTW on the series with bounded memory for long pairs (CPU): the forward keeps R of
+  // every checkpoint_rows-th row only, (B, ceil(N / checkpoint_rows), M + 1) fp64, and the
+  // backward recomputes the rows in between one segment at a time.
+  m.def("dtw_xy_soft_forward_checkpointed(Tensor x, Tensor y, Tensor x_lengths, "
+        "Tensor y_lengths, int metric, int band, float gamma, int checkpoint_rows) "
+        "-> (Tensor, Tensor)");
+  m.def("dtw_xy_soft_backward_checkpointed(Tensor grad, Tensor x, Tensor y, Tensor kept, "
+        "Tensor x_lengths, Tensor y_lengths, int metric, int band, float gamma, "
+        "int checkpoint_rows, bool need_x, bool need_y) -> (Tensor, Tensor)");
 }
 
 namespace {

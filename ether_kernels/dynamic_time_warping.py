@@ -165,6 +165,23 @@ def _run(cost, x_lengths, y_lengths, band, gamma):
 _METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "l1": 2}
 
 
+# CPU soft-DTW with a gradient keeps 8 bytes per cell of every pair for its backward; beyond
+# this many cells per pair (64 MiB of kept state) it keeps checkpoint rows instead and the
+# backward recomputes the rows in between (one more forward pass; memory O(sqrt(N) M)).
+CPU_CHECKPOINT_CELLS = 1 << 23
+
+
+def cpu_checkpoint_rows(N, M):
+    """Rows between the checkpoints of the C++ soft-DTW forward for (N, M) pairs: 0 (keep
+    everything) up to CPU_CHECKPOINT_CELLS cells, else ~sqrt(N) rounded up to a multiple of
+    4 (the kernels' block of rows), which balances the checkpoints (N / S rows per pair)
+    against one recomputed segment (S rows per worker)."""
+    if N * M <= CPU_CHECKPOINT_CELLS:
+        return 0
+    root = math.isqrt(N - 1) + 1  # ceil(sqrt(N))
+    return max(4, -(-root // 4) * 4)
+
+
 def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     """Hard or soft DTW of every pair of checked series: the C++ kernels form each local cost
     in place from x and y; the reference forms the (B, N, M) cost with PyTorch."""
@@ -176,6 +193,12 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     if backend == "triton":  # the cost formed by PyTorch (autograd takes it back to x, y)
         return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
     keep = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    rows = cpu_checkpoint_rows(x.shape[1], y.shape[1]) if backend == "cpp" else 0
+    if keep and gamma is not None and rows > 0:  # long pairs: bounded memory
+        values, _ = torch.ops.ether_kernels.dtw_xy_soft_forward_checkpointed(
+            x, y, x_lengths, y_lengths, _METRIC_CODES[metric], -1 if band is None else band,
+            gamma, rows)
+        return values
     # Both C++ ops read a broadcast (stride-0) batch in place: cdist_dtw copies nothing.
     values, _ = torch.ops.ether_kernels.dtw_xy_forward(
         x, y, x_lengths, y_lengths, _METRIC_CODES[metric],
@@ -417,6 +440,43 @@ def _make_backward(backward_op):
     return backward
 
 
+def _checkpointed_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, rows):
+    torch._check(x.dim() == 3 and y.dim() == 3)
+    checkpoints = -(-x.shape[1] // rows)
+    return (x.new_empty(x.shape[0]),
+            x.new_empty((x.shape[0], checkpoints, y.shape[1] + 1), dtype=torch.float64))
+
+
+def _checkpointed_setup_context(ctx, inputs, output):
+    x, y, x_lengths, y_lengths, metric, band, gamma, rows = inputs
+    _, kept = output
+    ctx.mark_non_differentiable(kept)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, y, kept, x_lengths, y_lengths)
+    ctx.options = (metric, band, gamma, rows)
+
+
+def _checkpointed_backward(ctx, grad_values, _grad_kept):
+    metric, band, gamma, rows = ctx.options
+    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_values is None or not (need_x or need_y):
+        return (None,) * 8
+    x, y, kept, x_lengths, y_lengths = ctx.saved_tensors
+    if _double_backward.wants_graph():  # create_graph=True: through the reference
+        metric_name = next(name for name, code in _METRIC_CODES.items() if code == metric)
+        x_in, y_in = _double_backward.distinct_nodes(x, y)
+        grad_x, grad_y = _double_backward.reference_gradients(
+            lambda: dtw_from_cost_reference(pairwise_cost(x_in, y_in, metric_name), x_lengths,
+                                            y_lengths, None if band < 0 else band, gamma),
+            (x_in, y_in), grad_values)
+    else:
+        grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_soft_backward_checkpointed(
+            grad_values.contiguous(), x, y, kept, x_lengths, y_lengths, metric, band, gamma,
+            rows, need_x, need_y)
+    return (grad_x if need_x else None, grad_y if need_y else None,
+            None, None, None, None, None, None)
+
+
 def _xy_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep):
     torch._check(x.dim() == 3 and y.dim() == 3)
     R = (_kept_R(x, x.shape[0], x.shape[1], y.shape[1], soft, x.shape[2]) if keep
@@ -426,6 +486,11 @@ def _xy_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep
 
 def _xy_backward_fake(grad, x, y, R, x_lengths, y_lengths, metric, band, gamma, soft, need_x,
                       need_y):
+    return x.new_empty(x.shape if need_x else (0,)), y.new_empty(y.shape if need_y else (0,))
+
+
+def _xy_backward_fake_checkpointed(grad, x, y, kept, x_lengths, y_lengths, metric, band, gamma,
+                                   rows, need_x, need_y):
     return x.new_empty(x.shape if need_x else (0,)), y.new_empty(y.shape if need_y else (0,))
 
 
@@ -485,6 +550,14 @@ if _extension.cpp_available and hasattr(torch.ops.ether_kernels, "dtw_xy_forward
                                     setup_context=_setup_context)
     torch.library.register_autograd("ether_kernels::dtw_xy_forward", _xy_backward,
                                     setup_context=_xy_setup_context)
+    if hasattr(torch.ops.ether_kernels, "dtw_xy_soft_forward_checkpointed"):
+        torch.library.register_fake("ether_kernels::dtw_xy_soft_forward_checkpointed")(
+            _checkpointed_forward_fake)
+        torch.library.register_fake("ether_kernels::dtw_xy_soft_backward_checkpointed")(
+            _xy_backward_fake_checkpointed)
+        torch.library.register_autograd("ether_kernels::dtw_xy_soft_forward_checkpointed",
+                                        _checkpointed_backward,
+                                        setup_context=_checkpointed_setup_context)
 
 
 __all__ = ["dtw", "soft_dtw", "soft_dtw_divergence", "dtw_from_cost", "soft_dtw_from_cost",

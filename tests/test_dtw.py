@@ -634,6 +634,94 @@ def test_strided_inputs_match_contiguous_ones_and_are_left_unmodified(backend):
         assert torch.equal(before, after)
 
 
+needs_cpp = pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("B,N,M,D,band,ragged,metric", [
+    (1, 13, 9, 2, None, False, "sqeuclidean"),   # a single pair (copied into every lane)
+    (9, 23, 17, 4, 3, False, "l1"),              # a lane group and a single pair
+    (8, 30, 30, 1, None, False, "sqeuclidean"),  # D = 1
+    (5, 37, 12, 6, 2, True, "euclidean"),        # per-pair lengths, D > 4
+    (16, 8, 40, 3, None, True, "sqeuclidean"),   # mixed groups, lengths up to N = 2 S
+    (3, 4, 5, 5, 0, False, "sqeuclidean"),       # one segment
+])
+def test_checkpointed_cpu_soft_dtw_matches_the_reference(monkeypatch, dtype, B, N, M, D, band,
+                                                         ragged, metric):
+    """Long pairs keep checkpoint rows only and the backward recomputes each segment
+    (forced here on small pairs): values and gradients in x and y equal the reference's."""
+    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 0)
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    y = torch.randn(B, M, D, dtype=torch.float64)
+    x_lengths = torch.randint(1, N + 1, (B,)) if ragged else None
+    y_lengths = torch.randint(1, M + 1, (B,)) if ragged else None
+    weights = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+    results = []
+    for backend, dt in (("cpp", dtype), ("reference", torch.float64)):
+        a, b = x.to(dt).requires_grad_(True), y.to(dt).requires_grad_(True)
+        with ek.use_backend(backend):
+            values = ek.soft_dtw(a, b, 0.5, band=band, x_lengths=x_lengths, y_lengths=y_lengths,
+                                 metric=metric)
+            grads = torch.autograd.grad((values * weights.to(dt)).sum(), (a, b))
+        results.append([t.double() for t in (values, *grads)])
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert ((got - want).abs().max() / want.abs().max()).item() < tol
+
+
+@needs_cpp
+def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
+    """A 3000 x 3000 pair (past CPU_CHECKPOINT_CELLS) saves O(sqrt(N) M) for its backward,
+    not the 72 MB of the whole grid, and its gradient equals the grid-keeping path's."""
+    N = M = 3000
+    assert N * M > dynamic_time_warping.CPU_CHECKPOINT_CELLS
+    x = torch.randn(1, N, 2, dtype=torch.float64)
+    y = torch.randn(1, M, 2, dtype=torch.float64)
+    saved_bytes = []
+
+    def pack(t):
+        saved_bytes.append(t.numel() * t.element_size())
+        return t
+
+    a = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = ek.soft_dtw(a, y, 1.0)
+    (grad,) = torch.autograd.grad(value.sum(), (a,))
+    rows = dynamic_time_warping.cpu_checkpoint_rows(N, M)
+    checkpoints = -(-N // rows) * (M + 1) * 8
+    assert max(saved_bytes) == checkpoints < N * M * 8 / 20
+    # the same pair with the whole grid kept (threshold raised): the same gradient
+    b = x.clone().requires_grad_(True)
+    old = dynamic_time_warping.CPU_CHECKPOINT_CELLS
+    try:
+        dynamic_time_warping.CPU_CHECKPOINT_CELLS = N * M
+        (reference,) = torch.autograd.grad(ek.soft_dtw(b, y, 1.0).sum(), (b,))
+    finally:
+        dynamic_time_warping.CPU_CHECKPOINT_CELLS = old
+    torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
+
+
+@needs_cpp
+def test_checkpointed_ops_opcheck_and_argument_checks():
+    ops = torch.ops.ether_kernels
+    x, y = torch.randn(3, 10, 2, dtype=torch.float64), torch.randn(3, 7, 2, dtype=torch.float64)
+    lengths = torch.tensor([10, 4, 9]), torch.tensor([7, 7, 2])
+    torch.library.opcheck(ops.dtw_xy_soft_forward_checkpointed,
+                          (x.requires_grad_(True), y, *lengths, 0, 2, 0.5, 4))
+    values, kept = ops.dtw_xy_soft_forward_checkpointed(x.detach(), y, *lengths, 0, 2, 0.5, 4)
+    assert kept.shape == (3, 3, 8) and kept.dtype == torch.float64
+    torch.library.opcheck(ops.dtw_xy_soft_backward_checkpointed,
+                          (torch.ones(3, dtype=torch.float64), x.detach(), y, kept, *lengths, 0,
+                           2, 0.5, 4, True, True))
+    with pytest.raises(RuntimeError, match="checkpoint_rows must be a positive multiple of 4"):
+        ops.dtw_xy_soft_forward_checkpointed(x.detach(), y, *lengths, 0, 2, 0.5, 6)
+    with pytest.raises(RuntimeError, match=r"kept must be the forward's \(B, C, M \+ 1\)"):
+        ops.dtw_xy_soft_backward_checkpointed(torch.ones(3, dtype=torch.float64), x.detach(), y,
+                                              kept[:, :2], *lengths, 0, 2, 0.5, 4, True, True)
+
+
 def _hard_tie_cases(count, device="cpu"):
     """Small 0/1 costs: hard DTW full of tied predecessors, with bands and lengths."""
     for trial in range(count):

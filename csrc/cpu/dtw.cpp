@@ -290,4 +290,73 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
   return {gx, gy};
 }
 
+namespace {
+
+int64_t checkpoint_count(int64_t N, int64_t checkpoint_rows, const char* op) {
+  TORCH_CHECK(checkpoint_rows > 0 && checkpoint_rows % 4 == 0, op,
+              ": checkpoint_rows must be a positive multiple of 4, got ", checkpoint_rows);
+  return (N + checkpoint_rows - 1) / checkpoint_rows;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dtw_xy_soft_forward_checkpointed_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_lengths,
+    const at::Tensor& y_lengths, int64_t metric, int64_t band, double gamma,
+    int64_t checkpoint_rows) {
+  constexpr const char* op = "dtw_xy_soft_forward_checkpointed";
+  check_series(x, y, metric, op);
+  check_dtw_options(band, gamma, true, op);
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  const int64_t C = checkpoint_count(N, checkpoint_rows, op);
+  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
+  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
+  const auto [xc, x_stride] = dtw_batched_series(x);
+  const auto [yc, y_stride] = dtw_batched_series(y);
+  at::Tensor values = at::empty({B}, xc.options());
+  at::Tensor kept = at::empty({B, C, M + 1}, xc.options().dtype(at::kDouble));
+  if (B == 0) return {values, kept};
+  DtwXYForwardArgs args{xc.data_ptr(), yc.data_ptr(), xc.scalar_type(), B, N, M, D,
+                        xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), metric, band, gamma,
+                        true, values.data_ptr(), kept.data_ptr(), x_stride, y_stride,
+                        checkpoint_rows};
+  ETHER_CPU_DISPATCH(dtw_xy_forward)(args);
+  return {values, kept};
+}
+
+std::tuple<at::Tensor, at::Tensor> dtw_xy_soft_backward_checkpointed_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& kept,
+    const at::Tensor& x_lengths, const at::Tensor& y_lengths, int64_t metric, int64_t band,
+    double gamma, int64_t checkpoint_rows, bool need_x, bool need_y) {
+  constexpr const char* op = "dtw_xy_soft_backward_checkpointed";
+  check_series(x, y, metric, op);
+  check_dtw_options(band, gamma, true, op);
+  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  const int64_t C = checkpoint_count(N, checkpoint_rows, op);
+  TORCH_CHECK(kept.device().is_cpu() && kept.dim() == 3 && kept.size(0) == B &&
+                  kept.size(1) == C && kept.size(2) == M + 1 &&
+                  kept.scalar_type() == at::kDouble,
+              op, ": kept must be the forward's (B, C, M + 1) = (", B, ", ", C, ", ", M + 1,
+              ") float64 CPU tensor, got ", kept.scalar_type(), " of shape ", kept.sizes(),
+              " on ", kept.device());
+  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
+              ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes());
+  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
+  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
+  const auto [xc, x_stride] = dtw_batched_series(x);
+  const auto [yc, y_stride] = dtw_batched_series(y);
+  const at::Tensor k = kept.contiguous();
+  const at::Tensor g = grad.reshape({B}).to(xc.scalar_type()).contiguous();
+  at::Tensor gx = need_x ? at::empty({B, N, D}, xc.options()) : at::empty({0}, xc.options());
+  at::Tensor gy = need_y ? at::empty({B, M, D}, xc.options()) : at::empty({0}, xc.options());
+  if (B == 0 || (!need_x && !need_y)) return {gx, gy};
+  DtwXYBackwardArgs args{g.data_ptr(), xc.data_ptr(), yc.data_ptr(), k.data_ptr(),
+                         xc.scalar_type(), B, N, M, D, xl.data_ptr<int64_t>(),
+                         yl.data_ptr<int64_t>(), metric, band, gamma, true,
+                         need_x ? gx.data_ptr() : nullptr, need_y ? gy.data_ptr() : nullptr,
+                         x_stride, y_stride, checkpoint_rows};
+  ETHER_CPU_DISPATCH(dtw_xy_backward)(args);
+  return {gx, gy};
+}
+
 }  // namespace ether_kernels::cpu

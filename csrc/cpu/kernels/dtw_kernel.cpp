@@ -775,23 +775,47 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
 // false), or its two soft-argmin weights as 2 L floats (kWeights true: the backward then
 // needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not fp64 weights,
 // which also take the shorter special functions). Returns R[n][m].
+// A sweep may also cover only rows i0 + 1 .. i_end, starting from row i0's values (the
+// checkpointed backward recomputes one segment of rows at a time: SweepRows); kept rows are
+// then stored relative to i0 (row i at kept + (i - i0 - 1) m L), and the sweep returns
+// R[i_end][m].
 constexpr int64_t kSkewRows = 4;
 constexpr int64_t kRollingRows = kSkewRows + 1;
 
+// Rows i0 + 1 .. i_end (i_end < 0: the pair's n) from `start`, row i0's m + 1 values (null:
+// row 0, R[0][0] = 0 and +inf). When `checkpoints` is non-null, every row i < i_end that is
+// a multiple of `every` (itself a multiple of kSkewRows, so that such rows end a block of
+// kSkewRows rows) is copied, m + 1 vectors, to checkpoints + (i / every) (m + 1): the rows
+// the segments after the first start from.
+struct SweepRows {
+  int64_t i0 = 0, i_end = -1;
+  const VA* start = nullptr;
+  VA* checkpoints = nullptr;
+  int64_t every = 0;
+};
+
 template <int kMetric, bool kWeights, int kDim = 0>
 VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
-                         const PairBand& pb, double gamma, VA* rows, double* kept) {
+                         const PairBand& pb, double gamma, VA* rows, double* kept,
+                         const SweepRows& sweep = SweepRows{}) {
   const int64_t D = kDim > 0 ? kDim : D_runtime;  // kDim > 0: see contract_lanes
   constexpr int64_t L = VA::size();
   const VA inf(std::numeric_limits<double>::infinity());
   const VA g(gamma), ig(1.0 / gamma);
-  const int64_t n = pb.n, m = pb.m, ld = m + 1;
+  const int64_t m = pb.m, ld = m + 1;
+  const int64_t i0 = sweep.i0, n = sweep.i_end < 0 ? pb.n : sweep.i_end;
   for (int64_t e = 0; e < kRollingRows * ld; ++e) rows[e] = inf;
-  rows[0] = VA(0.0);  // buffer 0 holds row 0: R[0][0] = 0
   // The column range each buffer holds finite values in (to reset before reuse).
   int64_t held_first[kRollingRows], held_last[kRollingRows];
   for (int64_t k = 0; k < kRollingRows; ++k) held_first[k] = 1, held_last[k] = 0;
-  held_first[0] = held_last[0] = 0;
+  if (sweep.start != nullptr) {  // buffer 0 holds row i0
+    std::memcpy(rows, sweep.start, ld * sizeof(VA));
+    held_first[0] = 0;
+    held_last[0] = m;
+  } else {
+    rows[0] = VA(0.0);  // buffer 0 holds row 0: R[0][0] = 0
+    held_first[0] = held_last[0] = 0;
+  }
   auto take = [&](int64_t slot, int64_t first, int64_t last) {
     VA* row = rows + slot * ld;
     for (int64_t j = held_first[slot]; j <= held_last[slot]; ++j) row[j] = inf;
@@ -808,19 +832,20 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
                                           kWeights && kept != nullptr ? w : nullptr);
     if constexpr (kWeights) {
       if (kept != nullptr) {
-        store_weights(reinterpret_cast<float*>(kept + ((i - 1) * m + (j - 1)) * L), w[0], w[1]);
+        store_weights(reinterpret_cast<float*>(kept + ((i - i0 - 1) * m + (j - 1)) * L), w[0],
+                      w[1]);
       }
     }
     return v;
   };
   // Weights mode: the slots of a row outside its band range get zeros (deterministic state).
   auto clear_outside = [&](int64_t i, int64_t first, int64_t last) {
-    double* row = kept + (i - 1) * m * L;
+    double* row = kept + (i - i0 - 1) * m * L;
     std::fill(row, row + (first - 1) * L, 0.0);
     std::fill(row + last * L, row + m * L, 0.0);
   };
   int64_t prev_slot = 0;
-  for (int64_t i = 1; i <= n; i += kSkewRows) {
+  for (int64_t i = i0 + 1; i <= n; i += kSkewRows) {
     const int64_t rows_now = std::min(kSkewRows, n - i + 1);
     // Row i + s: its column range, its buffer, the buffer above it and its x row.
     int64_t first[kSkewRows], last[kSkewRows];
@@ -879,8 +904,9 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
                                                     yt + (col - 1) * D * L, D) + VA(r[s]);
           cur[s][col] = left[s];
           if (keep_weights) {
-            store_weights(reinterpret_cast<float*>(kept + ((i + s - 1) * m + (col - 1)) * L),
-                          VA(wa[s]), VA(wb[s]));
+            store_weights(
+                reinterpret_cast<float*>(kept + ((i + s - i0 - 1) * m + (col - 1)) * L),
+                VA(wa[s]), VA(wb[s]));
           }
         }
       }
@@ -889,8 +915,13 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     for (; j <= last_step; ++j) step_by_cell(j);
     if (!kWeights && kept != nullptr) {
       for (int64_t s = 0; s < rows_now; ++s) {
-        std::memcpy(kept + (i + s - 1) * m * L, cur[s] + 1, m * sizeof(VA));
+        std::memcpy(kept + (i + s - i0 - 1) * m * L, cur[s] + 1, m * sizeof(VA));
       }
+    }
+    const int64_t block_end = i + rows_now - 1;
+    if (sweep.checkpoints != nullptr && block_end % sweep.every == 0 && block_end < n) {
+      std::memcpy(sweep.checkpoints + (block_end / sweep.every) * ld, cur[rows_now - 1],
+                  ld * sizeof(VA));
     }
     prev_slot = (prev_slot + rows_now) % kRollingRows;
   }
@@ -940,33 +971,50 @@ inline void contract_lanes(const double* xi, const double* yj, int64_t D_runtime
 // when (p, q) is visited). work: 4 * (m + 1) vectors. gx (n, D), gy (m, D) vectors get
 // sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
 // kDim > 0: D == kDim known at compile time (see contract_lanes).
+// A call may also cover only rows p_hi down to p_lo (BackRows: one segment of the
+// checkpointed backward, whose kept rows start at row p_lo); E's pushes into the row above
+// the segment are then left in work[2 (m + 1) ...] for the next call, which continues from
+// them (first = false) with gx and gy accumulating.
+struct BackRows {
+  int64_t p_lo = 1, p_hi = -1;  // p_hi < 0: the pair's n
+  const VA* above = nullptr;    // R mode: row p_lo - 1's m + 1 values (null: row 0)
+  bool first = true;            // the pair's last row is in this call: start E and gx / gy
+};
+
 template <int kMetric, bool kWeights, int kDim = 0>
 void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
                             double gamma, const VA& g, const double* kept, VA* work, VA* gx,
-                            VA* gy) {
+                            VA* gy, const BackRows& range = BackRows{}) {
   constexpr int64_t L = VA::size();
   const VA inf(std::numeric_limits<double>::infinity());
   const VA zero(0.0), one(1.0), ig(1.0 / gamma);
-  const int64_t n = pb.n, m = pb.m, ld = m + 1;
+  const int64_t m = pb.m, ld = m + 1;
+  const int64_t n = range.p_hi < 0 ? pb.n : range.p_hi, p_lo = range.p_lo;
   VA* r_cur = work;           // R row p (1-based columns, [0] the border)
   VA* r_up = work + ld;       // R row p - 1
   VA* e_cur = work + 2 * ld;  // E row p: pushes received from row p + 1
   VA* e_up = work + 3 * ld;   // E row p - 1: pushes from row p
   auto load_row = [&](int64_t i, VA* dst) {
+    if (i == p_lo - 1 && range.above != nullptr) {  // the segment's row above
+      std::memcpy(dst, range.above, ld * sizeof(VA));
+      return;
+    }
     if (i == 0) {  // R[0][0] = 0, R[0][j] = +inf
       for (int64_t j = 0; j <= m; ++j) dst[j] = inf;
       dst[0] = zero;
       return;
     }
     dst[0] = inf;
-    std::memcpy(dst + 1, kept + (i - 1) * m * L, m * sizeof(VA));
+    std::memcpy(dst + 1, kept + (i - p_lo) * m * L, m * sizeof(VA));
   };
-  for (int64_t e = 0; e < n * D; ++e) gx[e] = zero;
-  for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
-  for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
-  e_cur[m] = g;
+  if (range.first) {
+    for (int64_t e = 0; e < pb.n * D; ++e) gx[e] = zero;
+    for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
+    for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
+    e_cur[m] = g;
+  }
   if constexpr (!kWeights) load_row(n, r_cur);
-  for (int64_t p = n; p >= 1; --p) {
+  for (int64_t p = n; p >= p_lo; --p) {
     if constexpr (!kWeights) load_row(p - 1, r_up);
     for (int64_t j = 0; j <= m; ++j) e_up[j] = zero;
     const int64_t jf = pb.first(p), jl = pb.last(p);
@@ -978,7 +1026,7 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
     if constexpr (kWeights) {
       // The forward's weights: no exponential, no division; an unreachable cell has E = 0,
       // so its weights (0, 0, 1) push nothing.
-      const float* wrow = reinterpret_cast<const float*>(kept + (p - 1) * m * L);
+      const float* wrow = reinterpret_cast<const float*>(kept + (p - p_lo) * m * L);
       // Row p's gx in registers (kDim > 0): the stores of gy and E cannot alias a local.
       VA gx_row[kDim > 0 ? kDim : 1];
       for (VA& v : gx_row) v = zero;
@@ -1031,6 +1079,8 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
     std::swap(e_cur, e_up);
     std::swap(r_cur, r_up);
   }
+  // E's pushes into row p_lo - 1, where the next segment's call starts from them
+  if (e_cur != work + 2 * ld) std::memcpy(work + 2 * ld, e_cur, ld * sizeof(VA));
 }
 
 // Groups of L consecutive pairs with equal lengths: task t < groups is group t (its
@@ -1065,6 +1115,207 @@ void gather_lanes(const T* x, const T* y, int64_t x_stride, int64_t y_stride, in
   }
 }
 
+// ------------------------------------------------------------ checkpointed soft-DTW
+// For long pairs the kept state of the whole (n, m) grid (8 bytes per cell) is replaced by
+// checkpoints: the forward keeps R of every S-th row (rows 0, S, 2S, ...: C = ceil(N / S)
+// rows of M + 1 values per pair); the backward recomputes one segment of S rows at a time
+// from its checkpoint (keeping that segment's weights or R) and runs the streaming backward
+// over it, bottom segment first, E's boundary row carried from one segment to the next.
+// Memory: C (M + 1) per pair plus S m per worker instead of N M per pair (S ~ sqrt(N): two
+// passes of O(sqrt(N) M)); time: one more forward. Every pair runs in the lanes code: a
+// group of L equal-length pairs, or a single pair copied into all L lanes (for fp32 that
+// is still faster than the scalar path, whose soft-min chain is not vectorised).
+
+// The L pairs (lane k: pair lanes[k]) a task runs; `distinct` lanes own their outputs.
+struct LaneTask {
+  int64_t lanes[VA::size()];
+  int64_t distinct;  // L for a group, 1 for a single pair copied into every lane
+};
+
+inline LaneTask lane_task(const LaneGroups& lg, int64_t t, int64_t k_in_mixed) {
+  LaneTask task{};
+  constexpr int64_t L = VA::size();
+  const bool group = t < lg.groups && k_in_mixed < 0;
+  const int64_t single = t < lg.groups ? t * L + k_in_mixed : lg.groups * L + (t - lg.groups);
+  for (int64_t k = 0; k < L; ++k) task.lanes[k] = group ? t * L + k : single;
+  task.distinct = group ? L : 1;
+  return task;
+}
+
+// Interleaves the series of the task's lane pairs into xt (n, D, L), yt (m, D, L).
+template <typename T>
+void gather_task(const T* x, const T* y, int64_t x_stride, int64_t y_stride, int64_t D,
+                 const LaneTask& task, int64_t n, int64_t m, std::vector<double>& xt,
+                 std::vector<double>& yt) {
+  constexpr int64_t L = VA::size();
+  xt.resize(n * D * L);
+  yt.resize(m * D * L);
+  for (int64_t k = 0; k < L; ++k) {
+    const T* xb = x + task.lanes[k] * x_stride;
+    const T* yb = y + task.lanes[k] * y_stride;
+    for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = static_cast<double>(xb[e]);
+    for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = static_cast<double>(yb[e]);
+  }
+}
+
+// f(std::integral_constant<int, D>) for the feature counts compiled with D fixed (1 to 4),
+// f(std::integral_constant<int, 0>) otherwise (see contract_lanes).
+template <typename F>
+decltype(auto) with_fixed_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// Runs `body(task)` for every lane task of the batch: groups of L equal-length pairs, and
+// every other pair alone.
+template <typename Body>
+void for_each_lane_task(const LaneGroups& lg, int64_t begin, int64_t end, Body&& body) {
+  for (int64_t t = begin; t < end; ++t) {
+    if (t >= lg.groups || lg.uniform(t)) {
+      body(lane_task(lg, t, -1));
+    } else {
+      for (int64_t k = 0; k < lg.L; ++k) body(lane_task(lg, t, k));
+    }
+  }
+}
+
+template <typename T, int kMetric>
+void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
+  constexpr int64_t L = VA::size();
+  constexpr bool kWeights = std::is_same_v<T, float>;
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  T* values = static_cast<T*>(a.values);
+  double* kept = static_cast<double*>(a.R);  // (B, C, M + 1)
+  const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
+  const int64_t C = (N + S - 1) / S;
+  const double inf = std::numeric_limits<double>::infinity();
+  const LaneGroups lg{L, a.B, a.B / L, a.x_lengths, a.y_lengths};
+  at::parallel_for(0, lg.tasks(), 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormalsScope flush_subnormals;  // see the class comment
+    std::vector<double> xt, yt;
+    std::vector<VA> rows, checkpoints;
+    for_each_lane_task(lg, begin, end, [&](const LaneTask& task) {
+      const PairBand pb(a.x_lengths[task.lanes[0]], a.y_lengths[task.lanes[0]], a.band);
+      const int64_t n = pb.n, m = pb.m, ld = m + 1;
+      gather_task<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, task, n, m, xt, yt);
+      rows.resize(kRollingRows * ld);
+      checkpoints.assign(C * ld, VA(inf));
+      checkpoints[0] = VA(0.0);  // row 0: R[0][0] = 0, the rest +inf
+      SweepRows sweep;
+      sweep.checkpoints = checkpoints.data();
+      sweep.every = S;
+      const VA value = with_fixed_dim(D, [&](auto dim_c) {
+        return xy_soft_forward_lanes<kMetric, kWeights, decltype(dim_c)::value>(
+            xt.data(), yt.data(), D, pb, a.gamma, rows.data(), nullptr, sweep);
+      });
+      alignas(64) double lane_values[L], lane_row[L];
+      value.store(lane_values);
+      for (int64_t k = 0; k < task.distinct; ++k) {
+        const int64_t b = task.lanes[k];
+        values[b] = static_cast<T>(lane_values[k]);
+        double* pair_kept = kept + b * C * (M + 1);
+        for (int64_t c = 0; c < C; ++c) {
+          double* row = pair_kept + c * (M + 1);
+          for (int64_t j = 0; j <= m; ++j) {
+            checkpoints[c * ld + j].store(lane_row);
+            row[j] = lane_row[k];
+          }
+          std::fill(row + m + 1, row + M + 1, inf);
+        }
+      }
+    });
+  });
+}
+
+template <typename T, int kMetric>
+void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
+  constexpr int64_t L = VA::size();
+  constexpr bool kWeights = std::is_same_v<T, float>;
+  const T* grad = static_cast<const T*>(a.grad);
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  const double* kept = static_cast<const double*>(a.R);  // (B, C, M + 1)
+  T* gx_out = static_cast<T*>(a.grad_x);
+  T* gy_out = static_cast<T*>(a.grad_y);
+  const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
+  const int64_t C = (N + S - 1) / S;
+  const LaneGroups lg{L, a.B, a.B / L, a.x_lengths, a.y_lengths};
+  at::parallel_for(0, lg.tasks(), 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormalsScope flush_subnormals;  // see the class comment
+    std::vector<double> xt, yt, segment;
+    std::vector<VA> rows, work, above, gxl, gyl;
+    for_each_lane_task(lg, begin, end, [&](const LaneTask& task) {
+      const PairBand pb(a.x_lengths[task.lanes[0]], a.y_lengths[task.lanes[0]], a.band);
+      const int64_t n = pb.n, m = pb.m, ld = m + 1;
+      gather_task<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, task, n, m, xt, yt);
+      rows.resize(kRollingRows * ld);
+      work.resize(4 * ld);
+      above.resize(ld);
+      gxl.resize(n * D);
+      gyl.resize(m * D);
+      segment.resize(S * m * L);  // one segment's kept rows (weights or R)
+      alignas(64) double lane_values[L];
+      for (int64_t k = 0; k < L; ++k) lane_values[k] = static_cast<double>(grad[task.lanes[k]]);
+      const VA g = VA::loadu(lane_values);
+      const int64_t segments = (n + S - 1) / S;
+      for (int64_t c = segments - 1; c >= 0; --c) {
+        const int64_t i0 = c * S, i_end = std::min(n, i0 + S);
+        if (c > 0) {  // row i0 from the lanes' checkpoints
+          for (int64_t j = 0; j <= m; ++j) {
+            for (int64_t k = 0; k < L; ++k) {
+              lane_values[k] = kept[(task.lanes[k] * C + c) * (M + 1) + j];
+            }
+            above[j] = VA::loadu(lane_values);
+          }
+        }
+        SweepRows sweep;
+        sweep.i0 = i0;
+        sweep.i_end = i_end;
+        sweep.start = c > 0 ? above.data() : nullptr;
+        BackRows back;
+        back.p_lo = i0 + 1;
+        back.p_hi = i_end;
+        back.above = sweep.start;
+        back.first = c == segments - 1;
+        with_fixed_dim(D, [&](auto dim_c) {
+          constexpr int kDim = decltype(dim_c)::value;
+          xy_soft_forward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, pb, a.gamma,
+                                                         rows.data(), segment.data(), sweep);
+          xy_soft_backward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, pb, a.gamma,
+                                                          g, segment.data(), work.data(),
+                                                          gxl.data(), gyl.data(), back);
+        });
+      }
+      alignas(64) double tmp[L];
+      for (int64_t k = 0; k < task.distinct; ++k) {
+        const int64_t b = task.lanes[k];
+        if (gx_out != nullptr) {
+          T* o = gx_out + b * N * D;
+          for (int64_t e = 0; e < n * D; ++e) {
+            gxl[e].store(tmp);
+            o[e] = static_cast<T>(tmp[k]);
+          }
+          std::fill(o + n * D, o + N * D, T(0));
+        }
+        if (gy_out != nullptr) {
+          T* o = gy_out + b * M * D;
+          for (int64_t e = 0; e < m * D; ++e) {
+            gyl[e].store(tmp);
+            o[e] = static_cast<T>(tmp[k]);
+          }
+          std::fill(o + m * D, o + M * D, T(0));
+        }
+      }
+    });
+  });
+}
+
 template <typename T>
 void xy_forward_impl(const DtwXYForwardArgs& a) {
   const T* x = static_cast<const T*>(a.x);
@@ -1076,6 +1327,10 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
   dispatch_metric_d(a.metric, D, [&](auto metric_c, auto d1_c) {
     constexpr int kMetric = decltype(metric_c)::value;
     constexpr bool kD1 = decltype(d1_c)::value;
+    if (a.soft && a.checkpoint_rows > 0 && a.R != nullptr) {
+      xy_soft_forward_checkpointed<T, kMetric>(a);
+      return;
+    }
     if (a.soft) {
       using A = Acc<T>;
       const A gamma = static_cast<A>(a.gamma);
@@ -1238,6 +1493,10 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
   const int64_t grain = std::max<int64_t>(1, 32768 / cells);
   dispatch_metric_d(a.metric, D, [&](auto metric_c, auto d1_c) {
     constexpr int kMetric = decltype(metric_c)::value;
+    if (a.soft && a.checkpoint_rows > 0) {
+      xy_soft_backward_checkpointed<T, kMetric>(a);
+      return;
+    }
     constexpr int64_t LA = VA::size();
     const LaneGroups lg{LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths};
     at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {

@@ -68,6 +68,10 @@ struct DtwXYForwardArgs {
   // Elements between consecutive pairs' series: N D and M D for contiguous inputs, 0 for a
   // series broadcast against every pair (read in place, never copied).
   int64_t x_batch_stride, y_batch_stride;
+  // Soft-DTW with R: > 0 keeps only every checkpoint_rows-th row of R (a multiple of 4),
+  // R then being (B, ceil(N / checkpoint_rows), M + 1) fp64 (rows 0, S, 2S, ... with their
+  // column 0); the backward recomputes the rows in between, one segment at a time.
+  int64_t checkpoint_rows = 0;
 };
 
 // grad_x[b, i] = grad[b] sum_j E_ij d cost(x_i, y_j) / d x_i, grad_y likewise, with E the
@@ -90,6 +94,7 @@ struct DtwXYBackwardArgs {
   void* grad_x;                // (B, N, D) or null
   void* grad_y;                // (B, M, D) or null
   int64_t x_batch_stride, y_batch_stride;  // as in DtwXYForwardArgs
+  int64_t checkpoint_rows = 0;             // as in DtwXYForwardArgs (R in that layout)
 };
 
 #define ETHER_DTW_KERNELS_DECLARE(ns)          \
