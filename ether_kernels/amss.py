@@ -170,9 +170,9 @@ def _as_int64(value):
 def _check_ratios(ratios, groups, op):
     """The M ratios as floats: a 1-D tensor, or a sequence of numbers (0-d tensors too)."""
     if isinstance(ratios, torch.Tensor):
-        if ratios.dim() > 1 or ratios.is_complex() or ratios.dtype == torch.bool:
-            raise TypeError(f"{op}: ratios must be a 1-D real tensor of {groups} values, got "
-                            f"{ratios.dtype} of shape {tuple(ratios.shape)}")
+        if ratios.is_complex() or ratios.dtype == torch.bool:
+            raise TypeError(f"{op}: ratios must be a real tensor of {groups} values, got "
+                            f"{ratios.dtype}")
         values = ratios.detach().flatten().tolist()
     elif isinstance(ratios, (str, bytes)) or not isinstance(ratios, collections.abc.Iterable):
         raise TypeError(f"{op}: ratios must be {groups} numbers in [0, 1] (a sequence or a "
@@ -217,11 +217,14 @@ def _as_groups(groups, what, op):
 
 def _check_distinct(tensors, what, op):
     """The same tensor twice (one parameter in two modalities, or twice in one) would be
-    masked twice, or stepped twice, and the backends would disagree on it: refused."""
+    masked twice, or stepped twice, and the backends would disagree on it: refused. (Items
+    that are not tensors are left to the type checks.)"""
     if len(set(map(id, tensors))) == len(tensors):
         return
     seen = {}
     for index, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            continue
         if id(t) in seen:
             raise ValueError(f"{op}: {what} holds the same tensor twice (items {seen[id(t)]} "
                              f"and {index} of the flattened groups); each may appear once")

@@ -172,10 +172,10 @@ CPU_CHECKPOINT_CELLS = 1 << 23
 
 
 def cpu_checkpoint_rows(N, M):
-    """Rows between the checkpoints of the C++ soft-DTW forward for (N, M) pairs: 0 (keep
-    everything) up to CPU_CHECKPOINT_CELLS cells, else ~sqrt(N) rounded up to a multiple of
-    4 (the kernels' block of rows), which balances the checkpoints (N / S rows per pair)
-    against one recomputed segment (S rows per worker)."""
+    """Rows between the checkpoints of the C++ soft-DTW forward for pairs of N rows (the
+    longer side) and M columns: 0 (keep everything) up to CPU_CHECKPOINT_CELLS cells, else
+    ~sqrt(N) rounded up to a multiple of 4 (the kernels' block of rows), which balances the
+    checkpoints (N / S rows per pair) against one recomputed segment (S rows per worker)."""
     if N * M <= CPU_CHECKPOINT_CELLS:
         return 0
     root = math.isqrt(N - 1) + 1  # ceil(sqrt(N))
@@ -193,11 +193,19 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     if backend == "triton":  # the cost formed by PyTorch (autograd takes it back to x, y)
         return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
     keep = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    rows = cpu_checkpoint_rows(x.shape[1], y.shape[1]) if backend == "cpp" else 0
-    if keep and gamma is not None and rows > 0:  # long pairs: bounded memory
+    # Long pairs: bounded memory (cpu_checkpoint_rows), checkpoints along the longer side.
+    # soft-DTW is symmetric (the metrics are, and so is the band: tslearn's convention), so
+    # sdtw(x, y) = sdtw(y, x) and autograd takes the gradients back to x and y either way.
+    N, M = x.shape[1], y.shape[1]
+    rows = cpu_checkpoint_rows(max(N, M), min(N, M)) if backend == "cpp" else 0
+    if keep and gamma is not None and rows > 0:
+        long_x = N >= M
+        first, second = (x, y) if long_x else (y, x)
+        first_lengths, second_lengths = (x_lengths, y_lengths) if long_x else (y_lengths,
+                                                                              x_lengths)
         values, _ = torch.ops.ether_kernels.dtw_xy_soft_forward_checkpointed(
-            x, y, x_lengths, y_lengths, _METRIC_CODES[metric], -1 if band is None else band,
-            gamma, rows)
+            first, second, first_lengths, second_lengths, _METRIC_CODES[metric],
+            -1 if band is None else band, gamma, rows)
         return values
     # Both C++ ops read a broadcast (stride-0) batch in place: cdist_dtw copies nothing.
     values, _ = torch.ops.ether_kernels.dtw_xy_forward(

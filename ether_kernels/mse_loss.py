@@ -40,8 +40,11 @@ def fused_mse_loss(input, target, reduction="mean"):
                else torch.ops.ether_kernels.mse_loss_forward)
     compute_grad = input.requires_grad and torch.is_grad_enabled()
     loss, twice_diff = forward(input, target, _REDUCTIONS[reduction], compute_grad)
-    if backend == "cpp" and twice_diff.numel() > 0 and type(twice_diff) is torch.Tensor:
-        setattr(twice_diff, _PRIVATE, True)  # dropped here: the backward may overwrite it
+    if (backend == "cpp" and twice_diff.numel() > 0 and type(twice_diff) is torch.Tensor
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None):
+        # dropped here: the backward may overwrite it (not under saved-tensor hooks, whose
+        # pack function may keep a reference of its own)
+        setattr(twice_diff, _PRIVATE, True)
     return loss
 
 
@@ -79,9 +82,15 @@ def _can_overwrite(twice_diff):
     instead of a fresh tensor. On the CPU a fresh input-sized tensor is fresh memory from
     the system, whose page faults cost more than the scaling pass (4096 x 1024 fp32: the
     backward took twice the pass). Only when nothing else can read the buffer afterwards:
-    it is fused_mse_loss's private buffer (a caller of the op itself may hold it), autograd
-    frees it after this backward (no retain_graph: a second backward would read it), eager
-    mode (a traced backward is functional), the C++ kernel's device."""
+    it is fused_mse_loss's private buffer (a caller of the op itself may hold it, and so may
+    a saved-tensors pack hook), autograd frees it after this backward (no retain_graph: a
+    second backward would read it), eager mode (a traced backward is functional), the C++
+    kernel's device. (Reading loss.grad_fn.saved_tensors and keeping them past the backward
+    would see the gradient: autograd's internals, not an API of this loss.)
+
+    The inputs are saved as torch.nn.functional.mse_loss saves them (the same in-place
+    checks, and a second derivative needs them); with the buffer turned into the gradient,
+    the peak memory is eager's."""
     return (getattr(twice_diff, _PRIVATE, False) and twice_diff.device.type == "cpu"
             and _extension.cpp_available and not torch.compiler.is_compiling()
             and not torch._C._autograd._get_current_graph_task_keep_graph())

@@ -254,11 +254,12 @@ def test_ratios_units_and_groups_are_checked_by_type():
     # ratios: 0-d tensors and numpy-like numbers are numbers; other things are refused
     masker.step([torch.tensor(0.5), torch.tensor(0.25, dtype=torch.float64)])
     masker.step(torch.tensor([0.5, 0.25]))
+    masker.step(torch.tensor([[0.5], [0.25]]))  # any shape of M values
     for bad, error, match in ((0.5, TypeError, "ratios must be 2 numbers"),
                               ("0.5", TypeError, "ratios must be 2 numbers"),
                               ([True, 0.5], TypeError, r"ratios\[0\] must be a number"),
                               (["0.5", 0.5], TypeError, r"ratios\[0\] must be a number"),
-                              (torch.ones(2, 1) / 2, TypeError, "1-D real tensor"),
+                              (torch.ones(2, dtype=torch.bool), TypeError, "real tensor"),
                               ([float("nan"), 0.5], ValueError, "outside")):
         with pytest.raises(error, match=match):
             masker.step(bad)
@@ -291,6 +292,8 @@ def test_a_tensor_twice_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="same tensor twice"):
         ek.amss.mask_gradients([[grad], [grad]], [0.5, 0.5])
     assert torch.equal(grad, before)
+    with pytest.raises(TypeError, match="must be a floating-point tensor"):  # not "twice"
+        ek.amss.mask_gradients([[None, None]], [0.5])
     params = params_with_grads()
     values = [p.clone() for p in params]
     with pytest.raises(ValueError, match="same tensor twice"):

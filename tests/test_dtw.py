@@ -646,6 +646,7 @@ needs_cpp = pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW ke
     (5, 37, 12, 6, 2, True, "euclidean"),        # per-pair lengths, D > 4
     (16, 8, 40, 3, None, True, "sqeuclidean"),   # mixed groups, lengths up to N = 2 S
     (3, 4, 5, 5, 0, False, "sqeuclidean"),       # one segment
+    (4, 6, 41, 2, 3, True, "l1"),                # N < M: checkpointed along y (swapped)
 ])
 def test_checkpointed_cpu_soft_dtw_matches_the_reference(monkeypatch, dtype, B, N, M, D, band,
                                                          ragged, metric):
@@ -720,6 +721,14 @@ def test_checkpointed_ops_opcheck_and_argument_checks():
     with pytest.raises(RuntimeError, match=r"kept must be the forward's \(B, C, M \+ 1\)"):
         ops.dtw_xy_soft_backward_checkpointed(torch.ones(3, dtype=torch.float64), x.detach(), y,
                                               kept[:, :2], *lengths, 0, 2, 0.5, 4, True, True)
+    # another S with the same number of checkpoints (N = 8: S = 8 and S = 12 both give one)
+    # is caught by the S the forward recorded
+    x8, y8 = x.detach()[:, :8], y
+    lengths8 = torch.tensor([8, 4, 7]), lengths[1]
+    _, kept8 = ops.dtw_xy_soft_forward_checkpointed(x8, y8, *lengths8, 0, 2, 0.5, 8)
+    with pytest.raises(RuntimeError, match="kept was made with another checkpoint_rows"):
+        ops.dtw_xy_soft_backward_checkpointed(torch.ones(3, dtype=torch.float64), x8, y8, kept8,
+                                              *lengths8, 0, 2, 0.5, 12, True, True)
 
 
 def _hard_tie_cases(count, device="cpu"):

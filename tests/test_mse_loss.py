@@ -256,11 +256,23 @@ def test_cpu_backward_writes_over_the_forwards_buffer_only_when_nothing_else_rea
             grads["second"] = torch.autograd.grad(loss, (input, target))
         assert "ether_kernels::mse_loss_backward" in _backward_ops_called(retained)
 
+        stash = []  # a pack hook that keeps its own reference: no overwrite under it
+
+        def hooked():
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: (stash.append(t), t)[1],
+                                                          lambda t: t):
+                loss = ek.fused_mse_loss(input, target, reduction) * 1.5
+            grads["hooked"] = torch.autograd.grad(loss, (input, target))
+        assert "ether_kernels::mse_loss_backward_" not in _backward_ops_called(hooked)
+        twice = [t for t in stash if t.shape == input.shape and t is not input
+                 and t is not target]
+        torch.testing.assert_close(twice[0], 2 * (input - target).detach())
+
         code = {"mean": 0, "sum": 1}[reduction]
         loss, twice_diff = torch.ops.ether_kernels.mse_loss_forward(input, target, code, True)
         held = twice_diff.clone()
         grads["held"] = torch.autograd.grad(loss * 1.5, (input, target))
         assert torch.equal(twice_diff, held)  # the caller's tensor is left as it was
-    for name in ("plain", "first", "second", "held"):
+    for name in ("plain", "first", "second", "held", "hooked"):
         for got, want in zip(grads[name], expected):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

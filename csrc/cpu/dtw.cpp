@@ -346,6 +346,13 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_soft_backward_checkpointed_cpu(
   const auto [xc, x_stride] = dtw_batched_series(x);
   const auto [yc, y_stride] = dtw_batched_series(y);
   const at::Tensor k = kept.contiguous();
+  const double* k_data = k.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {  // the forward recorded its S (row 0, column M)
+    TORCH_CHECK(k_data[b * C * (M + 1) + M] == static_cast<double>(checkpoint_rows), op,
+                ": kept was made with another checkpoint_rows (pair ", b, " records ",
+                k_data[b * C * (M + 1) + M], "), got ", checkpoint_rows,
+                ": pass the forward's value");
+  }
   const at::Tensor g = grad.reshape({B}).to(xc.scalar_type()).contiguous();
   at::Tensor gx = need_x ? at::empty({B, N, D}, xc.options()) : at::empty({0}, xc.options());
   at::Tensor gy = need_y ? at::empty({B, M, D}, xc.options()) : at::empty({0}, xc.options());

@@ -53,8 +53,9 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
 
 // Soft-DTW on the series, checkpointed (schemas in ether_kernels.cpp): the forward returns
 // (values (B,), kept (B, C, M + 1) fp64: R of rows 0, S, 2S, ... of every pair, C =
-// ceil(N / S), S = checkpoint_rows, a positive multiple of 4); the backward recomputes each
-// segment of S rows from its checkpoint. Memory O((N / S + S) M) per pair instead of N M.
+// ceil(N / S), S = checkpoint_rows, a positive multiple of 4; row 0's last column records S
+// for the backward's check); the backward recomputes each segment of S rows from its
+// checkpoint. Memory O((N / S + S) M) per pair instead of N M.
 std::tuple<at::Tensor, at::Tensor> dtw_xy_soft_forward_checkpointed_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_lengths,
     const at::Tensor& y_lengths, int64_t metric, int64_t band, double gamma,

@@ -1228,6 +1228,9 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
           }
           std::fill(row + m + 1, row + M + 1, inf);
         }
+        // Row 0's last column (R[0][M] = +inf, never read: the first segment starts from
+        // row 0 itself) records S, so that the backward can check it gets the same S.
+        pair_kept[M] = static_cast<double>(S);
       }
     });
   });
