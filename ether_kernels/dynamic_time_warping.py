@@ -175,8 +175,11 @@ def cpu_checkpoint_rows(N, M):
     """Rows between the checkpoints of the C++ soft-DTW forward for pairs of N rows (the
     longer side) and M columns: 0 (keep everything) up to CPU_CHECKPOINT_CELLS cells, else
     ~sqrt(N) rounded up to a multiple of 4 (the kernels' block of rows), which balances the
-    checkpoints (N / S rows per pair) against one recomputed segment (S rows per worker)."""
-    if N * M <= CPU_CHECKPOINT_CELLS:
+    checkpoints (N / S rows per pair) against one recomputed segment (S rows per worker).
+    Skinny pairs (fewer than 256 columns) keep everything: their grid is no larger than the
+    lanes' copies of the long series the checkpointed kernels make (8 lanes of x, of its
+    gradient), and their short rows are all overhead there."""
+    if N * M <= CPU_CHECKPOINT_CELLS or min(N, M) < 256:
         return 0
     root = math.isqrt(N - 1) + 1  # ceil(sqrt(N))
     return max(4, -(-root // 4) * 4)
