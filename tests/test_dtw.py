@@ -678,6 +678,9 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
     not the 72 MB of the whole grid, and its gradient equals the grid-keeping path's."""
     N = M = 3000
     assert N * M > dynamic_time_warping.CPU_CHECKPOINT_CELLS
+    # skinny pairs keep their (small) grid: the lanes' copies of the long side would be larger
+    assert dynamic_time_warping.cpu_checkpoint_rows(2**21, 4) == 0
+    assert dynamic_time_warping.cpu_checkpoint_rows(N, M) == 56  # ceil(sqrt(3000)) -> x4
     x = torch.randn(1, N, 2, dtype=torch.float64)
     y = torch.randn(1, M, 2, dtype=torch.float64)
     saved_bytes = []
