@@ -1295,25 +1295,21 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
                                                           gxl.data(), gyl.data(), back);
         });
       }
-      alignas(64) double tmp[L];
+      // Lane k's rows of a lane gradient (rows x D vectors) into its pair's (total, D)
+      // output, the padding rows zeroed.
+      auto scatter_lane = [&](const std::vector<VA>& lanes, int64_t k, int64_t rows,
+                              int64_t total, T* out) {
+        alignas(64) double tmp[L];
+        for (int64_t e = 0; e < rows * D; ++e) {
+          lanes[e].store(tmp);
+          out[e] = static_cast<T>(tmp[k]);
+        }
+        std::fill(out + rows * D, out + total * D, T(0));
+      };
       for (int64_t k = 0; k < task.distinct; ++k) {
         const int64_t b = task.lanes[k];
-        if (gx_out != nullptr) {
-          T* o = gx_out + b * N * D;
-          for (int64_t e = 0; e < n * D; ++e) {
-            gxl[e].store(tmp);
-            o[e] = static_cast<T>(tmp[k]);
-          }
-          std::fill(o + n * D, o + N * D, T(0));
-        }
-        if (gy_out != nullptr) {
-          T* o = gy_out + b * M * D;
-          for (int64_t e = 0; e < m * D; ++e) {
-            gyl[e].store(tmp);
-            o[e] = static_cast<T>(tmp[k]);
-          }
-          std::fill(o + m * D, o + M * D, T(0));
-        }
+        if (gx_out != nullptr) scatter_lane(gxl, k, n, N, gx_out + b * N * D);
+        if (gy_out != nullptr) scatter_lane(gyl, k, m, M, gy_out + b * M * D);
       }
     });
   });
