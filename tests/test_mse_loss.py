@@ -276,3 +276,18 @@ def test_cpu_backward_writes_over_the_forwards_buffer_only_when_nothing_else_rea
     for name in ("plain", "first", "second", "held", "hooked"):
         for got, want in zip(grads[name], expected):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not ek.info()["cpp"], reason="the C++ extension is not built")
+def test_inplace_backward_op_checks_its_arguments():
+    op = torch.ops.ether_kernels.mse_loss_backward_
+    with pytest.raises(RuntimeError, match="grad_loss must hold one value, got 2"):
+        op(torch.randn(3, 4), torch.ones(2), True)
+    with pytest.raises(RuntimeError, match="twice_diff must be floating point"):
+        op(torch.ones(3, 4, dtype=torch.int64), torch.ones(()), True)
+    with pytest.raises(RuntimeError, match="must be a contiguous CPU tensor"):
+        op(torch.randn(4, 3).t(), torch.ones(()), True)
+    twice_diff = torch.randn(3, 4)
+    expected = twice_diff * 0.5 / 12
+    op(twice_diff, torch.tensor(0.5), True)  # in place: mean divides by the 12 elements
+    torch.testing.assert_close(twice_diff, expected)
