@@ -470,8 +470,9 @@ class SubnetworkMasker:
                 raise ValueError(f"{op}: the state's {key} ({state[key]}) differs from this "
                                  f"masker's ({value}): it was saved for other parameters, so "
                                  "its masks would not be reproduced")
-        self.step_count = _check_int(state["step"], "state['step']", op, minimum=0)
-        self.seed = _check_int(state["seed"], "state['seed']", op)
+        step = _check_int(state["step"], "state['step']", op, minimum=0)
+        seed = _check_int(state["seed"], "state['seed']", op)
+        self.step_count, self.seed = step, seed  # both checked first: all or nothing
 
 
 __all__ = ["update_ratios", "SubnetworkMasker", "mask_gradients", "masked_sgd_step"]

@@ -333,6 +333,11 @@ def test_state_dict_records_the_layout_and_load_checks_it():
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="lacks"):
         same.load_state_dict({"seed": 1, "mode": "amss", "scaling": "paper"})
+    with pytest.raises(ValueError, match=r"state\['step'\] must be an int >= 0"):
+        same.load_state_dict(dict(state, step=-1))
+    with pytest.raises(TypeError, match=r"state\['seed'\] must be an int"):
+        same.load_state_dict(dict(state, step=7, seed="5"))
+    assert same.step_count == 1  # a refused state changes nothing
     old_format = {k: state[k] for k in ("step", "seed", "mode", "scaling")}
     other.load_state_dict(old_format)  # states saved before the layout was recorded
     assert other.step_count == 1

@@ -729,6 +729,9 @@ def test_checkpointed_ops_opcheck_and_argument_checks():
     x8, y8 = x.detach()[:, :8], y
     lengths8 = torch.tensor([8, 4, 7]), lengths[1]
     _, kept8 = ops.dtw_xy_soft_forward_checkpointed(x8, y8, *lengths8, 0, 2, 0.5, 8)
+    with pytest.raises(RuntimeError, match=r"grad must be a \(B,\) = \(3,\) CPU tensor"):
+        ops.dtw_xy_soft_backward_checkpointed(torch.ones(2, dtype=torch.float64), x8, y8, kept8,
+                                              *lengths8, 0, 2, 0.5, 8, True, True)
     with pytest.raises(RuntimeError, match="kept was made with another checkpoint_rows"):
         ops.dtw_xy_soft_backward_checkpointed(torch.ones(3, dtype=torch.float64), x8, y8, kept8,
                                               *lengths8, 0, 2, 0.5, 12, True, True)
