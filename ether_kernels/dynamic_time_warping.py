@@ -92,15 +92,23 @@ def _gamma(gamma, op):
     return gamma
 
 
+def _two_batches(x, y, x_name, y_name, op):
+    """x and y as (B, N, D) batches of one dtype, device and feature count."""
+    x, y = _as_batch(x, x_name, op), _as_batch(y, y_name, op)
+    if x.dtype != y.dtype:
+        raise TypeError(f"{op}: {x_name} ({x.dtype}) and {y_name} ({y.dtype}) must have the "
+                        "same dtype")
+    if x.device != y.device:
+        raise RuntimeError(f"{op}: {x_name} is on {x.device} but {y_name} is on {y.device}")
+    if x.shape[2] != y.shape[2]:
+        raise ValueError(f"{op}: {x_name} has {x.shape[2]} features per step but {y_name} has "
+                         f"{y.shape[2]}")
+    return x, y
+
+
 def _pairs(x, y, x_lengths, y_lengths, band, metric, op):
     """Normalised (x, y, x_lengths, y_lengths, band) of B pairs; checks every argument."""
-    x, y = _as_batch(x, "x", op), _as_batch(y, "y", op)
-    if x.dtype != y.dtype:
-        raise TypeError(f"{op}: x ({x.dtype}) and y ({y.dtype}) must have the same dtype")
-    if x.device != y.device:
-        raise RuntimeError(f"{op}: x is on {x.device} but y is on {y.device}")
-    if x.shape[2] != y.shape[2]:
-        raise ValueError(f"{op}: x has {x.shape[2]} features per step but y has {y.shape[2]}")
+    x, y = _two_batches(x, y, "x", "y", op)
     if x.shape[0] != y.shape[0]:
         if x.shape[0] == 1:
             x = x.expand(y.shape[0], -1, -1)
@@ -323,13 +331,7 @@ def cdist_dtw(X, Y, *, band=None, metric="sqeuclidean"):
     forms one (Q, N, M) cost at a time).
     """
     op = "cdist_dtw"
-    X, Y = _as_batch(X, "X", op), _as_batch(Y, "Y", op)  # (N, D) / (N,): one series
-    if X.dtype != Y.dtype:
-        raise TypeError(f"{op}: X ({X.dtype}) and Y ({Y.dtype}) must have the same dtype")
-    if X.device != Y.device:
-        raise RuntimeError(f"{op}: X is on {X.device} but Y is on {Y.device}")
-    if X.shape[2] != Y.shape[2]:
-        raise ValueError(f"{op}: X has {X.shape[2]} features per step but Y has {Y.shape[2]}")
+    X, Y = _two_batches(X, Y, "X", "Y", op)  # (N, D) / (N,): one series
     check_choice(metric, "metric", METRICS, op)
     band = _band(band, op)
     P, Q = X.shape[0], Y.shape[0]
@@ -451,6 +453,21 @@ def _make_backward(backward_op):
     return backward
 
 
+def _series_reference_gradients(x, y, x_lengths, y_lengths, metric, band, gamma, need_x, need_y,
+                                grad_values):
+    """The series ops' gradients for a second derivative (ether_kernels/_double_backward.py):
+    the reference DTW (gamma None) or soft-DTW from the op's arguments (metric code, band -1
+    for none); None for a gradient not needed."""
+    metric_name = next(name for name, code in _METRIC_CODES.items() if code == metric)
+    x_in, y_in = _double_backward.distinct_nodes(x, y)
+    wanted = [t for t, need in ((x_in, need_x), (y_in, need_y)) if need]
+    grads = iter(_double_backward.reference_gradients(
+        lambda: dtw_from_cost_reference(pairwise_cost(x_in, y_in, metric_name), x_lengths,
+                                        y_lengths, None if band < 0 else band, gamma),
+        wanted, grad_values))
+    return next(grads) if need_x else None, next(grads) if need_y else None
+
+
 def _checkpointed_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, rows):
     torch._check(x.dim() == 3 and y.dim() == 3)
     checkpoints = -(-x.shape[1] // rows)
@@ -474,12 +491,8 @@ def _checkpointed_backward(ctx, grad_values, _grad_kept):
         return (None,) * 8
     x, y, kept, x_lengths, y_lengths = ctx.saved_tensors
     if _double_backward.wants_graph():  # create_graph=True: through the reference
-        metric_name = next(name for name, code in _METRIC_CODES.items() if code == metric)
-        x_in, y_in = _double_backward.distinct_nodes(x, y)
-        grad_x, grad_y = _double_backward.reference_gradients(
-            lambda: dtw_from_cost_reference(pairwise_cost(x_in, y_in, metric_name), x_lengths,
-                                            y_lengths, None if band < 0 else band, gamma),
-            (x_in, y_in), grad_values)
+        grad_x, grad_y = _series_reference_gradients(x, y, x_lengths, y_lengths, metric, band,
+                                                     gamma, need_x, need_y, grad_values)
     else:
         grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_soft_backward_checkpointed(
             grad_values.contiguous(), x, y, kept, x_lengths, y_lengths, metric, band, gamma,
@@ -502,7 +515,8 @@ def _xy_backward_fake(grad, x, y, R, x_lengths, y_lengths, metric, band, gamma, 
 
 def _xy_backward_fake_checkpointed(grad, x, y, kept, x_lengths, y_lengths, metric, band, gamma,
                                    rows, need_x, need_y):
-    return x.new_empty(x.shape if need_x else (0,)), y.new_empty(y.shape if need_y else (0,))
+    return _xy_backward_fake(grad, x, y, kept, x_lengths, y_lengths, metric, band, gamma, True,
+                             need_x, need_y)
 
 
 def _xy_setup_context(ctx, inputs, output):
@@ -524,15 +538,9 @@ def _xy_backward(ctx, grad_values, _grad_R):
                            "accumulated cost for the backward")
     x, y, R, x_lengths, y_lengths = ctx.saved_tensors
     if _double_backward.wants_graph():  # create_graph=True: through the reference
-        metric_name = next(name for name, code in _METRIC_CODES.items() if code == metric)
-        x_in, y_in = _double_backward.distinct_nodes(x, y)
-        wanted = [t for t, need in ((x_in, need_x), (y_in, need_y)) if need]
-        grads = iter(_double_backward.reference_gradients(
-            lambda: dtw_from_cost_reference(pairwise_cost(x_in, y_in, metric_name), x_lengths,
-                                            y_lengths, None if band < 0 else band,
-                                            gamma if soft else None),
-            wanted, grad_values))
-        grad_x, grad_y = next(grads) if need_x else None, next(grads) if need_y else None
+        grad_x, grad_y = _series_reference_gradients(x, y, x_lengths, y_lengths, metric, band,
+                                                     gamma if soft else None, need_x, need_y,
+                                                     grad_values)
         return (grad_x, grad_y, None, None, None, None, None, None, None)
     grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_backward(
         grad_values.contiguous(), x, y, R, x_lengths, y_lengths, metric, band, gamma, soft,

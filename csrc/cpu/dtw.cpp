@@ -117,15 +117,19 @@ class KeptStateCache {
   size_t cached_bytes_ = 0;
 };
 
-// The backward's upstream gradient (B,) and the forward's kept accumulated cost R (B, N, M).
-void check_backward_inputs(const at::Tensor& grad, const at::Tensor& R, int64_t B, int64_t N,
-                           int64_t M, at::ScalarType dtype, bool soft, const char* op) {
+// The forward's kept accumulated cost R (B, N, M).
+void check_kept_R(const at::Tensor& R, int64_t B, int64_t N, int64_t M, at::ScalarType dtype,
+                  bool soft, const char* op) {
   TORCH_CHECK(R.device().is_cpu() && R.dim() == 3 && R.size(0) == B && R.size(1) == N &&
                   R.size(2) == M,
               op, ": R must be the forward's kept (B, N, M) = (", B, ", ", N, ", ", M,
               ") CPU tensor (keep=True), got shape ", R.sizes(), " on ", R.device());
   TORCH_CHECK(R.scalar_type() == dtw_kept_dtype(dtype, soft), op, ": R must be ",
               dtw_kept_dtype(dtype, soft), " (soft-DTW keeps R in float64), got ", R.scalar_type());
+}
+
+// The backward's upstream gradient (B,).
+void check_upstream_grad(const at::Tensor& grad, int64_t B, const char* op) {
   TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
               ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes(),
               " on ", grad.device());
@@ -174,7 +178,8 @@ at::Tensor dtw_backward_cpu(const at::Tensor& grad, const at::Tensor& cost, cons
   check_cost(cost, op);
   check_dtw_options(band, gamma, soft, op);
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  check_backward_inputs(grad, R, B, N, M, cost.scalar_type(), soft, op);
+  check_kept_R(R, B, N, M, cost.scalar_type(), soft, op);
+  check_upstream_grad(grad, B, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const at::Tensor c = cost.contiguous();
@@ -210,23 +215,55 @@ void check_series(const at::Tensor& x, const at::Tensor& y, int64_t metric, cons
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const at::Tensor& y,
-                                                      const at::Tensor& x_lengths,
-                                                      const at::Tensor& y_lengths,
-                                                      int64_t metric, int64_t band,
-                                                      double gamma, bool soft, bool keep) {
-  constexpr const char* op = "dtw_xy_forward";
+namespace {
+
+int64_t checkpoint_count(int64_t N, int64_t checkpoint_rows, const char* op) {
+  TORCH_CHECK(checkpoint_rows > 0 && checkpoint_rows % 4 == 0, op,
+              ": checkpoint_rows must be a positive multiple of 4, got ", checkpoint_rows);
+  return (N + checkpoint_rows - 1) / checkpoint_rows;
+}
+
+// The checkpointed forward's kept state (B, C, M + 1) fp64, S recorded by every pair (row 0,
+// column M): the backward must get the same S (another S can give the same C).
+void check_checkpoints(const at::Tensor& kept, int64_t B, int64_t C, int64_t M,
+                       int64_t checkpoint_rows, const char* op) {
+  TORCH_CHECK(kept.device().is_cpu() && kept.dim() == 3 && kept.size(0) == B &&
+                  kept.size(1) == C && kept.size(2) == M + 1 &&
+                  kept.scalar_type() == at::kDouble,
+              op, ": kept must be the forward's (B, C, M + 1) = (", B, ", ", C, ", ", M + 1,
+              ") float64 CPU tensor, got ", kept.scalar_type(), " of shape ", kept.sizes(),
+              " on ", kept.device());
+  const at::Tensor k = kept.contiguous();
+  const double* k_data = k.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(k_data[b * C * (M + 1) + M] == static_cast<double>(checkpoint_rows), op,
+                ": kept was made with another checkpoint_rows (pair ", b, " records ",
+                k_data[b * C * (M + 1) + M], "), got ", checkpoint_rows,
+                ": pass the forward's value");
+  }
+}
+
+// The series forward ops: checks, normalised series, the kept state (none, the (B, N, M)
+// grid, or with checkpoint_rows > 0 the checkpoints), the kernel.
+std::tuple<at::Tensor, at::Tensor> run_xy_forward(const at::Tensor& x, const at::Tensor& y,
+                                                  const at::Tensor& x_lengths,
+                                                  const at::Tensor& y_lengths, int64_t metric,
+                                                  int64_t band, double gamma, bool soft,
+                                                  bool keep, int64_t checkpoint_rows,
+                                                  const char* op) {
   check_series(x, y, metric, op);
   check_dtw_options(band, gamma, soft, op);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  const int64_t C = checkpoint_rows > 0 ? checkpoint_count(N, checkpoint_rows, op) : 0;
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const auto [xc, x_stride] = dtw_batched_series(x);
   const auto [yc, y_stride] = dtw_batched_series(y);
   at::Tensor values = at::empty({B}, xc.options());
-  at::Tensor R = keep ? KeptStateCache::get().empty(
-                             {B, N, M}, xc.options().dtype(dtw_kept_dtype(xc.scalar_type(), soft)))
-                      : at::empty({0}, xc.options());
+  const auto kept_options = xc.options().dtype(dtw_kept_dtype(xc.scalar_type(), soft));
+  at::Tensor R = !keep                ? at::empty({0}, xc.options())
+                 : checkpoint_rows > 0 ? at::empty({B, C, M + 1}, kept_options)
+                                       : KeptStateCache::get().empty({B, N, M}, kept_options);
   if (B == 0) return {values, R};
   DtwXYForwardArgs args{xc.data_ptr(),
                         yc.data_ptr(),
@@ -244,20 +281,27 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const
                         values.data_ptr(),
                         keep ? R.data_ptr() : nullptr,
                         x_stride,
-                        y_stride};
+                        y_stride,
+                        checkpoint_rows};
   ETHER_CPU_DISPATCH(dtw_xy_forward)(args);
   return {values, R};
 }
 
-std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
+// The series backward ops, R being the forward's kept state of the same kind.
+std::tuple<at::Tensor, at::Tensor> run_xy_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& R,
     const at::Tensor& x_lengths, const at::Tensor& y_lengths, int64_t metric, int64_t band,
-    double gamma, bool soft, bool need_x, bool need_y) {
-  constexpr const char* op = "dtw_xy_backward";
+    double gamma, bool soft, bool need_x, bool need_y, int64_t checkpoint_rows,
+    const char* op) {
   check_series(x, y, metric, op);
   check_dtw_options(band, gamma, soft, op);
   const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
-  check_backward_inputs(grad, R, B, N, M, x.scalar_type(), soft, op);
+  if (checkpoint_rows > 0) {
+    check_checkpoints(R, B, checkpoint_count(N, checkpoint_rows, op), M, checkpoint_rows, op);
+  } else {
+    check_kept_R(R, B, N, M, x.scalar_type(), soft, op);
+  }
+  check_upstream_grad(grad, B, op);
   const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
   const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
   const auto [xc, x_stride] = dtw_batched_series(x);
@@ -285,43 +329,39 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
                          need_x ? gx.data_ptr() : nullptr,
                          need_y ? gy.data_ptr() : nullptr,
                          x_stride,
-                         y_stride};
+                         y_stride,
+                         checkpoint_rows};
   ETHER_CPU_DISPATCH(dtw_xy_backward)(args);
   return {gx, gy};
 }
 
-namespace {
+}  // namespace
 
-int64_t checkpoint_count(int64_t N, int64_t checkpoint_rows, const char* op) {
-  TORCH_CHECK(checkpoint_rows > 0 && checkpoint_rows % 4 == 0, op,
-              ": checkpoint_rows must be a positive multiple of 4, got ", checkpoint_rows);
-  return (N + checkpoint_rows - 1) / checkpoint_rows;
+std::tuple<at::Tensor, at::Tensor> dtw_xy_forward_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                      const at::Tensor& x_lengths,
+                                                      const at::Tensor& y_lengths,
+                                                      int64_t metric, int64_t band,
+                                                      double gamma, bool soft, bool keep) {
+  return run_xy_forward(x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep, 0,
+                        "dtw_xy_forward");
 }
 
-}  // namespace
+std::tuple<at::Tensor, at::Tensor> dtw_xy_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& R,
+    const at::Tensor& x_lengths, const at::Tensor& y_lengths, int64_t metric, int64_t band,
+    double gamma, bool soft, bool need_x, bool need_y) {
+  return run_xy_backward(grad, x, y, R, x_lengths, y_lengths, metric, band, gamma, soft,
+                         need_x, need_y, 0, "dtw_xy_backward");
+}
 
 std::tuple<at::Tensor, at::Tensor> dtw_xy_soft_forward_checkpointed_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_lengths,
     const at::Tensor& y_lengths, int64_t metric, int64_t band, double gamma,
     int64_t checkpoint_rows) {
   constexpr const char* op = "dtw_xy_soft_forward_checkpointed";
-  check_series(x, y, metric, op);
-  check_dtw_options(band, gamma, true, op);
-  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
-  const int64_t C = checkpoint_count(N, checkpoint_rows, op);
-  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
-  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
-  const auto [xc, x_stride] = dtw_batched_series(x);
-  const auto [yc, y_stride] = dtw_batched_series(y);
-  at::Tensor values = at::empty({B}, xc.options());
-  at::Tensor kept = at::empty({B, C, M + 1}, xc.options().dtype(at::kDouble));
-  if (B == 0) return {values, kept};
-  DtwXYForwardArgs args{xc.data_ptr(), yc.data_ptr(), xc.scalar_type(), B, N, M, D,
-                        xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), metric, band, gamma,
-                        true, values.data_ptr(), kept.data_ptr(), x_stride, y_stride,
-                        checkpoint_rows};
-  ETHER_CPU_DISPATCH(dtw_xy_forward)(args);
-  return {values, kept};
+  checkpoint_count(x.size(1), checkpoint_rows, op);  // 0 is not "no checkpoints" here
+  return run_xy_forward(x, y, x_lengths, y_lengths, metric, band, gamma, true, true,
+                        checkpoint_rows, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> dtw_xy_soft_backward_checkpointed_cpu(
@@ -329,41 +369,9 @@ std::tuple<at::Tensor, at::Tensor> dtw_xy_soft_backward_checkpointed_cpu(
     const at::Tensor& x_lengths, const at::Tensor& y_lengths, int64_t metric, int64_t band,
     double gamma, int64_t checkpoint_rows, bool need_x, bool need_y) {
   constexpr const char* op = "dtw_xy_soft_backward_checkpointed";
-  check_series(x, y, metric, op);
-  check_dtw_options(band, gamma, true, op);
-  const int64_t B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
-  const int64_t C = checkpoint_count(N, checkpoint_rows, op);
-  TORCH_CHECK(kept.device().is_cpu() && kept.dim() == 3 && kept.size(0) == B &&
-                  kept.size(1) == C && kept.size(2) == M + 1 &&
-                  kept.scalar_type() == at::kDouble,
-              op, ": kept must be the forward's (B, C, M + 1) = (", B, ", ", C, ", ", M + 1,
-              ") float64 CPU tensor, got ", kept.scalar_type(), " of shape ", kept.sizes(),
-              " on ", kept.device());
-  TORCH_CHECK(grad.device().is_cpu() && grad.numel() == B && grad.dim() <= 1, op,
-              ": grad must be a (B,) = (", B, ",) CPU tensor, got shape ", grad.sizes());
-  const at::Tensor xl = checked_lengths(x_lengths, "x_lengths", B, N, "N", op);
-  const at::Tensor yl = checked_lengths(y_lengths, "y_lengths", B, M, "M", op);
-  const auto [xc, x_stride] = dtw_batched_series(x);
-  const auto [yc, y_stride] = dtw_batched_series(y);
-  const at::Tensor k = kept.contiguous();
-  const double* k_data = k.data_ptr<double>();
-  for (int64_t b = 0; b < B; ++b) {  // the forward recorded its S (row 0, column M)
-    TORCH_CHECK(k_data[b * C * (M + 1) + M] == static_cast<double>(checkpoint_rows), op,
-                ": kept was made with another checkpoint_rows (pair ", b, " records ",
-                k_data[b * C * (M + 1) + M], "), got ", checkpoint_rows,
-                ": pass the forward's value");
-  }
-  const at::Tensor g = grad.reshape({B}).to(xc.scalar_type()).contiguous();
-  at::Tensor gx = need_x ? at::empty({B, N, D}, xc.options()) : at::empty({0}, xc.options());
-  at::Tensor gy = need_y ? at::empty({B, M, D}, xc.options()) : at::empty({0}, xc.options());
-  if (B == 0 || (!need_x && !need_y)) return {gx, gy};
-  DtwXYBackwardArgs args{g.data_ptr(), xc.data_ptr(), yc.data_ptr(), k.data_ptr(),
-                         xc.scalar_type(), B, N, M, D, xl.data_ptr<int64_t>(),
-                         yl.data_ptr<int64_t>(), metric, band, gamma, true,
-                         need_x ? gx.data_ptr() : nullptr, need_y ? gy.data_ptr() : nullptr,
-                         x_stride, y_stride, checkpoint_rows};
-  ETHER_CPU_DISPATCH(dtw_xy_backward)(args);
-  return {gx, gy};
+  checkpoint_count(x.size(1), checkpoint_rows, op);
+  return run_xy_backward(grad, x, y, kept, x_lengths, y_lengths, metric, band, gamma, true,
+                         need_x, need_y, checkpoint_rows, op);
 }
 
 }  // namespace ether_kernels::cpu

@@ -1216,21 +1216,24 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
       });
       alignas(64) double lane_values[L], lane_row[L];
       value.store(lane_values);
-      for (int64_t k = 0; k < task.distinct; ++k) {
-        const int64_t b = task.lanes[k];
-        values[b] = static_cast<T>(lane_values[k]);
-        double* pair_kept = kept + b * C * (M + 1);
-        for (int64_t c = 0; c < C; ++c) {
-          double* row = pair_kept + c * (M + 1);
-          for (int64_t j = 0; j <= m; ++j) {
-            checkpoints[c * ld + j].store(lane_row);
-            row[j] = lane_row[k];
-          }
-          std::fill(row + m + 1, row + M + 1, inf);
+      // Each checkpoint vector is split into the distinct lanes' (C, M + 1) rows, once.
+      auto kept_row = [&](int64_t k, int64_t c) {
+        return kept + (task.lanes[k] * C + c) * (M + 1);
+      };
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t j = 0; j <= m; ++j) {
+          checkpoints[c * ld + j].store(lane_row);
+          for (int64_t k = 0; k < task.distinct; ++k) kept_row(k, c)[j] = lane_row[k];
         }
+        for (int64_t k = 0; k < task.distinct; ++k) {
+          std::fill(kept_row(k, c) + m + 1, kept_row(k, c) + M + 1, inf);
+        }
+      }
+      for (int64_t k = 0; k < task.distinct; ++k) {
+        values[task.lanes[k]] = static_cast<T>(lane_values[k]);
         // Row 0's last column (R[0][M] = +inf, never read: the first segment starts from
         // row 0 itself) records S, so that the backward can check it gets the same S.
-        pair_kept[M] = static_cast<double>(S);
+        kept_row(k, 0)[M] = static_cast<double>(S);
       }
     });
   });
