@@ -44,3 +44,12 @@ def check_non_negative_real(value, name, op_name):
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{op_name}: {name} must be a finite number >= 0, got {value}")
     return value
+
+
+def check_int(value, name, op_name, minimum=None):
+    """An int (bool refused), at least `minimum` when given; returns it as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op_name}: {name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op_name}: {name} must be an int >= {minimum}, got {value}")
+    return int(value)

@@ -25,7 +25,7 @@ import numbers
 import torch
 
 from . import _dispatch, _extension
-from ._checks import check_choice
+from ._checks import check_choice, check_int
 from ._triton_support import triton_import_error
 from .reference.amss import (MODES, SCALINGS, mask_gradients_reference,
                              masked_sgd_step_reference, update_ratios_reference)
@@ -168,7 +168,8 @@ def _as_int64(value):
 
 
 def _check_ratios(ratios, groups, op):
-    """The M ratios as floats: a 1-D tensor, or a sequence of numbers (0-d tensors too)."""
+    """The M ratios as floats: a tensor of M values, or a sequence of M numbers (0-d tensors
+    too)."""
     if isinstance(ratios, torch.Tensor):
         if ratios.is_complex() or ratios.dtype == torch.bool:
             raise TypeError(f"{op}: ratios must be a real tensor of {groups} values, got "
@@ -176,7 +177,7 @@ def _check_ratios(ratios, groups, op):
         values = ratios.detach().flatten().tolist()
     elif isinstance(ratios, (str, bytes)) or not isinstance(ratios, collections.abc.Iterable):
         raise TypeError(f"{op}: ratios must be {groups} numbers in [0, 1] (a sequence or a "
-                        f"1-D tensor), got {type(ratios).__name__}")
+                        f"tensor), got {type(ratios).__name__}")
     else:
         values = [r.item() if isinstance(r, torch.Tensor) and r.numel() == 1 else r
                   for r in ratios]
@@ -189,15 +190,6 @@ def _check_ratios(ratios, groups, op):
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"{op}: ratios[{m}] = {r} is outside [0, 1]")
     return [float(r) for r in values]
-
-
-def _check_int(value, name, op, minimum=None):
-    """An int argument (not a bool), at least `minimum` when given."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value}")
-    return int(value)
 
 
 def _as_groups(groups, what, op):
@@ -277,8 +269,8 @@ def mask_gradients(grads_per_group, ratios, *, mode="amss", scaling=None, seed=0
     scaling = _scaling(mode, scaling, op)
     groups = _as_groups(grads_per_group, "grads_per_group", op)
     ratios = _check_ratios(ratios, len(groups), op)
-    unit_size = _check_int(unit_size, "unit_size", op, minimum=1)
-    unit_dim = _check_int(unit_dim, "unit_dim", op)
+    unit_size = check_int(unit_size, "unit_size", op, minimum=1)
+    unit_dim = check_int(unit_dim, "unit_dim", op)
     _check_distinct([g for group in groups for g in group], "grads_per_group", op)
     # every step: one quick pass, and the loop that names the culprit only when it fails
     if not all(isinstance(grad, torch.Tensor) and grad.is_floating_point()
@@ -326,7 +318,7 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
             raise ValueError(f"{op}: {name} must be a number >= 0, got {value}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening = 0")
-    unit_size = _check_int(unit_size, "unit_size", op, minimum=1)
+    unit_size = check_int(unit_size, "unit_size", op, minimum=1)
     # the checks that run every step: one quick pass, and the loop that names the culprit only
     # when it fails
     grads = [[p.grad for p in group] for group in groups]
@@ -410,8 +402,8 @@ class SubnetworkMasker:
         self.names = names or [str(m) for m in range(len(self.groups))]
         if not self.groups:
             raise ValueError(f"{op}: groups must hold one iterable of parameters per modality")
-        unit_size = _check_int(unit_size, "unit_size", op, minimum=1)
-        unit_dim = _check_int(unit_dim, "unit_dim", op)
+        unit_size = check_int(unit_size, "unit_size", op, minimum=1)
+        unit_dim = check_int(unit_dim, "unit_dim", op)
         _check_distinct([p for group in self.groups for p in group], "groups", op)
         for name, group in zip(self.names, self.groups):
             if not group:
@@ -470,8 +462,8 @@ class SubnetworkMasker:
                 raise ValueError(f"{op}: the state's {key} ({state[key]}) differs from this "
                                  f"masker's ({value}): it was saved for other parameters, so "
                                  "its masks would not be reproduced")
-        step = _check_int(state["step"], "state['step']", op, minimum=0)
-        seed = _check_int(state["seed"], "state['seed']", op)
+        step = check_int(state["step"], "state['step']", op, minimum=0)
+        seed = check_int(state["seed"], "state['seed']", op)
         self.step_count, self.seed = step, seed  # both checked first: all or nothing
 
 
