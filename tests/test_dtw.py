@@ -425,6 +425,52 @@ def test_lane_groups_match_the_reference(backend, dtype, band, metric, D):
         assert error < (1e-9 if dtype == torch.float64 else 1e-4), error
 
 
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("band", [None, 0, 2, 9])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "l1"])
+@pytest.mark.parametrize("D", [1, 5])
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["grid", "checkpointed"])
+def test_ragged_lane_groups_match_the_reference(monkeypatch, dtype, band, metric, D,
+                                                checkpointed):
+    """Groups whose pairs have different lengths run in the lanes on the grid of their
+    longest lengths (each lane's value read at its own (n, m), its band masked): values of
+    hard and soft DTW and the soft gradients equal the reference's, for lengths from 1 to
+    the full size in both directions, and whatever lies past a pair's lengths (NaN here) is
+    never read."""
+    if checkpointed:
+        monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 0)
+    B, N, M = 35, 21, 26  # two groups of 16 fp32 hard lanes, four groups of 8 fp64 lanes
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    y = torch.randn(B, M, D, dtype=torch.float64)
+    x_lengths = torch.randint(1, N + 1, (B,))
+    y_lengths = torch.randint(1, M + 1, (B,))
+    x_lengths[:3] = torch.tensor([1, N, N])
+    y_lengths[:3] = torch.tensor([M, 1, M])
+    for b in range(B):
+        x[b, x_lengths[b]:] = float("nan")
+        y[b, y_lengths[b]:] = float("nan")
+    weights = torch.rand(B, dtype=torch.float64) + 0.5
+    kwargs = dict(band=band, x_lengths=x_lengths, y_lengths=y_lengths, metric=metric)
+    results = []
+    for name, dt in (("cpp", dtype), ("reference", torch.float64)):
+        a = x.to(dt).requires_grad_(True)
+        b = y.to(dt).requires_grad_(True)
+        with ek.use_backend(name):
+            with torch.no_grad():
+                hard = ek.dtw(a, b, **kwargs)
+            soft = ek.soft_dtw(a, b, 0.3, **kwargs)
+            grads = torch.autograd.grad((soft * weights.to(dt)).sum(), (a, b))
+        results.append([t.double() for t in (hard, soft, *grads)])
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    for got, want in zip(results[0][:2], results[1][:2]):
+        assert ((got - want).abs().max() / want.abs().max()).item() < bound
+    for got, want in zip(results[0][2:], results[1][2:]):
+        assert torch.isfinite(got).all() and torch.isfinite(want).all()
+        error = ((got - want).abs().max() / want.abs().max()).item()
+        assert error < (1e-9 if dtype == torch.float64 else 1e-4), error
+
+
 @pytest.mark.parametrize("gamma", [1e-3, 1e-2, 0.1, 1.0, 10.0])
 @pytest.mark.parametrize("band", [None, 1])
 def test_lane_group_fp32_gradients_within_1e4_of_fp64(gamma, band):

@@ -28,7 +28,9 @@
 // gamma), so the backward never recomputes the forward; hard DTW keeps R in the dtype.
 // Kept R layout: (B, N, M), pair b's cell (i, j) at [b, i - 1, j - 1]; except the soft
 // series path, where a group of L pairs run in vector lanes keeps its rows interleaved in
-// the group's L * N * M block: cell (i, j) of lane k at ((i - 1) * m + (j - 1)) * L + k.
+// the group's L * N * M block: cell (i, j) of lane k at ((i - 1) * m + (j - 1)) * L + k,
+// m the longest of the group's lengths (pairs of different lengths share one grid, see
+// LaneShape).
 
 #include "dtw_kernel_api.h"
 
@@ -386,16 +388,90 @@ void dispatch_metric_d(int64_t metric, int64_t D, F&& f) {
   }
 }
 
-// Hard value-only DTW of kLanes pairs at once, pair k in lane k of at::vec::Vectorized<T>
-// (all pairs of the group share n, m, hence the band). xt: (n, D, lanes) and yt: (m, D,
-// lanes) interleaved copies of the pairs' series; prev / cur: (m + 1) vectors each.
-template <int kMetric, typename T>
-void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D, const PairBand& pb,
-                           at::vec::Vectorized<T>* prev, at::vec::Vectorized<T>* cur,
-                           T* out) {
+// The cells a lane task sweeps. A group whose pairs' lengths differ ("ragged") runs on the
+// grid of its longest lengths, n = max n_k, m = max m_k: cell (i, j) depends only on cells
+// (i', j') with i' <= i and j' <= j, so lane k's R[n_k][m_k] is the same on the larger grid,
+// and it is read there (the forward captures each lane's value at its own (n_k, m_k); the
+// backward seeds each lane's E there). The rows and columns past a lane's lengths hold
+// zeros in its series copy (gather_lanes): finite cells whose E stays 0 (no successor of
+// (n_k, m_k) pushes to its predecessors), so they add nothing to any gradient. With a band,
+// the sweep covers the union of the lanes' bands (the smallest lo, the largest hi: still a
+// band that only moves right) and `masked` sets a lane's cells outside its own band to +inf,
+// which gives them zero weight in every successor, as in that pair's own grid.
+// V: the lanes' vector type (Vectorized<double> for soft-DTW, Vectorized<T> for hard DTW).
+template <typename V>
+struct LaneShape {
+  using S = typename V::value_type;
+  static constexpr int64_t L = V::size();
+  PairBand pb;  // the swept grid: the lanes' longest (n, m) and the union of their bands
+  bool masked = false;
+  int64_t n[L], m[L];  // lane k's lengths
+  S lo[L], hi[L];      // lane k's allowed j - i offsets (when masked; see exact_offsets)
+
+  // pairs: the L pairs, lane k running pair pairs[k].
+  LaneShape(const int64_t* pairs, const int64_t* xl, const int64_t* yl, int64_t band)
+      : pb(xl[pairs[0]], yl[pairs[0]], band) {
+    bool ragged = false;
+    for (int64_t k = 0; k < L; ++k) {
+      const PairBand own(xl[pairs[k]], yl[pairs[k]], band);
+      n[k] = own.n;
+      m[k] = own.m;
+      lo[k] = static_cast<S>(own.lo);
+      hi[k] = static_cast<S>(own.hi);
+      ragged = ragged || own.n != pb.n || own.m != pb.m;
+      pb.lo = std::min(pb.lo, own.lo);
+      pb.hi = std::max(pb.hi, own.hi);
+    }
+    pb.n = *std::max_element(n, n + L);
+    pb.m = *std::max_element(m, m + L);
+    masked = ragged && pb.banded;
+  }
+  // The masks compare offsets j - i in S: exact while every offset is below 2^digits
+  // (2^24 for float lanes); a caller runs the pairs one by one otherwise.
+  bool exact_offsets() const {
+    const int64_t limit = int64_t(1) << std::numeric_limits<S>::digits;
+    return !masked || std::max(pb.n, pb.m) < limit;
+  }
+  // The lanes of cell (i, j) outside their own band (all bits set), when masked.
+  V outside(int64_t i, int64_t j) const {
+    const V offset(static_cast<S>(j - i));
+    return (offset < V::loadu(lo)) | (offset > V::loadu(hi));
+  }
+};
+
+// Interleaves the series of L pairs (lane k: pairs[k]) into xt (n, D, L) and yt (m, D, L)
+// on the shape's grid; a lane's rows past its own length are zeros (see LaneShape).
+template <typename V, typename T>
+void gather_lanes(const T* x, const T* y, int64_t x_stride, int64_t y_stride, int64_t D,
+                  const int64_t* pairs, const LaneShape<V>& shape,
+                  std::vector<typename V::value_type>& xt,
+                  std::vector<typename V::value_type>& yt) {
+  using S = typename V::value_type;
+  constexpr int64_t L = V::size();
+  xt.assign(shape.pb.n * D * L, S(0));
+  yt.assign(shape.pb.m * D * L, S(0));
+  for (int64_t k = 0; k < L; ++k) {
+    const T* xb = x + pairs[k] * x_stride;
+    const T* yb = y + pairs[k] * y_stride;
+    for (int64_t e = 0; e < shape.n[k] * D; ++e) xt[e * L + k] = static_cast<S>(xb[e]);
+    for (int64_t e = 0; e < shape.m[k] * D; ++e) yt[e * L + k] = static_cast<S>(yb[e]);
+  }
+}
+
+
+
+// Hard value-only DTW of L pairs at once, pair k in lane k of at::vec::Vectorized<T>, on
+// the shape's grid (LaneShape: lane k's value is R[n_k][m_k]; kMasked: the shape's lanes
+// have bands of their own). xt: (n, D, L) and yt: (m, D, L) interleaved copies of the
+// pairs' series (gather_lanes); prev / cur: (m + 1) vectors each.
+template <int kMetric, bool kMasked, typename T>
+void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D,
+                           const LaneShape<at::vec::Vectorized<T>>& shape,
+                           at::vec::Vectorized<T>* prev, at::vec::Vectorized<T>* cur, T* out) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t L = V::size();
   const V inf(std::numeric_limits<T>::infinity());
+  const PairBand& pb = shape.pb;
   const int64_t n = pb.n, m = pb.m;
   for (int64_t j = 0; j <= m; ++j) {
     prev[j] = inf;
@@ -416,7 +492,8 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D, const PairBand& 
         V c;
         if constexpr (kMetric == kSqEuclidean) c = t * t;
         else c = t.abs();
-        const V v = c + at::vec::minimum(at::vec::minimum(prev[j - 1], prev[j]), left);
+        V v = c + at::vec::minimum(at::vec::minimum(prev[j - 1], prev[j]), left);
+        if constexpr (kMasked) v = V::blendv(v, inf, shape.outside(i, j));
         cur[j] = v;
         left = v;
       }
@@ -430,9 +507,17 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D, const PairBand& 
           else c = c + t * t;  // no FMA: the same rounding as the scalar path
         }
         if constexpr (kMetric == kEuclidean) c = c.sqrt();
-        const V v = c + at::vec::minimum(at::vec::minimum(prev[j - 1], prev[j]), left);
+        V v = c + at::vec::minimum(at::vec::minimum(prev[j - 1], prev[j]), left);
+        if constexpr (kMasked) v = V::blendv(v, inf, shape.outside(i, j));
         cur[j] = v;
         left = v;
+      }
+    }
+    for (int64_t k = 0; k < L; ++k) {  // the lanes whose last row this is
+      if (shape.n[k] == i) {
+        alignas(64) T row_values[L];
+        cur[shape.m[k]].store(row_values);
+        out[k] = row_values[k];
       }
     }
     std::swap(prev, cur);
@@ -441,7 +526,6 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D, const PairBand& 
     prev_first = jf;
     prev_last = jl;
   }
-  prev[m].store(out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -764,6 +848,69 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
   if constexpr (kMetric == kEuclidean) c = c.sqrt();
   return c;
 }
+// ------------------------------------------------------------ lane tasks
+// The series soft-DTW runs L pairs in the L lanes of one vector (L = VA::size()). Pairs are
+// taken in consecutive groups of L (task t < groups: pairs t L .. t L + L - 1); the B mod L
+// pairs left over are tasks of their own (task t >= groups: pair groups L + t - groups).
+struct LaneGroups {
+  int64_t L, B, groups;
+  const int64_t* xl;
+  const int64_t* yl;
+  int64_t tasks() const { return groups + (B - groups * L); }
+};
+
+// The L pairs (lane k: pair lanes[k]) a task runs; `distinct` lanes own their outputs: L
+// for a group, 1 for a single pair copied into every lane.
+struct LaneTask {
+  int64_t lanes[VA::size()];
+  int64_t distinct;
+};
+
+inline LaneTask lane_task(const LaneGroups& lg, int64_t t) {
+  LaneTask task{};
+  constexpr int64_t L = VA::size();
+  const bool group = t < lg.groups;
+  for (int64_t k = 0; k < L; ++k) task.lanes[k] = group ? t * L + k : lg.groups * L + (t - lg.groups);
+  task.distinct = group ? L : 1;
+  return task;
+}
+
+// The lane gradients gx (n, D) and gy (m, D) vectors of the task's grid into the outputs
+// (B, N, D) and (B, M, D) (either may be null) of its distinct pairs: lane k's rows below
+// its own lengths, zeros after them.
+template <typename T>
+void scatter_task_gradients(const LaneTask& task, const LaneShape<VA>& shape, const VA* gx,
+                            const VA* gy, int64_t N, int64_t M, int64_t D, T* gx_out,
+                            T* gy_out) {
+  constexpr int64_t L = VA::size();
+  auto scatter = [&](const VA* lanes, int64_t k, int64_t rows, int64_t total, T* out) {
+    alignas(64) double tmp[L];
+    for (int64_t e = 0; e < rows * D; ++e) {
+      lanes[e].store(tmp);
+      out[e] = static_cast<T>(tmp[k]);
+    }
+    std::fill(out + rows * D, out + total * D, T(0));
+  };
+  for (int64_t k = 0; k < task.distinct; ++k) {
+    const int64_t b = task.lanes[k];
+    if (gx_out != nullptr) scatter(gx, k, shape.n[k], N, gx_out + b * N * D);
+    if (gy_out != nullptr) scatter(gy, k, shape.m[k], M, gy_out + b * M * D);
+  }
+}
+
+// f(std::integral_constant<int, D>) for the feature counts compiled with D fixed (1 to 4),
+// f(std::integral_constant<int, 0>) otherwise (see contract_lanes).
+template <typename F>
+decltype(auto) with_fixed_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
 
 // Rows are computed kSkewRows at a time, each one column behind the row above: at step j,
 // row i + s computes cell (i + s, j - s), which depends only on cells computed at earlier
@@ -774,11 +921,12 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
 // of the group keeps the L doubles at kept + ((i - 1) m + j - 1) L: its R (kWeights
 // false), or its two soft-argmin weights as 2 L floats (kWeights true: the backward then
 // needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not fp64 weights,
-// which also take the shorter special functions). Returns R[n][m].
+// which also take the shorter special functions). Returns each lane's R[n_k][m_k] (the
+// grid and the lanes' lengths: LaneShape).
 // A sweep may also cover only rows i0 + 1 .. i_end, starting from row i0's values (the
 // checkpointed backward recomputes one segment of rows at a time: SweepRows); kept rows are
-// then stored relative to i0 (row i at kept + (i - i0 - 1) m L), and the sweep returns
-// R[i_end][m].
+// then stored relative to i0 (row i at kept + (i - i0 - 1) m L), and only the lanes whose
+// last row is swept get their value (the others: 0).
 constexpr int64_t kSkewRows = 4;
 constexpr int64_t kRollingRows = kSkewRows + 1;
 
@@ -796,10 +944,12 @@ struct SweepRows {
 
 template <int kMetric, bool kWeights, int kDim = 0>
 VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
-                         const PairBand& pb, double gamma, VA* rows, double* kept,
+                         const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
                          const SweepRows& sweep = SweepRows{}) {
   const int64_t D = kDim > 0 ? kDim : D_runtime;  // kDim > 0: see contract_lanes
   constexpr int64_t L = VA::size();
+  const PairBand& pb = shape.pb;
+  alignas(64) double values[L] = {};  // lane k's R[n_k][m_k], taken when row n_k is done
   const VA inf(std::numeric_limits<double>::infinity());
   const VA g(gamma), ig(1.0 / gamma);
   const int64_t m = pb.m, ld = m + 1;
@@ -827,9 +977,10 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
   // to the kept slot.
   auto cell = [&](const VA* above, VA left, const double* xi, int64_t i, int64_t j) {
     VA w[2];
-    const VA v = local_cost_lanes<kMetric, kDim>(xi, yt + (j - 1) * D * L, D) +
-                 softmin3_lanes<kWeights>(above[j - 1], above[j], left, g, ig,
-                                          kWeights && kept != nullptr ? w : nullptr);
+    VA v = local_cost_lanes<kMetric, kDim>(xi, yt + (j - 1) * D * L, D) +
+           softmin3_lanes<kWeights>(above[j - 1], above[j], left, g, ig,
+                                    kWeights && kept != nullptr ? w : nullptr);
+    if (shape.masked) v = VA::blendv(v, inf, shape.outside(i, j));
     if constexpr (kWeights) {
       if (kept != nullptr) {
         store_weights(reinterpret_cast<float*>(kept + ((i - i0 - 1) * m + (j - 1)) * L), w[0],
@@ -902,6 +1053,7 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
           const int64_t col = j - s;
           left[s] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
                                                     yt + (col - 1) * D * L, D) + VA(r[s]);
+          if (shape.masked) left[s] = VA::blendv(left[s], inf, shape.outside(i + s, col));
           cur[s][col] = left[s];
           if (keep_weights) {
             store_weights(
@@ -918,6 +1070,15 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
         std::memcpy(kept + (i + s - i0 - 1) * m * L, cur[s] + 1, m * sizeof(VA));
       }
     }
+    for (int64_t s = 0; s < rows_now; ++s) {
+      for (int64_t k = 0; k < L; ++k) {
+        if (shape.n[k] == i + s) {
+          alignas(64) double row_values[L];
+          cur[s][shape.m[k]].store(row_values);
+          values[k] = row_values[k];
+        }
+      }
+    }
     const int64_t block_end = i + rows_now - 1;
     if (sweep.checkpoints != nullptr && block_end % sweep.every == 0 && block_end < n) {
       std::memcpy(sweep.checkpoints + (block_end / sweep.every) * ld, cur[rows_now - 1],
@@ -925,7 +1086,7 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     }
     prev_slot = (prev_slot + rows_now) % kRollingRows;
   }
-  return rows[prev_slot * ld + m];
+  return VA::loadu(values);
 }
 
 // Adds e * d cost(x_i, y_j) / d x_i to gxi (D vectors) and its negative to gyj.
@@ -978,14 +1139,18 @@ inline void contract_lanes(const double* xi, const double* yj, int64_t D_runtime
 struct BackRows {
   int64_t p_lo = 1, p_hi = -1;  // p_hi < 0: the pair's n
   const VA* above = nullptr;    // R mode: row p_lo - 1's m + 1 values (null: row 0)
-  bool first = true;            // the pair's last row is in this call: start E and gx / gy
+  bool first = true;            // the task's last row is in this call: zero E and gx / gy
 };
 
 template <int kMetric, bool kWeights, int kDim = 0>
-void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const PairBand& pb,
-                            double gamma, const VA& g, const double* kept, VA* work, VA* gx,
-                            VA* gy, const BackRows& range = BackRows{}) {
+void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
+                            const LaneShape<VA>& shape, double gamma, const VA& g,
+                            const double* kept, VA* work, VA* gx, VA* gy,
+                            const BackRows& range = BackRows{}) {
   constexpr int64_t L = VA::size();
+  const PairBand& pb = shape.pb;
+  alignas(64) double seeds[L];  // lane k's dL / dR[n_k][m_k], added to E when row n_k starts
+  g.store(seeds);
   const VA inf(std::numeric_limits<double>::infinity());
   const VA zero(0.0), one(1.0), ig(1.0 / gamma);
   const int64_t m = pb.m, ld = m + 1;
@@ -1011,10 +1176,17 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
     for (int64_t e = 0; e < pb.n * D; ++e) gx[e] = zero;
     for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
     for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
-    e_cur[m] = g;
   }
   if constexpr (!kWeights) load_row(n, r_cur);
   for (int64_t p = n; p >= p_lo; --p) {
+    for (int64_t k = 0; k < L; ++k) {
+      if (shape.n[k] == p) {
+        alignas(64) double e_end[L];
+        e_cur[shape.m[k]].store(e_end);
+        e_end[k] += seeds[k];
+        e_cur[shape.m[k]] = VA::loadu(e_end);
+      }
+    }
     if constexpr (!kWeights) load_row(p - 1, r_up);
     for (int64_t j = 0; j <= m; ++j) e_up[j] = zero;
     const int64_t jf = pb.first(p), jl = pb.last(p);
@@ -1083,38 +1255,6 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D, const
   if (e_cur != work + 2 * ld) std::memcpy(work + 2 * ld, e_cur, ld * sizeof(VA));
 }
 
-// Groups of L consecutive pairs with equal lengths: task t < groups is group t (its
-// pairs one by one if its lengths differ); task t >= groups is the single pair
-// groups * L + (t - groups).
-struct LaneGroups {
-  int64_t L, B, groups;
-  const int64_t* xl;
-  const int64_t* yl;
-  int64_t tasks() const { return groups + (B - groups * L); }
-  bool uniform(int64_t g) const {
-    for (int64_t k = 1; k < L; ++k) {
-      if (xl[g * L + k] != xl[g * L] || yl[g * L + k] != yl[g * L]) return false;
-    }
-    return true;
-  }
-};
-
-// Interleaves the group's series (starting at pair b0) into xt (n, D, L), yt (m, D, L).
-template <typename T>
-void gather_lanes(const T* x, const T* y, int64_t x_stride, int64_t y_stride, int64_t D,
-                  int64_t b0, int64_t n, int64_t m, std::vector<double>& xt,
-                  std::vector<double>& yt) {
-  constexpr int64_t L = VA::size();
-  xt.resize(n * D * L);
-  yt.resize(m * D * L);
-  for (int64_t k = 0; k < L; ++k) {
-    const T* xb = x + (b0 + k) * x_stride;
-    const T* yb = y + (b0 + k) * y_stride;
-    for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = static_cast<double>(xb[e]);
-    for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = static_cast<double>(yb[e]);
-  }
-}
-
 // ------------------------------------------------------------ checkpointed soft-DTW
 // For long pairs the kept state of the whole (n, m) grid (8 bytes per cell) is replaced by
 // checkpoints: the forward keeps R of every S-th row (rows 0, S, 2S, ...: C = ceil(N / S)
@@ -1123,66 +1263,8 @@ void gather_lanes(const T* x, const T* y, int64_t x_stride, int64_t y_stride, in
 // over it, bottom segment first, E's boundary row carried from one segment to the next.
 // Memory: C (M + 1) per pair plus S m per worker instead of N M per pair (S ~ sqrt(N): two
 // passes of O(sqrt(N) M)); time: one more forward. Every pair runs in the lanes code: a
-// group of L equal-length pairs, or a single pair copied into all L lanes (for fp32 that
+// group of L pairs (LaneShape), or a single pair copied into all L lanes (for fp32 that
 // is still faster than the scalar path, whose soft-min chain is not vectorised).
-
-// The L pairs (lane k: pair lanes[k]) a task runs; `distinct` lanes own their outputs.
-struct LaneTask {
-  int64_t lanes[VA::size()];
-  int64_t distinct;  // L for a group, 1 for a single pair copied into every lane
-};
-
-inline LaneTask lane_task(const LaneGroups& lg, int64_t t, int64_t k_in_mixed) {
-  LaneTask task{};
-  constexpr int64_t L = VA::size();
-  const bool group = t < lg.groups && k_in_mixed < 0;
-  const int64_t single = t < lg.groups ? t * L + k_in_mixed : lg.groups * L + (t - lg.groups);
-  for (int64_t k = 0; k < L; ++k) task.lanes[k] = group ? t * L + k : single;
-  task.distinct = group ? L : 1;
-  return task;
-}
-
-// Interleaves the series of the task's lane pairs into xt (n, D, L), yt (m, D, L).
-template <typename T>
-void gather_task(const T* x, const T* y, int64_t x_stride, int64_t y_stride, int64_t D,
-                 const LaneTask& task, int64_t n, int64_t m, std::vector<double>& xt,
-                 std::vector<double>& yt) {
-  constexpr int64_t L = VA::size();
-  xt.resize(n * D * L);
-  yt.resize(m * D * L);
-  for (int64_t k = 0; k < L; ++k) {
-    const T* xb = x + task.lanes[k] * x_stride;
-    const T* yb = y + task.lanes[k] * y_stride;
-    for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = static_cast<double>(xb[e]);
-    for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = static_cast<double>(yb[e]);
-  }
-}
-
-// f(std::integral_constant<int, D>) for the feature counts compiled with D fixed (1 to 4),
-// f(std::integral_constant<int, 0>) otherwise (see contract_lanes).
-template <typename F>
-decltype(auto) with_fixed_dim(int64_t D, F&& f) {
-  switch (D) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    default: return f(std::integral_constant<int, 0>{});
-  }
-}
-
-// Runs `body(task)` for every lane task of the batch: groups of L equal-length pairs, and
-// every other pair alone.
-template <typename Body>
-void for_each_lane_task(const LaneGroups& lg, int64_t begin, int64_t end, Body&& body) {
-  for (int64_t t = begin; t < end; ++t) {
-    if (t >= lg.groups || lg.uniform(t)) {
-      body(lane_task(lg, t, -1));
-    } else {
-      for (int64_t k = 0; k < lg.L; ++k) body(lane_task(lg, t, k));
-    }
-  }
-}
 
 template <typename T, int kMetric>
 void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
@@ -1200,10 +1282,11 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt;
     std::vector<VA> rows, checkpoints;
-    for_each_lane_task(lg, begin, end, [&](const LaneTask& task) {
-      const PairBand pb(a.x_lengths[task.lanes[0]], a.y_lengths[task.lanes[0]], a.band);
-      const int64_t n = pb.n, m = pb.m, ld = m + 1;
-      gather_task<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, task, n, m, xt, yt);
+    for (int64_t t = begin; t < end; ++t) {
+      const LaneTask task = lane_task(lg, t);
+      const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
+      const int64_t m = shape.pb.m, ld = m + 1;
+      gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
       rows.resize(kRollingRows * ld);
       checkpoints.assign(C * ld, VA(inf));
       checkpoints[0] = VA(0.0);  // row 0: R[0][0] = 0, the rest +inf
@@ -1212,7 +1295,7 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
       sweep.every = S;
       const VA value = with_fixed_dim(D, [&](auto dim_c) {
         return xy_soft_forward_lanes<kMetric, kWeights, decltype(dim_c)::value>(
-            xt.data(), yt.data(), D, pb, a.gamma, rows.data(), nullptr, sweep);
+            xt.data(), yt.data(), D, shape, a.gamma, rows.data(), nullptr, sweep);
       });
       alignas(64) double lane_values[L], lane_row[L];
       value.store(lane_values);
@@ -1235,7 +1318,7 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
         // row 0 itself) records S, so that the backward can check it gets the same S.
         kept_row(k, 0)[M] = static_cast<double>(S);
       }
-    });
+    }
   });
 }
 
@@ -1256,10 +1339,11 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt, segment;
     std::vector<VA> rows, work, above, gxl, gyl;
-    for_each_lane_task(lg, begin, end, [&](const LaneTask& task) {
-      const PairBand pb(a.x_lengths[task.lanes[0]], a.y_lengths[task.lanes[0]], a.band);
-      const int64_t n = pb.n, m = pb.m, ld = m + 1;
-      gather_task<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, task, n, m, xt, yt);
+    for (int64_t t = begin; t < end; ++t) {
+      const LaneTask task = lane_task(lg, t);
+      const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
+      const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
+      gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
       rows.resize(kRollingRows * ld);
       work.resize(4 * ld);
       above.resize(ld);
@@ -1291,30 +1375,17 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
         back.first = c == segments - 1;
         with_fixed_dim(D, [&](auto dim_c) {
           constexpr int kDim = decltype(dim_c)::value;
-          xy_soft_forward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, pb, a.gamma,
-                                                         rows.data(), segment.data(), sweep);
-          xy_soft_backward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, pb, a.gamma,
-                                                          g, segment.data(), work.data(),
-                                                          gxl.data(), gyl.data(), back);
+          xy_soft_forward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
+                                                         a.gamma, rows.data(), segment.data(),
+                                                         sweep);
+          xy_soft_backward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
+                                                          a.gamma, g, segment.data(),
+                                                          work.data(), gxl.data(), gyl.data(),
+                                                          back);
         });
       }
-      // Lane k's rows of a lane gradient (rows x D vectors) into its pair's (total, D)
-      // output, the padding rows zeroed.
-      auto scatter_lane = [&](const std::vector<VA>& lanes, int64_t k, int64_t rows,
-                              int64_t total, T* out) {
-        alignas(64) double tmp[L];
-        for (int64_t e = 0; e < rows * D; ++e) {
-          lanes[e].store(tmp);
-          out[e] = static_cast<T>(tmp[k]);
-        }
-        std::fill(out + rows * D, out + total * D, T(0));
-      };
-      for (int64_t k = 0; k < task.distinct; ++k) {
-        const int64_t b = task.lanes[k];
-        if (gx_out != nullptr) scatter_lane(gxl, k, n, N, gx_out + b * N * D);
-        if (gy_out != nullptr) scatter_lane(gyl, k, m, M, gy_out + b * M * D);
-      }
-    });
+      scatter_task_gradients(task, shape, gxl.data(), gyl.data(), N, M, D, gx_out, gy_out);
+    }
   });
 }
 
@@ -1358,30 +1429,21 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
             single(lg.groups * LA + (t - lg.groups));
             continue;
           }
-          if (!lg.uniform(t)) {
-            for (int64_t k = 0; k < LA; ++k) single(t * LA + k);
-            continue;
-          }
-          const int64_t b0 = t * LA;
-          const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
-          const int64_t n = pb.n, m = pb.m, ld = m + 1;
-          gather_lanes<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, b0, n, m, xt, yt);
+          const LaneTask task = lane_task(lg, t);
+          const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
+          const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
+          gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
+          const int64_t b0 = task.lanes[0];
           alignas(64) double out[LA];
           rl.resize(kRollingRows * ld);
           // Kept interleaved (see the file comment), row by row.
           double* group = R_soft != nullptr ? R_soft + b0 * N * M : nullptr;
-          auto run = [&](auto dim_c) {
-            return xy_soft_forward_lanes<kMetric, std::is_same_v<T, float>,
-                                         decltype(dim_c)::value>(xt.data(), yt.data(), D, pb,
-                                                                 a.gamma, rl.data(), group);
-          };
           // The common small feature counts compiled with D fixed (see contract_lanes).
-          VA value;
-          if (D == 1) value = run(std::integral_constant<int, 1>{});
-          else if (D == 2) value = run(std::integral_constant<int, 2>{});
-          else if (D == 3) value = run(std::integral_constant<int, 3>{});
-          else if (D == 4) value = run(std::integral_constant<int, 4>{});
-          else value = run(std::integral_constant<int, 0>{});
+          const VA value = with_fixed_dim(D, [&](auto dim_c) {
+            return xy_soft_forward_lanes<kMetric, std::is_same_v<T, float>,
+                                         decltype(dim_c)::value>(xt.data(), yt.data(), D, shape,
+                                                                 a.gamma, rl.data(), group);
+          });
           value.store(out);
           if (group != nullptr) {
             // The rest of the block (pairs shorter than N x M) gets +inf: the kept state
@@ -1394,22 +1456,15 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       });
       return;
     }
-    // Hard DTW, computed in T. Value-only: groups of L consecutive pairs with equal lengths
-    // run in the lanes of one vector; the other pairs run one by one.
+    // Hard DTW, computed in T. Value-only: groups of L consecutive pairs run in the lanes of
+    // one vector (on the grid of their longest lengths, see LaneShape); the other pairs run
+    // one by one.
     using V = at::vec::Vectorized<T>;
     constexpr int64_t L = V::size();
     const int64_t groups = (R == nullptr && L > 1) ? B / L : 0;
-    auto lanes_ok = [&](int64_t g) {
-      for (int64_t k = 1; k < L; ++k) {
-        if (a.x_lengths[g * L + k] != a.x_lengths[g * L] ||
-            a.y_lengths[g * L + k] != a.y_lengths[g * L]) {
-          return false;
-        }
-      }
-      return true;
-    };
-    // Task t < groups: group t (lanes or, if mixed lengths, its pairs one by one);
-    // task t >= groups: the remaining single pair groups * L + (t - groups).
+    // Task t < groups: group t (in lanes, or pair by pair when its band masks would not be
+    // exact, see LaneShape::exact_offsets); task t >= groups: the remaining single pair
+    // groups * L + (t - groups).
     const int64_t tasks = groups + (B - groups * L);
     const int64_t grain = std::max<int64_t>(1, 32768 / cells);
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
@@ -1429,26 +1484,25 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           single(groups * L + (t - groups));
           continue;
         }
-        if (!lanes_ok(t)) {
-          for (int64_t k = 0; k < L; ++k) single(t * L + k);
+        int64_t pairs[L];
+        for (int64_t k = 0; k < L; ++k) pairs[k] = t * L + k;
+        const LaneShape<V> shape(pairs, a.x_lengths, a.y_lengths, a.band);
+        if (!shape.exact_offsets()) {
+          for (int64_t k = 0; k < L; ++k) single(pairs[k]);
           continue;
         }
-        const int64_t b0 = t * L;
-        const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
-        const int64_t n = pb.n, m = pb.m;
-        xt.resize(n * D * L);
-        yt.resize(m * D * L);
-        for (int64_t k = 0; k < L; ++k) {
-          const T* xb = x + (b0 + k) * a.x_batch_stride;
-          const T* yb = y + (b0 + k) * a.y_batch_stride;
-          for (int64_t e = 0; e < n * D; ++e) xt[e * L + k] = xb[e];
-          for (int64_t e = 0; e < m * D; ++e) yt[e * L + k] = yb[e];
-        }
+        gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, pairs, shape, xt, yt);
+        const int64_t m = shape.pb.m;
         vbuf.resize(2 * (m + 1));
         alignas(64) T out[L];
-        xy_forward_hard_lanes<kMetric, T>(xt.data(), yt.data(), D, pb, vbuf.data(),
-                                          vbuf.data() + m + 1, out);
-        for (int64_t k = 0; k < L; ++k) values[b0 + k] = out[k];
+        if (shape.masked) {
+          xy_forward_hard_lanes<kMetric, true, T>(xt.data(), yt.data(), D, shape, vbuf.data(),
+                                                  vbuf.data() + m + 1, out);
+        } else {
+          xy_forward_hard_lanes<kMetric, false, T>(xt.data(), yt.data(), D, shape, vbuf.data(),
+                                                   vbuf.data() + m + 1, out);
+        }
+        for (int64_t k = 0; k < L; ++k) values[pairs[k]] = out[k];
       }
     });
   });
@@ -1580,51 +1634,22 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
           single(lg.groups * LA + (t - lg.groups));
           continue;
         }
-        if (!lg.uniform(t)) {
-          for (int64_t k = 0; k < LA; ++k) single(t * LA + k);
-          continue;
-        }
-        const int64_t b0 = t * LA;
-        const PairBand pb(a.x_lengths[b0], a.y_lengths[b0], a.band);
-        const int64_t n = pb.n, m = pb.m, ld = m + 1;
-        gather_lanes<T>(x, y, a.x_batch_stride, a.y_batch_stride, D, b0, n, m, xt, yt);
+        const LaneTask task = lane_task(lg, t);
+        const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
+        const int64_t n = shape.pb.n, m = shape.pb.m;
+        gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
         alignas(64) double gv[LA];
-        for (int64_t k = 0; k < LA; ++k) gv[k] = static_cast<double>(grad[b0 + k]);
+        for (int64_t k = 0; k < LA; ++k) gv[k] = static_cast<double>(grad[task.lanes[k]]);
         rl.resize(4 * (m + 1));
         gxl.resize(n * D);
         gyl.resize(m * D);
-        auto run = [&](auto dim_c) {
-          xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>, decltype(dim_c)::value>(
-              xt.data(), yt.data(), D, pb, a.gamma, VA::loadu(gv), R_soft + b0 * N * M,
-              rl.data(), gxl.data(), gyl.data());
-        };
         // The common small feature counts compiled with D fixed (see contract_lanes).
-        if (D == 1) run(std::integral_constant<int, 1>{});
-        else if (D == 2) run(std::integral_constant<int, 2>{});
-        else if (D == 3) run(std::integral_constant<int, 3>{});
-        else if (D == 4) run(std::integral_constant<int, 4>{});
-        else run(std::integral_constant<int, 0>{});
-        alignas(64) double tmp[LA];
-        for (int64_t k = 0; k < LA; ++k) {
-          if (gx_out != nullptr) {
-            std::fill(gx_out + (b0 + k) * N * D, gx_out + (b0 + k + 1) * N * D, T(0));
-          }
-          if (gy_out != nullptr) {
-            std::fill(gy_out + (b0 + k) * M * D, gy_out + (b0 + k + 1) * M * D, T(0));
-          }
-        }
-        if (gx_out != nullptr) {
-          for (int64_t e = 0; e < n * D; ++e) {
-            gxl[e].store(tmp);
-            for (int64_t k = 0; k < LA; ++k) gx_out[(b0 + k) * N * D + e] = static_cast<T>(tmp[k]);
-          }
-        }
-        if (gy_out != nullptr) {
-          for (int64_t e = 0; e < m * D; ++e) {
-            gyl[e].store(tmp);
-            for (int64_t k = 0; k < LA; ++k) gy_out[(b0 + k) * M * D + e] = static_cast<T>(tmp[k]);
-          }
-        }
+        with_fixed_dim(D, [&](auto dim_c) {
+          xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>, decltype(dim_c)::value>(
+              xt.data(), yt.data(), D, shape, a.gamma, VA::loadu(gv),
+              R_soft + task.lanes[0] * N * M, rl.data(), gxl.data(), gyl.data());
+        });
+        scatter_task_gradients(task, shape, gxl.data(), gyl.data(), N, M, D, gx_out, gy_out);
       }
     });
   });
