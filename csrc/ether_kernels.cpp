@@ -28,18 +28,18 @@ TORCH_LIBRARY(ether_kernels, m) {
       "int reduction, bool per_sample, bool need_pred_grad, bool need_true_grad) "
       "-> (Tensor, Tensor)");
   // Fused MSE. reduction: 0 = mean, 1 = sum, 2 = none. With compute_grad (mean/sum only)
-  // the second output is 2 * (input - target), the gradient of the sum (the backward
-  // multiplies it by the upstream gradient, and 1 / N for the mean); else it is empty.
+  // the second output is input - target (the backward multiplies it by 2 times the
+  // upstream gradient, and 1 / N for the mean); else it is empty.
   m.def("mse_loss_forward(Tensor input, Tensor target, int reduction, bool compute_grad) "
         "-> (Tensor, Tensor)");
-  // The backward of a mean/sum MSE whose forward kept twice_diff = 2 * (input - target):
-  // grad_input = twice_diff * grad_loss (/ N for the mean), one pass, the product formed in
+  // The backward of a mean/sum MSE whose forward kept difference = input - target:
+  // grad_input = difference * 2 grad_loss (/ N for the mean), one pass, the product formed in
   // fp32 (fp64 for fp64) and rounded once.
-  m.def("mse_loss_backward(Tensor grad_loss, Tensor twice_diff, bool mean) -> Tensor");
-  // The same, written over twice_diff (CPU): the backward uses it when autograd frees the
+  m.def("mse_loss_backward(Tensor grad_loss, Tensor difference, bool mean) -> Tensor");
+  // The same, written over difference (CPU): the backward uses it when autograd frees the
   // forward's buffer right after (no retain_graph), so that no fresh input-sized tensor is
   // allocated: on the CPU a fresh large buffer costs its page faults (more than the pass).
-  m.def("mse_loss_backward_(Tensor(a!) twice_diff, Tensor grad_loss, bool mean) -> ()");
+  m.def("mse_loss_backward_(Tensor(a!) difference, Tensor grad_loss, bool mean) -> ()");
   // AMSS / AMSS+ (ether_kernels/amss.py): masks every gradient of a step in place. Units
   // are dim-0 slices of unit_size rows; tensor t belongs to modality group_of_tensor[t];
   // sampling (the mode) 0 amss, 1 amss+, 2 uniform, 3 topk; scaling 0 paper, 1 reference-code.

@@ -48,6 +48,7 @@ class ModalityGroups:
         self._entries = None
         self._resolved = {}  # channel count -> tuple of channel tuples
         self._tensors = {}  # (channel count, device) -> tensors for the kernels / reference
+        self._weights = {}  # (channel count, device) -> (the last weights, their tensor)
         if isinstance(modalities, ModalityGroups):
             self._ids, self._entries = modalities._ids, modalities._entries
         elif isinstance(modalities, torch.Tensor):
@@ -71,11 +72,11 @@ class ModalityGroups:
         ids = tuple(int(v) for v in ids.tolist())
         if min(ids) < 0:
             raise ValueError(f"modalities: modality ids must be >= 0, got {min(ids)}")
-        present = set(ids)
-        missing = [m for m in range(max(ids) + 1) if m not in present]
-        if missing:
-            raise ValueError(f"modalities: modality ids must cover 0..{max(ids)}; modality "
-                             f"{missing[0]} has no channel (an empty group)")
+        present = sorted(set(ids))
+        if len(present) != present[-1] + 1:  # then some id below the largest is missing
+            missing = next(m for m, v in enumerate(present) if m != v)
+            raise ValueError(f"modalities: modality ids must cover 0..{present[-1]}; modality "
+                             f"{missing} has no channel (an empty group)")
         return ids
 
     @staticmethod
@@ -163,22 +164,26 @@ class ModalityGroups:
         """(member_channel, member_group, weights, index tensor per group) on `device`.
 
         Cached, so that a training loop builds them once (on a GPU, building them means a
-        host-to-device copy).
+        host-to-device copy). The weights tensor is kept for the last weights seen only: a
+        weight schedule gets a new one per change, not one more cache entry per step.
         """
-        key = (num_channels, str(device), weights)
+        key = (num_channels, str(device))
         cached = self._tensors.get(key)
         if cached is None:
             groups = self.channels(num_channels)
             member_channel = [c for g in groups for c in g]
             member_group = [m for m, g in enumerate(groups) for _ in g]
-            cached = (
+            cached = self._tensors[key] = (
                 torch.tensor(member_channel, dtype=torch.int64, device=device),
                 torch.tensor(member_group, dtype=torch.int64, device=device),
-                torch.tensor(weights, dtype=torch.float64, device=device),
                 [torch.tensor(g, dtype=torch.int64, device=device) for g in groups],
             )
-            self._tensors[key] = cached
-        return cached
+        last_weights = self._weights.get(key)
+        if last_weights is None or last_weights[0] != weights:
+            last_weights = self._weights[key] = (
+                weights, torch.tensor(weights, dtype=torch.float64, device=device))
+        member_channel, member_group, index_tensors = cached
+        return member_channel, member_group, last_weights[1], index_tensors
 
     def key(self):
         """A hashable description of the groups (equal groups, equal keys)."""

@@ -194,15 +194,45 @@ def test_alpha_zero_is_exactly_the_mse(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_params() + [pytest.param("cpu", "reference")])
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
-def test_non_finite_values_propagate(device, backend, bad_value):
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("discrepancy", ["l1", "l2"])
+def test_non_finite_values_propagate(device, backend, bad_value, alpha, discrepancy):
+    """A NaN or inf in y_pred makes the loss non-finite, and the gradient is the reference's
+    (NaN where it has NaN, the same values elsewhere): with alpha = 0 the MSE's own gradient
+    (no NaN spread over every element by 0 * NaN), with l1 torch.abs's sign(NaN) = 0."""
     y_pred, y_true = random_pair((5, 4), torch.float32, device, (False, False))
     y_pred[2, 1] = bad_value
-    y_pred.requires_grad_(True)
-    with ek.use_backend(backend):
-        loss = ek.ether_loss(y_pred, y_true, [0, [1, 2]], 1.0)
-    assert not torch.isfinite(loss), f"a {bad_value} in y_pred gave a finite loss {loss.item()}"
-    (grad,) = torch.autograd.grad(loss, (y_pred,))
-    assert not torch.isfinite(grad).all()
+    results = []
+    for name in (backend, "reference"):
+        p = y_pred.clone().requires_grad_(True)
+        with ek.use_backend(name):
+            loss = ek.ether_loss(p, y_true, [0, [1, 2]], alpha, discrepancy=discrepancy)
+        assert not torch.isfinite(loss), f"a {bad_value} in y_pred gave a finite loss {loss.item()}"
+        results.append(torch.autograd.grad(loss, (p,))[0])
+    got, expected = results
+    assert not torch.isfinite(expected).all()
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    if alpha == 0:
+        p = y_pred.clone().requires_grad_(True)
+        mse = torch.nn.functional.mse_loss(p, y_true)
+        torch.testing.assert_close(got, torch.autograd.grad(mse, (p,))[0], equal_nan=True)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("value", [0.1, 0.3, 1 / 3, 0.7])
+def test_l1_subgradient_is_zero_when_fp32_means_are_equal(device, backend, value):
+    """Equal fp32 means (0.1 is not exact in binary): the gap is 0 in the kernels' fp64 and
+    in the reference's, so the subgradient is 0 on every path, the second-order one too."""
+    y_pred = torch.full((7, 6), value, device=device, requires_grad=True)
+    y_true = torch.zeros(7, 6, device=device)
+    expected = torch.full_like(y_pred, 2 * value / 42).detach()
+    for name in (backend, "reference"):
+        with ek.use_backend(name):
+            loss = ek.ether_loss(y_pred, y_true, [[0, 1], [2, 3, 4, 5]], 5.0)
+        (grad,) = torch.autograd.grad(loss, (y_pred,), retain_graph=True)
+        (grad_with_graph,) = torch.autograd.grad(loss, (y_pred,), create_graph=True)
+        torch.testing.assert_close(grad, expected)
+        torch.testing.assert_close(grad_with_graph.detach(), expected)
 
 
 def test_l1_subgradient_is_zero_when_means_are_equal():
@@ -235,8 +265,35 @@ def test_the_functional_api_builds_its_device_tensors_once():
     groups = module.shared_groups([slice(0, 3), [3, 5]])
     cached = groups.tensors(6, y_pred.device, (1.0, 1.0))
     ek.ether_loss(y_pred, y_true, [slice(0, 3), [3, 5]], 0.5)
-    assert groups.tensors(6, y_pred.device, (1.0, 1.0)) is cached
+    again = groups.tensors(6, y_pred.device, (1.0, 1.0))
+    assert all(a is b for a, b in zip(again, cached))
     assert module.shared_groups([slice(0, 3), (3, 5)]) is groups  # equal groups, one entry
+
+
+def test_a_weight_schedule_does_not_grow_the_cache():
+    """weights that change every step (a schedule) replace the cached weights tensor: the
+    group tensors stay the same objects and nothing accumulates."""
+    import sys
+    module = sys.modules["ether_kernels.ether_loss"]
+    y_pred, y_true = random_pair((4, 6), torch.float32, "cpu", (True, False))
+    groups = module.shared_groups([slice(0, 3), [3, 5]])
+    first = groups.tensors(6, y_pred.device, (1.0, 1.0))
+    for step in range(50):
+        w = (1.0 + step / 100, 0.5)
+        loss = ek.ether_loss(y_pred, y_true, [slice(0, 3), [3, 5]], 0.5, weights=list(w))
+        with ek.use_backend("reference"):
+            expected = ek.ether_loss(y_pred, y_true, [slice(0, 3), [3, 5]], 0.5, weights=list(w))
+        torch.testing.assert_close(loss, expected)
+        current = groups.tensors(6, y_pred.device, w)
+        assert current[2].tolist() == list(w)
+    assert current[0] is first[0] and current[1] is first[1] and current[3] is first[3]
+    assert len(groups._tensors) == 1 and len(groups._weights) == 1
+
+
+def test_huge_modality_ids_fail_fast():
+    """An id far beyond the channel count is refused without enumerating the ids below."""
+    with pytest.raises(ValueError, match="modality 4 has no channel"):
+        ek.ether_loss(torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3, 10**12]))
 
 
 @pytest.mark.gpu

@@ -159,6 +159,66 @@ def test_opcheck(device, backend, reduction):
                           (torch.tensor(0.5, device=device), torch.randn(4, 3, device=device), True))
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("needs", ["input", "target"])
+def test_fp16_gradient_does_not_overflow_when_it_is_representable(device, backend, reduction,
+                                                                  needs):
+    """|input - target| = 40000 is a float16, twice it is not, while the gradient (times the
+    upstream value) is: it must come out finite and right, not +-inf (the forward keeps
+    input - target, not 2 (input - target); torch itself overflows here for "sum" and
+    "none", so the fp64 gradient is the oracle)."""
+    n = 4096
+    input = torch.zeros(n, dtype=torch.float16, device=device)
+    target = torch.zeros(n, dtype=torch.float16, device=device)
+    input[0], target[1] = 40000.0, -30000.0
+    upstream = torch.rand(n if reduction == "none" else (), dtype=torch.float16, device=device)
+    # representable gradients: 2 * 40000 * upstream (/ n) below 65504
+    upstream = upstream * {"none": 1e-4, "sum": 0.4, "mean": 1.0}[reduction]
+    a = input.clone().requires_grad_(needs == "input")
+    b = target.clone().requires_grad_(needs == "target")
+    with ek.use_backend(backend):
+        loss = ek.fused_mse_loss(a, b, reduction)
+    (got,) = torch.autograd.grad(loss, (a if needs == "input" else b,), upstream)
+    a64 = input.double().requires_grad_(needs == "input")
+    b64 = target.double().requires_grad_(needs == "target")
+    loss64 = F.mse_loss(a64, b64, reduction=reduction)
+    (expected,) = torch.autograd.grad(loss64, (a64 if needs == "input" else b64,),
+                                      upstream.double())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.skipif(not ek.info()["cpp"], reason="the C++ extension is not built")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_torch_compile_fullgraph_runs_the_cpp_kernel(reduction):
+    """The C++ op under torch.compile(fullgraph=True), where the automatic choice takes it
+    (from CPU_MIN_ELEMENTS on): no graph break, the kernels' values and gradients."""
+    n = ek.mse_loss.CPU_MIN_ELEMENTS
+    input = torch.randn(n, requires_grad=True)
+    target = torch.randn(n)
+    compiled = torch.compile(lambda x, y: ek.fused_mse_loss(x, y, reduction) * 3.0,
+                             fullgraph=True)
+    (grad,) = torch.autograd.grad(compiled(input, target), (input,))
+    x = input.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.mse_loss(x, target, reduction=reduction) * 3.0, (x,))
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_batched_upstream_gradients(device, backend):
+    """autograd.grad(..., is_grads_batched=True) (how torch.autograd.functional.jacobian
+    vectorizes): one gradient per upstream value, as torch's."""
+    input = torch.randn(6, 5, device=device, requires_grad=True)
+    target = torch.randn(6, 5, device=device)
+    upstream = torch.tensor([1.0, -2.0, 0.5], device=device)
+    with ek.use_backend(backend):
+        loss = ek.fused_mse_loss(input, target)
+    (grads,) = torch.autograd.grad(loss, (input,), upstream, is_grads_batched=True)
+    expected = torch.stack([2 * (input - target).detach() / input.numel() * u for u in upstream])
+    torch.testing.assert_close(grads, expected)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_torch_compile_fullgraph(reduction):
     module = ek.FusedMSELoss(reduction)
@@ -264,15 +324,15 @@ def test_cpu_backward_writes_over_the_forwards_buffer_only_when_nothing_else_rea
                 loss = ek.fused_mse_loss(input, target, reduction) * 1.5
             grads["hooked"] = torch.autograd.grad(loss, (input, target))
         assert "ether_kernels::mse_loss_backward_" not in _backward_ops_called(hooked)
-        twice = [t for t in stash if t.shape == input.shape and t is not input
-                 and t is not target]
-        torch.testing.assert_close(twice[0], 2 * (input - target).detach())
+        kept = [t for t in stash if t.shape == input.shape and t is not input
+                and t is not target]
+        torch.testing.assert_close(kept[0], (input - target).detach())
 
         code = {"mean": 0, "sum": 1}[reduction]
-        loss, twice_diff = torch.ops.ether_kernels.mse_loss_forward(input, target, code, True)
-        held = twice_diff.clone()
+        loss, difference = torch.ops.ether_kernels.mse_loss_forward(input, target, code, True)
+        held = difference.clone()
         grads["held"] = torch.autograd.grad(loss * 1.5, (input, target))
-        assert torch.equal(twice_diff, held)  # the caller's tensor is left as it was
+        assert torch.equal(difference, held)  # the caller's tensor is left as it was
     for name in ("plain", "first", "second", "held", "hooked"):
         for got, want in zip(grads[name], expected):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
@@ -283,11 +343,11 @@ def test_inplace_backward_op_checks_its_arguments():
     op = torch.ops.ether_kernels.mse_loss_backward_
     with pytest.raises(RuntimeError, match="grad_loss must hold one value, got 2"):
         op(torch.randn(3, 4), torch.ones(2), True)
-    with pytest.raises(RuntimeError, match="twice_diff must be floating point"):
+    with pytest.raises(RuntimeError, match="difference must be floating point"):
         op(torch.ones(3, 4, dtype=torch.int64), torch.ones(()), True)
     with pytest.raises(RuntimeError, match="must be a contiguous CPU tensor"):
         op(torch.randn(4, 3).t(), torch.ones(()), True)
-    twice_diff = torch.randn(3, 4)
-    expected = twice_diff * 0.5 / 12
-    op(twice_diff, torch.tensor(0.5), True)  # in place: mean divides by the 12 elements
-    torch.testing.assert_close(twice_diff, expected)
+    difference = torch.randn(3, 4)
+    expected = difference * 2 * 0.5 / 12  # the gradient of the mean from input - target
+    op(difference, torch.tensor(0.5), True)  # in place: mean divides by the 12 elements
+    torch.testing.assert_close(difference, expected)

@@ -34,13 +34,14 @@ ETHER_HOST_DEVICE inline double discrepancy_value(double d, int64_t discrepancy)
   return discrepancy == kL2 ? d * d : (d < 0 ? -d : d);
 }
 
-// phi'(d). For l1 this is sign(d) with sign(0) = 0 (torch.abs's subgradient); a NaN stays a
-// NaN so that it reaches the gradient instead of being silently replaced by 0.
+// phi'(d). For l1 this is torch.abs's subgradient sign(d): 0 at 0, and 0 for a NaN gap too
+// (torch.sign(nan) = 0; the NaN element's own gradient is NaN through the MSE term, and the
+// loss is NaN). For l2, 2 d (NaN stays NaN, as in autograd's d * d).
 ETHER_HOST_DEVICE inline double discrepancy_slope(double d, int64_t discrepancy) {
   if (discrepancy == kL2) return 2.0 * d;
   if (d > 0) return 1.0;
   if (d < 0) return -1.0;
-  return d == 0 ? 0.0 : d;  // d is NaN here
+  return 0.0;  // d == 0 or NaN
 }
 
 // Finalizes one row of channel sums. Returns inter (unscaled) and writes coef[0..C).
@@ -77,6 +78,10 @@ ETHER_HOST_DEVICE inline double finalize_row(
   }
   shared /= static_cast<double>(C) * n;
 
+  if (scale == 0.0) {  // alpha = 0: exactly the MSE, whose gradient 0 * (a NaN slope) must
+    for (int64_t c = 0; c < C; ++c) coef[c] = coef_t(0);  // not turn into NaN everywhere
+    return inter;
+  }
   for (int64_t c = 0; c < C; ++c) coef[c] = static_cast<coef_t>(-scale * shared);
   for (int64_t e = 0; e < E; ++e) {
     coef[member_channel[e]] += static_cast<coef_t>(scale * group_scratch[member_group[e]]);

@@ -32,9 +32,10 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
   double sse = 0.0;
   MseForwardArgs args{p.data_ptr(), t.data_ptr(), p.scalar_type(), n, &sse, nullptr,
                       compute_grad ? grad.data_ptr() : nullptr,
-                      // 2 (p - t), without the mean's 1 / n: stored in 16 bits, 2 (p - t) / n
-                      // would be subnormal for large n. The backward applies 1 / n.
-                      2.0};
+                      // p - t, without the gradient's 2 / n: stored in 16 bits, 2 (p - t)
+                      // overflows from |p - t| > 32752 (fp16) and 2 (p - t) / n is subnormal
+                      // for large n. The backward applies 2 (/ n).
+                      1.0};
   ETHER_CPU_DISPATCH(mse_forward)(args);
   // An empty mean is 0 / 0 = NaN, as in torch.nn.functional.mse_loss.
   const double loss = mean ? sse / static_cast<double>(n) : sse;
@@ -43,39 +44,40 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
 
 namespace {
 
-// grad_loss (/ n for the mean), checked: the factor of both backwards.
-double backward_factor(const char* op, const at::Tensor& grad_loss, const at::Tensor& twice_diff,
+// 2 grad_loss (/ n for the mean), checked: the factor of both backwards (the forward kept
+// input - target).
+double backward_factor(const char* op, const at::Tensor& grad_loss, const at::Tensor& difference,
                        bool mean) {
   TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value, got ",
               grad_loss.numel());
-  TORCH_CHECK(at::isFloatingType(twice_diff.scalar_type()), op,
-              ": twice_diff must be floating point, got ", twice_diff.scalar_type());
+  TORCH_CHECK(at::isFloatingType(difference.scalar_type()), op,
+              ": difference must be floating point, got ", difference.scalar_type());
   const double g = grad_loss.item<double>();
-  return mean ? g / static_cast<double>(twice_diff.numel()) : g;
+  return mean ? 2.0 * g / static_cast<double>(difference.numel()) : 2.0 * g;
 }
 
 }  // namespace
 
-at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
+at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& difference,
                                  bool mean) {
-  const double factor = backward_factor("mse_loss_backward", grad_loss, twice_diff, mean);
-  const at::Tensor in = twice_diff.contiguous();
+  const double factor = backward_factor("mse_loss_backward", grad_loss, difference, mean);
+  const at::Tensor in = difference.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   ScaleArgs args{in.data_ptr(), out.data_ptr(), in.scalar_type(), in.numel(), factor};
   ETHER_CPU_DISPATCH(scale)(args);
   return out;
 }
 
-void mse_loss_backward_inplace_cpu(const at::Tensor& twice_diff, const at::Tensor& grad_loss,
+void mse_loss_backward_inplace_cpu(const at::Tensor& difference, const at::Tensor& grad_loss,
                                    bool mean) {
-  const double factor = backward_factor("mse_loss_backward_", grad_loss, twice_diff, mean);
-  TORCH_CHECK(twice_diff.device().is_cpu() && twice_diff.is_contiguous(),
-              "mse_loss_backward_: twice_diff must be a contiguous CPU tensor (the forward's "
-              "own buffer), got device ", twice_diff.device(), " and strides ",
-              twice_diff.strides());
+  const double factor = backward_factor("mse_loss_backward_", grad_loss, difference, mean);
+  TORCH_CHECK(difference.device().is_cpu() && difference.is_contiguous(),
+              "mse_loss_backward_: difference must be a contiguous CPU tensor (the forward's "
+              "own buffer), got device ", difference.device(), " and strides ",
+              difference.strides());
   // The same kernel with out = in: each element is read, then written at the same place.
-  ScaleArgs args{twice_diff.data_ptr(), twice_diff.data_ptr(), twice_diff.scalar_type(),
-                 twice_diff.numel(), factor};
+  ScaleArgs args{difference.data_ptr(), difference.data_ptr(), difference.scalar_type(),
+                 difference.numel(), factor};
   ETHER_CPU_DISPATCH(scale)(args);
 }
 

@@ -21,9 +21,9 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cpu(const at::Tensor& input,
                                                         const at::Tensor& target,
                                                         int64_t reduction, bool compute_grad);
 
-at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
+at::Tensor mse_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& difference,
                                  bool mean);
-void mse_loss_backward_inplace_cpu(const at::Tensor& twice_diff, const at::Tensor& grad_loss,
+void mse_loss_backward_inplace_cpu(const at::Tensor& difference, const at::Tensor& grad_loss,
                                    bool mean);
 
 // AMSS / AMSS+ gradient masking of every tensor of a step, in place (amss.cpp).

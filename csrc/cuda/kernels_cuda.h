@@ -78,8 +78,9 @@ cudaError_t ether_loss_backward(const EtherBackwardArgs& args, cudaStream_t stre
 // Fused MSE forward over n contiguous elements.
 //   reduction mean (0) / sum (1): *loss = sse / n or sse (dtype; NaN for an empty mean, as in
 //                     torch); when grad is non-null also grad[e] = grad_scale * (p - t)
-//                     (the op keeps grad_scale = 2 for both: 2 (p - t), the mean's 1 / n is
-//                     applied by mse_backward, so 16-bit values do not become subnormal)
+//                     (the op keeps grad_scale = 1 for both: p - t, the gradient's 2 (/ n)
+//                     is applied by mse_backward, so 16-bit values neither overflow nor
+//                     become subnormal)
 //   reduction none (2): out[e] = (p - t)^2
 struct MseForwardArgs {
   const void* input;
@@ -90,7 +91,7 @@ struct MseForwardArgs {
   void* loss;         // mean/sum: 0-dim, dtype
   void* out;          // none: [n], dtype
   void* grad;         // mean/sum, may be null
-  double grad_scale;  // 2 in the op (see above)
+  double grad_scale;  // 1 in the op (see above)
   void* workspace;    // mse_forward_workspace_bytes(*this) bytes (0 for reduction none)
   size_t workspace_bytes;
 };
@@ -99,12 +100,12 @@ size_t mse_forward_workspace_bytes(const MseForwardArgs& args);
 cudaError_t mse_forward(const MseForwardArgs& args, cudaStream_t stream);
 
 // Fused MSE backward, one pass over n contiguous elements:
-//   out[e] = twice_diff[e] * s,   s = g * factor rounded once to the accumulation type,
-// g = *grad_loss read on the device (factor = 1 / n for the mean, 1 for the sum), so the
+//   out[e] = difference[e] * s,   s = g * factor rounded once to the accumulation type,
+// g = *grad_loss read on the device (factor = 2 / n for the mean, 2 for the sum), so the
 // product is formed in fp32 (fp64 for fp64) and rounded once to the element type.
 struct MseBackwardArgs {
   const void* grad_loss;   // one element, dtype
-  const void* twice_diff;  // [n], dtype
+  const void* difference;  // [n], dtype
   DType dtype;
   int64_t n;
   double factor;

@@ -5,7 +5,7 @@
 //   mean/sum: sse = sum_e (p_e - t_e)^2,   grad_e = grad_scale * (p_e - t_e)
 //             loss = sse / n (mean; NaN for n == 0, as in torch) or sse (sum)
 //   none:     out_e = (p_e - t_e)^2
-//   backward: out_e = twice_diff_e * (g * factor), g read on the device (mse_backward)
+//   backward: out_e = difference_e * (g * factor), g read on the device (mse_backward)
 //
 // mean/sum take two launches and no host synchronisation: a grid-stride pass in which every
 // block writes one fp64 partial sum to the workspace (no atomics), then one block that adds
@@ -102,11 +102,11 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *loss = from_double<T>(mean ? s / n : s);
 }
 
-// Backward: out = twice_diff * s with s = upstream * factor (in double, then rounded once
+// Backward: out = difference * s with s = upstream * factor (in double, then rounded once
 // to the accumulation type, like the CPU kernel's scale), grid-stride over units.
 template <typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    mse_backward_kernel(const T* __restrict__ grad_loss, const T* __restrict__ twice_diff,
+    mse_backward_kernel(const T* __restrict__ grad_loss, const T* __restrict__ difference,
                         int64_t n, double factor, T* __restrict__ out) {
   using acc = acc_t<T>;
   constexpr int V = kVec<T>;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
        unit += stride) {
     const int64_t e = unit * V, valid = min64(V, n - e);
     acc x[V];
-    load_unit<T, kAligned>(twice_diff + e, valid, x);
+    load_unit<T, kAligned>(difference + e, valid, x);
 #pragma unroll
     for (int v = 0; v < V; ++v) x[v] *= s;
     store_unit<T, kAligned>(out + e, valid, x);
@@ -197,7 +197,7 @@ cudaError_t backward_impl(const MseBackwardArgs& a, cudaStream_t stream) {
   if (a.n < 0) return cudaErrorInvalidValue;
   if (a.n == 0) return cudaSuccess;
   const auto* grad_loss = static_cast<const T*>(a.grad_loss);
-  const auto* in = static_cast<const T*>(a.twice_diff);
+  const auto* in = static_cast<const T*>(a.difference);
   auto* out = static_cast<T*>(a.out);
   const int64_t blocks = min64(ceil_div(ceil_div(a.n, V), kThreads), kElementwiseMaxBlocks);
   if (aligned16(in) && aligned16(out)) {

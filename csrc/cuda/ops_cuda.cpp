@@ -203,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cuda(const at::Tensor& input
   at::Tensor loss = at::empty({}, p.options());
   args.loss = loss.data_ptr();
   args.grad = compute_grad && n > 0 ? grad.data_ptr() : nullptr;
-  // 2 (p - t) for the mean as well, as on the CPU: stored in 16 bits, 2 (p - t) / n would be
-  // subnormal for large n. mse_loss_backward applies the 1 / n.
-  args.grad_scale = 2.0;
+  // p - t, as on the CPU: stored in 16 bits, 2 (p - t) overflows from |p - t| > 32752
+  // (fp16) and 2 (p - t) / n is subnormal for large n. mse_loss_backward applies 2 (/ n).
+  args.grad_scale = 1.0;
   // Workspace: one fp64 partial sum per block of the reduction pass (at most 8 KiB).
   const size_t bytes = mse_forward_workspace_bytes(args);
   at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, p.options().dtype(at::kByte));
@@ -216,30 +216,30 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_forward_cuda(const at::Tensor& input
   return {loss, grad};
 }
 
-at::Tensor mse_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& twice_diff,
+at::Tensor mse_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& difference,
                                   bool mean) {
   TORCH_CHECK(grad_loss.numel() == 1, "mse_loss_backward: grad_loss must hold one value, got ",
               grad_loss.numel());
-  TORCH_CHECK(at::isFloatingType(twice_diff.scalar_type()),
-              "mse_loss_backward: twice_diff must be floating point");
-  TORCH_CHECK(kernel_supports(twice_diff.scalar_type()),
-              "mse_loss_backward (CUDA kernel): dtype ", twice_diff.scalar_type(),
+  TORCH_CHECK(at::isFloatingType(difference.scalar_type()),
+              "mse_loss_backward: difference must be floating point");
+  TORCH_CHECK(kernel_supports(difference.scalar_type()),
+              "mse_loss_backward (CUDA kernel): dtype ", difference.scalar_type(),
               " is not supported (float32, float64, float16, bfloat16)");
-  TORCH_CHECK(twice_diff.is_cuda(), "mse_loss_backward (CUDA kernel): twice_diff must be a CUDA "
-              "tensor, got ", twice_diff.device());
-  const c10::cuda::CUDAGuard guard(twice_diff.device());
-  const at::Tensor in = twice_diff.contiguous();
+  TORCH_CHECK(difference.is_cuda(), "mse_loss_backward (CUDA kernel): difference must be a CUDA "
+              "tensor, got ", difference.device());
+  const c10::cuda::CUDAGuard guard(difference.device());
+  const at::Tensor in = difference.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
-  // Read on the device in twice_diff's dtype (the loss's dtype, so a no-op for autograd's
+  // Read on the device in difference's dtype (the loss's dtype, so a no-op for autograd's
   // gradient); the CPU op's .item() would be a host synchronisation here.
   const at::Tensor upstream = grad_loss.to(in.options(), /*non_blocking=*/true).contiguous();
   if (in.numel() > 0) {
     MseBackwardArgs args{};
     args.grad_loss = upstream.data_ptr();
-    args.twice_diff = in.data_ptr();
+    args.difference = in.data_ptr();
     args.dtype = kernel_dtype(in.scalar_type());
     args.n = in.numel();
-    args.factor = mean ? 1.0 / static_cast<double>(in.numel()) : 1.0;
+    args.factor = mean ? 2.0 / static_cast<double>(in.numel()) : 2.0;
     args.out = out.data_ptr();
     C10_CUDA_CHECK(mse_backward(args, at::cuda::getCurrentCUDAStream()));
   }

@@ -9,7 +9,9 @@
 
 With per_sample=True, mean_m and overall are taken per sample (over dims 1..) and the inter
 term is averaged over the batch. Half and bfloat16 inputs are computed in float32 and the
-loss is returned in the input dtype. Autograd gives the gradients.
+loss is returned in the input dtype; the means are taken in float64 (as the kernels
+accumulate them), so that equal means give a gap of exactly 0, whose L1 subgradient is 0.
+Autograd gives the gradients.
 """
 
 import torch
@@ -28,10 +30,11 @@ def ether_loss_reference(y_pred, y_true, groups, weights, alpha, discrepancy="l1
 
     # Dims that a mean averages over: all of them, or all but the batch dim per sample.
     dims = tuple(range(1, y_pred.dim())) if per_sample else tuple(range(y_pred.dim()))
-    overall = y_pred.mean(dim=dims)
+    values = y_pred.double()
+    overall = values.mean(dim=dims)
     inter = torch.zeros_like(overall)
     for weight, channels in zip(weights, groups):
-        mean_m = y_pred.index_select(1, channels).mean(dim=dims)
+        mean_m = values.index_select(1, channels).mean(dim=dims)
         gap = mean_m - overall
         inter = inter + weight * (gap.abs() if discrepancy == "l1" else gap * gap)
     if per_sample:

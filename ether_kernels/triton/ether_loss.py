@@ -141,8 +141,8 @@ def _finalize_kernel(sums_ptr, sse_ptr, n_sse, member_channel_ptr, member_group_
             slope = 2.0 * gap
         else:
             inter += tl.where(mask, weight * tl.abs(gap), 0.0)
-            # sign(gap), 0 at 0, NaN kept (gap != gap only for NaN)
-            slope = tl.where(gap > 0, 1.0, tl.where(gap < 0, -1.0, tl.where(gap != gap, gap, 0.0)))
+            # sign(gap): 0 at 0 and for a NaN gap (torch.sign's convention, as the reference)
+            slope = tl.where(gap > 0, 1.0, tl.where(gap < 0, -1.0, 0.0))
         weighted = tl.where(mask, weight * slope, 0.0)
         shared += weighted
         tl.store(group_sum + m0 + lanes, weighted / (size * n), mask=mask)
@@ -159,6 +159,7 @@ def _finalize_kernel(sums_ptr, sse_ptr, n_sse, member_channel_ptr, member_group_
     for c0 in range(0, C, BLOCK):
         mask = c0 + lanes < C
         value = scale * (tl.load(coef_acc + c0 + lanes, mask=mask, other=0.0) - shared_term)
+        value = tl.where(scale == 0.0, 0.0, value)  # alpha = 0: exactly the MSE (0 * NaN)
         tl.store(coef_ptr + row * C + c0 + lanes, value.to(coef_ptr.dtype.element_ty), mask=mask)
 
     inter_total = tl.sum(inter, axis=0)

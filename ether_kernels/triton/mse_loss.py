@@ -1,8 +1,8 @@
 """Fused MSE in Triton (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
 One pass over input and target. For reduction mean/sum each program writes one partial sum
-of (p - t)^2 (fixed slots: deterministic) and, when the input needs a gradient, the gradient
-grad_scale * (p - t) itself, so the backward is a single multiply by the upstream gradient
+of (p - t)^2 (fixed slots: deterministic) and, when the input needs a gradient, p - t
+itself, so the backward is a single multiply by 2 times the upstream gradient
 (the Liger-Kernel trick: two reads and one write in all). reduction none writes (p - t)^2.
 """
 
@@ -39,10 +39,10 @@ def _mse_kernel(input_ptr, target_ptr, partial_ptr, out_ptr, grad_ptr, N, grad_s
 @triton.jit(do_not_specialize=["N"])
 def _scale_kernel(in_ptr, out_ptr, upstream_ptr, N, MEAN: tl.constexpr, BLOCK: tl.constexpr,
                   ACC_DTYPE: tl.constexpr):
-    """out = in * upstream (/ N for the mean), formed in fp32 (fp64) and rounded once."""
+    """out = in * 2 upstream (/ N for the mean), formed in fp32 (fp64), rounded once."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < N
-    scale = tl.load(upstream_ptr).to(ACC_DTYPE)
+    scale = 2.0 * tl.load(upstream_ptr).to(ACC_DTYPE)
     if MEAN:
         scale = scale / N.to(ACC_DTYPE)
     x = tl.load(in_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -59,9 +59,10 @@ def mse_loss_forward_triton(input: torch.Tensor, target: torch.Tensor, reduction
 def _forward(input, target, reduction, compute_grad):
     p, t = input.contiguous(), target.contiguous()
     N = p.numel()
-    # The kept gradient is 2 * (p - t), without the 1 / N of the mean: in 16-bit storage
-    # 2 (p - t) / N would be subnormal for large N. The backward applies 1 / N.
-    grad_scale = 2.0
+    # The kept buffer is p - t, without the gradient's 2 / N: in 16-bit storage 2 (p - t)
+    # overflows from |p - t| > 32752 (fp16) and 2 (p - t) / N is subnormal for large N. The
+    # backward applies 2 (/ N).
+    grad_scale = 1.0
     acc = accumulator_dtype(p.dtype)
     programs = max(1, triton.cdiv(N, BLOCK))
     elementwise = reduction == 2
@@ -82,9 +83,9 @@ def _forward(input, target, reduction, compute_grad):
 
 
 @torch.library.custom_op("ether_kernels::mse_loss_backward_triton", mutates_args=())
-def mse_loss_backward_triton(grad_loss: torch.Tensor, twice_diff: torch.Tensor,
+def mse_loss_backward_triton(grad_loss: torch.Tensor, difference: torch.Tensor,
                              mean: bool) -> torch.Tensor:
-    src = twice_diff.contiguous()
+    src = difference.contiguous()
     out = torch.empty_like(src)
     N = src.numel()
     if N > 0:

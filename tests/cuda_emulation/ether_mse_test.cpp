@@ -156,7 +156,7 @@ void run_case(const Case& cs, std::mt19937_64& rng) {
       cuda::MseForwardArgs m{};
       m.input = pred; m.target = targ; m.dtype = Info<T>::d; m.n = N; m.reduction = red; m.loss = l;
       m.out = red == 2 ? (void*)(outb + off) : nullptr; m.grad = (red != 2 && cg) ? (void*)(outb + off) : nullptr;
-      m.grad_scale = 2.0;  // the op keeps 2 (p - t); mse_backward applies 1 / N
+      m.grad_scale = 1.0;  // the op keeps p - t; mse_backward applies 2 (/ N)
       size_t mb = cuda::mse_forward_workspace_bytes(m); m.workspace = mb ? alloc<char>(mb) : nullptr; m.workspace_bytes = mb;
       expect(cuda::mse_forward(m, nullptr) == cudaSuccess, std::string("mse launch ") + tag);
       if (red != 2) expect(close(to_d(*l), rt<T>(red == 0 ? sse / N : sse), Info<T>::tol, 1e-7), std::string("mse loss ") + std::to_string(red) + tag);
@@ -170,12 +170,12 @@ void run_case(const Case& cs, std::mt19937_64& rng) {
       if (red != 2 && cg) {  // backward from the kept 2 (p - t)
         T* gl = alloc<T>(1); *gl = from_d<T>(0.7); const double g = to_d(*gl);
         T* gib = alloc<T>(N + 8);
-        cuda::MseBackwardArgs b{}; b.grad_loss = gl; b.twice_diff = outb + off; b.dtype = Info<T>::d; b.n = N;
-        b.factor = red == 0 ? 1.0 / N : 1.0; b.out = gib + off;
+        cuda::MseBackwardArgs b{}; b.grad_loss = gl; b.difference = outb + off; b.dtype = Info<T>::d; b.n = N;
+        b.factor = red == 0 ? 2.0 / N : 2.0; b.out = gib + off;
         expect(cuda::mse_backward(b, nullptr) == cudaSuccess, "mse bwd launch");
         int badb = 0;
         for (int64_t e = 0; e < N; ++e) {
-          const double want = to_d(outb[off + e]) * (g * b.factor);  // from the stored 2 (p - t)
+          const double want = to_d(outb[off + e]) * (g * b.factor);  // from the stored p - t
           if (!close(to_d(gib[off + e]), rt<T>(want), Info<T>::gtol, 1e-9 + sub_atol<T>())) ++badb;
         }
         expect(badb == 0, std::string("mse bwd ") + std::to_string(red) + " " + tag);
