@@ -36,14 +36,20 @@ def check_choice(value, name, choices, op_name):
         raise ValueError(f"{op_name}: {name} must be one of {options}, got {value!r}")
 
 
+def is_finite_number(value):
+    """math.isfinite for a real number, written so that torch.compile can also trace it on a
+    symbolic float (a float argument that changed between calls: math.isfinite(SymFloat) is
+    not traceable and breaks a fullgraph compile)."""
+    return value == value and abs(value) != math.inf
+
+
 def check_non_negative_real(value, name, op_name):
     """A finite real number >= 0 (bool and tensors are refused); returns it as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op_name}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
+    if not is_finite_number(value) or value < 0:
         raise ValueError(f"{op_name}: {name} must be a finite number >= 0, got {value}")
-    return value
+    return float(value)
 
 
 def check_int(value, name, op_name, minimum=None):

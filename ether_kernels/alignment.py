@@ -21,7 +21,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_loss_pair, check_tensor
+from ._checks import check_choice, check_loss_pair, check_tensor, is_finite_number
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -61,7 +61,7 @@ def _check_labels(labels, rows, name, op, device):
 
 def _check_margin(margin, op):
     if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or \
-            not math.isfinite(margin) or margin < 0:
+            not is_finite_number(margin) or margin < 0:
         raise ValueError(f"{op}: margin must be a finite number >= 0, got {margin!r}")
     return float(margin)
 
@@ -383,7 +383,7 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
     _check_embeddings(b, "b", op)
     check_loss_pair(a, b, "a", "b", op)
     if not isinstance(temperature, numbers.Real) or not temperature > 0 or \
-            not math.isfinite(temperature):
+            not is_finite_number(temperature):
         raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
     B = a.shape[0]
     if block is None:
@@ -418,7 +418,7 @@ def grad_reverse(x, lambda_=1.0):
     reversal layer, for domain-adversarial training)."""
     check_tensor(x, "x")
     if not isinstance(lambda_, numbers.Real) or isinstance(lambda_, bool) or \
-            not math.isfinite(lambda_):
+            not is_finite_number(lambda_):
         raise ValueError(f"grad_reverse: lambda_ must be a finite number, got {lambda_!r}")
     return _GradientReversal.apply(x, float(lambda_))
 
@@ -457,8 +457,8 @@ def cca_loss(h1, h2, k=None, eps=1e-4):
         raise ValueError(f"{op}: need at least 2 samples, got {h1.shape[0]}")
     if h1.dtype != h2.dtype or h1.device != h2.device:
         raise TypeError(f"{op}: h1 and h2 must have the same dtype and device")
-    if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"{op}: eps must be > 0, got {eps!r}")
+    if not isinstance(eps, numbers.Real) or not eps > 0 or not is_finite_number(eps):
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
     full = min(h1.shape[1], h2.shape[1])
     k = full if k is None else k
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= full:
@@ -470,10 +470,29 @@ def cca_loss(h1, h2, k=None, eps=1e-4):
     s11 = xc.t() @ xc / (n - 1) + eps * torch.eye(x.shape[1], dtype=work, device=x.device)
     s22 = yc.t() @ yc / (n - 1) + eps * torch.eye(y.shape[1], dtype=work, device=x.device)
     s12 = xc.t() @ yc / (n - 1)
-    l1 = torch.linalg.cholesky(s11)
-    l2 = torch.linalg.cholesky(s22)
+    l1, info1 = torch.linalg.cholesky_ex(s11)
+    l2, info2 = torch.linalg.cholesky_ex(s22)
+    if not torch.compiler.is_compiling() and bool((info1 != 0) | (info2 != 0)):  # one read
+        _explain_cholesky_failure(op, ((h1, "h1", s11, info1), (h2, "h2", s22, info2)), eps)
     # T = L1^-1 S12 L2^-T by two triangular solves
     t = torch.linalg.solve_triangular(l1, s12, upper=False)
     t = torch.linalg.solve_triangular(l2, t.t(), upper=False).t()
     correlations = torch.linalg.svdvals(t)  # descending
     return (-correlations[:k].sum()).to(h1.dtype)
+
+
+def _explain_cholesky_failure(op, views, eps):
+    """Why S + eps I had no Cholesky factor, naming the view: non-finite values, or an eps
+    below the rounding of the features' variance (S + eps I is positive definite in exact
+    arithmetic, not in floating point once eps < ~1e-16 of the largest variance)."""
+    for h, name, s, info in views:
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"{op}: {name} contains NaN or inf")
+    for h, name, s, info in views:
+        if int(info) != 0:
+            largest = float(s.diagonal().max())
+            raise ValueError(
+                f"{op}: the covariance of {name} plus eps I is not positive definite in "
+                f"floating point (largest feature variance {largest:.3g}, eps = {eps}): "
+                f"{name} is rank-deficient at a scale where eps is below rounding; use a "
+                f"larger eps or rescale {name}")

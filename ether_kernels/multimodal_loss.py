@@ -14,6 +14,12 @@ Triton kernel (triton/multimodal_loss.py): one pass over the batch, one sample a
 forms the loss and its gradients for z and W (the backward only scales them), so none of
 the (B, C*K) intermediates is stored at all. predict() runs the reference (composite
 PyTorch, differentiable).
+
+One deliberate difference from the released code's gradients: where an entry of W is
+exactly 0, relu (the spec) passes no gradient to it, while the released fc.clamp(min=0)
+does (and then, for a column that is all zeros, through its two normalisations of a zero
+vector, a gradient of size ~1/eps^2 = 1e24). Values agree everywhere; a W initialised to
+exact zeros does not train here (the default initialisation is kaiming_uniform_).
 """
 
 import math
@@ -30,8 +36,9 @@ _OP = "multimodal_loss"
 
 
 def _forward_fake(z, labels, W, num_classes, gamma, compute_grad):
+    # the ops' gradients are contiguous, whatever the inputs' strides
     if compute_grad:
-        return z.new_empty(()), torch.empty_like(z), torch.empty_like(W)
+        return z.new_empty(()), z.new_empty(z.shape), W.new_empty(W.shape)
     return z.new_empty(()), z.new_empty(0), W.new_empty(0)
 
 
@@ -75,16 +82,36 @@ if triton_import_error is None:
                                     setup_context=_setup_context)
 
 
+def _check_labels(labels, num_classes):
+    """Every label in [0, C): a clear error for CPU labels; on a GPU an asynchronous device
+    assert (no host synchronisation), as F.cross_entropy's. (cross_entropy's ignore_index
+    -100 is not a label here: the loss is the mean over every row.)"""
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if labels.device.type == "cpu":
+        low, high = labels.min().item(), labels.max().item()
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{_OP}: labels must be class indices in [0, {num_classes}), got "
+                             f"{bad}")
+    else:
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"{_OP}: labels must be class indices in [0, {num_classes})")
+
+
 def multimodal_loss(z, labels, W, num_classes, gamma):
     """The MultiModal loss with the proxies W (M*C, C*K), on the backend chosen by device."""
     backend = _dispatch.select(_OP, z.device, cpu_backends=_CPU_BACKENDS,
                                gpu_backends=_GPU_BACKENDS)
+    labels = labels.long()  # int32 / int16 / uint8 labels on every backend
+    _check_labels(labels, num_classes)
     if backend in ("cpp", "triton"):
-        weight = W.to(z.dtype)
+        # the kernels read row-major z and W (a transposed view is copied once)
+        z, weight = z.contiguous(), W.to(z.dtype).contiguous()
         compute_grad = torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad)
         op = (torch.ops.ether_kernels.multimodal_loss_forward if backend == "cpp" else
               torch.ops.ether_kernels.multimodal_loss_forward_triton)
-        loss, _, _ = op(z, labels.long(), weight, num_classes, float(gamma), compute_grad)
+        loss, _, _ = op(z, labels, weight, num_classes, float(gamma), compute_grad)
         return loss
     return multimodal_loss_reference(z, labels, W.to(z.dtype), num_classes, gamma)
 

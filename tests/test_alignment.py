@@ -254,6 +254,9 @@ def test_cca_bad_input():
         (lambda: ek.cca_loss(h, h, k=5), ValueError, "k must be"),
         (lambda: ek.cca_loss(h, h, k=0), ValueError, "k must be"),
         (lambda: ek.cca_loss(h, h, eps=0), ValueError, "eps"),
+        (lambda: ek.cca_loss(h, h, eps=math.inf), ValueError, "eps must be a finite"),
+        (lambda: ek.cca_loss(h.masked_fill(h > 1, math.nan), h), ValueError,
+         "h1 contains NaN or inf"),
         (lambda: ek.cca_loss(h, h.double()), TypeError, "same dtype"),
     ]
     for call, error, match in cases:
@@ -307,3 +310,38 @@ def test_contrastive_loss_at_32768_stays_within_one_slab_on_gpu():
     small = ek.contrastive_loss(a.detach()[:4096], b.detach()[:4096], 0.07, block=block)
     assert abs(small.item() - exact.item()) <= 1e-4 * abs(exact.item())
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_cca_rank_deficient_at_a_large_scale_is_a_clear_error():
+    """Duplicated features of scale 1e5 with eps = 1e-8: S11 + eps I is positive definite
+    only in exact arithmetic; the error names h1 and says what to change (it was
+    torch's bare 'not positive-definite')."""
+    h1 = torch.randn(64, 10, dtype=torch.float64)
+    h1[:, 5:] = h1[:, :5]
+    h2 = torch.randn(64, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="covariance of h1 plus eps I is not positive definite"):
+        ek.cca_loss(h1 * 1e5, h2, eps=1e-8)
+    assert math.isfinite(ek.cca_loss(h1, h2, eps=1e-8).item())  # the same data at unit scale
+
+
+def test_float_arguments_may_change_under_a_fullgraph_compile():
+    """A schedule changes lambda_, the temperature or the margin between steps: the second
+    distinct value makes it a symbolic float for torch.compile, which must still trace the
+    argument checks (math.isfinite could not) and give eager's gradients."""
+    x, labels = labelled_batch(12, 4, 3)
+    a = torch.randn(12, 4, dtype=torch.float64)
+    reversal = ek.GradientReversal(1.0)
+    settings = {"value": 1.0}
+
+    def losses(t):
+        v = settings["value"]
+        return ((reversal(t) * t).sum() + ek.contrastive_loss(t, a, 0.1 * v)
+                + ek.batch_hard_triplet_loss(t, labels, margin=v))
+
+    compiled = torch.compile(losses, fullgraph=True)
+    for value in (1.0, 0.5, 0.25):
+        settings["value"] = reversal.lambda_ = value
+        ours, ours_grad = grads_of(compiled, x)
+        eager, eager_grad = grads_of(losses, x)
+        torch.testing.assert_close(ours, eager, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours_grad[0], eager_grad[0], rtol=1e-8, atol=1e-10)

@@ -551,3 +551,18 @@ def test_second_derivatives_match_the_reference(device, backend, discrepancy, re
                                        discrepancy=discrepancy, weights=[0.25, 0.75],
                                        reduction=reduction, per_sample=per_sample),
             inputs, device, backend)
+
+
+def test_alpha_may_change_under_a_fullgraph_compile():
+    """An alpha schedule: the second distinct value is a symbolic float for torch.compile,
+    whose argument check must still trace (math.isfinite could not)."""
+    y_pred, y_true = random_pair((6, 5), torch.float32, "cpu", (True, False))
+    state = {"alpha": 1.0}
+    compiled = torch.compile(
+        lambda p, t: ek.ether_loss(p, t, [0, [1, 2]], state["alpha"]), fullgraph=True)
+    for alpha in (1.0, 0.5, 0.25):
+        state["alpha"] = alpha
+        (got,) = torch.autograd.grad(compiled(y_pred, y_true), (y_pred,))
+        (expected,) = torch.autograd.grad(ek.ether_loss(y_pred, y_true, [0, [1, 2]], alpha),
+                                          (y_pred,))
+        torch.testing.assert_close(got, expected)

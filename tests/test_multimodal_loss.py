@@ -198,7 +198,8 @@ def test_triton_op_opcheck_and_checks(device, backend):
     torch.library.opcheck(ops.multimodal_loss_forward_triton,
                           (z.clone().requires_grad_(True), labels,
                            W.clone().requires_grad_(True), 2, 0.1, True))
-    # a label out of range gives NaN (no host check on the GPU path), never a finite loss
+    # the op itself does not check label values (multimodal_loss does, before it): a label
+    # out of range gives NaN, never a finite loss
     bad = labels.clone()
     bad[3] = 2
     loss, _, _ = ops.multimodal_loss_forward_triton(z, bad, W, 2, 0.1, False)
@@ -231,3 +232,59 @@ def test_second_derivatives_match_the_reference(device, backend):
     assert_second_order_matches_the_reference(
         lambda z, W, labels: mm_module.multimodal_loss(z, labels, W, 3, 0.1),
         [z.requires_grad_(True), W.requires_grad_(True), labels], device, backend)
+
+
+@pytest.mark.parametrize("device,backend", FUSED + [pytest.param("cpu", "reference")])
+def test_transposed_inputs_give_the_reference_gradients(device, backend):
+    """z and W given as transposed views (the kernels read row-major copies): values and both
+    gradients equal the reference's on contiguous copies, and the ops' opcheck (the fake's
+    strides equal the real op's) passes on the views."""
+    module = ek.MultiModalLoss(3, 2, proxies_per_class=4).double().to(device)
+    labels = torch.randint(0, 3, (5,), device=device)
+    z_storage = torch.rand(6, 5, dtype=torch.float64, device=device, requires_grad=True)
+    W_storage = module.W.detach().t().contiguous().requires_grad_(True)  # (C*K, M*C)
+    with ek.use_backend(backend):
+        loss = mm_module.multimodal_loss(z_storage.t(), labels, W_storage.t(), 3, 0.1)
+    got = torch.autograd.grad(loss, (z_storage, W_storage))
+    z = z_storage.detach().t().contiguous().requires_grad_(True)
+    W = module.W.detach().clone().requires_grad_(True)
+    expected_loss = multimodal_loss_reference(z, labels, W, 3, 0.1)
+    expected = torch.autograd.grad(expected_loss, (z, W))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[0], expected[0].t(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1].t(), rtol=1e-10, atol=1e-12)
+    if backend != "reference":
+        op = (torch.ops.ether_kernels.multimodal_loss_forward if backend == "cpp"
+              else torch.ops.ether_kernels.multimodal_loss_forward_triton)
+        torch.library.opcheck(op, (z_storage.detach().t().requires_grad_(True), labels,
+                                   W_storage.detach().t().requires_grad_(True), 3, 0.1, True))
+
+
+@needs_cpp
+def test_compile_fullgraph_with_transposed_inputs():
+    module = ek.MultiModalLoss(3, 2, proxies_per_class=4).double()
+    labels = torch.randint(0, 3, (5,))
+    z_storage = torch.rand(6, 5, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(lambda t: module(t.t(), labels), fullgraph=True)
+    (got,) = torch.autograd.grad(compiled(z_storage), (z_storage,))
+    (expected,) = torch.autograd.grad(module(z_storage.t(), labels), (z_storage,))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_of_any_integer_dtype_and_out_of_range_labels(backend):
+    """int32 / int16 / uint8 labels give the int64 labels' loss on every backend; a label
+    outside [0, C) (cross_entropy's ignore_index -100 included: the loss is the mean over
+    every row) is an error naming labels, on every backend."""
+    module = ek.MultiModalLoss(3, 2, proxies_per_class=2)
+    z = torch.rand(4, 6)
+    labels = torch.tensor([0, 1, 2, 1])
+    with ek.use_backend(backend):
+        expected = module(z, labels)
+        for dtype in (torch.int32, torch.int16, torch.uint8):
+            torch.testing.assert_close(module(z, labels.to(dtype)), expected)
+        for bad in (-100, -1, 3):
+            wrong = labels.clone()
+            wrong[1] = bad
+            with pytest.raises(ValueError, match=rf"labels must be class indices in \[0, 3\), got {bad}"):
+                module(z, wrong)

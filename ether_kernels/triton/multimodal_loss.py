@@ -127,13 +127,14 @@ def multimodal_loss_forward_triton(z: torch.Tensor, labels: torch.Tensor, W: tor
     w = (relu_W / col_norm.clamp_min(NORM_FLOOR)).contiguous()
     programs = triton.cdiv(B, ROWS)
     losses = torch.empty(programs, dtype=acc, device=z.device)
-    grad_z = torch.empty_like(z) if compute_grad else z.new_empty(0)
+    z = z.contiguous()  # the kernel reads and writes row-major rows
+    grad_z = z.new_empty(z.shape) if compute_grad else z.new_empty(0)
     gw = torch.empty(programs, MC, CK, dtype=acc, device=z.device) if compute_grad else losses
     # 1 / gamma and 1 / B in the accumulator's dtype, written on the device (no host copy)
     scalars = torch.full((2,), 1.0 / gamma, dtype=acc, device=z.device)
     scalars[1] = 1.0 / B
     _multimodal_rows_kernel[(programs,)](
-        z.contiguous(), labels.contiguous(), w, losses, grad_z, gw, B, scalars,
+        z, labels.contiguous(), w, losses, grad_z, gw, B, scalars,
         MC=MC, C=C, K=K, MCP=_next_power_of_2(MC), CP=_next_power_of_2(C),
         KP=_next_power_of_2(K), ROWS=ROWS, GRAD=compute_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32)
@@ -146,12 +147,12 @@ def multimodal_loss_forward_triton(z: torch.Tensor, labels: torch.Tensor, W: tor
     norm = col_norm
     dr = torch.where(norm > NORM_FLOOR, (g - w * (w * g).sum(dim=0, keepdim=True)) /
                      norm.clamp_min(NORM_FLOOR), g / NORM_FLOOR)
-    grad_W = torch.where(W > 0, dr, 0.0).to(W.dtype)
+    grad_W = torch.where(W > 0, dr, 0.0).to(W.dtype).contiguous()
     return loss, grad_z, grad_W
 
 
 @multimodal_loss_forward_triton.register_fake
 def _(z, labels, W, num_classes, gamma, compute_grad):
-    if compute_grad:
-        return z.new_empty(()), torch.empty_like(z), torch.empty_like(W)
+    if compute_grad:  # contiguous gradients, whatever the inputs' strides
+        return z.new_empty(()), z.new_empty(z.shape), W.new_empty(W.shape)
     return z.new_empty(()), z.new_empty(0), W.new_empty(0)
