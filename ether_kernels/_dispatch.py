@@ -87,8 +87,21 @@ def unsupported_reasons(backend, device, op_backends):
     return reasons
 
 
+def transformed():
+    """Whether forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) or a torch.func
+    transform (grad, vjp, vmap, jacrev, ...) is active. The fused ops' derivatives are
+    reverse-mode autograd formulas: under forward AD they would give a tangent of 0 without
+    a word, and functorch cannot run them, so select() then takes the reference (composite
+    PyTorch, which every transform differentiates)."""
+    return (torch.autograd.forward_ad._current_level >= 0
+            or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def select(op_name, device, cpu_backends=("cpp",), gpu_backends=("triton",)):
-    """The backend that runs `op_name` on tensors on `device`."""
+    """The backend that runs `op_name` on tensors on `device`: the reference under forward
+    AD or a torch.func transform (see transformed()), even when a backend is forced."""
+    if not torch.compiler.is_compiling() and transformed():
+        return "reference"
     forced = forced_backend()
     key = (op_name, device.type, cpu_backends, gpu_backends, forced)
     choice = _choices.get(key)

@@ -21,7 +21,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from . import _dispatch
 from ._checks import check_choice, check_loss_pair, check_tensor, is_finite_number
+from .reference.alignment import contrastive_loss_reference
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -394,6 +396,9 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
         block = max(1, min(B, entries // B))
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"{op}: block must be an int >= 1, got {block!r}")
+    if not torch.compiler.is_compiling() and _dispatch.transformed():
+        # forward AD / torch.func: the blockwise Function's backward is reverse-mode only
+        return contrastive_loss_reference(a, b, temperature, symmetric, normalize)
     if normalize:
         a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
     bound = 1.0 / float(temperature) if normalize else None  # |cosine| <= 1
@@ -403,14 +408,25 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
 # ------------------------------------------------------------- gradient reversal
 
 class _GradientReversal(torch.autograd.Function):
+    # forward / setup_context apart, a jvp and a generated vmap rule: torch.func transforms
+    # and forward-mode AD work too
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, lambda_):
-        ctx.lambda_ = lambda_
+    def forward(x, lambda_):
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.lambda_ = inputs[1]
 
     @staticmethod
     def backward(ctx, grad):
         return -ctx.lambda_ * grad, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _):
+        return x_tangent  # the forward is the identity; only the backward is reversed
 
 
 def grad_reverse(x, lambda_=1.0):

@@ -210,3 +210,49 @@ except ek.BackendUnavailableError as error:
 """
     stdout, _ = run_python(code, ETHER_KERNELS_DISABLE_EXTENSION="1")
     assert stdout.split() == ["1", "False", "True", "True", "True", "refused:", "True"], stdout
+
+
+def _transform_cases():
+    """(name, f(t) -> scalar, input) for every public op with fused backends."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    y = torch.randn(4, 6, dtype=torch.float64)
+    s2 = torch.randn(2, 7, 2, dtype=torch.float64)
+    mm = ek.MultiModalLoss(3, 2, proxies_per_class=2).double()
+    labels = torch.tensor([0, 1, 2, 1])
+    return [
+        ("fused_mse_loss", lambda t: ek.fused_mse_loss(t, y) * 2, x),
+        ("ether_loss", lambda t: ek.ether_loss(t, y, [0, [1, 2]], 0.5), x),
+        ("soft_dtw", lambda t: ek.soft_dtw(t.view(2, 6, 2), s2, 0.5).sum(), x),
+        ("dtw", lambda t: ek.dtw(t.view(2, 6, 2), s2).sum(), x),
+        ("multimodal_loss", lambda t: mm(t, labels), x.abs()),
+        ("contrastive_loss", lambda t: ek.contrastive_loss(t, y, 0.2), x),
+        ("grad_reverse", lambda t: (ek.grad_reverse(t, 0.5) * t.sin()).sum(), x),
+    ]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("auto", "cpp", "triton")
+                                     if b == "auto" or b in _dispatch.available_backends("cpu")])
+def test_forward_ad_and_torch_func_transforms_give_the_references_derivatives(backend):
+    """Under forward-mode AD (torch.func.jvp) and the torch.func transforms (grad, vmap) the
+    ops run the reference, whatever the backend (forced ones too): the fused ops' reverse-
+    mode formulas gave a silent tangent of 0 under jvp and an error under torch.func.grad.
+    The oracle: reverse-mode autograd of the default path (the fused kernels)."""
+    for name, f, x in _transform_cases():
+        tangent = torch.randn_like(x)
+        with ek.use_backend(backend):
+            _, jvp = torch.func.jvp(f, (x,), (tangent,))
+            grad = torch.func.grad(f)(x)
+            per_sample = torch.func.vmap(torch.func.grad(f))(torch.stack([x, 2 * x]))
+        expected = []
+        for point in (x, 2 * x):
+            t = point.clone().requires_grad_(True)
+            expected.append(torch.autograd.grad(f(t), (t,))[0])
+        if name == "grad_reverse":  # the forward is the identity: its tangent is not reversed
+            t = x.clone().requires_grad_(True)
+            (forward_grad,) = torch.autograd.grad((t * t.sin()).sum(), (t,))
+            torch.testing.assert_close(jvp, (forward_grad * tangent).sum(), msg=name)
+        else:
+            torch.testing.assert_close(jvp, (expected[0] * tangent).sum(), msg=name)
+        torch.testing.assert_close(grad, expected[0], msg=name)
+        torch.testing.assert_close(per_sample, torch.stack(expected), msg=name)
