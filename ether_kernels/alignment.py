@@ -408,10 +408,6 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
 # ------------------------------------------------------------- gradient reversal
 
 class _GradientReversal(torch.autograd.Function):
-    # forward / setup_context apart, a jvp and a generated vmap rule: torch.func transforms
-    # and forward-mode AD work too
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(x, lambda_):
         return x.view_as(x)
@@ -423,6 +419,12 @@ class _GradientReversal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return -ctx.lambda_ * grad, None
+
+
+class _GradientReversalUnderTransforms(_GradientReversal):
+    """The same with a jvp and a generated vmap rule, for forward-mode AD and torch.func
+    (torch.compile cannot trace a Function with a custom jvp, so only there)."""
+    generate_vmap_rule = True
 
     @staticmethod
     def jvp(ctx, x_tangent, _):
@@ -436,6 +438,8 @@ def grad_reverse(x, lambda_=1.0):
     if not isinstance(lambda_, numbers.Real) or isinstance(lambda_, bool) or \
             not is_finite_number(lambda_):
         raise ValueError(f"grad_reverse: lambda_ must be a finite number, got {lambda_!r}")
+    if not torch.compiler.is_compiling() and _dispatch.transformed():
+        return _GradientReversalUnderTransforms.apply(x, float(lambda_))
     return _GradientReversal.apply(x, float(lambda_))
 
 
