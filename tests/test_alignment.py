@@ -345,3 +345,50 @@ def test_float_arguments_may_change_under_a_fullgraph_compile():
         eager, eager_grad = grads_of(losses, x)
         torch.testing.assert_close(ours, eager, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(ours_grad[0], eager_grad[0], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [0.0125, 0.0249, 0.07])
+@pytest.mark.parametrize("block", [None, 64])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_contrastive_fp32_is_precise_on_nearly_aligned_batches(temperature, block, symmetric,
+                                                              normalize):
+    """Late in training the batch is nearly aligned (p_ii -> 1) and CLIP's temperature is
+    ~0.01: the loss is tiny and the gradient a small difference. fp32 must stay within 1e-4
+    of fp64 (relative to the largest gradient entry) and the loss within 1e-3 relative (it
+    was 8% / 150x off at T = 0.0125: the diagonal's softmax formed from the full sum)."""
+    B, E = 256, 16
+    base = torch.randn(B, E, dtype=torch.float64)
+    a = base + 0.05 * torch.randn(B, E, dtype=torch.float64)
+    b = base + 0.05 * torch.randn(B, E, dtype=torch.float64)
+    if not normalize:  # unit rows anyway: the same logits without the bound
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    a, b = a.float().double(), b.float().double()  # the fp32 inputs, exactly
+    a64, b64 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    expected = ref.contrastive_loss_reference(a64, b64, temperature, symmetric, normalize)
+    expected_grads = torch.autograd.grad(expected, (a64, b64))
+    a32, b32 = a.float().requires_grad_(True), b.float().requires_grad_(True)
+    loss = ek.contrastive_loss(a32, b32, temperature, symmetric, normalize=normalize, block=block)
+    grads = torch.autograd.grad(loss, (a32, b32))
+    assert abs(loss.double().item() - expected.item()) <= 1e-3 * abs(expected.item())
+    for got, want in zip(grads, expected_grads):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("mining", ["hard", "all"])
+def test_mined_triplets_at_exact_ties_match_the_reference(margin, mining):
+    """Embeddings on an integer grid with squared distances: many triplets sit exactly at
+    zero loss (d_ij + margin = d_ik). Batch-all counts only the positive ones, so those at
+    zero pass no gradient (relu's derivative at 0), on the fast path and in the reference."""
+    x = torch.randint(-2, 3, (12, 2)).double()
+    labels = torch.randint(0, 3, (12,))
+    fn = ek.batch_hard_triplet_loss if mining == "hard" else ek.batch_all_triplet_loss
+    reference = ref.batch_hard_triplet_reference if mining == "hard" else \
+        ref.batch_all_triplet_reference
+    ours, ours_grad = grads_of(lambda t: fn(t, labels, margin=margin, squared=True), x)
+    theirs, their_grad = grads_of(
+        lambda t: reference(ref.pairwise_distances_reference(t, t, True), labels, labels,
+                            margin, exclude_self=True), x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_grad[0], their_grad[0], rtol=1e-10, atol=1e-12)

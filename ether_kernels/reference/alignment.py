@@ -63,7 +63,9 @@ def batch_all_triplet_reference(distances, labels_a, labels_b, margin, exclude_s
     """The (A, Q, Q) tensor of every triplet's loss relu(d_ij - d_ik + margin) over valid
     (positive j, negative k), averaged over the triplets whose loss is positive."""
     positive, negative = _valid_masks(labels_a, labels_b, exclude_self)
-    losses = torch.clamp(distances[:, :, None] - distances[:, None, :] + margin, min=0)
+    # relu, whose derivative at 0 is 0: a triplet at exactly zero loss is not counted below,
+    # so it passes no gradient either (torch.clamp's derivative at the bound is 1)
+    losses = torch.relu(distances[:, :, None] - distances[:, None, :] + margin)
     valid = positive[:, :, None] & negative[:, None, :]
     losses = torch.where(valid, losses, 0.0)
     count = (losses > 0).sum()
