@@ -73,22 +73,35 @@ def _check_margin(margin, op):
 def triplet_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False,
                  reduction="mean"):
     """relu(d(a, p) - d(a, n) + margin), d(u, v) = ||u - v + eps||_p: exactly
-    torch.nn.functional.triplet_margin_loss (same arguments, same values and gradients)."""
+    torch.nn.functional.triplet_margin_loss (same arguments, inputs (B, E) or unbatched (E,),
+    broadcast against each other as torch does), with argument checks that name the input."""
     op = "triplet_loss"
     for x, name in ((anchor, "anchor"), (positive, "positive"), (negative, "negative")):
-        _check_embeddings(x, name, op)
-    check_loss_pair(anchor, positive, "anchor", "positive", op)
-    check_loss_pair(anchor, negative, "anchor", "negative", op)
+        check_tensor(x, name)
+        if not x.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
+        if x.dim() not in (1, 2) or x.numel() == 0:
+            raise ValueError(f"{op}: {name} must be a non-empty (B, E) or (E,) tensor, got "
+                             f"shape {tuple(x.shape)}")
+    for x, name in ((positive, "positive"), (negative, "negative")):
+        if x.dtype != anchor.dtype or x.device != anchor.device:
+            raise TypeError(f"{op}: anchor ({anchor.dtype}, {anchor.device}) and {name} "
+                            f"({x.dtype}, {x.device}) must have the same dtype and device")
+        if x.dim() != anchor.dim() or x.shape[-1] != anchor.shape[-1]:
+            raise ValueError(f"{op}: anchor has shape {tuple(anchor.shape)} but {name} has "
+                             f"shape {tuple(x.shape)}: the same number of dims and width E")
+    try:
+        torch.broadcast_shapes(anchor.shape, positive.shape, negative.shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: the batch sizes of anchor {tuple(anchor.shape)}, positive "
+                         f"{tuple(positive.shape)} and negative {tuple(negative.shape)} do not "
+                         "broadcast") from None
     margin = _check_margin(margin, op)
-    if not isinstance(p, numbers.Real) or p <= 0:
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not p > 0:
         raise ValueError(f"{op}: p must be > 0, got {p!r}")
     check_choice(reduction, "reduction", _REDUCTIONS, op)
-    d_ap = F.pairwise_distance(anchor, positive, p, eps)
-    d_an = F.pairwise_distance(anchor, negative, p, eps)
-    if swap:
-        d_an = torch.minimum(d_an, F.pairwise_distance(positive, negative, p, eps))
-    losses = torch.clamp_min(d_ap - d_an + margin, 0)
-    return {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
+    return F.triplet_margin_loss(anchor, positive, negative, margin=margin, p=p, eps=eps,
+                                 swap=swap, reduction=reduction)
 
 
 def pairwise_distances(x, y, squared=False):
@@ -97,6 +110,9 @@ def pairwise_distances(x, y, squared=False):
     a zero distance (an anchor against itself), never NaN. As with every Gram-based distance,
     points much closer to each other than to the origin lose relative precision in fp32
     (the squared distance is a difference of large numbers); use fp64 if that matters."""
+    _check_embeddings(x, "x", "pairwise_distances")
+    _check_embeddings(y, "y", "pairwise_distances")
+    _check_same_width(x, y, "x", "y", "pairwise_distances")
     d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.t())
     d2 = torch.clamp_min(d2, 0.0)
     if squared:

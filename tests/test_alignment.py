@@ -118,6 +118,11 @@ def test_triplet_bad_input():
         (lambda: ek.cross_modal_triplet_loss(x, x, labels, labels, mining="semi"), ValueError,
          "mining"),
         (lambda: ek.cross_modal_triplet_loss(x, x[:, :2], labels, labels), ValueError, "others"),
+        (lambda: ek.triplet_loss(x, x[:4], x), ValueError, "do not broadcast"),
+        (lambda: ek.triplet_loss(x, x[0], x), ValueError, "positive has shape"),
+        (lambda: ek.pairwise_distances(x, x[:, :2]), ValueError, "widths differ"),
+        (lambda: ek.pairwise_distances(x[0], x), ValueError, "x must be a non-empty"),
+        (lambda: ek.pairwise_distances(x, x.long()), TypeError, "y must be a floating"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
@@ -392,3 +397,19 @@ def test_mined_triplets_at_exact_ties_match_the_reference(margin, mining):
                             margin, exclude_self=True), x)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_grad[0], their_grad[0], rtol=1e-10, atol=1e-12)
+
+
+def test_triplet_loss_takes_torchs_unbatched_and_broadcast_inputs():
+    """Unbatched (E,) triplets and a positive broadcast over the batch, as
+    F.triplet_margin_loss accepts them: the same values and gradients."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    cases = [(x[0], x[1], x[2]), (x, x[:1], x.flip(0))]
+    for anchor, positive, negative in cases:
+        args = [t.clone().requires_grad_(True) for t in (anchor, positive, negative)]
+        ours = ek.triplet_loss(*args, margin=0.7)
+        grads = torch.autograd.grad(ours, args)
+        twins = [t.clone().requires_grad_(True) for t in (anchor, positive, negative)]
+        theirs = torch.nn.functional.triplet_margin_loss(*twins, margin=0.7)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        for g, h in zip(grads, torch.autograd.grad(theirs, twins)):
+            torch.testing.assert_close(g, h, rtol=0, atol=0)
