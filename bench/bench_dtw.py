@@ -56,12 +56,28 @@ def test_hard_dtw(benchmark, provider):
            dtype=torch.float32, device="cpu", provider=provider, cells=cells)
 
 
+@pytest.mark.parametrize("lengths", ["equal", "per-pair"])
 @pytest.mark.parametrize("provider", ["ether_kernels", "eager", "tslearn", "pysdtw"])
-def test_soft_dtw_forward_backward(benchmark, provider):
+def test_soft_dtw_forward_backward(benchmark, provider, lengths):
+    """lengths "per-pair": every pair has its own lengths (x_lengths, y_lengths, 192..256),
+    the usual multimodal batch; cells counted per pair (n_k m_k). pysdtw has no per-pair
+    lengths."""
     x = _series(SOFT["pairs"], SOFT["n"], SOFT["dim"], 2)
     y = _series(SOFT["pairs"], SOFT["n"], SOFT["dim"], 3)
     gamma = SOFT["gamma"]
-    cells = SOFT["pairs"] * SOFT["n"] * SOFT["n"]
+    x_lengths = torch.full((SOFT["pairs"],), SOFT["n"])
+    y_lengths = torch.full((SOFT["pairs"],), SOFT["n"])
+    lengths_given = {}
+    if lengths == "per-pair":
+        if provider == "pysdtw":
+            pytest.skip("pysdtw has no per-pair lengths")
+        generator = torch.Generator().manual_seed(6)
+        x_lengths = torch.randint(3 * SOFT["n"] // 4, SOFT["n"] + 1, (SOFT["pairs"],),
+                                  generator=generator)
+        y_lengths = torch.randint(3 * SOFT["n"] // 4, SOFT["n"] + 1, (SOFT["pairs"],),
+                                  generator=generator)
+        lengths_given = dict(x_lengths=x_lengths, y_lengths=y_lengths)
+    cells = int((x_lengths * y_lengths).sum())
     rounds = 5
     if provider in ("ether_kernels", "eager"):
         backend = "auto" if provider == "ether_kernels" else "reference"
@@ -70,10 +86,11 @@ def test_soft_dtw_forward_backward(benchmark, provider):
         def fn():
             with ek.use_backend(backend):
                 a = x.clone().requires_grad_(True)
-                torch.autograd.grad(ek.soft_dtw(a, y, gamma).sum(), (a,))
+                torch.autograd.grad(ek.soft_dtw(a, y, gamma, **lengths_given).sum(), (a,))
     elif provider == "tslearn":
         soft = pytest.importorskip("tslearn.metrics")
-        a, b = x.double().numpy(), y.double().numpy()
+        a = [x[k, :x_lengths[k]].double().numpy() for k in range(SOFT["pairs"])]
+        b = [y[k, :y_lengths[k]].double().numpy() for k in range(SOFT["pairs"])]
 
         def fn():
             for k in range(len(a)):
@@ -90,11 +107,14 @@ def test_soft_dtw_forward_backward(benchmark, provider):
             a = x.clone().requires_grad_(True)
             torch.autograd.grad(criterion(a, y).sum(), (a,))
         fn()
-    benchmark.group = "soft_dtw fwd+bwd 64 x 256 x 256, D=4"
+    if lengths == "equal":
+        benchmark.group = "soft_dtw fwd+bwd 64 x 256 x 256, D=4"
+    else:
+        benchmark.group = "soft_dtw fwd+bwd 64 pairs, lengths 192..256, D=4"
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
-    record(benchmark, op="soft_dtw", mode="forward+backward",
-           shape=(SOFT["pairs"], SOFT["n"], SOFT["n"]), dtype=torch.float32, device="cpu",
-           provider=provider, cells=cells)
+    record(benchmark, op="soft_dtw" if lengths == "equal" else "soft_dtw-lengths",
+           mode="forward+backward", shape=(SOFT["pairs"], SOFT["n"], SOFT["n"]),
+           dtype=torch.float32, device="cpu", provider=provider, cells=cells)
 
 
 @pytest.mark.parametrize("provider", ["ether_kernels", "eager", "tslearn", "pysdtw"])
