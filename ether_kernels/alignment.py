@@ -110,9 +110,15 @@ def pairwise_distances(x, y, squared=False):
     a zero distance (an anchor against itself), never NaN. As with every Gram-based distance,
     points much closer to each other than to the origin lose relative precision in fp32
     (the squared distance is a difference of large numbers); use fp64 if that matters."""
-    _check_embeddings(x, "x", "pairwise_distances")
-    _check_embeddings(y, "y", "pairwise_distances")
-    _check_same_width(x, y, "x", "y", "pairwise_distances")
+    op = "pairwise_distances"
+    for t, name in ((x, "x"), (y, "y")):
+        check_tensor(t, name)
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a (rows, E) tensor, got shape "
+                             f"{tuple(t.shape)}")
+    _check_same_width(x, y, "x", "y", op)
     d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.t())
     d2 = torch.clamp_min(d2, 0.0)
     if squared:
@@ -263,7 +269,7 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
         diagonal = torch.empty(B, dtype=acc, device=a.device)      # L_ii
         row_shift = None if unshifted else torch.empty_like(diagonal)
         row_d, row_s = torch.empty_like(diagonal), torch.empty_like(diagonal)
-        col_shift = None if unshifted else torch.full_like(diagonal, -math.inf)
+        col_shift = None if unshifted or not symmetric else torch.full_like(diagonal, -math.inf)
         col_s = torch.zeros_like(diagonal)
         one_slab = B <= block
         for start in range(0, B, block):
@@ -291,9 +297,9 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
             row_d[rows] = E[local, index]
             E[local, index] = 0.0
             row_s[rows] = E.sum(dim=1)
-        col_d = row_d if unshifted else torch.exp(diagonal - col_shift)
         loss = w_row * _minus_log_p(row_d, row_s, row_shift, diagonal).mean()
         if symmetric:
+            col_d = row_d if unshifted else torch.exp(diagonal - col_shift)
             loss = loss + w_col * _minus_log_p(col_d, col_s, col_shift, diagonal).mean()
         # the softmaxes' scales w / (d + s) and the diagonal of w_r p + w_c q - (w_r + w_c)
         row_weight = w_row / (row_d + row_s)
@@ -305,7 +311,8 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
         ctx.kept_gradient = one_slab
         if one_slab:  # dL now, from the one slab (E holds its row exponentials)
             d_logits = _slab_gradient(a_scaled, b_acc, 0, row_weight, col_weight, row_shift,
-                                      col_shift, diagonal_grad, E if unshifted else None)
+                                      col_shift, diagonal_grad, exp_rows=E if unshifted else None,
+                                      logits=None if unshifted else L)
             ctx.save_for_backward(a, b, d_logits)
         else:
             ctx.save_for_backward(a, b, row_weight, col_weight, row_shift, col_shift,
@@ -332,7 +339,7 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
             rows = slice(start, start + block)
             d_slab = _slab_gradient(a_scaled[rows], b_acc, start, row_weight[rows], col_weight,
                                     None if row_shift is None else row_shift[rows], col_shift,
-                                    diagonal_grad[rows], None)
+                                    diagonal_grad[rows])
             torch.mm(d_slab, b_acc, out=grad_a[rows])
             grad_b.addmm_(d_slab.t(), a_scaled[rows])  # a_scaled carries the 1 / T
         scale = grad.to(acc) / B
@@ -356,14 +363,14 @@ def _minus_log_p(d, s, shift, diagonal):
 
 
 def _slab_gradient(a_scaled_rows, b_acc, start, row_weight, col_weight, row_shift, col_shift,
-                   diagonal_grad, exp_rows):
+                   diagonal_grad, exp_rows=None, logits=None):
     """w_r p + w_c q - (w_r + w_c) I on the slab of rows start.. (row_weight = w_r / (d + s)
-    of its rows, col_weight of every column; shifts None when unshifted). exp_rows: the
-    slab's exp(L) when already at hand (unshifted), overwritten."""
+    of its rows, col_weight of every column; shifts None when unshifted). When already at
+    hand: exp_rows, the slab's exp(L) (unshifted; overwritten), or its logits L (shifted)."""
     if exp_rows is not None:
         d_slab = exp_rows
     else:
-        L = torch.mm(a_scaled_rows, b_acc.t())
+        L = torch.mm(a_scaled_rows, b_acc.t()) if logits is None else logits
         d_slab = L.exp_() if row_shift is None else torch.exp(L - row_shift[:, None])
     if row_shift is None:  # one exponential for both softmaxes
         if col_weight is None:
@@ -495,10 +502,14 @@ def cca_loss(h1, h2, k=None, eps=1e-4):
     s11 = xc.t() @ xc / (n - 1) + eps * torch.eye(x.shape[1], dtype=work, device=x.device)
     s22 = yc.t() @ yc / (n - 1) + eps * torch.eye(y.shape[1], dtype=work, device=x.device)
     s12 = xc.t() @ yc / (n - 1)
-    l1, info1 = torch.linalg.cholesky_ex(s11)
-    l2, info2 = torch.linalg.cholesky_ex(s22)
-    if not torch.compiler.is_compiling() and bool((info1 != 0) | (info2 != 0)):  # one read
-        _explain_cholesky_failure(op, ((h1, "h1", s11, info1), (h2, "h2", s22, info2)), eps)
+    if torch.compiler.is_compiling():  # no data-dependent diagnosis in a graph: torch's error
+        l1, l2 = torch.linalg.cholesky(s11), torch.linalg.cholesky(s22)
+    else:
+        l1, info1 = torch.linalg.cholesky_ex(s11)
+        l2, info2 = torch.linalg.cholesky_ex(s22)
+        if bool((info1 != 0) | (info2 != 0)):  # one host read
+            _explain_cholesky_failure(op, ((h1, "h1", s11, info1), (h2, "h2", s22, info2)),
+                                      eps)
     # T = L1^-1 S12 L2^-T by two triangular solves
     t = torch.linalg.solve_triangular(l1, s12, upper=False)
     t = torch.linalg.solve_triangular(l2, t.t(), upper=False).t()

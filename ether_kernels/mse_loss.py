@@ -1,7 +1,7 @@
 """The fused MSE loss: equal to torch.nn.functional.mse_loss in value and gradient.
 
 The ops ether_kernels::mse_loss_forward (C++ CPU, CUDA C++) and mse_loss_forward_triton:
-  forward(input, target, reduction, compute_grad) -> (loss, grad)
+  forward(input, target, reduction, compute_grad) -> (loss, difference)
 With reduction mean/sum and compute_grad, the forward pass also writes
 difference = input - target while it has the data in registers, so the backward is one
 multiply by 2 times the upstream gradient (and 1 / N for the mean): two reads and one write

@@ -86,8 +86,8 @@ def _check_labels(labels, num_classes):
     """Every label in [0, C): a clear error for CPU labels; on a GPU an asynchronous device
     assert (no host synchronisation), as F.cross_entropy's. (cross_entropy's ignore_index
     -100 is not a label here: the loss is the mean over every row.)"""
-    if labels.numel() == 0 or torch.compiler.is_compiling():
-        return
+    if labels.numel() == 0 or torch.compiler.is_compiling() or _dispatch.transformed():
+        return  # (no host read of traced or vmap-batched labels)
     if labels.device.type == "cpu":
         low, high = labels.min().item(), labels.max().item()
         if low < 0 or high >= num_classes:

@@ -34,6 +34,23 @@ def naive_R(cost, n, m, band=None, gamma=None):
     return R
 
 
+def force_cpu_checkpoints(monkeypatch):
+    """Makes the C++ soft-DTW keep checkpoints on any pair (S ~ sqrt(N), a multiple of 4:
+    small pairs get several segments), and returns a function that runs a callable under
+    the profiler and asserts that the checkpointed forward and backward ops ran."""
+    monkeypatch.setattr(dynamic_time_warping, "cpu_checkpoint_rows",
+                        lambda N, M: max(4, -(-(math.isqrt(N - 1) + 1) // 4) * 4))
+
+    def checked(run):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = run()
+        names = {event.name for event in prof.events()}
+        for op in ("forward", "backward"):
+            assert f"ether_kernels::dtw_xy_soft_{op}_checkpointed" in names, names
+        return result
+    return checked
+
+
 def random_case(B=4, N=7, M=9, D=2, dtype=torch.float64):
     x = torch.randn(B, N, D, dtype=dtype)
     y = torch.randn(B, M, D, dtype=dtype)
@@ -438,8 +455,7 @@ def test_ragged_lane_groups_match_the_reference(monkeypatch, dtype, band, metric
     hard and soft DTW and the soft gradients equal the reference's, for lengths from 1 to
     the full size in both directions, and whatever lies past a pair's lengths (NaN here) is
     never read."""
-    if checkpointed:
-        monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 0)
+    checked = force_cpu_checkpoints(monkeypatch) if checkpointed else (lambda run: run())
     B, N, M = 35, 21, 26  # two groups of 16 fp32 hard lanes, four groups of 8 fp64 lanes
     x = torch.randn(B, N, D, dtype=torch.float64)
     y = torch.randn(B, M, D, dtype=torch.float64)
@@ -456,12 +472,15 @@ def test_ragged_lane_groups_match_the_reference(monkeypatch, dtype, band, metric
     for name, dt in (("cpp", dtype), ("reference", torch.float64)):
         a = x.to(dt).requires_grad_(True)
         b = y.to(dt).requires_grad_(True)
-        with ek.use_backend(name):
-            with torch.no_grad():
-                hard = ek.dtw(a, b, **kwargs)
-            soft = ek.soft_dtw(a, b, 0.3, **kwargs)
-            grads = torch.autograd.grad((soft * weights.to(dt)).sum(), (a, b))
-        results.append([t.double() for t in (hard, soft, *grads)])
+
+        def run():
+            with ek.use_backend(name):
+                with torch.no_grad():
+                    hard = ek.dtw(a, b, **kwargs)
+                soft = ek.soft_dtw(a, b, 0.3, **kwargs)
+                grads = torch.autograd.grad((soft * weights.to(dt)).sum(), (a, b))
+            return [t.double() for t in (hard, soft, *grads)]
+        results.append(checked(run) if name == "cpp" else run())
     bound = 1e-10 if dtype == torch.float64 else 1e-5
     for got, want in zip(results[0][:2], results[1][:2]):
         assert ((got - want).abs().max() / want.abs().max()).item() < bound
@@ -698,7 +717,7 @@ def test_checkpointed_cpu_soft_dtw_matches_the_reference(monkeypatch, dtype, B, 
                                                          ragged, metric):
     """Long pairs keep checkpoint rows only and the backward recomputes each segment
     (forced here on small pairs): values and gradients in x and y equal the reference's."""
-    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 0)
+    checked = force_cpu_checkpoints(monkeypatch)
     x = torch.randn(B, N, D, dtype=torch.float64)
     y = torch.randn(B, M, D, dtype=torch.float64)
     x_lengths = torch.randint(1, N + 1, (B,)) if ragged else None
@@ -707,11 +726,14 @@ def test_checkpointed_cpu_soft_dtw_matches_the_reference(monkeypatch, dtype, B, 
     results = []
     for backend, dt in (("cpp", dtype), ("reference", torch.float64)):
         a, b = x.to(dt).requires_grad_(True), y.to(dt).requires_grad_(True)
-        with ek.use_backend(backend):
-            values = ek.soft_dtw(a, b, 0.5, band=band, x_lengths=x_lengths, y_lengths=y_lengths,
-                                 metric=metric)
-            grads = torch.autograd.grad((values * weights.to(dt)).sum(), (a, b))
-        results.append([t.double() for t in (values, *grads)])
+
+        def run():
+            with ek.use_backend(backend):
+                values = ek.soft_dtw(a, b, 0.5, band=band, x_lengths=x_lengths,
+                                     y_lengths=y_lengths, metric=metric)
+                grads = torch.autograd.grad((values * weights.to(dt)).sum(), (a, b))
+            return [t.double() for t in (values, *grads)]
+        results.append(checked(run) if backend == "cpp" else run())
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for got, want in zip(*results):
         assert torch.isfinite(got).all()
@@ -905,3 +927,39 @@ def test_triton_fallback_cost_gradient_path_and_opcheck(device):
                                          (cost.clone().requires_grad_(True),)))
     for got, want in zip(results[0], results[1]):
         torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("band", [None, 0, 2, 5])
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["grid", "checkpointed"])
+def test_a_ragged_lane_group_is_bitwise_its_pairs_alone(dtype, band, checkpointed):
+    """Each pair of a group of 8 with different lengths gets exactly (bitwise) the value and
+    gradients it gets in a group of 8 copies of itself: the longer lanes' padding adds
+    nothing, not even rounding (fp32 keeps the forward's weights: a masked cell's left share
+    1 - wd - wu is ~1e-8, not 0, so its E must be zeroed, not pushed)."""
+    ops = torch.ops.ether_kernels
+    B, N, M, D = 8, 30, 25, 1
+    x = torch.randn(B, N, D, dtype=torch.float64).to(dtype)
+    y = torch.randn(B, M, D, dtype=torch.float64).to(dtype)
+    x_lengths = torch.randint(1, N + 1, (B,))
+    y_lengths = torch.randint(1, M + 1, (B,))
+    x_lengths[0], y_lengths[1] = N, M
+    grad = torch.linspace(0.5, 1.5, B, dtype=dtype)
+    r = -1 if band is None else band
+
+    def run(a, b, xl, yl, g):
+        if checkpointed:
+            v, kept = ops.dtw_xy_soft_forward_checkpointed(a, b, xl, yl, 0, r, 0.05, 4)
+            return (v, *ops.dtw_xy_soft_backward_checkpointed(g, a, b, kept, xl, yl, 0, r, 0.05,
+                                                              4, True, True))
+        v, kept = ops.dtw_xy_forward(a, b, xl, yl, 0, r, 0.05, True, True)
+        return (v, *ops.dtw_xy_backward(g, a, b, kept, xl, yl, 0, r, 0.05, True, True, True))
+
+    together = run(x, y, x_lengths, y_lengths, grad)
+    for k in range(B):
+        def copies(t):
+            return t[k:k + 1].expand(B, *t.shape[1:]).contiguous()
+        alone = run(copies(x), copies(y), copies(x_lengths), copies(y_lengths), copies(grad))
+        for got, want in zip(together, alone):
+            assert torch.equal(got[k], want[0]), (k, got[k], want[0])

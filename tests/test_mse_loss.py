@@ -294,7 +294,7 @@ def _backward_ops_called(run):
 @pytest.mark.skipif(not ek.info()["cpp"], reason="the C++ extension is not built")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cpu_backward_writes_over_the_forwards_buffer_only_when_nothing_else_reads_it(reduction):
-    """The CPU backward scales the forward's 2 * (input - target) in place (no fresh buffer:
+    """The CPU backward scales the forward's input - target in place (no fresh buffer:
     its page faults cost more than the pass) only when that buffer is read by nothing else:
     retain_graph, create_graph and a caller holding the op's second output get a new tensor,
     and every gradient equals F.mse_loss's."""

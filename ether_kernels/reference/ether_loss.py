@@ -30,7 +30,7 @@ def ether_loss_reference(y_pred, y_true, groups, weights, alpha, discrepancy="l1
 
     # Dims that a mean averages over: all of them, or all but the batch dim per sample.
     dims = tuple(range(1, y_pred.dim())) if per_sample else tuple(range(y_pred.dim()))
-    values = y_pred.double()
+    values = y_pred.double() if y_pred.device.type != "mps" else y_pred  # MPS has no fp64
     overall = values.mean(dim=dims)
     inter = torch.zeros_like(overall)
     for weight, channels in zip(weights, groups):

@@ -167,7 +167,7 @@ void run_case(const Case& cs, std::mt19937_64& rng) {
         if (!close(to_d(outb[off + e]), rt<T>(want), Info<T>::gtol, 1e-7 * m.grad_scale + sub_atol<T>())) ++badm;
       }
       expect(badm == 0, std::string("mse out ") + std::to_string(red) + " " + tag);
-      if (red != 2 && cg) {  // backward from the kept 2 (p - t)
+      if (red != 2 && cg) {  // backward from the kept p - t
         T* gl = alloc<T>(1); *gl = from_d<T>(0.7); const double g = to_d(*gl);
         T* gib = alloc<T>(N + 8);
         cuda::MseBackwardArgs b{}; b.grad_loss = gl; b.difference = outb + off; b.dtype = Info<T>::d; b.n = N;

@@ -459,7 +459,6 @@ void gather_lanes(const T* x, const T* y, int64_t x_stride, int64_t y_stride, in
 }
 
 
-
 // Hard value-only DTW of L pairs at once, pair k in lane k of at::vec::Vectorized<T>, on
 // the shape's grid (LaneShape: lane k's value is R[n_k][m_k]; kMasked: the shape's lanes
 // have bands of their own). xt: (n, D, L) and yt: (m, D, L) interleaved copies of the
@@ -530,7 +529,7 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D,
 
 // ---------------------------------------------------------------------------------------
 // Soft-DTW on the series, kLanes pairs at once (pair k in lane k of at::vec::Vectorized
-// <double>; all pairs of the group share n, m, hence the band). The same recurrence and
+// <double>; the group's grid and lengths: LaneShape). The same recurrence and
 // numerics contract as softmin3 / soft_backward_pair, with the vectorised exp / log
 // (Sleef u10 in the AVX2 / AVX512 builds, std::exp / std::log in DEFAULT).
 // xt: (n, D, L) and yt: (m, D, L) interleaved copies of the pairs' series, widened to A.
@@ -854,8 +853,6 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
 // pairs left over are tasks of their own (task t >= groups: pair groups L + t - groups).
 struct LaneGroups {
   int64_t L, B, groups;
-  const int64_t* xl;
-  const int64_t* yl;
   int64_t tasks() const { return groups + (B - groups * L); }
 };
 
@@ -1203,7 +1200,10 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
       VA gx_row[kDim > 0 ? kDim : 1];
       for (VA& v : gx_row) v = zero;
       for (int64_t q = jl; q >= jf; --q) {
-        const VA e = e_cur[q] + carry;  // final: every successor has pushed
+        VA e = e_cur[q] + carry;  // final: every successor has pushed
+        // A lane's masked cell (LaneShape) has E = 0 in exact arithmetic; the fp32 weights'
+        // left share 1 - wd - wu (~1e-8 from rounding where it is 0) would give it some.
+        if (shape.masked) e = VA::blendv(e, zero, shape.outside(p, q));
         VA wd, wu;
         load_weights(wrow + (q - 1) * 2 * L, wd, wu);
         const VA wl = at::vec::maximum(zero, (one - wd) - wu);
@@ -1277,7 +1277,7 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   const double inf = std::numeric_limits<double>::infinity();
-  const LaneGroups lg{L, a.B, a.B / L, a.x_lengths, a.y_lengths};
+  const LaneGroups lg{L, a.B, a.B / L};
   at::parallel_for(0, lg.tasks(), 1, [&](int64_t begin, int64_t end) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt;
@@ -1334,7 +1334,7 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
   T* gy_out = static_cast<T*>(a.grad_y);
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
-  const LaneGroups lg{L, a.B, a.B / L, a.x_lengths, a.y_lengths};
+  const LaneGroups lg{L, a.B, a.B / L};
   at::parallel_for(0, lg.tasks(), 1, [&](int64_t begin, int64_t end) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt, segment;
@@ -1409,7 +1409,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       const A gamma = static_cast<A>(a.gamma);
       const int64_t grain = std::max<int64_t>(1, 32768 / cells);
       constexpr int64_t LA = VA::size();
-      const LaneGroups lg{LA, B, LA > 1 ? B / LA : 0, a.x_lengths, a.y_lengths};
+      const LaneGroups lg{LA, B, LA > 1 ? B / LA : 0};
       at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
         const FlushSubnormalsScope flush_subnormals;  // see the class comment
         std::vector<A> buf(2 * (M + 1));
@@ -1554,7 +1554,7 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
       return;
     }
     constexpr int64_t LA = VA::size();
-    const LaneGroups lg{LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths};
+    const LaneGroups lg{LA, B, (a.soft && LA > 1) ? B / LA : 0};
     at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
       const FlushSubnormalsScope flush_subnormals;  // see the class comment
       std::vector<A> e_scratch, gx, gy, gd(std::max<int64_t>(1, D));

@@ -41,7 +41,7 @@ struct EtherBackwardArgs {
 
 // Fused MSE forward over n contiguous elements.
 //   reduction mean/sum: *sse = sum (p - t)^2; when grad is non-null also
-//                       grad[e] = grad_scale * (p - t)    (the ops pass grad_scale = 2)
+//                       grad[e] = grad_scale * (p - t)    (the ops pass grad_scale = 1)
 //   reduction none:     out[e] = (p - t)^2
 struct MseForwardArgs {
   const void* input;

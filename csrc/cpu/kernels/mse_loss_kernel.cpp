@@ -1,6 +1,6 @@
 // Fused MSE CPU kernel: one pass over input and target that produces the loss and, when the
-// input needs a gradient, the gradient itself (the backward is then one multiply by the
-// upstream gradient). Compiled once per instruction set (see setup.py).
+// input needs a gradient, grad_scale (p - t) (the ops keep p - t: the backward is then one
+// multiply by 2 times the upstream gradient). Compiled once per instruction set (setup.py).
 //
 //   mean/sum: sse = sum_e (p_e - t_e)^2,   grad_e = grad_scale * (p_e - t_e)
 //   none:     out_e = (p_e - t_e)^2
