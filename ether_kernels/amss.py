@@ -130,15 +130,30 @@ def _triton_step(op, function, mutated):
     layers took most of a step's host time on an H100 (0.2 ms of kernels in a 0.7 ms step,
     40 tensors). Called directly, the mutated tensors' version counters are bumped as the
     op would bump them."""
-    tracing = (torch.compiler.is_compiling() or _current_dispatch_mode() is not None
-               or not set(map(type, mutated)) <= _PLAIN_TENSORS)
-    if tracing:  # torch.compile, make_fx / fake tensors, tensor subclasses: the op
+    if _tracing(mutated):  # torch.compile, make_fx / fake tensors, tensor subclasses: the op
         return op
 
     def run_eagerly(*args):
         function(*args)
         torch.autograd.graph.increment_version(mutated)
     return run_eagerly
+
+
+def _tracing(tensors):
+    return (torch.compiler.is_compiling() or _current_dispatch_mode() is not None
+            or not set(map(type, tensors)) <= _PLAIN_TENSORS)
+
+
+def _cpp_step(op, mutated):
+    """The C++ op, then, in eager mode, the mutated tensors' version counters bumped: an op
+    declared in C++ with mutable arguments gets no ADInplaceOrView kernel, so autograd would
+    not see the change, and a backward through a tensor it saved before the step (a
+    parameter the step moved) would silently read the new values instead of raising."""
+    def run(*args):
+        op(*args)
+        if not _tracing(mutated):
+            torch.autograd.graph.increment_version(mutated)
+    return run
 
 
 def _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size):
@@ -150,7 +165,8 @@ def _run_mask(groups, ratios, mode, scaling, seed, step, unit_dim, unit_size):
     with torch.no_grad():
         if backend in ("cpp", "triton"):
             owner = [m for m, group in enumerate(groups) for _ in group]
-            op = (torch.ops.ether_kernels.amss_mask_gradients if backend == "cpp" else
+            op = (_cpp_step(torch.ops.ether_kernels.amss_mask_gradients, mutated=flat)
+                  if backend == "cpp" else
                   _triton_step(torch.ops.ether_kernels.amss_mask_gradients_triton,
                                _triton_amss.mask_gradients_unchecked, mutated=flat))
             op(flat, owner, [float(r) for r in ratios], _MODE_CODES[mode],
@@ -365,7 +381,8 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
                                     p, memory_format=torch.contiguous_format)
                 buffers = [buf for group_buffers in momentum_buffers for buf in group_buffers]
             owner = [m for m, group in enumerate(groups) for _ in group]
-            step_op = (torch.ops.ether_kernels.amss_masked_sgd_step if backend == "cpp" else
+            step_op = (_cpp_step(torch.ops.ether_kernels.amss_masked_sgd_step,
+                                 mutated=flat + buffers) if backend == "cpp" else
                        _triton_step(torch.ops.ether_kernels.amss_masked_sgd_step_triton,
                                     _triton_amss.masked_sgd_step_unchecked,
                                     mutated=flat + buffers))

@@ -14,6 +14,13 @@ kernels of csrc/cuda/dtw_kernels.cu do the same (one thread block per pair, no l
 a batch of 1 broadcast against B is read in place, never copied); without the CUDA
 extension, the Triton fallback (triton/dtw.py: a diagonal-by-diagonal sweep through global
 memory on a PyTorch-formed cost). Otherwise the reference runs.
+
+NaN convention, every backend: a NaN local cost in any cell a pair may use (within its
+lengths and band; from a NaN in x or y there, or inf - inf) makes that pair's value NaN, and
+its whole gradient slice (of x, y or cost) NaN, so that a NaN loss is never paired with a
+finite, meaningless gradient (which AMP's GradScaler would apply); other pairs are
+untouched. dtw_path raises for such a pair (no optimal path exists). Infinite costs are
+not NaN: a pair whose every path crosses +inf has the value +inf.
 """
 
 import math
@@ -153,6 +160,31 @@ def _cost_pairs(cost, x_lengths, y_lengths, band, op):
     return cost, x_lengths, y_lengths, _band(band, op)
 
 
+# --------------------------------------------------------------------------- NaN pairs
+
+def _nan_pairs_gradient(grad, values):
+    """grad (B, ...) with the slices of the pairs whose value is NaN set to NaN (the NaN
+    convention above); for the kernels' backward, which may push nothing through NaN."""
+    if grad is None:
+        return None
+    nan_pairs = values.isnan().view((-1,) + (1,) * (grad.dim() - 1))
+    return torch.where(nan_pairs, math.nan, grad)
+
+
+def _with_nan_pair_gradients(values, inputs):
+    """The reference's values, with the NaN convention's gradient: autograd through the
+    recurrence leaves a NaN pair's gradient partly finite (torch.where routes zeros past
+    NaN). For a NaN pair this adds NaN * sum(input slice), whose gradient is NaN in every
+    element; for the others the term is never selected and passes an exact 0. Plain torch
+    ops: forward AD, torch.func and torch.compile take it as they take the reference."""
+    nan_pairs = values.isnan()
+    scale = torch.where(nan_pairs, values.detach(), 0.0)  # NaN there, else 0 (values' dtype)
+    total = sum(t.flatten(1).sum(1) for t in inputs if t.requires_grad)
+    if isinstance(total, int):  # nothing requires grad
+        return values
+    return torch.where(nan_pairs, values + scale * total, values)
+
+
 # ------------------------------------------------------------------------------- kernels
 
 def _run(cost, x_lengths, y_lengths, band, gamma):
@@ -160,7 +192,8 @@ def _run(cost, x_lengths, y_lengths, band, gamma):
     backend = _dispatch.select(_OP, cost.device, cpu_backends=_CPU_BACKENDS,
                                gpu_backends=_GPU_BACKENDS)
     if backend == "reference":
-        return dtw_from_cost_reference(cost, x_lengths, y_lengths, band, gamma)
+        return _with_nan_pair_gradients(
+            dtw_from_cost_reference(cost, x_lengths, y_lengths, band, gamma), (cost,))
     forward = (torch.ops.ether_kernels.dtw_forward_triton if backend == "triton" else
                torch.ops.ether_kernels.dtw_forward)
     values, _ = forward(
@@ -199,8 +232,9 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     backend = _dispatch.select(_OP, x.device, cpu_backends=_CPU_BACKENDS,
                                gpu_backends=_GPU_BACKENDS)
     if backend == "reference":
-        return dtw_from_cost_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band,
-                                       gamma)
+        return _with_nan_pair_gradients(
+            dtw_from_cost_reference(pairwise_cost(x, y, metric), x_lengths, y_lengths, band,
+                                    gamma), (x, y))
     if backend == "triton":  # the cost formed by PyTorch (autograd takes it back to x, y)
         return _run(pairwise_cost(x, y, metric), x_lengths, y_lengths, band, gamma)
     keep = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
@@ -294,6 +328,7 @@ def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeucli
     x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric, "dtw_path")
     with torch.no_grad():
         cost = pairwise_cost(x.detach(), y.detach(), metric)
+        _check_no_nan_cost(cost, x_lengths, y_lengths, band)
         backend = _dispatch.select(_OP, cost.device, cpu_backends=_CPU_BACKENDS,
                                    gpu_backends=_GPU_BACKENDS)
         if backend == "reference":
@@ -319,6 +354,18 @@ def dtw_path(x, y, *, band=None, x_lengths=None, y_lengths=None, metric="sqeucli
         for b, path in enumerate(paths):
             matrix[b, path[:, 0], path[:, 1]] = 1
     return (matrix != 0).to(x.dtype)
+
+
+def _check_no_nan_cost(cost, x_lengths, y_lengths, band):
+    """dtw_path: a pair with a NaN cost in a cell it may use has no optimal path (a host
+    read, as the paths themselves are)."""
+    nan_pairs = (cost.isnan() & allowed_cells(x_lengths, y_lengths, cost.shape[1],
+                                              cost.shape[2], band)).flatten(1).any(1)
+    if bool(nan_pairs.any()):
+        pairs = nan_pairs.nonzero().flatten().tolist()
+        raise ValueError(f"dtw_path: the local cost of pair(s) {pairs[:8]} is NaN in a cell "
+                         "the path may use (NaN in x or y within the lengths, or inf - inf): "
+                         "no optimal path exists")
 
 
 def cdist_dtw(X, Y, *, band=None, metric="sqeuclidean"):
@@ -424,10 +471,10 @@ def _backward_fake(grad, cost, R, x_lengths, y_lengths, band, gamma, soft):
 
 def _setup_context(ctx, inputs, output):
     cost, x_lengths, y_lengths, band, gamma, soft, keep = inputs
-    _, R = output
+    values, R = output
     ctx.mark_non_differentiable(R)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(cost, R, x_lengths, y_lengths)
+    ctx.save_for_backward(cost, R, x_lengths, y_lengths, values)
     ctx.options = (band, gamma, soft, keep)
 
 
@@ -439,17 +486,17 @@ def _make_backward(backward_op):
         if not keep:
             raise RuntimeError("dtw_forward was called without keep=True, so it kept no "
                                "accumulated cost for the backward")
-        cost, R, x_lengths, y_lengths = ctx.saved_tensors
+        cost, R, x_lengths, y_lengths, values = ctx.saved_tensors
         if _double_backward.wants_graph():  # create_graph=True: through the reference
             (grad_cost,) = _double_backward.reference_gradients(
                 lambda: dtw_from_cost_reference(cost, x_lengths, y_lengths,
                                                 None if band < 0 else band,
                                                 gamma if soft else None),
                 (cost,), grad_values)
-            return grad_cost, None, None, None, None, None, None
-        grad_cost = backward_op(grad_values.contiguous(), cost, R, x_lengths, y_lengths, band,
-                                gamma, soft)
-        return grad_cost, None, None, None, None, None, None
+        else:
+            grad_cost = backward_op(grad_values.contiguous(), cost, R, x_lengths, y_lengths,
+                                    band, gamma, soft)
+        return _nan_pairs_gradient(grad_cost, values), None, None, None, None, None, None
     return backward
 
 
@@ -477,10 +524,10 @@ def _checkpointed_forward_fake(x, y, x_lengths, y_lengths, metric, band, gamma, 
 
 def _checkpointed_setup_context(ctx, inputs, output):
     x, y, x_lengths, y_lengths, metric, band, gamma, rows = inputs
-    _, kept = output
+    values, kept = output
     ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, y, kept, x_lengths, y_lengths)
+    ctx.save_for_backward(x, y, kept, x_lengths, y_lengths, values)
     ctx.options = (metric, band, gamma, rows)
 
 
@@ -489,7 +536,7 @@ def _checkpointed_backward(ctx, grad_values, _grad_kept):
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_values is None or not (need_x or need_y):
         return (None,) * 8
-    x, y, kept, x_lengths, y_lengths = ctx.saved_tensors
+    x, y, kept, x_lengths, y_lengths, values = ctx.saved_tensors
     if _double_backward.wants_graph():  # create_graph=True: through the reference
         grad_x, grad_y = _series_reference_gradients(x, y, x_lengths, y_lengths, metric, band,
                                                      gamma, need_x, need_y, grad_values)
@@ -497,7 +544,8 @@ def _checkpointed_backward(ctx, grad_values, _grad_kept):
         grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_soft_backward_checkpointed(
             grad_values.contiguous(), x, y, kept, x_lengths, y_lengths, metric, band, gamma,
             rows, need_x, need_y)
-    return (grad_x if need_x else None, grad_y if need_y else None,
+    return (_nan_pairs_gradient(grad_x, values) if need_x else None,
+            _nan_pairs_gradient(grad_y, values) if need_y else None,
             None, None, None, None, None, None)
 
 
@@ -521,10 +569,10 @@ def _xy_backward_fake_checkpointed(grad, x, y, kept, x_lengths, y_lengths, metri
 
 def _xy_setup_context(ctx, inputs, output):
     x, y, x_lengths, y_lengths, metric, band, gamma, soft, keep = inputs
-    _, R = output
+    values, R = output
     ctx.mark_non_differentiable(R)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, y, R, x_lengths, y_lengths)
+    ctx.save_for_backward(x, y, R, x_lengths, y_lengths, values)
     ctx.options = (metric, band, gamma, soft, keep)
 
 
@@ -536,16 +584,17 @@ def _xy_backward(ctx, grad_values, _grad_R):
     if not keep:
         raise RuntimeError("dtw_xy_forward was called without keep=True, so it kept no "
                            "accumulated cost for the backward")
-    x, y, R, x_lengths, y_lengths = ctx.saved_tensors
+    x, y, R, x_lengths, y_lengths, values = ctx.saved_tensors
     if _double_backward.wants_graph():  # create_graph=True: through the reference
         grad_x, grad_y = _series_reference_gradients(x, y, x_lengths, y_lengths, metric, band,
                                                      gamma if soft else None, need_x, need_y,
                                                      grad_values)
-        return (grad_x, grad_y, None, None, None, None, None, None, None)
-    grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_backward(
-        grad_values.contiguous(), x, y, R, x_lengths, y_lengths, metric, band, gamma, soft,
-        need_x, need_y)
-    return (grad_x if need_x else None, grad_y if need_y else None,
+    else:
+        grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_backward(
+            grad_values.contiguous(), x, y, R, x_lengths, y_lengths, metric, band, gamma, soft,
+            need_x, need_y)
+    return (_nan_pairs_gradient(grad_x, values) if need_x else None,
+            _nan_pairs_gradient(grad_y, values) if need_y else None,
             None, None, None, None, None, None, None)
 
 

@@ -963,3 +963,147 @@ def test_a_ragged_lane_group_is_bitwise_its_pairs_alone(dtype, band, checkpointe
         alone = run(copies(x), copies(y), copies(x_lengths), copies(y_lengths), copies(grad))
         for got, want in zip(together, alone):
             assert torch.equal(got[k], want[0]), (k, got[k], want[0])
+
+
+# ------------------------------------------------------------------- NaN convention
+
+NAN_BACKENDS = (
+    [pytest.param(b, "cpu", id=b) for b in ALL_BACKENDS]
+    + [pytest.param("triton", device, marks=[pytest.mark.triton]
+                    + ([pytest.mark.gpu] if device == "cuda" else []), id=f"triton-{device}")
+       for device in ("cpu", "cuda")
+       if "triton" in dynamic_time_warping._GPU_BACKENDS
+       and not _dispatch.unsupported_reasons("triton", torch.device(device), ("triton",))
+       and (device == "cpu" or torch.cuda.is_available())]
+    + [pytest.param("cuda", "cuda", marks=[pytest.mark.gpu], id="cuda")
+       for _ in [0] if torch.cuda.is_available()
+       and not _dispatch.unsupported_reasons("cuda", torch.device("cuda"),
+                                             dynamic_time_warping._GPU_BACKENDS)]
+)
+
+
+def _nan_case(dtype, N=9, M=8, D=2):
+    """17 pairs (a group of 16 or two of 8 in the C++ lanes, and a remainder pair) with
+    per-pair lengths; NaN in a cell some pairs may use, in ways that reach different spots
+    of the recurrence, and NaN or inf where no cell reads it. Returns (x, y, lengths, the
+    pairs whose value must be NaN)."""
+    B = 17
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    y = torch.randn(B, M, D, dtype=torch.float64)
+    x_lengths = torch.randint(2, N + 1, (B,))
+    y_lengths = torch.randint(2, M + 1, (B,))
+    x_lengths[:8], y_lengths[:8] = N, M
+    nan = float("nan")
+    x[1, 0, 0] = nan                                   # the first row: R[1][1] on
+    y[3, int(y_lengths[3]) - 1, 1] = nan               # the last column of y
+    x[5, int(x_lengths[5]) - 1, 0] = nan               # the last row, the end cell
+    x[9, 0, 1], y[9, 0, 1] = math.inf, math.inf        # inf - inf: cost (1, 1) only
+    x[12, torch.randint(0, int(x_lengths[12]), ()), 0] = nan  # a random row
+    y[16, 0, 0] = nan                                  # the remainder pair, scalar path
+    # never read: past the lengths (zeroed by the API)
+    x[11, int(x_lengths[11]):] = nan
+    y[13, int(y_lengths[13]):] = nan
+    x_lengths[2], y_lengths[2] = N, M  # see _values_and_gradients's off_band_nan
+    nan_pairs = torch.zeros(B, dtype=torch.bool)
+    nan_pairs[[1, 3, 5, 9, 12, 16]] = True
+    return x.to(dtype), y.to(dtype), x_lengths, y_lengths, nan_pairs
+
+
+def _within_lengths(grads, x_lengths, y_lengths, from_cost):
+    """(B, ...) masks of each gradient's elements within its pair's lengths."""
+    def steps(length, size):
+        return torch.arange(size).view(1, -1) < length.view(-1, 1)
+    if from_cost:
+        N, M = grads[0].shape[1:]
+        return [steps(x_lengths, N)[:, :, None] & steps(y_lengths, M)[:, None, :]]
+    return [steps(x_lengths, grads[0].shape[1])[:, :, None].expand_as(grads[0]),
+            steps(y_lengths, grads[1].shape[1])[:, :, None].expand_as(grads[1])]
+
+
+def _check_nan_pairs(values, grads, ref_values, ref_grads, nan_pairs, dtype, inside):
+    """Values NaN exactly on nan_pairs (both), their gradients NaN within their lengths,
+    the other pairs finite and equal to the reference's within the usual bounds."""
+    for v in (values, ref_values):
+        assert torch.equal(v.isnan(), nan_pairs), (v, nan_pairs)
+    fine = ~nan_pairs
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    assert ((values[fine] - ref_values[fine]).abs().max()
+            / ref_values[fine].abs().max()).item() < bound
+    for g, r, used in zip(grads, ref_grads, inside):
+        for got in (g, r):
+            assert got[nan_pairs][used[nan_pairs]].isnan().all()
+            assert torch.isfinite(got[fine]).all()
+        error = ((g[fine] - r[fine]).abs().max() / r[fine].abs().max()).item()
+        assert error < (1e-9 if dtype == torch.float64 else 1e-4), error
+
+
+def _values_and_gradients(backend, device, x, y, x_lengths, y_lengths, gamma, band, from_cost):
+    a = x.to(device).requires_grad_(True)
+    b = y.to(device).requires_grad_(True)
+    kwargs = dict(band=band, x_lengths=x_lengths.to(device), y_lengths=y_lengths.to(device))
+    with ek.use_backend(backend):
+        if from_cost:
+            cost = dynamic_time_warping.pairwise_cost(a, b).detach()
+            cost[2, 0, -1] = math.nan  # pair 2's cell (1, M): used without a band only
+            cost.requires_grad_(True)
+            values = (ek.dtw_from_cost(cost, **kwargs) if gamma is None
+                      else ek.soft_dtw_from_cost(cost, gamma, **kwargs))
+            inputs = (cost,)
+        else:
+            values = (ek.dtw(a, b, **kwargs) if gamma is None
+                      else ek.soft_dtw(a, b, gamma, **kwargs))
+            inputs = (a, b)
+        weights = torch.linspace(0.5, 1.5, values.shape[0], dtype=values.dtype, device=device)
+        grads = torch.autograd.grad((values * weights).sum(), inputs)
+    return values.double().cpu(), [g.double().cpu() for g in grads]
+
+
+@pytest.mark.parametrize("backend, device", NAN_BACKENDS)
+@pytest.mark.parametrize("gamma", [None, 0.5])
+@pytest.mark.parametrize("band", [None, 0, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("from_cost", [False, True], ids=["series", "cost"])
+def test_a_nan_in_a_used_cell_makes_that_pair_nan_on_every_backend(backend, device, gamma, band,
+                                                                   dtype, from_cost):
+    """NaN in, NaN out (the NaN convention of dynamic_time_warping.py): a pair with a NaN
+    cost in a cell it may use gets the value NaN and a gradient NaN within its lengths (the
+    padding, zeroed before use, gets 0), on every backend;
+    NaN / inf that no used cell reads changes nothing; the other pairs equal the reference.
+    (The min instructions drop NaN: before, such pairs came out finite or +inf.)"""
+    x, y, x_lengths, y_lengths, nan_pairs = _nan_case(dtype)
+    nan_pairs[2] = from_cost and band is None  # its NaN cost cell (1, M) lies off bands < M - 1
+    values, grads = _values_and_gradients(backend, device, x, y, x_lengths, y_lengths, gamma,
+                                          band, from_cost)
+    ref_values, ref_grads = _values_and_gradients("reference", "cpu", x.double(), y.double(),
+                                                  x_lengths, y_lengths, gamma, band, from_cost)
+    _check_nan_pairs(values, grads, ref_values, ref_grads, nan_pairs, dtype,
+                     _within_lengths(grads, x_lengths, y_lengths, from_cost))
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_checkpointed_cpu_soft_dtw_follows_the_nan_convention(monkeypatch, dtype):
+    checked = force_cpu_checkpoints(monkeypatch)
+    x, y, x_lengths, y_lengths, nan_pairs = _nan_case(dtype, N=13, M=11)
+    values, grads = checked(lambda: _values_and_gradients(
+        "cpp", "cpu", x, y, x_lengths, y_lengths, 0.5, None, False))
+    ref_values, ref_grads = _values_and_gradients("reference", "cpu", x.double(), y.double(),
+                                                  x_lengths, y_lengths, 0.5, None, False)
+    _check_nan_pairs(values, grads, ref_values, ref_grads, nan_pairs, dtype,
+                     _within_lengths(grads, x_lengths, y_lengths, False))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_dtw_path_refuses_and_alignment_is_nan_for_a_nan_pair(backend):
+    x, y, x_lengths, y_lengths, nan_pairs = _nan_case(torch.float64)
+    kwargs = dict(x_lengths=x_lengths, y_lengths=y_lengths)
+    with ek.use_backend(backend):
+        with pytest.raises(ValueError, match=r"dtw_path: the local cost of pair\(s\) \[1, 3, 5, 9, 12, 16\]"):
+            ek.dtw_path(x, y, **kwargs)
+        fine = ~nan_pairs
+        paths = ek.dtw_path(x[fine], y[fine], x_lengths=x_lengths[fine],
+                            y_lengths=y_lengths[fine])
+        assert len(paths) == int(fine.sum())
+        alignment = ek.soft_dtw_alignment(x, y, 0.5, **kwargs)
+    assert alignment[nan_pairs].isnan().all()
+    assert torch.isfinite(alignment[~nan_pairs]).all()

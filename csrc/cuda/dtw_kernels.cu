@@ -222,18 +222,35 @@ struct KeptLayout {
 // R value type: fp64 for soft-DTW (see kernels_cuda.h), the element type for hard DTW.
 template <typename T, bool kSoft> using value_t = std::conditional_t<kSoft, double, T>;
 
+// min(a, b) that returns NaN when either is NaN (fmin returns the other operand): a NaN
+// cost makes its pair's value NaN, as in the reference (the NaN convention: see the
+// module docstring of ether_kernels/dynamic_time_warping.py).
+// Soft-DTW needs none: its three exponentials see every operand, NaN included.
+template <typename V>
+__device__ __forceinline__ V min_propagating_nan(V a, V b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<V, float>) {  // one instruction, as fmin
+    float r;
+    asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+  }
+#endif
+  return (a < b || a != a) ? a : b;
+}
+
 // softmin_gamma(a, b, c) = mu - gamma log sum_k exp(-(a_k - mu) / gamma), +inf when mu is;
-// the differences in fp64, the exp / log in T. Hard: min(a, b, c).
+// the differences in fp64, the exp / log in T. Hard: min(a, b, c), NaN if any is NaN.
 template <typename T, bool kSoft>
 __device__ __forceinline__ value_t<T, kSoft> best_predecessor(value_t<T, kSoft> a,
                                                                value_t<T, kSoft> b,
                                                                value_t<T, kSoft> c, double gamma,
                                                                double inv_gamma) {
   using V = value_t<T, kSoft>;
-  const V mu = fmin(fmin(a, c), b);  // b (the row above) arrives last: min it in last
   if constexpr (!kSoft) {
-    return mu;
+    // b (the row above) arrives last: min it in last
+    return min_propagating_nan(min_propagating_nan(a, c), b);
   } else {
+    const V mu = fmin(fmin(a, c), b);
     // Branch-free +inf case: with mu = +inf, base = 0 makes every exponential exp(-inf) = 0,
     // log(0) = -inf and the result 0 - gamma * (-inf) = +inf, with no inf - inf anywhere.
     const double base = mu < infinity<double>() ? mu : 0.0;

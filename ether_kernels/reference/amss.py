@@ -51,7 +51,10 @@ def update_ratios_reference(logits, labels, features, temperature=0.2, offset=0.
     for out, z in zip(logits, features):
         info.append(label_entropy - torch.nn.functional.cross_entropy(out.double(), labels))
         log_p = torch.log_softmax(z.double(), dim=1)
-        feature_entropy.append(-(log_p.exp() * log_p).sum(dim=1).mean())
+        # abs: entropy is >= 0, but one-hot rows (F = 1, or very peaked features) sum to
+        # -0.0, and (I + c) / -0.0 = -inf would silently rank the modality weakest (rho
+        # 0.9). With +0, r = +inf, the softmax is NaN and the spec's fallback (0.5) applies.
+        feature_entropy.append((-(log_p.exp() * log_p).sum(dim=1).mean()).abs())
     info = torch.stack(info)
     feature_entropy = torch.stack(feature_entropy)
     rate = (info + offset) / feature_entropy

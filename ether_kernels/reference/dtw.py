@@ -50,7 +50,10 @@ def allowed_cells(x_lengths, y_lengths, N, M, band):
 
 
 def softmin3(a, b, c, gamma):
-    """-gamma * log(exp(-a/gamma) + exp(-b/gamma) + exp(-c/gamma)), stable, +inf safe."""
+    """-gamma * log(exp(-a/gamma) + exp(-b/gamma) + exp(-c/gamma)), stable, +inf safe.
+
+    A NaN operand gives NaN (torch.min propagates it), as the hard min does: a NaN cost
+    makes its pair's value NaN (no path avoids a cell in the soft-min's sum)."""
     stacked = torch.stack([a, b, c], dim=-1)
     mu = stacked.min(dim=-1).values
     finite = torch.isfinite(mu)
@@ -58,7 +61,7 @@ def softmin3(a, b, c, gamma):
     # exponents <= 0; an infinite entry contributes exp(-inf) = 0 with a zero gradient
     total = torch.exp(-(stacked - mu_safe.unsqueeze(-1)) / gamma).sum(dim=-1)
     value = mu_safe - gamma * torch.log(torch.where(finite, total, 1.0))
-    return torch.where(finite, value, math.inf)
+    return torch.where(finite, value, mu.detach())  # +inf (or NaN, or -inf) as it is
 
 
 def dtw_diagonals(cost, x_lengths, y_lengths, band=None, gamma=None):

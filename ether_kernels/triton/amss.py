@@ -179,7 +179,17 @@ def _scale(base, length, f, BLOCK: tl.constexpr):
             idx = offset + tl.arange(0, BLOCK)
             mask = idx < length
             x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float64)
-            tl.store(base + idx, (x * f).to(base.dtype.element_ty), mask=mask)
+            tl.store(base + idx, _narrow(x * f, base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _narrow(x, dtype: tl.constexpr):
+    """fp64 x in dtype, rounded as the reference and the C++ kernel round it: fp16 / bf16
+    through fp32 (as ATen converts a double), so every backend stores the same bits. (The
+    Triton interpreter's direct fp64 -> bf16 conversion is also wrong: denormal garbage.)"""
+    if dtype == tl.float64:
+        return x
+    return x.to(tl.float32).to(dtype)
 
 
 @triton.jit
@@ -213,12 +223,12 @@ def _sgd_unit(p_base, g_base, b_base, length, f, fresh, lr, momentum, dampening,
         if MOMENTUM:
             buf = tl.load(b_base + idx, mask=mask, other=0.0).to(tl.float64)
             new_buf = tl.where(fresh != 0, d, momentum * buf + (1.0 - dampening) * d)
-            tl.store(b_base + idx, new_buf.to(dtype), mask=mask)
+            tl.store(b_base + idx, _narrow(new_buf, dtype), mask=mask)
             if NESTEROV:
                 d = d + momentum * new_buf
             else:
                 d = new_buf
-        tl.store(p_base + idx, (p - lr * d).to(dtype), mask=mask)
+        tl.store(p_base + idx, _narrow(p - lr * d, dtype), mask=mask)
 
 
 @triton.jit

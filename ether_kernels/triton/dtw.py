@@ -50,7 +50,10 @@ def _diagonal_cells(start, d, i_hi, n, m, band, BLOCK: tl.constexpr):
 
 @triton.jit
 def _softmin(a, b, c, gamma, SOFT: tl.constexpr):
-    mu = tl.minimum(a, tl.minimum(b, c))
+    # NaN in, NaN out (dynamic_time_warping.py's NaN convention): a NaN cost makes its pair's
+    # value NaN, as in the reference; tl.minimum alone may return the other operand.
+    mu = tl.minimum(a, tl.minimum(b, c, propagate_nan=tl.PropagateNan.ALL),
+                    propagate_nan=tl.PropagateNan.ALL)
     if SOFT:
         # a finite shift where mu is +inf (no inf - inf); those cells stay +inf below
         shift = tl.where(mu < float("inf"), mu, 0.0)
@@ -154,6 +157,11 @@ def _hard_backward_kernel(grad_ptr, xl_ptr, yl_ptr, R_ptr, E_ptr, N, M):
         left = tl.load(R + i * ld + (j - 1))
         take_diag = (diag <= up) & (diag <= left)
         take_up = ~take_diag & (up <= left)
+        # On the first row or column the only way is left or up (the +inf borders say so,
+        # but a NaN R compares false everywhere: without these the walk would leave the
+        # pair's grid and write into another pair's E).
+        take_up = (take_up | (j == 1)) & (i > 1)
+        take_diag = take_diag & (i > 1) & (j > 1)
         i_next = tl.where(take_diag | take_up, i - 1, i)
         j_next = tl.where(take_up, j, j - 1)
         i = i_next

@@ -12,6 +12,7 @@
 #include <vector>
 #include <string>
 #include <cmath>
+#include <limits>
 #include <algorithm>
 using namespace ether_kernels::cuda;
 static const double INF = INFINITY;
@@ -193,6 +194,61 @@ template <class T> void run(const Case& cs) {
     sizeof(T)==8?"f64":"f32", cs.soft?"soft":"hard", B, N, M, D, (long long)cs.band, cs.gamma, cs.metric, cs.matrix, cs.threads + 1000 * cs.soft_rows, worst_v, worst_e, worst_g, bad ? "  <-- FAIL" : "");
 }
 
+// The NaN convention: a NaN in x of pair 1 (a random step within its length; on the first
+// step in one of every three calls, where a min that drops NaN beside +inf loses it) makes
+// that pair's value NaN in the kept and the value-only forward, and leaves pair 0's value
+// as it is without the NaN; the backward (hard: the backtrack through a NaN R) runs and
+// writes inside its pairs only (pair 0's E unchanged).
+template <class T> void run_nan(const Case& cs) {
+  const int B = 2, N = cs.N, M = cs.M, D = cs.D;
+  std::normal_distribution<double> nd;
+  std::vector<T> x(B * N * D), y(B * M * D);
+  for (auto& v : x) v = (T)nd(rng);
+  for (auto& v : y) v = (T)nd(rng);
+  std::vector<int64_t> xl = {N, 1 + (int64_t)(rng() % N)}, yl = {M, 1 + (int64_t)(rng() % M)};
+  std::vector<T> cost(B * N * M);
+  for (int b = 0; b < B; ++b) for (int i = 0; i < N; ++i) for (int j = 0; j < M; ++j) {
+    double t = 0;
+    for (int d = 0; d < D; ++d) { double df = (double)x[(b*N+i)*D+d] - (double)y[(b*M+j)*D+d]; t += df * df; }
+    cost[(b*N+i)*M+j] = (T)t;
+  }
+  auto forward = [&](std::vector<T>& values, std::vector<char>& R, std::vector<T>& E) {
+    DtwArgs a{};
+    a.cost = cs.matrix ? cost.data() : nullptr;
+    a.x = x.data(); a.y = y.data(); a.x_batch_stride = N * D; a.y_batch_stride = M * D;
+    a.dtype = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+    a.B = B; a.N = N; a.M = M; a.D = D; a.x_lengths = xl.data(); a.y_lengths = yl.data();
+    a.metric = 0; a.band = cs.band; a.gamma = cs.gamma; a.soft = cs.soft; a.max_threads = cs.threads;
+    std::vector<char> ws(dtw_workspace_bytes(a) + 8);
+    a.workspace = ws.data(); a.workspace_bytes = ws.size();
+    R.assign(B * dtw_kept_per_pair(a) * (cs.soft ? 8 : sizeof(T)), 0);
+    dtw_forward(a, values.data(), R.data(), nullptr);
+    std::vector<T> grad(B, T(1));
+    E.assign(B * N * M, T(0));
+    dtw_backward(a, grad.data(), R.data(), E.data(), nullptr);
+    std::vector<T> value_only(B);
+    dtw_forward(a, value_only.data(), nullptr, nullptr);
+    return value_only;
+  };
+  std::vector<T> clean(B), values(B), E0, E1;
+  std::vector<char> R;
+  forward(clean, R, E0);
+  const int row = rng() % 3 == 0 ? 0 : (int)(rng() % xl[1]);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  x[(1 * N + row) * D + (int)(rng() % D)] = nan;
+  for (int j = 0; j < M; ++j) cost[(1 * N + row) * M + j] = nan;
+  const std::vector<T> value_only = forward(values, R, E1);
+  bool same_pair0 = true;
+  for (int k = 0; k < N * M; ++k) same_pair0 = same_pair0 && E1[k] == E0[k];
+  const bool bad = !std::isnan((double)values[1]) || !std::isnan((double)value_only[1]) ||
+                   !(values[0] == clean[0]) || !(value_only[0] == clean[0]) || !same_pair0;
+  if (bad) ++failures;
+  std::printf("NaN %s %s N=%d M=%d D=%d band=%lld matrix=%d row=%d: values %g %g (value-only %g %g, clean %g)%s\n",
+              sizeof(T) == 8 ? "f64" : "f32", cs.soft ? "soft" : "hard", N, M, D, (long long)cs.band,
+              cs.matrix, row, (double)values[0], (double)values[1], (double)value_only[0],
+              (double)value_only[1], (double)clean[0], bad ? "  <-- FAIL" : "");
+}
+
 // `dtw_test kept`: dtw_kept_per_pair over a grid, one line "N M soft D threads rows kept"
 // each, which tests/test_cuda_kernels_emulated.py compares with the Python fake kernels'.
 int print_kept_sizes() {
@@ -243,6 +299,9 @@ int main(int argc, char** argv) {
     }
   }
   for (auto& c : cases) { run<double>(c); run<float>(c); }
+  for (auto& c : cases) {
+    if (c.soft_rows == 0 && c.N <= 300) { run_nan<double>(c); run_nan<float>(c); }
+  }
   std::printf("%d failures\n", failures);
   return failures != 0;
 }

@@ -7,6 +7,13 @@
 // op = min (hard) or the stable soft-min  mu - g log sum_k exp(-(a_k - mu) / g), +inf when
 // mu = +inf. Allowed cells: -r + min(0, m - n) <= j - i <= r + max(0, m - n).
 //
+// NaN convention (as the reference): a NaN cost in any allowed cell makes the pair's value
+// NaN (every allowed cell lies on some path to (n, m)). The min instructions and std::min
+// drop a NaN operand, so the scalar paths OR a flag per cell (off the dependency chain)
+// and return NaN when it is set; the lanes' minimum (at::vec::minimum) and soft-min
+// (softmin3_cells) propagate NaN instead. The gradient of such a pair is made NaN by the
+// Python layer (dynamic_time_warping._nan_pairs), whatever the backward computes here.
+//
 // Forward: one pair per task (at::parallel_for over pairs), two rolling rows of m + 1
 // values; only the band's cells are computed, and a row buffer is reset to +inf only over
 // the range it held before, so a banded pair costs O(n * band), not O(n * m). Keep mode also
@@ -127,6 +134,7 @@ A forward_pair(const T* cost, int64_t M, const PairBand& pb, A gamma, A* prev, A
   prev[0] = A(0);                    // row 0: R[0][0] = 0, the rest +inf
   int64_t prev_first = 0, prev_last = 0;
   int64_t cur_first = 1, cur_last = 0;  // the range of stale values cur holds (none yet)
+  bool nan_seen = false;
   for (int64_t i = 1; i <= n; ++i) {
     for (int64_t j = cur_first; j <= cur_last; ++j) cur[j] = kInf;  // drop row i - 2
     const int64_t jf = pb.first(i), jl = pb.last(i);
@@ -141,6 +149,7 @@ A forward_pair(const T* cost, int64_t M, const PairBand& pb, A gamma, A* prev, A
         best = std::min(d, std::min(u, left));
       }
       const A v = static_cast<A>(crow[j - 1]) + best;
+      nan_seen |= v != v;  // NaN convention: see the file comment
       cur[j] = v;
       left = v;
     }
@@ -159,7 +168,7 @@ A forward_pair(const T* cost, int64_t M, const PairBand& pb, A gamma, A* prev, A
   if (R_out != nullptr && rows > n) {
     std::fill(R_out + n * ldr, R_out + rows * ldr, std::numeric_limits<O>::infinity());
   }
-  return prev[m];
+  return nan_seen ? std::numeric_limits<A>::quiet_NaN() : prev[m];
 }
 
 template <typename T>
@@ -337,6 +346,7 @@ A xy_forward_pair(const T* x, const T* y, int64_t D, const PairBand& pb, A gamma
   prev[0] = A(0);
   int64_t prev_first = 0, prev_last = 0;
   int64_t cur_first = 1, cur_last = 0;
+  bool nan_seen = false;
   for (int64_t i = 1; i <= n; ++i) {
     for (int64_t j = cur_first; j <= cur_last; ++j) cur[j] = kInf;
     const int64_t jf = pb.first(i), jl = pb.last(i);
@@ -351,6 +361,7 @@ A xy_forward_pair(const T* x, const T* y, int64_t D, const PairBand& pb, A gamma
         best = std::min(d, std::min(u, left));
       }
       const A v = local_cost<kMetric, kD1, A>(xi, y + (j - 1) * D, D) + best;
+      nan_seen |= v != v;  // NaN convention: see the file comment
       cur[j] = v;
       left = v;
     }
@@ -369,7 +380,7 @@ A xy_forward_pair(const T* x, const T* y, int64_t D, const PairBand& pb, A gamma
   if (R_out != nullptr && rows > n) {
     std::fill(R_out + n * ldr, R_out + rows * ldr, std::numeric_limits<O>::infinity());
   }
-  return prev[m];
+  return nan_seen ? std::numeric_limits<A>::quiet_NaN() : prev[m];
 }
 
 // Calls f(std::integral_constant<int, metric>, std::integral_constant<bool, D == 1>).
@@ -722,11 +733,17 @@ inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
   const __m512d v_inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
   const __m512d v_ig = inv_gamma, v_g = gamma, one = _mm512_set1_pd(1.0);
   __m512d mu[kN], ep[kN], eq[kN], sum[kN];
-  __mmask8 k_a[kN], k_b[kN];
+  __mmask8 k_a[kN], k_b[kN], reach[kN];
   for (int u = 0; u < kN; ++u) {
+    // vminpd returns its second operand when either is NaN: mu is NaN when c is, and
+    // otherwise a NaN a or b is never the minimum, so it is p or q below and makes the sum
+    // NaN. Only mu = +inf (a NaN dropped beside infinite operands) would hide it: such a
+    // lane counts as reached, so its result is NaN too (the file's NaN convention).
     mu[u] = _mm512_min_pd(a[u], _mm512_min_pd(b[u], c[u]));
     k_a[u] = _mm512_cmp_pd_mask(a[u], mu[u], _CMP_EQ_OQ);
     k_b[u] = _mm512_mask_cmp_pd_mask(static_cast<__mmask8>(~k_a[u]), b[u], mu[u], _CMP_EQ_OQ);
+    reach[u] = _mm512_cmp_pd_mask(mu[u], v_inf, _CMP_NEQ_UQ) |
+               _mm512_cmp_pd_mask(a[u], b[u], _CMP_UNORD_Q);
   }
   for (int u = 0; u < kN; ++u) {
     const __m512d p = _mm512_mask_blend_pd(k_a[u], a[u], b[u]);
@@ -739,17 +756,15 @@ inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
   for (int u = 0; u < kN; ++u) sum[u] = _mm512_add_pd(_mm512_add_pd(one, ep[u]), eq[u]);
   for (int u = 0; u < kN; ++u) {
     const __m512d log_sum = log_of_sum_as<kFast>(VA(sum[u]));
-    const __mmask8 reach = _mm512_cmp_pd_mask(mu[u], v_inf, _CMP_NEQ_UQ);
-    r[u] = _mm512_mask_blend_pd(reach, v_inf, _mm512_fnmadd_pd(v_g, log_sum, mu[u]));
+    r[u] = _mm512_mask_blend_pd(reach[u], v_inf, _mm512_fnmadd_pd(v_g, log_sum, mu[u]));
   }
   if (wa == nullptr) return;
   for (int u = 0; u < kN; ++u) {
     const __m512d inv_s = reciprocal_of_sum_as<kFast>(VA(sum[u]));
     const __m512d wp = _mm512_mul_pd(ep[u], inv_s), wq = _mm512_mul_pd(eq[u], inv_s);
-    const __mmask8 reach = _mm512_cmp_pd_mask(mu[u], v_inf, _CMP_NEQ_UQ);
-    wa[u] = _mm512_maskz_mov_pd(reach, _mm512_mask_blend_pd(k_a[u], wp, inv_s));
+    wa[u] = _mm512_maskz_mov_pd(reach[u], _mm512_mask_blend_pd(k_a[u], wp, inv_s));
     wb[u] = _mm512_maskz_mov_pd(
-        reach, _mm512_mask_blend_pd(k_a[u], _mm512_mask_blend_pd(k_b[u], wq, inv_s), wp));
+        reach[u], _mm512_mask_blend_pd(k_a[u], _mm512_mask_blend_pd(k_b[u], wq, inv_s), wp));
   }
 }
 #endif
