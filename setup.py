@@ -13,14 +13,16 @@ What gets built:
     a build machine without a GPU produces the same package. ETHER_KERNELS_WITH_CUDA=0/1
     forces it off/on.
 
-If the build fails, the install still succeeds (the extension is optional) and the package
-runs on its pure-PyTorch reference, warning once; ETHER_KERNELS_REQUIRE_EXTENSION=1 (set by
-the Makefile) turns a failed build into a failed install instead.
+If the build fails, or torch is not importable at build time (pip's build isolation), the
+install still succeeds (the extension is optional) and the package runs on its pure-PyTorch
+reference, warning once; ETHER_KERNELS_REQUIRE_EXTENSION=1 (set by the Makefile) turns a
+failed build into a failed install instead. The sdist carries every source (MANIFEST.in).
 """
 
 import glob
 import os
 import platform
+import warnings
 
 from setuptools import find_packages, setup
 
@@ -58,8 +60,18 @@ def cuda_build_wanted(torch_module, cpp_extension):
 def extensions_and_cmdclass():
     if env_flag("ETHER_KERNELS_BUILD_EXTENSION") is False:
         return [], {}
-    import torch
-    from torch.utils import cpp_extension
+    required = bool(env_flag("ETHER_KERNELS_REQUIRE_EXTENSION"))
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as error:
+        message = (f"torch is not importable here ({error}): the extension is built against "
+                   "the installed torch; install torch first and run pip with "
+                   "--no-build-isolation")
+        if required:
+            raise RuntimeError(message) from error
+        warnings.warn(message + ". Installing without the compiled extension.")
+        return [], {}
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     # Per instruction set: the macros ATen's vector headers key on, and the compiler flags.
@@ -84,7 +96,7 @@ def extensions_and_cmdclass():
         depends=depends,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_link_args=["-fopenmp"],
-        optional=not env_flag("ETHER_KERNELS_REQUIRE_EXTENSION"),
+        optional=not required,
     )
     if with_cuda:
         cuda_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -104,6 +116,18 @@ def extensions_and_cmdclass():
         """torch's BuildExtension, plus one compile of each kernel file per instruction set."""
 
         def build_extension(self, ext):
+            # setuptools' `optional` only forgives distutils' compile errors; torch's ninja
+            # build raises RuntimeError. An optional extension's failure of any kind leaves
+            # the package on its reference, as documented above.
+            try:
+                self._build(ext)
+            except Exception as error:
+                if not ext.optional:
+                    raise
+                self.warn(f"building {ext.name} failed ({type(error).__name__}: {error}); "
+                          "ether_kernels will run on its pure-PyTorch reference")
+
+        def _build(self, ext):
             cxx = list(ext.extra_compile_args["cxx"])
             for name, flags in capabilities.items():
                 post_args = dict(ext.extra_compile_args)

@@ -18,6 +18,7 @@ BackendUnavailableError listing every reason, never a silent fallback.
 
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -27,9 +28,18 @@ from ._triton_support import triton_import_error, triton_interpret
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "ETHER_KERNELS_BACKEND"
 
-# The stack of use_backend() choices (innermost last). A plain module-level list, so that
-# torch.compile can read it while tracing.
-_forced_stack = []
+# use_backend() choices, per thread: one thread's block must not steer the ops another
+# thread runs (a data loader, a serving thread). torch.compile reads a threading.local while
+# tracing and guards on it (a change recompiles).
+_this_thread = threading.local()
+
+
+def _forced_stack():
+    """This thread's stack of use_backend() choices, innermost last."""
+    stack = getattr(_this_thread, "stack", None)
+    if stack is None:
+        stack = _this_thread.stack = []
+    return stack
 
 
 class BackendUnavailableError(RuntimeError):
@@ -41,21 +51,31 @@ def _check_name(name, where):
         raise ValueError(f"{where} must be one of {', '.join(BACKENDS)} or 'auto', got {name!r}")
 
 
+def _normalised(name):
+    """A backend name as ETHER_KERNELS_BACKEND takes it: case and surrounding spaces ignored."""
+    return name.strip().lower() if isinstance(name, str) else name
+
+
 @contextlib.contextmanager
 def use_backend(name):
-    """Runs the ops inside the block on backend `name` ('auto' restores automatic choice)."""
+    """Runs the ops inside the block on backend `name` ('auto' restores automatic choice),
+    in this thread (other threads keep their own choice)."""
+    name = _normalised(name)
     if name != "auto":
         _check_name(name, "use_backend(name)")
-    _forced_stack.append(name)
+    stack = _forced_stack()
+    stack.append(name)
     try:
         yield
     finally:
-        _forced_stack.pop()
+        stack.pop()
 
 
 def forced_backend():
-    """The backend forced by use_backend() or ETHER_KERNELS_BACKEND, or None for automatic."""
-    name = _forced_stack[-1] if _forced_stack else os.environ.get(ENV_VAR, "auto").strip().lower()
+    """The backend forced by use_backend() (in this thread) or ETHER_KERNELS_BACKEND, or
+    None for automatic."""
+    stack = _forced_stack()
+    name = stack[-1] if stack else _normalised(os.environ.get(ENV_VAR, "auto"))
     if name in ("", "auto"):
         return None
     _check_name(name, ENV_VAR)
@@ -84,6 +104,8 @@ def unsupported_reasons(backend, device, op_backends):
             reasons.append("triton runs on CPU tensors only under TRITON_INTERPRET=1")
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"triton does not run on {device} tensors")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reasons.append("torch sees no CUDA device (a CPU build of torch, or no GPU)")
     return reasons
 
 

@@ -2,8 +2,6 @@
 
 import os
 
-triton_interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
@@ -13,3 +11,16 @@ try:
 except Exception as error:  # not installed, or a broken install
     triton_import_error = f"{type(error).__name__}: {error}"
     triton_version = None
+
+
+def _interpreting():
+    """TRITON_INTERPRET as Triton itself reads it (1, true, on, any case); without Triton,
+    or with one too old to have knobs, the common spellings."""
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except Exception:
+        value = os.environ.get("TRITON_INTERPRET", "0").strip().lower()
+        return value in ("1", "true", "on", "yes")
+
+
+triton_interpret = _interpreting()

@@ -15,6 +15,7 @@ what a kernel would save is memory traffic of the (B, B) matrices, not arithmeti
 references (the test oracles) are in reference/alignment.py.
 """
 
+import contextlib
 import math
 import numbers
 
@@ -222,6 +223,14 @@ class _FirstOrderOnly(torch.autograd.Function):
                            "blockwise backward is first order)")
 
 
+def _without_autocast(device):
+    """Autocast off for `device`'s type; nothing to turn off where autocast does not exist
+    (meta tensors: torch.autocast("meta") raises)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _BlockwiseInfoNCE(torch.autograd.Function):
     """InfoNCE over L = a b^T / T (a, b already normalised), one (block, B) slab of L at a
     time: the forward keeps O(B) statistics, the backward recomputes each slab. With
@@ -246,13 +255,13 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
     def forward(ctx, a, b, temperature, symmetric, block, bound):
         # in fp32 / fp64 whatever an enclosing autocast says: under fp16 autocast the slab's
         # GEMM would come back in fp16, where exp(L) overflows past L = 11
-        with torch.autocast(a.device.type, enabled=False):
+        with _without_autocast(a.device):
             return _BlockwiseInfoNCE._forward(ctx, a, b, temperature, symmetric, block, bound)
 
     @staticmethod
     def backward(ctx, grad):
         create_graph = torch.is_grad_enabled()
-        with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+        with torch.no_grad(), _without_autocast(grad.device):
             grads = _BlockwiseInfoNCE._backward(ctx, grad)
         if create_graph:  # the slabs' in-place work is first order: differentiating raises
             a, b = ctx.saved_tensors[:2]
@@ -502,7 +511,8 @@ def cca_loss(h1, h2, k=None, eps=1e-4):
     s11 = xc.t() @ xc / (n - 1) + eps * torch.eye(x.shape[1], dtype=work, device=x.device)
     s22 = yc.t() @ yc / (n - 1) + eps * torch.eye(y.shape[1], dtype=work, device=x.device)
     s12 = xc.t() @ yc / (n - 1)
-    if torch.compiler.is_compiling():  # no data-dependent diagnosis in a graph: torch's error
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        # no data-dependent diagnosis in a graph (torch's error) or without data (meta)
         l1, l2 = torch.linalg.cholesky(s11), torch.linalg.cholesky(s22)
     else:
         l1, info1 = torch.linalg.cholesky_ex(s11)

@@ -306,8 +306,12 @@ def soft_dtw_alignment(x, y, gamma=1.0, *, band=None, x_lengths=None, y_lengths=
     gamma = _gamma(gamma, "soft_dtw_alignment")
     x, y, x_lengths, y_lengths, band = _pairs(x, y, x_lengths, y_lengths, band, metric,
                                               "soft_dtw_alignment")
-    with torch.enable_grad():
-        cost = pairwise_cost(x.detach(), y.detach(), metric).requires_grad_(True)
+    # E is a gradient: autograd runs here even under no_grad or inference_mode (evaluation),
+    # on clones of inference tensors (which a backward may not save).
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y, x_lengths, y_lengths = (t.clone() if t.is_inference() else t
+                                      for t in (x.detach(), y.detach(), x_lengths, y_lengths))
+        cost = pairwise_cost(x, y, metric).requires_grad_(True)
         values = _run(cost, x_lengths, y_lengths, band, gamma)
         (alignment,) = torch.autograd.grad(values.sum(), (cost,))
     return alignment

@@ -150,9 +150,18 @@ class MultiModalLoss(torch.nn.Module):
         if not z.is_floating_point():
             raise TypeError(f"MultiModalLoss.{op}: z must be floating point, got {z.dtype}")
 
+    def _check_device(self, z, op, labels=None):
+        # A meta / other-device argument would reach the fake kernel or a kernel that reads
+        # it as z's: an uninitialised "loss" instead of an error.
+        for name, t in (("labels", labels), ("W (the module's parameter)", self.W)):
+            if t is not None and t.device != z.device:
+                raise RuntimeError(f"MultiModalLoss.{op}: {name} is on {t.device} but z is on "
+                                   f"{z.device}")
+
     def predict(self, z):
         """(B, C) logits sim + att."""
         self._check_z(z, "predict")
+        self._check_device(z, "predict")
         return multimodal_logits_reference(z, self.W.to(z.dtype), self.num_classes, self.gamma)
 
     def forward(self, z, labels):
@@ -161,6 +170,7 @@ class MultiModalLoss(torch.nn.Module):
         if labels.dim() != 1 or labels.shape[0] != z.shape[0] or labels.is_floating_point():
             raise ValueError(f"MultiModalLoss.forward: labels must be a ({z.shape[0]},) integer "
                              f"tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+        self._check_device(z, "forward", labels)
         return multimodal_loss(z, labels, self.W, self.num_classes, self.gamma)
 
     def extra_repr(self):

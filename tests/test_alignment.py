@@ -413,3 +413,12 @@ def test_triplet_loss_takes_torchs_unbatched_and_broadcast_inputs():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
         for g, h in zip(grads, torch.autograd.grad(theirs, twins)):
             torch.testing.assert_close(g, h, rtol=0, atol=0)
+
+
+def test_meta_tensors_trace_through_the_losses():
+    """Meta tensors (shape propagation, FakeTensor-style tracing): a meta result of the right
+    shape, not torch.autocast("meta")'s "unsupported scalarType" or a host read of no data."""
+    a, b = torch.randn(8, 4, device="meta"), torch.randn(8, 4, device="meta")
+    for loss in (ek.contrastive_loss(a, b, 0.1), ek.contrastive_loss(a, b, 0.1, block=3),
+                 ek.cca_loss(a, b)):
+        assert loss.device.type == "meta" and loss.shape == ()

@@ -158,6 +158,82 @@ def test_use_backend_forces_and_nests():
         assert _dispatch.select("x", cpu) == "reference"
 
 
+def test_use_backend_takes_names_as_the_variable_does():
+    cpu = torch.device("cpu")
+    with ek.use_backend(" Reference "):
+        assert _dispatch.select("x", cpu) == "reference"
+    with pytest.raises(ValueError, match=r"use_backend\(name\) must be one of"):
+        with ek.use_backend(3):
+            pass
+
+
+def test_use_backend_steers_only_its_own_thread():
+    """A block in one thread (a data loader, a serving thread) must not change the backend
+    of ops running in another thread; each thread's nesting is its own."""
+    import threading
+    cpu = torch.device("cpu")
+    automatic = _dispatch.select("x", cpu)
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def worker():
+        with ek.use_backend("cuda"):
+            inside.set()
+            release.wait(30)
+            seen["worker"] = _dispatch.forced_backend()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(30)
+    with ek.use_backend("reference"):
+        seen["main, inside"] = _dispatch.select("x", cpu)
+    seen["main"] = _dispatch.select("x", cpu)
+    release.set()
+    thread.join(30)
+    assert seen == {"worker": "cuda", "main, inside": "reference", "main": automatic}
+
+
+def test_backends_need_a_device_torch_can_see():
+    if not torch.cuda.is_available():
+        assert _dispatch.available_backends("cuda") == []
+        assert "torch sees no CUDA device" in " ".join(
+            _dispatch.unsupported_reasons("triton", torch.device("cuda"), ("triton",)))
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("ON", True),
+                                             ("0", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(value, expected):
+    stdout, _ = run_python("import ether_kernels as ek; print(ek.info()['triton_interpret'])",
+                           TRITON_INTERPRET=value)
+    assert stdout.split()[-1] == str(expected)
+
+
+def test_the_sdist_carries_every_source(tmp_path):
+    """A wheel is built from the sdist (pip install of a release): every C++ / CUDA source
+    and header must be in it (the per-instruction-set kernels and the CUDA files are
+    compiled outside the Extension's sources list, and were missing)."""
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    source = tmp_path / "src"
+    for name in tracked.stdout.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    built = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir",
+                            str(tmp_path / "dist")], capture_output=True, text=True,
+                           cwd=source, env={**os.environ, "ETHER_KERNELS_WITH_CUDA": "0"},
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    import tarfile
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
+    wanted = {name for name in tracked.stdout.split()
+              if name.startswith("csrc/") or name.startswith("ether_kernels/")
+              and name.endswith(".py")}
+    assert wanted <= members, sorted(wanted - members)
+
+
 def test_forcing_a_backend_that_cannot_run_lists_the_reasons():
     with ek.use_backend("cuda"), pytest.raises(ek.BackendUnavailableError) as error:
         ek.ether_loss(torch.randn(3, 2), torch.randn(3, 2), [0, 1])

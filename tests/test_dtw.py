@@ -1107,3 +1107,19 @@ def test_dtw_path_refuses_and_alignment_is_nan_for_a_nan_pair(backend):
         alignment = ek.soft_dtw_alignment(x, y, 0.5, **kwargs)
     assert alignment[nan_pairs].isnan().all()
     assert torch.isfinite(alignment[~nan_pairs]).all()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_soft_dtw_alignment_under_no_grad_and_inference_mode(backend):
+    """E is a gradient, but evaluation code asks for it under no_grad / inference_mode
+    (which raised "element 0 of tensors does not require grad")."""
+    x, y, x_lengths, y_lengths = random_case()
+    with ek.use_backend(backend):
+        expected = ek.soft_dtw_alignment(x, y, 0.5, x_lengths=x_lengths, y_lengths=y_lengths)
+        with torch.no_grad():
+            plain = ek.soft_dtw_alignment(x, y, 0.5, x_lengths=x_lengths, y_lengths=y_lengths)
+        with torch.inference_mode():
+            xi, yi, xli, yli = x.clone(), y.clone(), x_lengths.clone(), y_lengths.clone()
+            inferred = ek.soft_dtw_alignment(xi, yi, 0.5, x_lengths=xli, y_lengths=yli)
+    assert torch.equal(plain, expected) and torch.equal(inferred, expected)
+    assert expected.abs().sum() > 0

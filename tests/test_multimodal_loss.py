@@ -103,6 +103,13 @@ def test_multimodal_loss_bad_input():
         (lambda: module.predict(torch.ones(4, 6, dtype=torch.long)), TypeError, "floating"),
         (lambda: ek.MultiModalLoss(0, 2), ValueError, "num_classes"),
         (lambda: ek.MultiModalLoss(3, 2, gamma=0), ValueError, "gamma"),
+        # another device (meta here) ran the fake kernel: an uninitialised "loss"
+        (lambda: module(torch.rand(4, 6), torch.zeros(4, dtype=torch.long, device="meta")),
+         RuntimeError, "labels is on meta but z is on cpu"),
+        (lambda: module(torch.rand(4, 6, device="meta"), torch.zeros(4, dtype=torch.long,
+                                                                     device="meta")),
+         RuntimeError, r"W \(the module's parameter\) is on cpu but z is on meta"),
+        (lambda: module.predict(torch.rand(4, 6, device="meta")), RuntimeError, "W "),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
