@@ -126,6 +126,12 @@ def extensions_and_cmdclass():
                     raise
                 self.warn(f"building {ext.name} failed ({type(error).__name__}: {error}); "
                           "ether_kernels will run on its pure-PyTorch reference")
+                # An extension left by an earlier build (an in-place or editable install)
+                # would load beside Python code it no longer matches: remove it.
+                stale = self.get_ext_fullpath(ext.name)
+                if os.path.exists(stale):
+                    os.remove(stale)
+                    self.warn(f"removed the earlier build {stale}")
 
         def _build(self, ext):
             cxx = list(ext.extra_compile_args["cxx"])

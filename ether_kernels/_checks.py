@@ -6,15 +6,16 @@ import numbers
 import torch
 
 
-def check_tensor(value, name):
+def check_tensor(value, name, op_name=None):
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        where = f"{op_name}: " if op_name else ""
+        raise TypeError(f"{where}{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def check_loss_pair(first, second, first_name, second_name, op_name):
     """Both tensors, floating point, same dtype, shape and device."""
-    check_tensor(first, first_name)
-    check_tensor(second, second_name)
+    check_tensor(first, first_name, op_name)
+    check_tensor(second, second_name, op_name)
     for value, name in ((first, first_name), (second, second_name)):
         if not value.is_floating_point():
             raise TypeError(f"{op_name}: {name} must be a floating-point tensor "

@@ -32,7 +32,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 # ------------------------------------------------------------------------- checks
 
 def _check_embeddings(x, name, op):
-    check_tensor(x, name)
+    check_tensor(x, name, op)
     if not x.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -53,7 +53,7 @@ def _check_same_width(x, y, x_name, y_name, op):
 
 
 def _check_labels(labels, rows, name, op, device):
-    check_tensor(labels, name)
+    check_tensor(labels, name, op)
     if labels.dim() != 1 or labels.shape[0] != rows or labels.is_floating_point() \
             or labels.dtype == torch.bool:
         raise ValueError(f"{op}: {name} must be a ({rows},) integer tensor, got "
@@ -78,7 +78,7 @@ def triplet_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=F
     broadcast against each other as torch does), with argument checks that name the input."""
     op = "triplet_loss"
     for x, name in ((anchor, "anchor"), (positive, "positive"), (negative, "negative")):
-        check_tensor(x, name)
+        check_tensor(x, name, op)
         if not x.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
         if x.dim() not in (1, 2) or x.numel() == 0:
@@ -113,7 +113,7 @@ def pairwise_distances(x, y, squared=False):
     (the squared distance is a difference of large numbers); use fp64 if that matters."""
     op = "pairwise_distances"
     for t, name in ((x, "x"), (y, "y")):
-        check_tensor(t, name)
+        check_tensor(t, name, op)
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if t.dim() != 2:
@@ -455,7 +455,7 @@ class _GradientReversalUnderTransforms(_GradientReversal):
 def grad_reverse(x, lambda_=1.0):
     """Identity in the forward, -lambda * grad in the backward (Ganin & Lempitsky's gradient
     reversal layer, for domain-adversarial training)."""
-    check_tensor(x, "x")
+    check_tensor(x, "x", "grad_reverse")
     if not isinstance(lambda_, numbers.Real) or isinstance(lambda_, bool) or \
             not is_finite_number(lambda_):
         raise ValueError(f"grad_reverse: lambda_ must be a finite number, got {lambda_!r}")

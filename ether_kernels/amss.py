@@ -135,8 +135,16 @@ def _triton_step(op, function, mutated):
 
     def run_eagerly(*args):
         function(*args)
-        torch.autograd.graph.increment_version(mutated)
+        _bump_versions(mutated)
     return run_eagerly
+
+
+def _bump_versions(tensors):
+    """Bumps the version counter of every tensor, one at a time (torch before 2.5 takes one
+    tensor per call); inference tensors have no counter and are skipped."""
+    for tensor in tensors:
+        if not tensor.is_inference():
+            torch.autograd.graph.increment_version(tensor)
 
 
 def _tracing(tensors):
@@ -152,7 +160,7 @@ def _cpp_step(op, mutated):
     def run(*args):
         op(*args)
         if not _tracing(mutated):
-            torch.autograd.graph.increment_version(mutated)
+            _bump_versions(mutated)
     return run
 
 

@@ -19,8 +19,12 @@ NaN convention, every backend: a NaN local cost in any cell a pair may use (with
 lengths and band; from a NaN in x or y there, or inf - inf) makes that pair's value NaN, and
 its whole gradient slice (of x, y or cost) NaN, so that a NaN loss is never paired with a
 finite, meaningless gradient (which AMP's GradScaler would apply); other pairs are
-untouched. dtw_path raises for such a pair (no optimal path exists). Infinite costs are
-not NaN: a pair whose every path crosses +inf has the value +inf.
+untouched; a NaN pair masked out of the loss (upstream gradient 0) gets the gradient 0
+from the kernels (the reference's autograd gives it 0 * NaN = NaN). dtw_path raises for
+such a pair (no optimal path exists). Infinite costs are not NaN: a pair whose every path
+crosses +inf has the value +inf. A -inf cost (from a -inf precomputed cost) is outside the
+soft kernels' domain (their soft-min subtracts the minimum: -inf - -inf is NaN): the
+reference gives -inf there, the kernels NaN.
 """
 
 import math
@@ -41,7 +45,7 @@ _OP = "dtw"
 # ------------------------------------------------------------------------ argument checks
 
 def _as_batch(series, name, op):
-    check_tensor(series, name)
+    check_tensor(series, name, op)
     if not (series.is_floating_point()):
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {series.dtype}")
     if series.dim() == 1:
@@ -63,7 +67,7 @@ def _as_batch(series, name, op):
 def _lengths(lengths, name, batch, full, device, op):
     if lengths is None:
         return torch.full((batch,), full, dtype=torch.int64, device=device)
-    check_tensor(lengths, name)
+    check_tensor(lengths, name, op)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"{op}: {name} must be an integer tensor, got {lengths.dtype}")
     if lengths.shape != (batch,):
@@ -144,7 +148,7 @@ def _zero_padding(series, lengths):
 
 
 def _cost_pairs(cost, x_lengths, y_lengths, band, op):
-    check_tensor(cost, "cost")
+    check_tensor(cost, "cost", op)
     if not cost.is_floating_point():
         raise TypeError(f"{op}: cost must be a floating-point tensor, got {cost.dtype}")
     if cost.dim() == 2:
@@ -162,13 +166,17 @@ def _cost_pairs(cost, x_lengths, y_lengths, band, op):
 
 # --------------------------------------------------------------------------- NaN pairs
 
-def _nan_pairs_gradient(grad, values):
-    """grad (B, ...) with the slices of the pairs whose value is NaN set to NaN (the NaN
-    convention above); for the kernels' backward, which may push nothing through NaN."""
+def _nan_pairs_gradient(grad, nan_pairs, grad_values):
+    """grad (B, ...) with the slices of the NaN pairs (nan_pairs: (B,) bool, saved by the
+    forward) set to NaN where the upstream gradient of the pair is not 0 (the NaN convention
+    above), for the kernels' backward, which may push nothing through NaN. A NaN pair that
+    the loss masks out (torch.where(values.isnan(), 0, values), upstream 0) gets the
+    gradient 0: masking NaN pairs out of a loss leaves a finite gradient."""
     if grad is None:
         return None
-    nan_pairs = values.isnan().view((-1,) + (1,) * (grad.dim() - 1))
-    return torch.where(nan_pairs, math.nan, grad)
+    shape = (-1,) + (1,) * (grad.dim() - 1)
+    nan_or_zero = torch.where((grad_values != 0).view(shape), math.nan, 0.0).to(grad.dtype)
+    return torch.where(nan_pairs.view(shape), nan_or_zero, grad)
 
 
 def _with_nan_pair_gradients(values, inputs):
@@ -176,10 +184,15 @@ def _with_nan_pair_gradients(values, inputs):
     recurrence leaves a NaN pair's gradient partly finite (torch.where routes zeros past
     NaN). For a NaN pair this adds NaN * sum(input slice), whose gradient is NaN in every
     element; for the others the term is never selected and passes an exact 0. Plain torch
-    ops: forward AD, torch.func and torch.compile take it as they take the reference."""
+    ops: forward AD, torch.func and torch.compile take it as they take the reference.
+    Unlike the kernels' backward, a NaN pair masked out of the loss still gets NaN here
+    (0 * NaN): the reference is the readable oracle, not a place for special cases.
+    Under forward AD or a torch.func transform the inputs carry tangents, not
+    requires_grad: every input takes part then."""
     nan_pairs = values.isnan()
     scale = torch.where(nan_pairs, values.detach(), 0.0)  # NaN there, else 0 (values' dtype)
-    total = sum(t.flatten(1).sum(1) for t in inputs if t.requires_grad)
+    every_input = _dispatch.transformed()
+    total = sum(t.flatten(1).sum(1) for t in inputs if every_input or t.requires_grad)
     if isinstance(total, int):  # nothing requires grad
         return values
     return torch.where(nan_pairs, values + scale * total, values)
@@ -478,7 +491,7 @@ def _setup_context(ctx, inputs, output):
     values, R = output
     ctx.mark_non_differentiable(R)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(cost, R, x_lengths, y_lengths, values)
+    ctx.save_for_backward(cost, R, x_lengths, y_lengths, values.isnan())
     ctx.options = (band, gamma, soft, keep)
 
 
@@ -490,7 +503,7 @@ def _make_backward(backward_op):
         if not keep:
             raise RuntimeError("dtw_forward was called without keep=True, so it kept no "
                                "accumulated cost for the backward")
-        cost, R, x_lengths, y_lengths, values = ctx.saved_tensors
+        cost, R, x_lengths, y_lengths, nan_pairs = ctx.saved_tensors
         if _double_backward.wants_graph():  # create_graph=True: through the reference
             (grad_cost,) = _double_backward.reference_gradients(
                 lambda: dtw_from_cost_reference(cost, x_lengths, y_lengths,
@@ -500,7 +513,8 @@ def _make_backward(backward_op):
         else:
             grad_cost = backward_op(grad_values.contiguous(), cost, R, x_lengths, y_lengths,
                                     band, gamma, soft)
-        return _nan_pairs_gradient(grad_cost, values), None, None, None, None, None, None
+        return ((_nan_pairs_gradient(grad_cost, nan_pairs, grad_values),)
+                + (None,) * 6)
     return backward
 
 
@@ -531,7 +545,7 @@ def _checkpointed_setup_context(ctx, inputs, output):
     values, kept = output
     ctx.mark_non_differentiable(kept)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, y, kept, x_lengths, y_lengths, values)
+    ctx.save_for_backward(x, y, kept, x_lengths, y_lengths, values.isnan())
     ctx.options = (metric, band, gamma, rows)
 
 
@@ -540,7 +554,7 @@ def _checkpointed_backward(ctx, grad_values, _grad_kept):
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_values is None or not (need_x or need_y):
         return (None,) * 8
-    x, y, kept, x_lengths, y_lengths, values = ctx.saved_tensors
+    x, y, kept, x_lengths, y_lengths, nan_pairs = ctx.saved_tensors
     if _double_backward.wants_graph():  # create_graph=True: through the reference
         grad_x, grad_y = _series_reference_gradients(x, y, x_lengths, y_lengths, metric, band,
                                                      gamma, need_x, need_y, grad_values)
@@ -548,8 +562,8 @@ def _checkpointed_backward(ctx, grad_values, _grad_kept):
         grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_soft_backward_checkpointed(
             grad_values.contiguous(), x, y, kept, x_lengths, y_lengths, metric, band, gamma,
             rows, need_x, need_y)
-    return (_nan_pairs_gradient(grad_x, values) if need_x else None,
-            _nan_pairs_gradient(grad_y, values) if need_y else None,
+    return (_nan_pairs_gradient(grad_x, nan_pairs, grad_values) if need_x else None,
+            _nan_pairs_gradient(grad_y, nan_pairs, grad_values) if need_y else None,
             None, None, None, None, None, None)
 
 
@@ -576,7 +590,7 @@ def _xy_setup_context(ctx, inputs, output):
     values, R = output
     ctx.mark_non_differentiable(R)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, y, R, x_lengths, y_lengths, values)
+    ctx.save_for_backward(x, y, R, x_lengths, y_lengths, values.isnan())
     ctx.options = (metric, band, gamma, soft, keep)
 
 
@@ -588,7 +602,7 @@ def _xy_backward(ctx, grad_values, _grad_R):
     if not keep:
         raise RuntimeError("dtw_xy_forward was called without keep=True, so it kept no "
                            "accumulated cost for the backward")
-    x, y, R, x_lengths, y_lengths, values = ctx.saved_tensors
+    x, y, R, x_lengths, y_lengths, nan_pairs = ctx.saved_tensors
     if _double_backward.wants_graph():  # create_graph=True: through the reference
         grad_x, grad_y = _series_reference_gradients(x, y, x_lengths, y_lengths, metric, band,
                                                      gamma if soft else None, need_x, need_y,
@@ -597,8 +611,8 @@ def _xy_backward(ctx, grad_values, _grad_R):
         grad_x, grad_y = torch.ops.ether_kernels.dtw_xy_backward(
             grad_values.contiguous(), x, y, R, x_lengths, y_lengths, metric, band, gamma, soft,
             need_x, need_y)
-    return (_nan_pairs_gradient(grad_x, values) if need_x else None,
-            _nan_pairs_gradient(grad_y, values) if need_y else None,
+    return (_nan_pairs_gradient(grad_x, nan_pairs, grad_values) if need_x else None,
+            _nan_pairs_gradient(grad_y, nan_pairs, grad_values) if need_y else None,
             None, None, None, None, None, None, None)
 
 

@@ -142,7 +142,7 @@ class MultiModalLoss(torch.nn.Module):
         torch.nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
 
     def _check_z(self, z, op):
-        check_tensor(z, "z")
+        check_tensor(z, "z", f"MultiModalLoss.{op}")
         width = self.num_modalities * self.num_classes
         if z.dim() != 2 or z.shape[1] != width or z.shape[0] == 0:
             raise ValueError(f"MultiModalLoss.{op}: z must be a non-empty (B, M*C) = (B, "
@@ -166,7 +166,7 @@ class MultiModalLoss(torch.nn.Module):
 
     def forward(self, z, labels):
         self._check_z(z, "forward")
-        check_tensor(labels, "labels")
+        check_tensor(labels, "labels", "MultiModalLoss.forward")
         if labels.dim() != 1 or labels.shape[0] != z.shape[0] or labels.is_floating_point():
             raise ValueError(f"MultiModalLoss.forward: labels must be a ({z.shape[0]},) integer "
                              f"tensor, got {labels.dtype} of shape {tuple(labels.shape)}")

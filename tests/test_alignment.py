@@ -108,6 +108,8 @@ def test_triplet_bad_input():
     cases = [
         (lambda: ek.triplet_loss(x, x, x[:, :2]), ValueError, "negative"),
         (lambda: ek.triplet_loss(x, x.float(), x), TypeError, "same dtype"),
+        (lambda: ek.triplet_loss(x, x, None), TypeError, "^triplet_loss: negative must be a torch.Tensor"),
+        (lambda: ek.grad_reverse([1.0]), TypeError, "^grad_reverse: x must be a torch.Tensor"),
         (lambda: ek.triplet_loss(x, x, x, margin=-1), ValueError, "margin"),
         (lambda: ek.triplet_loss(x, x, x, p=0), ValueError, "p must be"),
         (lambda: ek.triplet_loss(x, x, x, reduction="avg"), ValueError, "reduction"),

@@ -258,6 +258,9 @@ def test_parity_with_dtaidistance():
     (lambda x, y: ek.dtw(x, torch.randn(2, 0, 2)), ValueError, r"y is an empty sequence"),
     (lambda x, y: ek.dtw(x, torch.randn(3, 6, 2)), ValueError, r"x has 2 series but y has 3"),
     (lambda x, y: ek.dtw(x.long(), y), TypeError, r"x must be a floating-point tensor"),
+    (lambda x, y: ek.soft_dtw(x.tolist(), y), TypeError, r"^soft_dtw: x must be a torch.Tensor"),
+    (lambda x, y: ek.dtw(x, y, y_lengths=[3, 2]), TypeError, r"^dtw: y_lengths must be a torch.Tensor"),
+    (lambda x, y: ek.dtw_from_cost(None), TypeError, r"^dtw_from_cost: cost must be a torch.Tensor"),
     (lambda x, y: ek.dtw(x, y.double()), TypeError, r"x \(torch.float32\) and y \(torch.float64\)"),
     (lambda x, y: ek.dtw(x, y, metric="cosine"), ValueError, r"metric must be one of"),
     (lambda x, y: ek.SoftDTWLoss(reduction="max"), ValueError, r"SoftDTWLoss: reduction must be one of"),
@@ -965,6 +968,49 @@ def test_a_ragged_lane_group_is_bitwise_its_pairs_alone(dtype, band, checkpointe
             assert torch.equal(got[k], want[0]), (k, got[k], want[0])
 
 
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("band", [None, 3])
+@pytest.mark.parametrize("path", ["soft", "soft-checkpointed", "hard-values", "hard"])
+def test_lane_groups_follow_the_lengths_not_the_batch_order(monkeypatch, dtype, band, path):
+    """The C++ lanes group pairs by length (LaneGroups: sorted by n then m, the shortest
+    left over run alone, the soft forward keeps its state by task): 37 pairs of distinct
+    lengths in a random order give bitwise the values and gradients of the same pairs in
+    another order, and the reference's (a backward reading another task's kept state, or a
+    value written to another pair, fails both)."""
+    B, N, M, D = 37, 40, 33, 2
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    y = torch.randn(B, M, D, dtype=torch.float64)
+    x_lengths = torch.randperm(N)[:B] + 1  # distinct: one sorted order whatever the batch's
+    y_lengths = torch.randint(1, M + 1, (B,))
+    checked = force_cpu_checkpoints(monkeypatch) if path == "soft-checkpointed" else None
+
+    def run(backend, order, dtype):
+        a = x[order].to(dtype).requires_grad_(path != "hard-values")
+        b = y[order].to(dtype).requires_grad_(path != "hard-values")
+        kwargs = dict(band=band, x_lengths=x_lengths[order], y_lengths=y_lengths[order])
+        with ek.use_backend(backend):
+            if path == "hard-values":  # no gradient wanted: the value-only lanes
+                return [ek.dtw(a, b, **kwargs)]
+            values = (ek.dtw(a, b, **kwargs) if path == "hard"
+                      else ek.soft_dtw(a, b, 0.5, **kwargs))
+            weights = torch.linspace(0.5, 1.5, B, dtype=values.dtype)[order]
+            return [values.detach(), *torch.autograd.grad((values * weights).sum(), (a, b))]
+
+    first, second = torch.randperm(B), torch.randperm(B)
+    results = {}
+    for name, order in (("first", first), ("second", second)):
+        got = (checked or (lambda f: f()))(lambda: run("cpp", order, dtype))
+        restored = torch.empty_like(order)
+        restored[order] = torch.arange(B)
+        results[name] = [t[restored] for t in got]  # back in the batch's order
+    expected = run("reference", torch.arange(B), torch.float64)
+    for got, other, want in zip(results["first"], results["second"], expected):
+        assert torch.equal(got, other)
+        bound = 1e-9 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(got.double(), want, rtol=bound, atol=bound)
+
+
 # ------------------------------------------------------------------- NaN convention
 
 NAN_BACKENDS = (
@@ -993,6 +1039,7 @@ def _nan_case(dtype, N=9, M=8, D=2):
     x_lengths = torch.randint(2, N + 1, (B,))
     y_lengths = torch.randint(2, M + 1, (B,))
     x_lengths[:8], y_lengths[:8] = N, M
+    x_lengths[11], y_lengths[13] = N - 2, M - 3  # padding that holds NaN (below)
     nan = float("nan")
     x[1, 0, 0] = nan                                   # the first row: R[1][1] on
     y[3, int(y_lengths[3]) - 1, 1] = nan               # the last column of y
@@ -1091,6 +1138,96 @@ def test_checkpointed_cpu_soft_dtw_follows_the_nan_convention(monkeypatch, dtype
                                                   x_lengths, y_lengths, 0.5, None, False)
     _check_nan_pairs(values, grads, ref_values, ref_grads, nan_pairs, dtype,
                      _within_lengths(grads, x_lengths, y_lengths, False))
+
+
+@pytest.mark.parametrize("backend, device", NAN_BACKENDS)
+@pytest.mark.parametrize("gamma", [None, 0.5])
+@pytest.mark.parametrize("from_cost", [False, True], ids=["series", "cost"])
+def test_a_nan_pair_masked_out_of_the_loss_gets_no_gradient_from_the_kernels(backend, device,
+                                                                            gamma, from_cost):
+    """Masking the NaN pairs out of a loss (torch.where(values.isnan(), 0, values)) gives
+    them an upstream gradient of 0: the kernels' backward then gives them 0, not NaN, and
+    the other pairs their own gradient (the reference, on the finite pairs alone)."""
+    if backend == "reference":
+        pytest.skip("the reference's autograd gives 0 * NaN = NaN there (documented)")
+    if backend == "triton" and not from_cost:
+        pytest.skip("Triton on series forms the cost with PyTorch, whose backward takes the "
+                    "kernel's 0 to x and y as 0 * NaN = NaN (as the reference)")
+    x, y, x_lengths, y_lengths, nan_pairs = _nan_case(torch.float64)
+    fine = ~nan_pairs
+    kwargs = dict(x_lengths=x_lengths.to(device), y_lengths=y_lengths.to(device))
+
+    def gradients(backend, x, y, **kwargs):
+        a, b = x.to(device).requires_grad_(True), y.to(device).requires_grad_(True)
+        with ek.use_backend(backend):
+            if from_cost:
+                inputs = (dynamic_time_warping.pairwise_cost(a, b).detach().requires_grad_(True),)
+                values = (ek.dtw_from_cost(inputs[0], **kwargs) if gamma is None
+                          else ek.soft_dtw_from_cost(inputs[0], gamma, **kwargs))
+            else:
+                inputs = (a, b)
+                values = (ek.dtw(a, b, **kwargs) if gamma is None
+                          else ek.soft_dtw(a, b, gamma, **kwargs))
+            loss = torch.where(values.isnan(), 0.0, values).sum()
+            return [g.cpu() for g in torch.autograd.grad(loss, inputs)]
+
+    masked = gradients(backend, x, y, **kwargs)
+    expected = gradients("reference", x[fine], y[fine], x_lengths=x_lengths[fine].to(device),
+                         y_lengths=y_lengths[fine].to(device))
+    for got, want in zip(masked, expected):
+        assert torch.equal(got[nan_pairs], torch.zeros_like(got[nan_pairs]))
+        torch.testing.assert_close(got[fine], want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_forward_ad_follows_the_nan_convention(backend):
+    """Under forward AD (torch.func.jvp) the reference runs whatever the backend; its NaN
+    pairs' tangents are NaN (the inputs carry tangents there, not requires_grad: the NaN
+    term took no input and left some NaN pairs a finite tangent), the others finite and
+    equal to the reverse-mode directional derivative."""
+    x, y, x_lengths, y_lengths, nan_pairs = _nan_case(torch.float64)
+    tx, ty = torch.randn_like(x), torch.randn_like(y)
+
+    def f(a, b):
+        return ek.soft_dtw(a, b, 0.5, x_lengths=x_lengths, y_lengths=y_lengths)
+    with ek.use_backend(backend):
+        values, tangent = torch.func.jvp(f, (x, y), (tx, ty))
+        a, b = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        fine = ~nan_pairs
+        grads = torch.autograd.grad(f(a, b)[fine].sum(), (a, b))
+    assert torch.equal(values.isnan(), nan_pairs)
+    assert torch.equal(tangent.isnan(), nan_pairs), (tangent, nan_pairs)
+    directional = (grads[0] * tx).flatten(1).sum(1) + (grads[1] * ty).flatten(1).sum(1)
+    torch.testing.assert_close(tangent[fine], directional[fine], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend, device", NAN_BACKENDS)
+@pytest.mark.parametrize("gamma", [None, 0.5])
+@pytest.mark.parametrize("from_cost", [False, True], ids=["series", "cost"])
+def test_the_values_may_be_changed_in_place_before_backward(backend, device, gamma, from_cost):
+    """The ops' outputs belong to the user: an in-place change (values.mul_(2), a masked
+    fill) before backward must not break it (the autograd wrappers saved the output to find
+    the NaN pairs: "modified by an inplace operation")."""
+    x, y, x_lengths, y_lengths = (t.to(device) for t in random_case())
+
+    def gradients(in_place):
+        a, b = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        with ek.use_backend(backend):
+            if from_cost:
+                inputs = (dynamic_time_warping.pairwise_cost(a, b).detach().requires_grad_(True),)
+                values = (ek.dtw_from_cost(inputs[0], x_lengths=x_lengths, y_lengths=y_lengths)
+                          if gamma is None else
+                          ek.soft_dtw_from_cost(inputs[0], gamma, x_lengths=x_lengths,
+                                                y_lengths=y_lengths))
+            else:
+                inputs = (a, b)
+                values = (ek.dtw(a, b, x_lengths=x_lengths, y_lengths=y_lengths)
+                          if gamma is None else
+                          ek.soft_dtw(a, b, gamma, x_lengths=x_lengths, y_lengths=y_lengths))
+            values = values.mul_(2) if in_place else values * 2
+            return torch.autograd.grad(values.sum(), inputs)
+    for got, want in zip(gradients(True), gradients(False)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -34,10 +34,12 @@
 // keeps R in fp64 (an fp32 R is not precise enough for the backward's weights at small
 // gamma), so the backward never recomputes the forward; hard DTW keeps R in the dtype.
 // Kept R layout: (B, N, M), pair b's cell (i, j) at [b, i - 1, j - 1]; except the soft
-// series path, where a group of L pairs run in vector lanes keeps its rows interleaved in
-// the group's L * N * M block: cell (i, j) of lane k at ((i - 1) * m + (j - 1)) * L + k,
-// m the longest of the group's lengths (pairs of different lengths share one grid, see
-// LaneShape).
+// series path, which keeps by task (LaneGroups: pairs grouped by length, so a task's pairs
+// need not be consecutive): a group of L pairs run in vector lanes keeps its rows
+// interleaved in the L * N * M block at its slot: cell (i, j) of lane k at
+// ((i - 1) * m + (j - 1)) * L + k, m the longest of the group's lengths (pairs of different
+// lengths share one grid, see LaneShape); a pair run alone keeps its (N, M) grid at its
+// slot, after the groups. Only the matching backward reads it.
 
 #include "dtw_kernel_api.h"
 
@@ -46,6 +48,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -863,12 +866,36 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
   return c;
 }
 // ------------------------------------------------------------ lane tasks
-// The series soft-DTW runs L pairs in the L lanes of one vector (L = VA::size()). Pairs are
-// taken in consecutive groups of L (task t < groups: pairs t L .. t L + L - 1); the B mod L
-// pairs left over are tasks of their own (task t >= groups: pair groups L + t - groups).
+// Pairs run L at a time in the L lanes of one vector, on the grid of the group's longest
+// lengths (LaneShape): a group costs its longest pair's grid L times over. So the pairs are
+// grouped by length, not by batch position: `order` sorts them by n, then m, longest
+// first (stable: equal lengths keep the batch order, so an equal-length batch groups
+// consecutive pairs as before), and is cut into `groups` groups of L (task t < groups:
+// pairs order[t L .. t L + L - 1]); the B - groups L shortest pairs left over are tasks
+// of their own (task t >= groups: pair order[groups L + t - groups]). With no groups the
+// order is the batch order (pair b is task b). The order depends on the lengths alone, so
+// the forward and the backward build the same tasks.
+// A soft-DTW forward keeps task t's state at slot(t) N M in the (B, N, M) buffer: a group
+// its L pairs' interleaved block, a single pair its own grid after all the groups.
 struct LaneGroups {
   int64_t L, B, groups;
+  std::vector<int64_t> order;
+
+  LaneGroups(int64_t lanes, int64_t batch, int64_t group_count, const int64_t* x_lengths,
+             const int64_t* y_lengths)
+      : L(lanes), B(batch), groups(group_count), order(batch) {
+    for (int64_t b = 0; b < B; ++b) order[b] = b;
+    if (groups > 0) {
+      std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
+        if (x_lengths[p] != x_lengths[q]) return x_lengths[p] > x_lengths[q];
+        return y_lengths[p] > y_lengths[q];
+      });
+    }
+  }
   int64_t tasks() const { return groups + (B - groups * L); }
+  bool single(int64_t t) const { return t >= groups; }
+  int64_t single_pair(int64_t t) const { return order[groups * L + (t - groups)]; }
+  int64_t slot(int64_t t) const { return t < groups ? t * L : groups * L + (t - groups); }
 };
 
 // The L pairs (lane k: pair lanes[k]) a task runs; `distinct` lanes own their outputs: L
@@ -881,10 +908,29 @@ struct LaneTask {
 inline LaneTask lane_task(const LaneGroups& lg, int64_t t) {
   LaneTask task{};
   constexpr int64_t L = VA::size();
-  const bool group = t < lg.groups;
-  for (int64_t k = 0; k < L; ++k) task.lanes[k] = group ? t * L + k : lg.groups * L + (t - lg.groups);
+  const bool group = !lg.single(t);
+  for (int64_t k = 0; k < L; ++k) task.lanes[k] = group ? lg.order[t * L + k] : lg.single_pair(t);
   task.distinct = group ? L : 1;
   return task;
+}
+
+// Runs the tasks 0 .. tasks - 1 on up to at::get_num_threads() workers (at least `grain`
+// tasks per worker); each worker calls `worker(next_task)` once and takes tasks with
+// next_task() (-1 when none is left) in increasing order, whichever worker is free: the
+// longest groups come first, so this is a longest-processing-time-first schedule (a static
+// split into contiguous ranges would hand one thread all the long groups). Each task
+// writes only its own outputs, so the results do not depend on which worker ran it.
+template <typename Worker>
+void for_each_task(int64_t tasks, int64_t grain, const Worker& worker) {
+  if (tasks <= 0) return;
+  const int64_t wanted = (tasks + grain - 1) / grain;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), wanted));
+  std::atomic<int64_t> next{0};
+  auto next_task = [&]() -> int64_t {
+    const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    return t < tasks ? t : -1;
+  };
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next_task); });
 }
 
 // The lane gradients gx (n, D) and gy (m, D) vectors of the task's grid into the outputs
@@ -1292,12 +1338,12 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   const double inf = std::numeric_limits<double>::infinity();
-  const LaneGroups lg{L, a.B, a.B / L};
-  at::parallel_for(0, lg.tasks(), 1, [&](int64_t begin, int64_t end) {
+  const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths);
+  for_each_task(lg.tasks(), 1, [&](auto next_task) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt;
     std::vector<VA> rows, checkpoints;
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next_task()) >= 0;) {
       const LaneTask task = lane_task(lg, t);
       const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
       const int64_t m = shape.pb.m, ld = m + 1;
@@ -1349,12 +1395,12 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
   T* gy_out = static_cast<T*>(a.grad_y);
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
-  const LaneGroups lg{L, a.B, a.B / L};
-  at::parallel_for(0, lg.tasks(), 1, [&](int64_t begin, int64_t end) {
+  const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths);
+  for_each_task(lg.tasks(), 1, [&](auto next_task) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt, segment;
     std::vector<VA> rows, work, above, gxl, gyl;
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next_task()) >= 0;) {
       const LaneTask task = lane_task(lg, t);
       const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
       const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
@@ -1424,35 +1470,34 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       const A gamma = static_cast<A>(a.gamma);
       const int64_t grain = std::max<int64_t>(1, 32768 / cells);
       constexpr int64_t LA = VA::size();
-      const LaneGroups lg{LA, B, LA > 1 ? B / LA : 0};
-      at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
+      const LaneGroups lg(LA, B, LA > 1 ? B / LA : 0, a.x_lengths, a.y_lengths);
+      for_each_task(lg.tasks(), grain, [&](auto next_task) {
         const FlushSubnormalsScope flush_subnormals;  // see the class comment
         std::vector<A> buf(2 * (M + 1));
         std::vector<double> xt, yt;
         std::vector<VA> rl;
         double* R_soft = static_cast<double*>(a.R);  // soft-DTW keeps R in fp64
-        auto single = [&](int64_t b) {
+        auto single = [&](int64_t b, int64_t slot) {  // kept at its task's slot
           const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
-          double* Rb = R_soft != nullptr ? R_soft + b * N * M : nullptr;
+          double* Rb = R_soft != nullptr ? R_soft + slot * N * M : nullptr;
           values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, double>(
               x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, gamma, buf.data(),
               buf.data() + M + 1, Rb,
               M, N));
         };
-        for (int64_t t = begin; t < end; ++t) {
-          if (t >= lg.groups) {
-            single(lg.groups * LA + (t - lg.groups));
+        for (int64_t t; (t = next_task()) >= 0;) {
+          if (lg.single(t)) {
+            single(lg.single_pair(t), lg.slot(t));
             continue;
           }
           const LaneTask task = lane_task(lg, t);
           const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
           const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
           gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
-          const int64_t b0 = task.lanes[0];
           alignas(64) double out[LA];
           rl.resize(kRollingRows * ld);
-          // Kept interleaved (see the file comment), row by row.
-          double* group = R_soft != nullptr ? R_soft + b0 * N * M : nullptr;
+          // Kept interleaved at the task's slot (see the file comment), row by row.
+          double* group = R_soft != nullptr ? R_soft + lg.slot(t) * N * M : nullptr;
           // The common small feature counts compiled with D fixed (see contract_lanes).
           const VA value = with_fixed_dim(D, [&](auto dim_c) {
             return xy_soft_forward_lanes<kMetric, std::is_same_v<T, float>,
@@ -1466,23 +1511,21 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
             std::fill(group + n * m * LA, group + LA * N * M,
                       std::numeric_limits<double>::infinity());
           }
-          for (int64_t k = 0; k < LA; ++k) values[b0 + k] = static_cast<T>(out[k]);
+          for (int64_t k = 0; k < LA; ++k) values[task.lanes[k]] = static_cast<T>(out[k]);
         }
       });
       return;
     }
-    // Hard DTW, computed in T. Value-only: groups of L consecutive pairs run in the lanes of
-    // one vector (on the grid of their longest lengths, see LaneShape); the other pairs run
-    // one by one.
+    // Hard DTW, computed in T. Value-only: groups of L pairs of similar lengths run in the
+    // lanes of one vector (on the grid of their longest lengths, see LaneShape and
+    // LaneGroups), or pair by pair when their band masks would not be exact (see
+    // LaneShape::exact_offsets); the other pairs run one by one. Keeping R: pair by pair,
+    // R kept by pair (no groups, the batch order).
     using V = at::vec::Vectorized<T>;
     constexpr int64_t L = V::size();
-    const int64_t groups = (R == nullptr && L > 1) ? B / L : 0;
-    // Task t < groups: group t (in lanes, or pair by pair when its band masks would not be
-    // exact, see LaneShape::exact_offsets); task t >= groups: the remaining single pair
-    // groups * L + (t - groups).
-    const int64_t tasks = groups + (B - groups * L);
+    const LaneGroups lg(L, B, (R == nullptr && L > 1) ? B / L : 0, a.x_lengths, a.y_lengths);
     const int64_t grain = std::max<int64_t>(1, 32768 / cells);
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for_each_task(lg.tasks(), grain, [&](auto next_task) {
       std::vector<T> buf(2 * (M + 1));
       std::vector<V> vbuf;
       std::vector<T> xt, yt;
@@ -1494,13 +1537,13 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
             buf.data() + M + 1, Rb, M,
             N);
       };
-      for (int64_t t = begin; t < end; ++t) {
-        if (t >= groups) {
-          single(groups * L + (t - groups));
+      for (int64_t t; (t = next_task()) >= 0;) {
+        if (lg.single(t)) {
+          single(lg.single_pair(t));
           continue;
         }
         int64_t pairs[L];
-        for (int64_t k = 0; k < L; ++k) pairs[k] = t * L + k;
+        for (int64_t k = 0; k < L; ++k) pairs[k] = lg.order[t * L + k];
         const LaneShape<V> shape(pairs, a.x_lengths, a.y_lengths, a.band);
         if (!shape.exact_offsets()) {
           for (int64_t k = 0; k < L; ++k) single(pairs[k]);
@@ -1569,13 +1612,13 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
       return;
     }
     constexpr int64_t LA = VA::size();
-    const LaneGroups lg{LA, B, (a.soft && LA > 1) ? B / LA : 0};
-    at::parallel_for(0, lg.tasks(), grain, [&](int64_t begin, int64_t end) {
+    const LaneGroups lg(LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths);
+    for_each_task(lg.tasks(), grain, [&](auto next_task) {
       const FlushSubnormalsScope flush_subnormals;  // see the class comment
       std::vector<A> e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
       std::vector<double> xt, yt;
       std::vector<VA> rl, gxl, gyl;
-      auto single = [&](int64_t b) {
+      auto single = [&](int64_t b, int64_t slot) {  // soft: kept at its task's slot
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         const int64_t n = pb.n, m = pb.m;
         const T* xb = x + b * a.x_batch_stride;
@@ -1620,7 +1663,7 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
             }
           }
         } else {
-          const A* Ra = R_soft + b * N * M;
+          const A* Ra = R_soft + slot * N * M;
           const int64_t ldr = M;
           e_scratch.assign(n * ldr, A(0));
           soft_backward_pair<A>(Ra, ldr, pb, gamma, g, e_scratch.data());
@@ -1644,9 +1687,9 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
           std::fill(o + m * D, o + M * D, T(0));
         }
       };
-      for (int64_t t = begin; t < end; ++t) {
-        if (t >= lg.groups) {
-          single(lg.groups * LA + (t - lg.groups));
+      for (int64_t t; (t = next_task()) >= 0;) {
+        if (lg.single(t)) {
+          single(lg.single_pair(t), lg.slot(t));
           continue;
         }
         const LaneTask task = lane_task(lg, t);
@@ -1662,7 +1705,7 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
         with_fixed_dim(D, [&](auto dim_c) {
           xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>, decltype(dim_c)::value>(
               xt.data(), yt.data(), D, shape, a.gamma, VA::loadu(gv),
-              R_soft + task.lanes[0] * N * M, rl.data(), gxl.data(), gyl.data());
+              R_soft + lg.slot(t) * N * M, rl.data(), gxl.data(), gyl.data());
         });
         scatter_task_gradients(task, shape, gxl.data(), gyl.data(), N, M, D, gx_out, gy_out);
       }
