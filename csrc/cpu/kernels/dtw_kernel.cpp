@@ -867,14 +867,18 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
 }
 // ------------------------------------------------------------ lane tasks
 // Pairs run L at a time in the L lanes of one vector, on the grid of the group's longest
-// lengths (LaneShape): a group costs its longest pair's grid L times over. So the pairs are
-// grouped by length, not by batch position: `order` sorts them by n, then m, longest
-// first (stable: equal lengths keep the batch order, so an equal-length batch groups
-// consecutive pairs as before), and is cut into `groups` groups of L (task t < groups:
-// pairs order[t L .. t L + L - 1]); the B - groups L shortest pairs left over are tasks
-// of their own (task t >= groups: pair order[groups L + t - groups]). With no groups the
-// order is the batch order (pair b is task b). The order depends on the lengths alone, so
-// the forward and the backward build the same tasks.
+// lengths (LaneShape): a group costs max n * max m * L cells. So the pairs are grouped by
+// length, not by batch position, in two levels: `order` sorts them by n, then m, longest
+// first; the B - groups L shortest are left over as tasks of their own (task t >= groups:
+// pair order[groups L + t - groups]); the rest is cut into bands of K L pairs of similar
+// n, each sorted by m, then n, and cut into groups of L (task t < groups: pairs
+// order[t L .. t L + L - 1]). K = round(sqrt(groups)) balances the spread of n across a
+// band against the spread of m within a group: on 64 pairs with n and m drawn
+// independently from 64..512, the grids cover 1.50x the pairs' own cells (sorting by n
+// alone: 1.75x; the batch order: 2.6x; 1024 pairs: 1.12x). Every sort is stable: an
+// equal-length batch groups consecutive pairs, as before. With no groups the order is the
+// batch order (pair b is task b). The order depends on the lengths alone, so the forward
+// and the backward build the same tasks.
 // A soft-DTW forward keeps task t's state at slot(t) N M in the (B, N, M) buffer: a group
 // its L pairs' interleaved block, a single pair its own grid after all the groups.
 struct LaneGroups {
@@ -885,11 +889,18 @@ struct LaneGroups {
              const int64_t* y_lengths)
       : L(lanes), B(batch), groups(group_count), order(batch) {
     for (int64_t b = 0; b < B; ++b) order[b] = b;
-    if (groups > 0) {
-      std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
-        if (x_lengths[p] != x_lengths[q]) return x_lengths[p] > x_lengths[q];
-        return y_lengths[p] > y_lengths[q];
-      });
+    if (groups == 0) return;
+    auto longer = [](const int64_t* first, const int64_t* second) {
+      return [first, second](int64_t p, int64_t q) {
+        if (first[p] != first[q]) return first[p] > first[q];
+        return second[p] > second[q];
+      };
+    };
+    std::stable_sort(order.begin(), order.end(), longer(x_lengths, y_lengths));
+    const int64_t K = std::max<int64_t>(1, std::llround(std::sqrt(static_cast<double>(groups))));
+    for (int64_t s = 0; s < groups * L; s += K * L) {
+      std::stable_sort(order.begin() + s, order.begin() + std::min(s + K * L, groups * L),
+                       longer(y_lengths, x_lengths));
     }
   }
   int64_t tasks() const { return groups + (B - groups * L); }
