@@ -126,12 +126,22 @@ def extensions_and_cmdclass():
                     raise
                 self.warn(f"building {ext.name} failed ({type(error).__name__}: {error}); "
                           "ether_kernels will run on its pure-PyTorch reference")
-                # An extension left by an earlier build (an in-place or editable install)
-                # would load beside Python code it no longer matches: remove it.
-                stale = self.get_ext_fullpath(ext.name)
-                if os.path.exists(stale):
-                    os.remove(stale)
-                    self.warn(f"removed the earlier build {stale}")
+                # An extension left by an earlier build would load beside Python code it no
+                # longer matches: remove it from the build directory and from the source
+                # tree (where an in-place or editable install put it; during
+                # build_extension setuptools points get_ext_fullpath at the build
+                # directory, and it skips copying a failed optional extension).
+                for stale in (self.get_ext_fullpath(ext.name), self._in_source_tree(ext)):
+                    if os.path.exists(stale):
+                        os.remove(stale)
+                        self.warn(f"removed the earlier build {stale}")
+
+        def _in_source_tree(self, ext):
+            """Where an in-place build puts the extension: its package's source directory."""
+            package = ".".join(ext.name.split(".")[:-1])
+            package_dir = self.get_finalized_command("build_py").get_package_dir(package)
+            filename = os.path.basename(self.get_ext_filename(ext.name))
+            return os.path.join(package_dir, filename)
 
         def _build(self, ext):
             cxx = list(ext.extra_compile_args["cxx"])

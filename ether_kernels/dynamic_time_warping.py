@@ -175,7 +175,8 @@ def _nan_pairs_gradient(grad, nan_pairs, grad_values):
     if grad is None:
         return None
     shape = (-1,) + (1,) * (grad.dim() - 1)
-    nan_or_zero = torch.where((grad_values != 0).view(shape), math.nan, 0.0).to(grad.dtype)
+    nan, zero = grad.new_full((), math.nan), grad.new_zeros(())
+    nan_or_zero = torch.where((grad_values != 0).view(shape), nan, zero)
     return torch.where(nan_pairs.view(shape), nan_or_zero, grad)
 
 
@@ -191,7 +192,7 @@ def _with_nan_pair_gradients(values, inputs):
     requires_grad: every input takes part then."""
     nan_pairs = values.isnan()
     scale = torch.where(nan_pairs, values.detach(), 0.0)  # NaN there, else 0 (values' dtype)
-    every_input = _dispatch.transformed()
+    every_input = not torch.compiler.is_compiling() and _dispatch.transformed()
     total = sum(t.flatten(1).sum(1) for t in inputs if every_input or t.requires_grad)
     if isinstance(total, int):  # nothing requires grad
         return values

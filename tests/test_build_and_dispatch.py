@@ -234,6 +234,33 @@ def test_the_sdist_carries_every_source(tmp_path):
     assert wanted <= members, sorted(wanted - members)
 
 
+def test_a_failed_optional_build_removes_the_earlier_extension(tmp_path):
+    """Without ETHER_KERNELS_REQUIRE_EXTENSION a failed build leaves the package on its
+    reference, so the extension an earlier in-place build left must go (it would load
+    beside Python code it no longer matches). The first kernel file is broken, so the
+    build fails at its first compile."""
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    source = tmp_path / "src"
+    for name in tracked.stdout.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    for kernel in (source / "csrc" / "cpu" / "kernels").glob("*.cpp"):
+        kernel.write_text(kernel.read_text() + "\n#error broken on purpose\n")
+    import sysconfig
+    stale = source / "ether_kernels" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    stale.write_bytes(b"an earlier build")
+    env = {k: v for k, v in os.environ.items() if k != "ETHER_KERNELS_REQUIRE_EXTENSION"}
+    built = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],
+                           capture_output=True, text=True, cwd=source,
+                           env={**env, "ETHER_KERNELS_WITH_CUDA": "0"}, timeout=600)
+    output = built.stdout + built.stderr
+    assert built.returncode == 0, output[-3000:]
+    assert "building ether_kernels._C failed" in output, output[-3000:]
+    assert not stale.exists(), output[-3000:]
+
+
 def test_forcing_a_backend_that_cannot_run_lists_the_reasons():
     with ek.use_backend("cuda"), pytest.raises(ek.BackendUnavailableError) as error:
         ek.ether_loss(torch.randn(3, 2), torch.randn(3, 2), [0, 1])

@@ -972,12 +972,14 @@ def test_a_ragged_lane_group_is_bitwise_its_pairs_alone(dtype, band, checkpointe
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("band", [None, 3])
 @pytest.mark.parametrize("path", ["soft", "soft-checkpointed", "hard-values", "hard"])
-def test_lane_groups_follow_the_lengths_not_the_batch_order(monkeypatch, dtype, band, path):
-    """The C++ lanes group pairs by length (LaneGroups: sorted by n then m, the shortest
-    left over run alone, the soft forward keeps its state by task): 37 pairs of distinct
-    lengths in a random order give bitwise the values and gradients of the same pairs in
-    another order, and the reference's (a backward reading another task's kept state, or a
-    value written to another pair, fails both)."""
+def test_length_grouped_lanes_give_every_pair_its_own_results(monkeypatch, dtype, band, path):
+    """The C++ lanes group pairs by length (LaneGroups: sorted by n, banded by m, the
+    shortest left over run alone; the soft forward keeps its state by task, not by pair):
+    37 pairs of distinct lengths in a random order give bitwise the values and gradients of
+    the same pairs in another order, and the reference's. What this checks is the mapping
+    (a backward reading another task's kept state, a value or gradient written to another
+    pair); the grouping itself is invisible in the results (a lane's results do not depend
+    on its group: test_a_ragged_lane_group_is_bitwise_its_pairs_alone)."""
     B, N, M, D = 37, 40, 33, 2
     x = torch.randn(B, N, D, dtype=torch.float64)
     y = torch.randn(B, M, D, dtype=torch.float64)
@@ -1005,8 +1007,16 @@ def test_lane_groups_follow_the_lengths_not_the_batch_order(monkeypatch, dtype, 
         restored[order] = torch.arange(B)
         results[name] = [t[restored] for t in got]  # back in the batch's order
     expected = run("reference", torch.arange(B), torch.float64)
-    for got, other, want in zip(results["first"], results["second"], expected):
+    # fp32 hard DTW may take another path than fp64 where two predecessors' R are within
+    # fp32 rounding (its gradient then differs by O(1)): its gradients are checked against
+    # the other order only.
+    if path == "hard" and dtype == torch.float32:
+        expected = expected[:1]
+    for name in ("first", "second"):
+        assert len(results[name]) == (2 + 1 if path != "hard-values" else 1)
+    for got, other in zip(results["first"], results["second"]):
         assert torch.equal(got, other)
+    for got, want in zip(results["first"], expected):
         bound = 1e-9 if dtype == torch.float64 else 1e-4
         torch.testing.assert_close(got.double(), want, rtol=bound, atol=bound)
 
@@ -1040,6 +1050,9 @@ def _nan_case(dtype, N=9, M=8, D=2):
     y_lengths = torch.randint(2, M + 1, (B,))
     x_lengths[:8], y_lengths[:8] = N, M
     x_lengths[11], y_lengths[13] = N - 2, M - 3  # padding that holds NaN (below)
+    # The shortest pair, last among equals: the C++ lanes leave it over to run alone
+    # (LaneGroups), so pair 16's NaN goes through the single-pair paths.
+    x_lengths[16], y_lengths[16] = 2, 2
     nan = float("nan")
     x[1, 0, 0] = nan                                   # the first row: R[1][1] on
     y[3, int(y_lengths[3]) - 1, 1] = nan               # the last column of y
