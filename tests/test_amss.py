@@ -93,6 +93,21 @@ def test_update_ratios_bad_input():
         ek.amss.update_ratios(x, labels, z, temperature=0)
     with pytest.raises(ValueError, match="clip"):
         ek.amss.update_ratios(x, labels, z, clip=(0.9, 0.1))
+    # a tensor or a string was reported as "temperature must be > 0, got 0.2"
+    with pytest.raises(TypeError, match="update_ratios: temperature must be a real number, got Tensor"):
+        ek.amss.update_ratios(x, labels, z, temperature=torch.tensor(0.2))
+    with pytest.raises(TypeError, match="temperature must be a real number, got str"):
+        ek.amss.update_ratios(x, labels, z, temperature="0.2")
+    with pytest.raises(ValueError, match="temperature must be finite, got inf"):
+        ek.amss.update_ratios(x, labels, z, temperature=math.inf)
+    with pytest.raises(ValueError, match="offset must be finite, got nan"):
+        ek.amss.update_ratios(x, labels, z, offset=math.nan)
+    with pytest.raises(TypeError, match="bias must be a real number, got NoneType"):
+        ek.amss.update_ratios(x, labels, z, bias=None)
+    with pytest.raises(ValueError, match="clip must be a pair"):
+        ek.amss.update_ratios(x, labels, z, clip="ab")
+    with pytest.raises(TypeError, match="clip must be a real number, got str"):
+        ek.amss.update_ratios(x, labels, z, clip=("a", 0.5))
     with pytest.raises(TypeError, match="labels"):
         ek.amss.update_ratios(x, labels.float(), z)
     with pytest.raises(ValueError, match=r"logits\[0\]"):
