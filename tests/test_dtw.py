@@ -1021,6 +1021,71 @@ def test_length_grouped_lanes_give_every_pair_its_own_results(monkeypatch, dtype
         torch.testing.assert_close(got.double(), want, rtol=bound, atol=bound)
 
 
+def _forward_batch_sizes(run):
+    """The batch sizes ether_kernels::dtw_xy_forward ran with while run() ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        run()
+    return [event.input_shapes[0][0] for event in prof.events()
+            if event.name == "ether_kernels::dtw_xy_forward"]
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("B", [1, 3, 7, 9, 15])
+def test_a_batch_off_the_lane_groups_runs_in_the_lanes(dtype, B):
+    """B mod 8 pairs used to run one by one on the scalar soft-DTW path (~16x slower per
+    cell: 7 pairs of 256^2 took 13x as long as 8). The batch is filled with empty pairs up
+    to a multiple of 8 (_fill_lane_groups): the op runs 8-pair groups, and every pair gets
+    bitwise what it gets in a group of real pairs (the scalar path's exp / log round
+    differently), its gradient included."""
+    N, M, D = 21, 17, 3
+    x = torch.randn(B + 1, N, D, dtype=torch.float64).to(dtype)
+    y = torch.randn(B + 1, M, D, dtype=torch.float64).to(dtype)
+    x_lengths = torch.randint(1, N + 1, (B + 1,))
+    y_lengths = torch.randint(1, M + 1, (B + 1,))
+    x_lengths[B] = y_lengths[B] = 1  # the extra real pair: the shortest, it joins a group
+
+    def run(count):
+        a = x[:count].clone().requires_grad_(True)
+        b = y[:count].clone().requires_grad_(True)
+        with ek.use_backend("cpp"):
+            values = ek.soft_dtw(a, b, 0.3, x_lengths=x_lengths[:count],
+                                 y_lengths=y_lengths[:count])
+            weights = torch.linspace(0.5, 1.5, B + 1, dtype=values.dtype)[:count]
+            grads = torch.autograd.grad((values * weights).sum(), (a, b))
+        return [values.detach(), *grads]
+    alone = run(B)
+    assert _forward_batch_sizes(lambda: run(B)) == [-(-B // 8) * 8]
+    if (B + 1) % 8 == 0:  # B + 1 pairs fill whole groups: no filling there
+        for got, want in zip(alone, run(B + 1)):
+            assert torch.equal(got, want[:B])
+    with ek.use_backend("reference"):
+        a = x[:B].double().requires_grad_(True)
+        b = y[:B].double().requires_grad_(True)
+        values = ek.soft_dtw(a, b, 0.3, x_lengths=x_lengths[:B], y_lengths=y_lengths[:B])
+        weights = torch.linspace(0.5, 1.5, B + 1, dtype=values.dtype)[:B]
+        expected = [values.detach(), *torch.autograd.grad((values * weights).sum(), (a, b))]
+    bound = 1e-9 if dtype == torch.float64 else 1e-4
+    for got, want in zip(alone, expected):
+        torch.testing.assert_close(got.double(), want, rtol=bound, atol=bound)
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+def test_lane_filling_is_skipped_where_the_kept_state_would_grow_too_much(monkeypatch):
+    """A few long pairs with a gradient wanted: filling 1 pair up to 8 would keep 8 pairs'
+    state for the backward; past CPU_CHECKPOINT_CELLS extra cells the batch runs as it is.
+    Without a gradient nothing is kept, and the batch is filled."""
+    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 7 * 20 * 20 - 1)
+    x, y = torch.randn(1, 20, 2), torch.randn(1, 20, 2)
+    a = x.clone().requires_grad_(True)
+    assert _forward_batch_sizes(lambda: ek.soft_dtw(a, y, 0.5)) == [1]
+    with torch.no_grad():
+        assert _forward_batch_sizes(lambda: ek.soft_dtw(a, y, 0.5)) == [8]
+    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 7 * 20 * 20)
+    assert _forward_batch_sizes(lambda: ek.soft_dtw(a, y, 0.5)) == [8]
+
+
 # ------------------------------------------------------------------- NaN convention
 
 NAN_BACKENDS = (
