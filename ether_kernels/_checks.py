@@ -44,10 +44,22 @@ def is_finite_number(value):
     return value == value and abs(value) != math.inf
 
 
-def check_non_negative_real(value, name, op_name):
-    """A finite real number >= 0 (bool and tensors are refused); returns it as a float."""
+def _check_real_type(value, name, op_name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op_name}: {name} must be a real number, got {type(value).__name__}")
+
+
+def check_finite_real(value, name, op_name):
+    """A finite real number (bool and tensors are refused); returns it as a float."""
+    _check_real_type(value, name, op_name)
+    if not is_finite_number(value):
+        raise ValueError(f"{op_name}: {name} must be finite, got {value}")
+    return float(value)
+
+
+def check_non_negative_real(value, name, op_name):
+    """A finite real number >= 0 (bool and tensors are refused); returns it as a float."""
+    _check_real_type(value, name, op_name)
     if not is_finite_number(value) or value < 0:
         raise ValueError(f"{op_name}: {name} must be a finite number >= 0, got {value}")
     return float(value)

@@ -20,25 +20,15 @@ synchronisation when they are a CUDA tensor; pass a list of floats to avoid it).
 """
 
 import collections.abc
-import math
 import numbers
 
 import torch
 
 from . import _dispatch, _extension
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_finite_real, check_int
 from ._triton_support import triton_import_error
 from .reference.amss import (MODES, SCALINGS, mask_gradients_reference,
                              masked_sgd_step_reference, update_ratios_reference)
-
-
-def _check_real(value, name, op):
-    """A finite Python / NumPy real number (not a bool, not a tensor: the ratios are computed
-    on the device without a host read, and these are hyper-parameters)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be finite, got {value}")
 
 
 def update_ratios(logits, labels, features, *, temperature=0.2, offset=0.5, bias=0.0,
@@ -69,14 +59,15 @@ def update_ratios(logits, labels, features, *, temperature=0.2, offset=0.5, bias
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != B:
             raise ValueError(f"{op}: features[{m}] must be a (B, F) = ({B}, F) tensor, got "
                              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z)}")
+    # Python numbers, not tensors: hyper-parameters, and no host read in the fast path.
     for name, value in (("temperature", temperature), ("offset", offset), ("bias", bias)):
-        _check_real(value, name, op)
+        check_finite_real(value, name, op)
     if not temperature > 0:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     if not (isinstance(clip, (tuple, list)) and len(clip) == 2):
         raise ValueError(f"{op}: clip must be a pair (low, high), got {clip!r}")
     for value in clip:
-        _check_real(value, "clip", op)
+        check_finite_real(value, "clip", op)
     if not 0.0 <= clip[0] <= clip[1] <= 1.0:
         raise ValueError(f"{op}: clip must be (low, high) with 0 <= low <= high <= 1, got {clip}")
     with torch.no_grad():

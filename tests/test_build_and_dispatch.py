@@ -208,10 +208,9 @@ def test_triton_interpret_is_read_as_triton_reads_it(value, expected):
     assert stdout.split()[-1] == str(expected)
 
 
-def test_the_sdist_carries_every_source(tmp_path):
-    """A wheel is built from the sdist (pip install of a release): every C++ / CUDA source
-    and header must be in it (the per-instruction-set kernels and the CUDA files are
-    compiled outside the Extension's sources list, and were missing)."""
+def _copy_of_the_tracked_tree(tmp_path):
+    """The repository's tracked files copied under tmp_path / "src" (skips outside a git
+    checkout); returns (that directory, the tracked names)."""
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout")
@@ -219,6 +218,14 @@ def test_the_sdist_carries_every_source(tmp_path):
     for name in tracked.stdout.split():
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(os.path.join(ROOT, name), source / name)
+    return source, tracked.stdout.split()
+
+
+def test_the_sdist_carries_every_source(tmp_path):
+    """A wheel is built from the sdist (pip install of a release): every C++ / CUDA source
+    and header must be in it (the per-instruction-set kernels and the CUDA files are
+    compiled outside the Extension's sources list, and were missing)."""
+    source, tracked = _copy_of_the_tracked_tree(tmp_path)
     built = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir",
                             str(tmp_path / "dist")], capture_output=True, text=True,
                            cwd=source, env={**os.environ, "ETHER_KERNELS_WITH_CUDA": "0"},
@@ -228,7 +235,7 @@ def test_the_sdist_carries_every_source(tmp_path):
     (archive,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
-    wanted = {name for name in tracked.stdout.split()
+    wanted = {name for name in tracked
               if name.startswith("csrc/") or name.startswith("ether_kernels/")
               and name.endswith(".py")}
     assert wanted <= members, sorted(wanted - members)
@@ -239,13 +246,7 @@ def test_a_failed_optional_build_removes_the_earlier_extension(tmp_path):
     reference, so the extension an earlier in-place build left must go (it would load
     beside Python code it no longer matches). The first kernel file is broken, so the
     build fails at its first compile."""
-    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
-    if tracked.returncode != 0:
-        pytest.skip("not a git checkout")
-    source = tmp_path / "src"
-    for name in tracked.stdout.split():
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.join(ROOT, name), source / name)
+    source, _ = _copy_of_the_tracked_tree(tmp_path)
     for kernel in (source / "csrc" / "cpu" / "kernels").glob("*.cpp"):
         kernel.write_text(kernel.read_text() + "\n#error broken on purpose\n")
     import sysconfig
