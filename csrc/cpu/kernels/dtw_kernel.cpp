@@ -628,11 +628,14 @@ inline VA log_of_sum(const VA& s) {
 }
 
 // The fp32-input variants (kFast below): the weights are stored as fp32 and the values
-// returned as fp32, so ~1e-9 relative is enough and the special functions can be shorter.
-// They are also evaluated with less latency, which is what bounds the forward (each cell
-// waits for its left neighbour): Estrin instead of Horner, and reciprocals as rcp14 plus
-// one Newton step (relative error 2^-28) instead of a 23-cycle division. AVX512 only; the
-// other builds use the precise functions.
+// returned as fp32, so ~1e-9 relative per cell is enough (errors add along a path of up to
+// n + m cells and enter the weights divided by gamma, like R itself: see kBase2Domain) and
+// the special functions can be shorter. Every cell of a sweep runs them, so their
+// instruction count is the forward's speed (on Zen 4, whose 512-bit units are double
+// pumped, the sweep is throughput-bound); their latency bounds a single dependency chain.
+// Estrin instead of Horner, reciprocals as rcp14 plus one Newton step (relative error
+// 2^-28) instead of a 23-cycle division, and base 2 (kBase2Domain: no range-reduction
+// multiplies, no ln 2 splits). AVX512 only; the other builds use the precise functions.
 #if defined(CPU_CAPABILITY_AVX512)
 // 1 / s to 2^-28 relative (s in [1, 3] or +inf, whose reciprocal is 0).
 inline __m512d reciprocal_fast(__m512d s) {
@@ -641,39 +644,37 @@ inline __m512d reciprocal_fast(__m512d s) {
   return _mm512_mul_pd(r, _mm512_fnmadd_pd(s, r, _mm512_set1_pd(2.0)));
 }
 
-// exp(x) for x <= 0: as exp_nonpositive with the degree-7 Taylor polynomial of e^r
-// (|r| <= ln2 / 2: truncation < 6e-9 relative), evaluated by Estrin's scheme.
-inline VA exp_nonpositive_fast(const VA& x) {
-  constexpr double kLog2e = 1.4426950408889634, kLn2Hi = 0.6931471803691238,
-                   kLn2Lo = 1.9082149292705877e-10, kFloor = -708.0;
-  const __m512d v0 = x;
-  const __mmask8 under = _mm512_cmp_pd_mask(v0, _mm512_set1_pd(kFloor), _CMP_LT_OQ);
-  const __m512d v = _mm512_max_pd(_mm512_set1_pd(kFloor), v0);
-  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(v, _mm512_set1_pd(kLog2e)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Hi), v);
-  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Lo), r);
-  const __m512d r2 = _mm512_mul_pd(r, r);
-  const __m512d r4 = _mm512_mul_pd(r2, r2);
-  // (1 + r) + r^2 (1/2 + r/6) + r^4 ((1/24 + r/120) + r^2 (1/720 + r/5040))
-  const __m512d p01 = _mm512_fmadd_pd(r, _mm512_set1_pd(1.0), _mm512_set1_pd(1.0));
-  const __m512d p23 = _mm512_fmadd_pd(r, _mm512_set1_pd(1.0 / 6), _mm512_set1_pd(0.5));
-  const __m512d p45 = _mm512_fmadd_pd(r, _mm512_set1_pd(1.0 / 120), _mm512_set1_pd(1.0 / 24));
-  const __m512d p67 =
-      _mm512_fmadd_pd(r, _mm512_set1_pd(1.0 / 5040), _mm512_set1_pd(1.0 / 720));
-  const __m512d p03 = _mm512_fmadd_pd(r2, p23, p01);
-  const __m512d p47 = _mm512_fmadd_pd(r2, p67, p45);
-  const __m512d p = _mm512_fmadd_pd(r4, p47, p03);
-  return _mm512_mask_blend_pd(under, _mm512_scalef_pd(p, n), _mm512_setzero_pd());
+// 2^x for x <= 0: x = k + f with k = round(x) and f = x - k (exact), |f| <= 1/2; 2^f =
+// e^(f ln 2) by the degree-7 Taylor polynomial in f (coefficients ln2^i / i!; |f ln 2| <=
+// 0.347: truncation < 6e-9 relative), Estrin's scheme; times 2^k by scalef. Below -1021 the
+// result is exactly 0 (-inf included: an unreachable cell adds nothing, and no subnormal
+// ever enters the arithmetic); NaN stays NaN (the mask keeps unordered lanes).
+inline __m512d exp2_nonpositive_fast(__m512d x) {
+  const __mmask8 keep = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-1021.0), _CMP_NLT_UQ);
+  const __m512d k = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512d f = _mm512_sub_pd(x, k);
+  const __m512d f2 = _mm512_mul_pd(f, f);
+  const __m512d f4 = _mm512_mul_pd(f2, f2);
+  // (c0 + c1 f) + f^2 (c2 + c3 f) + f^4 ((c4 + c5 f) + f^2 (c6 + c7 f)), c_i = ln2^i / i!
+  const __m512d p01 = _mm512_fmadd_pd(f, _mm512_set1_pd(0.6931471805599453),
+                                      _mm512_set1_pd(1.0));
+  const __m512d p23 = _mm512_fmadd_pd(f, _mm512_set1_pd(0.055504108664821576),
+                                      _mm512_set1_pd(0.2402265069591007));
+  const __m512d p45 = _mm512_fmadd_pd(f, _mm512_set1_pd(0.0013333558146428441),
+                                      _mm512_set1_pd(0.009618129107628477));
+  const __m512d p67 = _mm512_fmadd_pd(f, _mm512_set1_pd(1.5252733804059838e-05),
+                                      _mm512_set1_pd(0.00015403530393381606));
+  const __m512d p03 = _mm512_fmadd_pd(f2, p23, p01);
+  const __m512d p47 = _mm512_fmadd_pd(f2, p67, p45);
+  return _mm512_maskz_scalef_pd(keep, _mm512_fmadd_pd(f4, p47, p03), k);
 }
 
-// log(s) for s in [1, 3] or +inf: as log_of_sum with t = (m - 1) / (m + 1) from the fast
-// reciprocal and the odd series to t^11 (truncation < 2e-11).
-inline VA log_of_sum_fast(const VA& s) {
-  constexpr double kLn2Hi = 0.6931471803691238, kLn2Lo = 1.9082149292705877e-10;
-  const __m512d v = s;
-  __m512d e = _mm512_getexp_pd(v);
-  __m512d m = _mm512_getmant_pd(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+// log2(s) for s in [1, 3] or +inf: s = 2^e m with m in [sqrt(1/2), sqrt(2)), log2(m) =
+// (2 / ln 2) atanh(t), t = (m - 1) / (m + 1) from the fast reciprocal, |t| <= 0.1716, as
+// the odd series to t^11 (truncation < 2e-11).
+inline __m512d log2_of_sum_fast(__m512d s) {
+  __m512d e = _mm512_getexp_pd(s);                                   // floor(log2 s)
+  __m512d m = _mm512_getmant_pd(s, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);  // [1, 2)
   const __mmask8 big = _mm512_cmp_pd_mask(m, _mm512_set1_pd(1.4142135623730951), _CMP_GT_OQ);
   m = _mm512_mask_mul_pd(m, big, m, _mm512_set1_pd(0.5));
   e = _mm512_mask_add_pd(e, big, e, _mm512_set1_pd(1.0));
@@ -682,34 +683,35 @@ inline VA log_of_sum_fast(const VA& s) {
       _mm512_mul_pd(_mm512_sub_pd(m, one), reciprocal_fast(_mm512_add_pd(m, one)));
   const __m512d t2 = _mm512_mul_pd(t, t);
   const __m512d t4 = _mm512_mul_pd(t2, t2);
-  // 1 + t^2/3 + t^4/5 + t^6/7 + t^8/9 + t^10/11, Estrin: (1 + t2/3) + t4 ((1/5 + t2/7) +
-  // t4 (1/9 + t2/11))
-  const __m512d q01 = _mm512_fmadd_pd(t2, _mm512_set1_pd(1.0 / 3), one);
-  const __m512d q23 = _mm512_fmadd_pd(t2, _mm512_set1_pd(1.0 / 7), _mm512_set1_pd(1.0 / 5));
-  const __m512d q45 = _mm512_fmadd_pd(t2, _mm512_set1_pd(1.0 / 11), _mm512_set1_pd(1.0 / 9));
-  const __m512d q = _mm512_fmadd_pd(t4, _mm512_fmadd_pd(t4, q45, q23), q01);
-  const __m512d log_m = _mm512_mul_pd(_mm512_add_pd(t, t), q);
-  // +inf: getexp = +inf, getmant = 1, t = 0: e ln2 = +inf. NaN stays NaN.
-  return _mm512_fmadd_pd(e, _mm512_set1_pd(kLn2Hi),
-                         _mm512_fmadd_pd(e, _mm512_set1_pd(kLn2Lo), log_m));
+  // (2 / ln 2) (1 + t^2/3 + t^4/5 + t^6/7 + t^8/9 + t^10/11), Estrin:
+  // (c1 + c3 t2) + t4 ((c5 + c7 t2) + t4 (c9 + c11 t2)), c_k = 2 / (k ln 2)
+  const __m512d q13 = _mm512_fmadd_pd(t2, _mm512_set1_pd(0.9617966939259756),
+                                      _mm512_set1_pd(2.8853900817779268));
+  const __m512d q57 = _mm512_fmadd_pd(t2, _mm512_set1_pd(0.4121985831111324),
+                                      _mm512_set1_pd(0.5770780163555853));
+  const __m512d q911 = _mm512_fmadd_pd(t2, _mm512_set1_pd(0.2623081892525388),
+                                       _mm512_set1_pd(0.3205988979753252));
+  const __m512d q = _mm512_fmadd_pd(t4, _mm512_fmadd_pd(t4, q911, q57), q13);
+  // +inf: getexp = +inf, getmant = 1, t = 0: +inf. NaN stays NaN.
+  return _mm512_fmadd_pd(t, q, e);
 }
 #endif
 
-template <bool kFast>
-inline VA exp_nonpositive_as(const VA& x) {
+// The soft-min of the fp32-input lanes (kFast) runs in base 2 in the AVX512 build: the sweep
+// carries R' = R / (gamma ln 2) and adds cost(i, j) / (gamma ln 2) (one FMA with the cost's
+// last add), so that softmin_gamma(a, b, c) / (gamma ln 2) = mu' - log2(1 + 2^(mu' - p') +
+// 2^(mu' - q')): no division by gamma, no ln 2 in the exponentials or the logarithm; the
+// weights 2^(mu' - p') are the same numbers. Values are scaled back once per pair. The
+// kept weights do not depend on the unit; checkpoint rows are in R' and only ever read by
+// the same sweep. The precise path (fp64, whose backward reads R) stays in natural units.
+constexpr double kLn2 = 0.6931471805599453;
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kFast) return exp_nonpositive_fast(x);
-#endif
-  return exp_nonpositive(x);
-}
-
 template <bool kFast>
-inline VA log_of_sum_as(const VA& s) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kFast) return log_of_sum_fast(s);
+constexpr bool kBase2Domain = kFast;
+#else
+template <bool kFast>
+constexpr bool kBase2Domain = false;
 #endif
-  return log_of_sum(s);
-}
 
 // 1 / s for s in [1, 3].
 template <bool kFast>
@@ -728,7 +730,9 @@ inline VA reciprocal_of_sum_as(const VA& s) {
 // cells: one cell's exp -> log chain is ~200 cycles of latency and ~90
 // instructions, so cell after cell leaves the out-of-order window holding little more than
 // one chain; stage by stage, the independent chains sit next to each other in the
-// instruction stream and overlap. softmin3_lanes is the kN = 1 case.
+// instruction stream and overlap. softmin3_lanes is the kN = 1 case. kFast: the fp32-input
+// precision, in the base-2 domain (a, b, c and r in units of gamma ln 2; gamma and
+// inv_gamma unused: see kBase2Domain).
 template <bool kFast, int kN>
 inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
                            const VA& gamma, const VA& inv_gamma, __m512d* r, __m512d* wa,
@@ -748,18 +752,33 @@ inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
     reach[u] = _mm512_cmp_pd_mask(mu[u], v_inf, _CMP_NEQ_UQ) |
                _mm512_cmp_pd_mask(a[u], b[u], _CMP_UNORD_Q);
   }
+  // The exponents mu - p <= 0 (base 2 for kFast: the sweep's unit is gamma ln 2, see
+  // kBase2Domain; natural otherwise: divided by gamma).
+  auto exponent = [&](const __m512d& m, const __m512d& other) {
+    const __m512d d = _mm512_sub_pd(m, other);
+    if constexpr (kFast) return d;
+    else return _mm512_mul_pd(d, v_ig);
+  };
+  auto exp_of = [](const __m512d& x) -> __m512d {
+    if constexpr (kFast) return exp2_nonpositive_fast(x);
+    else return exp_nonpositive(VA(x));
+  };
   for (int u = 0; u < kN; ++u) {
     const __m512d p = _mm512_mask_blend_pd(k_a[u], a[u], b[u]);
-    ep[u] = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(mu[u], p), v_ig)));
+    ep[u] = exp_of(exponent(mu[u], p));
   }
   for (int u = 0; u < kN; ++u) {
     const __m512d q = _mm512_mask_blend_pd(k_a[u] | k_b[u], b[u], c[u]);
-    eq[u] = exp_nonpositive_as<kFast>(VA(_mm512_mul_pd(_mm512_sub_pd(mu[u], q), v_ig)));
+    eq[u] = exp_of(exponent(mu[u], q));
   }
   for (int u = 0; u < kN; ++u) sum[u] = _mm512_add_pd(_mm512_add_pd(one, ep[u]), eq[u]);
   for (int u = 0; u < kN; ++u) {
-    const __m512d log_sum = log_of_sum_as<kFast>(VA(sum[u]));
-    r[u] = _mm512_mask_blend_pd(reach[u], v_inf, _mm512_fnmadd_pd(v_g, log_sum, mu[u]));
+    if constexpr (kFast) {  // mu - log2(sum), +inf where unreached
+      r[u] = _mm512_mask_sub_pd(v_inf, reach[u], mu[u], log2_of_sum_fast(sum[u]));
+    } else {  // mu - gamma log(sum)
+      const __m512d log_sum = log_of_sum(VA(sum[u]));
+      r[u] = _mm512_mask_blend_pd(reach[u], v_inf, _mm512_fnmadd_pd(v_g, log_sum, mu[u]));
+    }
   }
   if (wa == nullptr) return;
   for (int u = 0; u < kN; ++u) {
@@ -775,7 +794,8 @@ inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
 // softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
 // weights of a and b (the backward's weights of the diagonal and upper predecessors; the
 // left one's is 1 - both), 0 for a lane whose predecessors are all +inf.
-// kFast: the fp32-input precision (see exp_nonpositive_fast).
+// kFast: the fp32-input precision (see exp2_nonpositive_fast), in base 2 where
+// kBase2Domain<kFast> (the AVX512 build: a, b, c and the result in units of gamma ln 2).
 template <bool kFast>
 inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
                          const VA& inv_gamma, VA* weights = nullptr) {
@@ -799,10 +819,10 @@ inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
   const VA p = VA::blendv(a, b, a_min);
   const VA q = VA::blendv(b, c, ab_min);
   // (mu - inf) * inv_gamma = -inf and exp(-inf) = 0; mu = +inf lanes are replaced below.
-  const VA ep = exp_nonpositive_as<kFast>((mu - p) * inv_gamma);
-  const VA eq = exp_nonpositive_as<kFast>((mu - q) * inv_gamma);
+  const VA ep = exp_nonpositive((mu - p) * inv_gamma);
+  const VA eq = exp_nonpositive((mu - q) * inv_gamma);
   const VA s = (one + ep) + eq;
-  const VA r = mu - gamma * log_of_sum_as<kFast>(s);
+  const VA r = mu - gamma * log_of_sum(s);
   const VA unreachable = mu == inf;
   if (weights != nullptr) {
     // p is b when a is the minimum, else a; q is c when a or b is, else b (see above).
@@ -860,7 +880,7 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
   for (int64_t d = 0; d < D; ++d) {
     const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
     if constexpr (kMetric == kL1) c = c + t.abs();
-    else c = c + t * t;
+    else c = at::vec::fmadd(t, t, c);
   }
   if constexpr (kMetric == kEuclidean) c = c.sqrt();
   return c;
@@ -1021,6 +1041,15 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
   alignas(64) double values[L] = {};  // lane k's R[n_k][m_k], taken when row n_k is done
   const VA inf(std::numeric_limits<double>::infinity());
   const VA g(gamma), ig(1.0 / gamma);
+  // The sweep's R unit: gamma ln 2 in the base-2 domain (kBase2Domain), 1 otherwise.
+  constexpr bool kBase2 = kBase2Domain<kWeights>;
+  const double unit = kBase2 ? gamma * kLn2 : 1.0;
+  const VA per_unit(1.0 / unit);
+  // cost(i, j) in the sweep's unit plus the soft-min r (already in it).
+  auto plus_cost = [&](const VA& cost, const VA& r) {
+    if constexpr (kBase2) return at::vec::fmadd(cost, per_unit, r);
+    else return cost + r;
+  };
   const int64_t m = pb.m, ld = m + 1;
   const int64_t i0 = sweep.i0, n = sweep.i_end < 0 ? pb.n : sweep.i_end;
   for (int64_t e = 0; e < kRollingRows * ld; ++e) rows[e] = inf;
@@ -1046,9 +1075,9 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
   // to the kept slot.
   auto cell = [&](const VA* above, VA left, const double* xi, int64_t i, int64_t j) {
     VA w[2];
-    VA v = local_cost_lanes<kMetric, kDim>(xi, yt + (j - 1) * D * L, D) +
-           softmin3_lanes<kWeights>(above[j - 1], above[j], left, g, ig,
-                                    kWeights && kept != nullptr ? w : nullptr);
+    VA v = plus_cost(local_cost_lanes<kMetric, kDim>(xi, yt + (j - 1) * D * L, D),
+                     softmin3_lanes<kWeights>(above[j - 1], above[j], left, g, ig,
+                                              kWeights && kept != nullptr ? w : nullptr));
     if (shape.masked) v = VA::blendv(v, inf, shape.outside(i, j));
     if constexpr (kWeights) {
       if (kept != nullptr) {
@@ -1120,8 +1149,9 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
                                             keep_weights ? wb : nullptr);
         for (int64_t s = 0; s < kSkewRows; ++s) {
           const int64_t col = j - s;
-          left[s] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
-                                                    yt + (col - 1) * D * L, D) + VA(r[s]);
+          left[s] = plus_cost(local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
+                                                              yt + (col - 1) * D * L, D),
+                              VA(r[s]));
           if (shape.masked) left[s] = VA::blendv(left[s], inf, shape.outside(i + s, col));
           cur[s][col] = left[s];
           if (keep_weights) {
@@ -1155,42 +1185,39 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     }
     prev_slot = (prev_slot + rows_now) % kRollingRows;
   }
-  return VA::loadu(values);
+  return VA::loadu(values) * VA(unit);
 }
 
-// Adds e * d cost(x_i, y_j) / d x_i to gxi (D vectors) and its negative to gyj.
+// Adds e * d cost(x_i, y_j) / d x_i to gxi (D vectors) and its negative to gyj, with one
+// FMA each (this runs at every cell of the backward).
 // kDim > 0: D known at compile time (the loops unroll and gxi can live in registers).
 template <int kMetric, int kDim = 0>
 inline void contract_lanes(const double* xi, const double* yj, int64_t D_runtime, const VA& e,
                            VA* gxi, VA* gyj) {
   const int64_t D = kDim > 0 ? kDim : D_runtime;
   constexpr int64_t L = VA::size();
-  const VA zero(0.0), one(1.0), two(2.0);
+  const VA zero(0.0), one(1.0);
+  // d cost / d x_i = scale * gd(t) with t = x_i - y_j: gd = t, scale = e / |t| (euclidean,
+  // 0 where t = 0); gd = 2 t (sqeuclidean, as scale = 2 e); gd = sign(t) (L1).
+  VA scale = e;
   if constexpr (kMetric == kEuclidean) {
     VA s = zero;
     for (int64_t d = 0; d < D; ++d) {
       const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
-      s = s + t * t;
+      s = at::vec::fmadd(t, t, s);
     }
-    const VA inv = VA::blendv(zero, e / s.sqrt(), s > zero);
-    for (int64_t d = 0; d < D; ++d) {
-      const VA c = (VA::loadu(xi + d * L) - VA::loadu(yj + d * L)) * inv;
-      gxi[d] = gxi[d] + c;
-      gyj[d] = gyj[d] - c;
+    scale = VA::blendv(zero, e / s.sqrt(), s > zero);
+  } else if constexpr (kMetric == kSqEuclidean) {
+    scale = e + e;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
+    VA gd = t;
+    if constexpr (kMetric == kL1) {
+      gd = VA::blendv(zero, one, t > zero) - VA::blendv(zero, one, t < zero);
     }
-  } else {
-    for (int64_t d = 0; d < D; ++d) {
-      const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
-      VA gd;
-      if constexpr (kMetric == kL1) {
-        gd = VA::blendv(zero, one, t > zero) - VA::blendv(zero, one, t < zero);
-      } else {
-        gd = two * t;
-      }
-      const VA c = e * gd;
-      gxi[d] = gxi[d] + c;
-      gyj[d] = gyj[d] - c;
-    }
+    gxi[d] = at::vec::fmadd(scale, gd, gxi[d]);
+    gyj[d] = at::vec::fnmadd(scale, gd, gyj[d]);
   }
 }
 
@@ -1257,13 +1284,22 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
       }
     }
     if constexpr (!kWeights) load_row(p - 1, r_up);
-    for (int64_t j = 0; j <= m; ++j) e_up[j] = zero;
     const int64_t jf = pb.first(p), jl = pb.last(p);
     const double* xp = xt + (p - 1) * D * L;
     VA* gxp = gx + (p - 1) * D;
     // carry: the push of (p, q + 1) to its left neighbour (p, q), kept in a register so
     // the only dependency from one cell to the next is an add and two multiplies.
     VA carry = zero;
+    // Row p - 1 gets row p's pushes: (p, q) pushes up to (p - 1, q) and diagonally to
+    // (p - 1, q - 1), so e_up[q] = E(p, q) w_up(p, q) + E(p, q + 1) w_diag(p, q + 1) for
+    // jf <= q <= jl, and e_up[jf - 1] = E(p, jf) w_diag(p, jf). Each is written once, the
+    // diagonal push carried to the next cell in `diag` (a register), not accumulated in
+    // memory (two read-modify-writes per cell, the store of one cell feeding a load of the
+    // next). The rest of row p - 1 gets no push. Column 0 receives pushes too (zero
+    // weight, or ignored).
+    VA diag = zero;
+    for (int64_t j = 0; j < jf - 1; ++j) e_up[j] = zero;
+    for (int64_t j = jl + 1; j <= m; ++j) e_up[j] = zero;
     if constexpr (kWeights) {
       // The forward's weights: no exponential, no division; an unreachable cell has E = 0,
       // so its weights (0, 0, 1) push nothing.
@@ -1279,8 +1315,8 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
         VA wd, wu;
         load_weights(wrow + (q - 1) * 2 * L, wd, wu);
         const VA wl = at::vec::maximum(zero, (one - wd) - wu);
-        e_up[q - 1] = e_up[q - 1] + e * wd;
-        e_up[q] = e_up[q] + e * wu;
+        e_up[q] = at::vec::fmadd(e, wu, diag);
+        diag = e * wd;
         carry = e * wl;
         if constexpr (kDim > 0) {
           contract_lanes<kMetric, kDim>(xp, yt + (q - 1) * kDim * L, kDim, e, gx_row,
@@ -1289,6 +1325,7 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
           contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
         }
       }
+      e_up[jf - 1] = diag;
       if constexpr (kDim > 0) {
         for (int64_t d = 0; d < kDim; ++d) gxp[d] = gx_row[d];
       }
@@ -1314,12 +1351,12 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
       // 1 / sum (the sum is >= 1) does not depend on e; invalid lanes push nothing.
       const VA inv = VA::blendv(zero, one / ((wd + wu) + wl), valid);
       const VA scale = e * inv;
-      // Row 0 / column 0 receive pushes too (always zero weight, or ignored).
-      e_up[q - 1] = e_up[q - 1] + scale * wd;
-      e_up[q] = e_up[q] + scale * wu;
+      e_up[q] = at::vec::fmadd(scale, wu, diag);
+      diag = scale * wd;
       carry = scale * wl;
       contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
     }
+    e_up[jf - 1] = diag;
     std::swap(e_cur, e_up);
     std::swap(r_cur, r_up);
   }
