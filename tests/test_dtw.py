@@ -510,6 +510,29 @@ def test_lane_group_fp32_gradients_within_1e4_of_fp64(gamma, band):
         assert ((g32.double() - g64).abs().max() / g64.abs().max()).item() < 1e-4
 
 
+@pytest.mark.parametrize("gamma", [1e-2, 1.0])
+def test_fp32_lanes_stay_within_1e4_of_fp64_over_long_paths(gamma):
+    """The fp32 lane groups' shortened special functions (exp2 / log2 polynomials, fast
+    reciprocals; the soft-min in base 2) err per cell, and R carries the errors along paths
+    of n + m cells into the weights: 8 pairs of 700 x 650 (one lane group, paths of 1350
+    cells) against fp64 on the same fp32-rounded inputs, so the difference is the kernels'
+    own (an fp32 input changes the gradient by more than 1e-4 at small gamma)."""
+    x = torch.randn(8, 700, 2).double()
+    y = torch.randn(8, 650, 2).double()
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        a = x.to(dtype).requires_grad_(True)
+        b = y.to(dtype).requires_grad_(True)
+        value = ek.soft_dtw(a, b, gamma)
+        results[dtype] = (value, *torch.autograd.grad(value.sum(), (a, b)))
+    (v32, *g32), (v64, *g64) = results[torch.float32], results[torch.float64]
+    assert torch.isfinite(v32).all()
+    assert ((v32.double() - v64).abs() / v64.abs()).max().item() < 1e-6
+    for got, want in zip(g32, g64):
+        assert torch.isfinite(got).all()
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
 def test_soft_dtw_backward_leaves_the_callers_subnormals_alone():
     """The C++ soft-DTW kernels flush subnormals to zero while they run (E decays into the
     subnormal range far from the path, and subnormal arithmetic is ~100x slower): the result
