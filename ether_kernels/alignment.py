@@ -456,6 +456,10 @@ def grad_reverse(x, lambda_=1.0):
     """Identity in the forward, -lambda * grad in the backward (Ganin & Lempitsky's gradient
     reversal layer, for domain-adversarial training)."""
     check_tensor(x, "x", "grad_reverse")
+    if not (x.is_floating_point() or x.is_complex()):
+        # an integer tensor has no gradient to reverse: the layer would silently do nothing
+        raise TypeError(f"grad_reverse: x must be a floating-point or complex tensor (its "
+                        f"gradient is reversed), got {x.dtype}")
     if not isinstance(lambda_, numbers.Real) or isinstance(lambda_, bool) or \
             not is_finite_number(lambda_):
         raise ValueError(f"grad_reverse: lambda_ must be a finite number, got {lambda_!r}")

@@ -220,6 +220,13 @@ def test_gradient_reversal():
     assert torch.equal(g, torch.full_like(x, -1.0))
     with pytest.raises(ValueError, match="lambda_"):
         ek.grad_reverse(x, float("nan"))
+    with pytest.raises(TypeError, match="^grad_reverse: x must be a floating-point or complex "
+                                        r"tensor \(its gradient is reversed\), got torch.int64"):
+        ek.grad_reverse(torch.arange(3))
+    z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    (g,) = torch.autograd.grad(ek.grad_reverse(z, 2.0).abs().sum(), z)
+    (expected,) = torch.autograd.grad(z.abs().sum(), z)
+    torch.testing.assert_close(g, -2.0 * expected)
 
 
 # ---------------------------------------------------------------------- deep CCA
