@@ -33,6 +33,8 @@
 // for fp32 inputs too (see Acc below); fp32 costs are read as fp32 and widened. Soft-DTW
 // keeps R in fp64 (an fp32 R is not precise enough for the backward's weights at small
 // gamma), so the backward never recomputes the forward; hard DTW keeps R in the dtype.
+// The fp32 lane groups of the AVX512 build sweep R / (gamma ln 2) instead of R (the
+// soft-min in base 2, see kBase2Domain) and keep soft-argmin weights, not R.
 // Kept R layout: (B, N, M), pair b's cell (i, j) at [b, i - 1, j - 1]; except the soft
 // series path, which keeps by task (LaneGroups: pairs grouped by length, so a task's pairs
 // need not be consecutive): a group of L pairs run in vector lanes keeps its rows
