@@ -726,7 +726,7 @@ inline VA reciprocal_of_sum_as(const VA& s) {
 // comparisons return vectors that every blendv turns back into a mask: two extra
 // instructions per select), with the soft-argmin weights when wa / wb are non-null (see
 // softmin3_lanes). kN > 1 (the forward's skewed rows) is written stage by stage across the
-// cells: one cell's exp -> log chain is ~200 cycles of latency and ~90
+// cells: one cell's exp -> log chain is ~150 cycles of latency and ~70
 // instructions, so cell after cell leaves the out-of-order window holding little more than
 // one chain; stage by stage, the independent chains sit next to each other in the
 // instruction stream and overlap. softmin3_lanes is the kN = 1 case. kFast: the fp32-input
@@ -795,7 +795,8 @@ inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
 
 // softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
 // weights of a and b (the backward's weights of the diagonal and upper predecessors; the
-// left one's is 1 - both), 0 for a lane whose predecessors are all +inf.
+// left one's is 1 - both); a lane whose predecessors are all +inf (E = 0 there) gets (1, 0)
+// in the AVX512 build (softmin3_cells), (0, 0) in the others.
 // kFast: the fp32-input precision (see exp2_nonpositive_fast), in base 2 where
 // kBase2Domain<kFast> (the AVX512 build: a, b, c and the result in units of gamma ln 2).
 template <bool kFast>
@@ -1325,7 +1326,8 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
     for (int64_t j = jl + 1; j <= m; ++j) e_up[j] = zero;
     if constexpr (kWeights) {
       // The forward's weights: no exponential, no division; an unreachable cell has E = 0,
-      // so its weights (0, 0, 1) push nothing.
+      // so its weights ((1, 0, 0) from softmin3_cells, (0, 0, 1) in the other builds) push
+      // nothing.
       const float* wrow = reinterpret_cast<const float*>(kept + (p - p_lo) * m * L);
       // Row p's gx and x in registers (kDim > 0): the stores of gy and E cannot alias
       // locals (through xt they could, and x would be reloaded at every cell).
