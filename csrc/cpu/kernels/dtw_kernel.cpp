@@ -639,7 +639,7 @@ inline VA log_of_sum(const VA& s) {
 // 2^-28) instead of a 23-cycle division, and base 2 (kBase2Domain: no range-reduction
 // multiplies, no ln 2 splits). AVX512 only; the other builds use the precise functions.
 #if defined(CPU_CAPABILITY_AVX512)
-// 1 / s to 2^-28 relative (s in [1, 3] or +inf, whose reciprocal is 0).
+// 1 / s to 2^-28 relative, for s in [1, 5] (the soft-min's sum, in [1, 3], and that plus sqrt(3)).
 inline __m512d reciprocal_fast(__m512d s) {
   const __m512d r = _mm512_rcp14_pd(s);
   // r (2 - s r): one Newton step squares the relative error.
@@ -669,30 +669,26 @@ inline __m512d exp2_nonpositive_fast(__m512d x) {
   return _mm512_maskz_scalef_pd(keep, _mm512_fmadd_pd(f4, p46, p03), k);
 }
 
-// log2(s) for s in [1, 3] or +inf: s = 2^e m with m in [sqrt(1/2), sqrt(2)), log2(m) =
-// (2 / ln 2) atanh(t) = t q(t^2), t = (m - 1) / (m + 1) from the fast reciprocal, |t| <=
-// 0.1716, q the degree-4 minimax polynomial of (2 / ln 2) atanh(t) / t in t^2 (Remez;
-// relative error < 4.3e-12).
+// log2(s) for s in [1, 3] (the soft-min's 1 + 2^(mu - p) + 2^(mu - q); NaN stays NaN):
+// around c = sqrt(3), the geometric middle of [1, 3], log2(s) = log2(c) + (2 / ln 2)
+// atanh(t) = log2(c) + t q(t^2) with t = (s - c) / (s + c) from the fast reciprocal, |t| <=
+// 2 - sqrt(3) = 0.268; q the degree-4 minimax polynomial of (2 / ln 2) atanh(t) / t in t^2
+// on [0, 0.0718] (Remez; relative error < 4.1e-10). One range, so no exponent / mantissa
+// split (getexp, getmant and a halving of the mantissa above sqrt(2): five instructions).
+// The reciprocal's 2^-28 dominates: |log2 error| < 3e-9.
 inline __m512d log2_of_sum_fast(__m512d s) {
-  __m512d e = _mm512_getexp_pd(s);                                   // floor(log2 s)
-  __m512d m = _mm512_getmant_pd(s, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);  // [1, 2)
-  const __mmask8 big = _mm512_cmp_pd_mask(m, _mm512_set1_pd(1.4142135623730951), _CMP_GT_OQ);
-  m = _mm512_mask_mul_pd(m, big, m, _mm512_set1_pd(0.5));
-  e = _mm512_mask_add_pd(e, big, e, _mm512_set1_pd(1.0));
-  const __m512d one = _mm512_set1_pd(1.0);
-  const __m512d t =
-      _mm512_mul_pd(_mm512_sub_pd(m, one), reciprocal_fast(_mm512_add_pd(m, one)));
+  const __m512d c = _mm512_set1_pd(1.7320508075688772);
+  const __m512d t = _mm512_mul_pd(_mm512_sub_pd(s, c), reciprocal_fast(_mm512_add_pd(s, c)));
   const __m512d u = _mm512_mul_pd(t, t);
   const __m512d u2 = _mm512_mul_pd(u, u);
   // (c0 + c1 u) + u^2 ((c2 + c3 u) + u^2 c4)
-  const __m512d q01 = _mm512_fmadd_pd(u, _mm512_set1_pd(0.9617966733501052),
-                                      _mm512_set1_pd(2.88539008179008));
-  const __m512d q23 = _mm512_fmadd_pd(u, _mm512_set1_pd(0.411672827172031),
-                                      _mm512_set1_pd(0.5770835832645046));
-  const __m512d q24 = _mm512_fmadd_pd(u2, _mm512_set1_pd(0.3407280029105415), q23);
+  const __m512d q01 = _mm512_fmadd_pd(u, _mm512_set1_pd(0.9617958894571705),
+                                      _mm512_set1_pd(2.885390082942406));
+  const __m512d q23 = _mm512_fmadd_pd(u, _mm512_set1_pd(0.40880103744382373),
+                                      _mm512_set1_pd(0.5771666737419996));
+  const __m512d q24 = _mm512_fmadd_pd(u2, _mm512_set1_pd(0.37285946894415595), q23);
   const __m512d q = _mm512_fmadd_pd(u2, q24, q01);
-  // +inf: getexp = +inf, getmant = 1, t = 0: +inf. NaN stays NaN.
-  return _mm512_fmadd_pd(t, q, e);
+  return _mm512_fmadd_pd(t, q, _mm512_set1_pd(0.792481250360578));  // + log2(sqrt(3))
 }
 #endif
 
@@ -726,7 +722,7 @@ inline VA reciprocal_of_sum_as(const VA& s) {
 // comparisons return vectors that every blendv turns back into a mask: two extra
 // instructions per select), with the soft-argmin weights when wa / wb are non-null (see
 // softmin3_lanes). kN > 1 (the forward's skewed rows) is written stage by stage across the
-// cells: one cell's exp -> log chain is ~150 cycles of latency and ~70
+// cells: one cell's exp -> log chain is ~150 cycles of latency and ~65
 // instructions, so cell after cell leaves the out-of-order window holding little more than
 // one chain; stage by stage, the independent chains sit next to each other in the
 // instruction stream and overlap. softmin3_lanes is the kN = 1 case. kFast: the fp32-input
