@@ -651,10 +651,8 @@ inline __m512d reciprocal_fast(__m512d s) {
 // the degree-7 Taylor polynomial's 7e-9), Estrin's scheme; times 2^k by scalef. Below
 // -1021 the result is exactly 0 (-inf included: an unreachable cell adds nothing, and no
 // subnormal ever enters the arithmetic); NaN stays NaN (the mask keeps unordered lanes).
-inline __m512d exp2_nonpositive_fast(__m512d x) {
-  const __mmask8 keep = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-1021.0), _CMP_NLT_UQ);
-  const __m512d k = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512d f = _mm512_sub_pd(x, k);
+// 2^f for |f| <= 1/2 (the reduced argument of exp2_nonpositive_fast).
+inline __m512d exp2_reduced_fast(__m512d f) {
   const __m512d f2 = _mm512_mul_pd(f, f);
   const __m512d f4 = _mm512_mul_pd(f2, f2);
   // (c0 + c1 f) + f^2 (c2 + c3 f) + f^4 ((c4 + c5 f) + f^2 c6)
@@ -666,7 +664,13 @@ inline __m512d exp2_nonpositive_fast(__m512d x) {
                                       _mm512_set1_pd(0.009618488957128708));
   const __m512d p46 = _mm512_fmadd_pd(f2, _mm512_set1_pd(0.00015345811999489706), p45);
   const __m512d p03 = _mm512_fmadd_pd(f2, p23, p01);
-  return _mm512_maskz_scalef_pd(keep, _mm512_fmadd_pd(f4, p46, p03), k);
+  return _mm512_fmadd_pd(f4, p46, p03);
+}
+
+inline __m512d exp2_nonpositive_fast(__m512d x) {
+  const __mmask8 keep = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-1021.0), _CMP_NLT_UQ);
+  const __m512d k = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_maskz_scalef_pd(keep, exp2_reduced_fast(_mm512_sub_pd(x, k)), k);
 }
 
 // log2(s) for s in [1, 3] (the soft-min's 1 + 2^(mu - p) + 2^(mu - q); NaN stays NaN):
@@ -1043,10 +1047,225 @@ struct SweepRows {
   int64_t every = 0;
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ------------------------------------------------------------ fp32 lanes: X = 2^(-R')
+// The fp32-input lanes of the AVX512 build sweep X = 2^(-R / (gamma ln 2)) instead of R,
+// held as a mantissa and an exponent (X = mant 2^expo, mant in [1, 2), expo an integer in a
+// double: R / (gamma ln 2) = -(expo + log2 mant) has any range). The soft-min becomes a sum:
+//   X(i, j) = 2^(-cost(i, j) / (gamma ln 2)) (X(i-1, j-1) + X(i-1, j) + X(i, j-1)),
+// the three terms brought to the largest exponent by scalef (exact), the cost's factor
+// 2^(-k) 2^f with k = round(cost'), |f| <= 1/2 (one exp2 polynomial), renormalised by
+// getmant / getexp: no logarithm and one exponential per cell instead of two exponentials
+// and a logarithm. The soft-argmin weights are the terms over their sum. Precision: the
+// terms and their sum are exact to the last bit; 2^f's polynomial (1.9e-9 relative) is the
+// one approximation. An unreachable cell (X = 0) is mant 0 (or 1), expo -inf; a +inf cost
+// gives X = 0; a NaN cost gives mant NaN, which every later cell's sum carries.
+// Row slot r of `rows` holds the mantissas at rows + 2 r ld and the exponents after them.
+
+// kN cells at once (see softmin3_cells: stage by stage across the cells). cost: the cells'
+// cost / (gamma ln 2); with wa / wb non-null, the weights of the diagonal and upper
+// predecessors.
+template <int kN>
+inline void scaled_cells(const __m512d* ma, const __m512d* ea, const __m512d* mb,
+                         const __m512d* eb, const __m512d* mc, const __m512d* ec,
+                         const __m512d* cost, __m512d* m_out, __m512d* e_out, __m512d* wa,
+                         __m512d* wb) {
+  // -DBL_MAX floors the largest exponent: with all three -inf, -inf - -inf would be NaN.
+  const __m512d lowest = _mm512_set1_pd(-std::numeric_limits<double>::max());
+  const __m512d one = _mm512_set1_pd(1.0), inf = _mm512_set1_pd(
+      std::numeric_limits<double>::infinity());
+  __m512d top[kN], ta[kN], tb[kN], sum[kN];
+  for (int u = 0; u < kN; ++u) {
+    top[u] = _mm512_max_pd(lowest, _mm512_max_pd(ea[u], _mm512_max_pd(eb[u], ec[u])));
+  }
+  for (int u = 0; u < kN; ++u) {
+    ta[u] = _mm512_scalef_pd(ma[u], _mm512_sub_pd(ea[u], top[u]));
+    tb[u] = _mm512_scalef_pd(mb[u], _mm512_sub_pd(eb[u], top[u]));
+    const __m512d tc = _mm512_scalef_pd(mc[u], _mm512_sub_pd(ec[u], top[u]));
+    sum[u] = _mm512_add_pd(_mm512_add_pd(ta[u], tb[u]), tc);
+  }
+  for (int u = 0; u < kN; ++u) {
+    const __mmask8 finite = _mm512_cmp_pd_mask(cost[u], inf, _CMP_NEQ_UQ);  // NaN kept
+    const __m512d k = _mm512_roundscale_pd(cost[u], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512d x = _mm512_mul_pd(sum[u], exp2_reduced_fast(_mm512_sub_pd(k, cost[u])));
+    m_out[u] = _mm512_maskz_getmant_pd(finite, x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+    e_out[u] = _mm512_add_pd(_mm512_sub_pd(top[u], k), _mm512_maskz_getexp_pd(finite, x));
+  }
+  if (wa == nullptr) return;
+  for (int u = 0; u < kN; ++u) {
+    // sum >= 1 where reachable (its largest term is a mantissa); 0 elsewhere: weights 0.
+    const __m512d inv = reciprocal_fast(_mm512_max_pd(one, sum[u]));
+    wa[u] = _mm512_mul_pd(ta[u], inv);
+    wb[u] = _mm512_mul_pd(tb[u], inv);
+  }
+}
+
+// R / (gamma ln 2) = -(expo + log2 mant) of every lane, precise (once per row or pair).
+inline VA scaled_to_r(const VA& mant, const VA& expo) {
+  return VA(0.0) - (expo + mant.log2());
+}
+
+// The inverse: R' (+inf: X = 0) to mant, expo.
+inline void r_to_scaled(const VA& r, VA& mant, VA& expo) {
+  const VA neg = VA(0.0) - r;
+  const VA k = neg.floor();
+  const VA inf(std::numeric_limits<double>::infinity());
+  const VA zero_x = r == inf;
+  mant = VA::blendv((neg - k).exp2(), VA(0.0), zero_x);
+  expo = VA::blendv(k, VA(0.0) - inf, zero_x);
+}
+
+template <int kMetric, int kDim = 0>
+VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
+                          const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
+                          const SweepRows& sweep) {
+  const int64_t D = kDim > 0 ? kDim : D_runtime;
+  constexpr int64_t L = VA::size();
+  const PairBand& pb = shape.pb;
+  alignas(64) double values[L] = {};
+  const VA inf(std::numeric_limits<double>::infinity());
+  const VA zero(0.0), minus_inf = zero - inf;
+  const double unit = gamma * kLn2;
+  const VA per_unit(1.0 / unit);
+  const int64_t m = pb.m, ld = m + 1;
+  const int64_t i0 = sweep.i0, n = sweep.i_end < 0 ? pb.n : sweep.i_end;
+  for (int64_t e = 0; e < kRollingRows; ++e) {
+    for (int64_t j = 0; j < ld; ++j) rows[2 * e * ld + j] = zero, rows[(2 * e + 1) * ld + j] = minus_inf;
+  }
+  int64_t held_first[kRollingRows], held_last[kRollingRows];
+  for (int64_t k = 0; k < kRollingRows; ++k) held_first[k] = 1, held_last[k] = 0;
+  if (sweep.start != nullptr) {
+    for (int64_t j = 0; j <= m; ++j) r_to_scaled(sweep.start[j], rows[j], rows[ld + j]);
+    held_first[0] = 0;
+    held_last[0] = m;
+  } else {
+    rows[0] = VA(1.0);  // X[0][0] = 1
+    rows[ld] = zero;
+    held_first[0] = held_last[0] = 0;
+  }
+  auto take = [&](int64_t slot, int64_t first, int64_t last) {
+    VA* row = rows + 2 * slot * ld;
+    for (int64_t j = held_first[slot]; j <= held_last[slot]; ++j) row[j] = zero, row[ld + j] = minus_inf;
+    held_first[slot] = first;
+    held_last[slot] = last;
+    return row;
+  };
+  auto clear_outside = [&](int64_t i, int64_t first, int64_t last) {
+    double* row = kept + (i - i0 - 1) * m * L;
+    std::fill(row, row + (first - 1) * L, 0.0);
+    std::fill(row + last * L, row + m * L, 0.0);
+  };
+  const bool keep = kept != nullptr;
+  // Cells (i + s, j - s) for the kN rows s in [s0, s0 + kN) (kN = 1: one cell).
+  auto cells = [&](auto n_c, auto keep_c, int64_t s0, int64_t i, int64_t j, VA** cur,
+                   const VA** above, __m512d* lm, __m512d* le) {
+    constexpr int kN = decltype(n_c)::value;
+    constexpr bool kKeep = decltype(keep_c)::value;
+    __m512d ma[kN], ea[kN], mb[kN], eb[kN], cost[kN], mo[kN], eo[kN], wa[kN], wb[kN];
+    for (int u = 0; u < kN; ++u) {
+      const int64_t s = s0 + u, col = j - s;
+      ma[u] = above[s][col - 1];
+      ea[u] = above[s][ld + col - 1];
+      mb[u] = above[s][col];
+      eb[u] = above[s][ld + col];
+      cost[u] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L, yt + (col - 1) * D * L, D) * per_unit;
+    }
+    scaled_cells<kN>(ma, ea, mb, eb, lm + s0, le + s0, cost, mo, eo, kKeep ? wa : nullptr,
+                     kKeep ? wb : nullptr);
+    for (int u = 0; u < kN; ++u) {
+      const int64_t s = s0 + u, col = j - s;
+      if (shape.masked) {
+        const VA out = shape.outside(i + s, col);
+        mo[u] = VA::blendv(VA(mo[u]), zero, out);
+        eo[u] = VA::blendv(VA(eo[u]), minus_inf, out);
+      }
+      lm[s] = mo[u];
+      le[s] = eo[u];
+      cur[s][col] = VA(mo[u]);
+      cur[s][ld + col] = VA(eo[u]);
+      if constexpr (kKeep) {
+        store_weights(reinterpret_cast<float*>(kept + ((i + s - i0 - 1) * m + (col - 1)) * L),
+                      VA(wa[u]), VA(wb[u]));
+      }
+    }
+  };
+  int64_t prev_slot = 0;
+  for (int64_t i = i0 + 1; i <= n; i += kSkewRows) {
+    const int64_t rows_now = std::min(kSkewRows, n - i + 1);
+    int64_t first[kSkewRows], last[kSkewRows];
+    VA* cur[kSkewRows];
+    const VA* above[kSkewRows];
+    __m512d lm[kSkewRows], le[kSkewRows];
+    int64_t last_step = 0;
+    for (int64_t s = 0; s < rows_now; ++s) {
+      first[s] = pb.first(i + s);
+      last[s] = pb.last(i + s);
+      const int64_t slot = (prev_slot + 1 + s) % kRollingRows;
+      above[s] = s == 0 ? rows + 2 * prev_slot * ld : cur[s - 1];
+      cur[s] = take(slot, first[s], last[s]);
+      lm[s] = zero;
+      le[s] = minus_inf;
+      last_step = std::max(last_step, last[s] + s);
+      if (keep) clear_outside(i + s, first[s], last[s]);
+    }
+    auto step_by_cell = [&](int64_t j) {
+      for (int64_t s = 0; s < rows_now; ++s) {
+        const int64_t col = j - s;
+        if (col >= first[s] && col <= last[s]) {
+          if (keep) cells(std::integral_constant<int, 1>{}, std::true_type{}, s, i, j, cur, above, lm, le);
+          else cells(std::integral_constant<int, 1>{}, std::false_type{}, s, i, j, cur, above, lm, le);
+        }
+      }
+    };
+    int64_t j = first[0];
+    if (rows_now == kSkewRows) {
+      int64_t full_first = first[0], full_last = last_step;
+      for (int64_t s = 0; s < kSkewRows; ++s) {
+        full_first = std::max(full_first, first[s] + s);
+        full_last = std::min(full_last, last[s] + s);
+      }
+      for (; j < full_first; ++j) step_by_cell(j);
+      auto full_steps = [&](auto keep_c) {
+        for (; j <= full_last; ++j) {
+          cells(std::integral_constant<int, kSkewRows>{}, keep_c, 0, i, j, cur, above, lm, le);
+        }
+      };
+      if (keep) full_steps(std::true_type{});
+      else full_steps(std::false_type{});
+    }
+    for (; j <= last_step; ++j) step_by_cell(j);
+    for (int64_t s = 0; s < rows_now; ++s) {
+      for (int64_t k = 0; k < L; ++k) {
+        if (shape.n[k] == i + s) {
+          alignas(64) double mants[L], expos[L];
+          cur[s][shape.m[k]].store(mants);
+          cur[s][ld + shape.m[k]].store(expos);
+          values[k] = -(expos[k] + std::log2(mants[k]));
+        }
+      }
+    }
+    const int64_t block_end = i + rows_now - 1;
+    if (sweep.checkpoints != nullptr && block_end % sweep.every == 0 && block_end < n) {
+      VA* dst = sweep.checkpoints + (block_end / sweep.every) * ld;
+      const VA* src = cur[rows_now - 1];
+      for (int64_t c = 0; c <= m; ++c) dst[c] = scaled_to_r(src[c], src[ld + c]);
+    }
+    prev_slot = (prev_slot + rows_now) % kRollingRows;
+  }
+  return VA::loadu(values) * VA(unit);
+}
+#endif
+
 template <int kMetric, bool kWeights, int kDim = 0>
 VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
                          const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
                          const SweepRows& sweep = SweepRows{}) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kWeights) {
+    return xy_soft_forward_scaled<kMetric, kDim>(xt, yt, D_runtime, shape, gamma, rows, kept,
+                                                 sweep);
+  }
+#endif
   const int64_t D = kDim > 0 ? kDim : D_runtime;  // kDim > 0: see contract_lanes
   constexpr int64_t L = VA::size();
   const PairBand& pb = shape.pb;
@@ -1426,7 +1645,7 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
       const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
       const int64_t m = shape.pb.m, ld = m + 1;
       gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
-      rows.resize(kRollingRows * ld);
+      rows.resize(2 * kRollingRows * ld);
       checkpoints.assign(C * ld, VA(inf));
       checkpoints[0] = VA(0.0);  // row 0: R[0][0] = 0, the rest +inf
       SweepRows sweep;
@@ -1483,7 +1702,7 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
       const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
       const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
       gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
-      rows.resize(kRollingRows * ld);
+      rows.resize(2 * kRollingRows * ld);
       work.resize(4 * ld);
       above.resize(ld);
       gxl.resize(n * D);
@@ -1573,7 +1792,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
           gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
           alignas(64) double out[LA];
-          rl.resize(kRollingRows * ld);
+          rl.resize(2 * kRollingRows * ld);
           // Kept interleaved at the task's slot (see the file comment), row by row.
           double* group = R_soft != nullptr ? R_soft + lg.slot(t) * N * M : nullptr;
           // The common small feature counts compiled with D fixed (see contract_lanes).
