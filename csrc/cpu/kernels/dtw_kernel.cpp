@@ -33,8 +33,8 @@
 // for fp32 inputs too (see Acc below); fp32 costs are read as fp32 and widened. Soft-DTW
 // keeps R in fp64 (an fp32 R is not precise enough for the backward's weights at small
 // gamma), so the backward never recomputes the forward; hard DTW keeps R in the dtype.
-// The fp32 lane groups of the AVX512 build sweep R / (gamma ln 2) instead of R (the
-// soft-min in base 2, see kBase2Domain) and keep soft-argmin weights, not R.
+// The fp32 lane groups keep soft-argmin weights, not R; in the AVX512 build they sweep
+// 2^(-R / (gamma ln 2)) instead of R (a sum per cell, no logarithm: xy_soft_forward_scaled).
 // Kept R layout: (B, N, M), pair b's cell (i, j) at [b, i - 1, j - 1]; except the soft
 // series path, which keeps by task (LaneGroups: pairs grouped by length, so a task's pairs
 // need not be consecutive): a group of L pairs run in vector lanes keeps its rows
@@ -629,29 +629,25 @@ inline VA log_of_sum(const VA& s) {
 #endif
 }
 
-// The fp32-input variants (kFast below): the weights are stored as fp32 and the values
-// returned as fp32, so ~1e-9 relative per cell is enough (errors add along a path of up to
-// n + m cells and enter the weights divided by gamma, like R itself: see kBase2Domain) and
-// the special functions can be shorter. Every cell of a sweep runs them, so their
-// instruction count is the forward's speed (on Zen 4, whose 512-bit units are double
-// pumped, the sweep is throughput-bound); their latency bounds a single dependency chain.
-// Estrin instead of Horner, reciprocals as rcp14 plus one Newton step (relative error
-// 2^-28) instead of a 23-cycle division, and base 2 (kBase2Domain: no range-reduction
-// multiplies, no ln 2 splits). AVX512 only; the other builds use the precise functions.
 #if defined(CPU_CAPABILITY_AVX512)
-// 1 / s to 2^-28 relative, for s in [1, 5] (the soft-min's sum, in [1, 3], and that plus sqrt(3)).
+// Short special functions for the fp32-input lanes' sweep (xy_soft_forward_scaled): their
+// weights are stored as fp32 and their values returned as fp32, so ~1e-9 relative per cell
+// is enough (errors add along a path of up to n + m cells). Every cell runs them, so their
+// instruction count is the sweep's speed (on Zen 4, whose 512-bit units are double pumped,
+// the sweep is throughput-bound): Estrin instead of Horner, a reciprocal as rcp14 plus one
+// Newton step instead of a 23-cycle division.
+
+// 1 / s to 2^-28 relative, for s in [1, 6] (a sum of three scaled terms, the largest a
+// mantissa in [1, 2)).
 inline __m512d reciprocal_fast(__m512d s) {
   const __m512d r = _mm512_rcp14_pd(s);
   // r (2 - s r): one Newton step squares the relative error.
   return _mm512_mul_pd(r, _mm512_fnmadd_pd(s, r, _mm512_set1_pd(2.0)));
 }
 
-// 2^x for x <= 0: x = k + f with k = round(x) and f = x - k (exact), |f| <= 1/2; 2^f by
-// its degree-6 minimax polynomial on [-1/2, 1/2] (Remez; relative error < 1.9e-9, below
-// the degree-7 Taylor polynomial's 7e-9), Estrin's scheme; times 2^k by scalef. Below
-// -1021 the result is exactly 0 (-inf included: an unreachable cell adds nothing, and no
-// subnormal ever enters the arithmetic); NaN stays NaN (the mask keeps unordered lanes).
-// 2^f for |f| <= 1/2 (the reduced argument of exp2_nonpositive_fast).
+// 2^f for |f| <= 1/2: the degree-6 minimax polynomial on [-1/2, 1/2] (Remez; relative
+// error < 1.9e-9, below the degree-7 Taylor polynomial's 7e-9), Estrin's scheme. NaN stays
+// NaN.
 inline __m512d exp2_reduced_fast(__m512d f) {
   const __m512d f2 = _mm512_mul_pd(f, f);
   const __m512d f4 = _mm512_mul_pd(f2, f2);
@@ -667,152 +663,65 @@ inline __m512d exp2_reduced_fast(__m512d f) {
   return _mm512_fmadd_pd(f4, p46, p03);
 }
 
-inline __m512d exp2_nonpositive_fast(__m512d x) {
-  const __mmask8 keep = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-1021.0), _CMP_NLT_UQ);
-  const __m512d k = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_maskz_scalef_pd(keep, exp2_reduced_fast(_mm512_sub_pd(x, k)), k);
-}
-
-// log2(s) for s in [1, 3] (the soft-min's 1 + 2^(mu - p) + 2^(mu - q); NaN stays NaN):
-// around c = sqrt(3), the geometric middle of [1, 3], log2(s) = log2(c) + (2 / ln 2)
-// atanh(t) = log2(c) + t q(t^2) with t = (s - c) / (s + c) from the fast reciprocal, |t| <=
-// 2 - sqrt(3) = 0.268; q the degree-4 minimax polynomial of (2 / ln 2) atanh(t) / t in t^2
-// on [0, 0.0718] (Remez; relative error < 4.1e-10). One range, so no exponent / mantissa
-// split (getexp, getmant and a halving of the mantissa above sqrt(2): five instructions).
-// The reciprocal's 2^-28 dominates: |log2 error| < 3e-9.
-inline __m512d log2_of_sum_fast(__m512d s) {
-  const __m512d c = _mm512_set1_pd(1.7320508075688772);
-  const __m512d t = _mm512_mul_pd(_mm512_sub_pd(s, c), reciprocal_fast(_mm512_add_pd(s, c)));
-  const __m512d u = _mm512_mul_pd(t, t);
-  const __m512d u2 = _mm512_mul_pd(u, u);
-  // (c0 + c1 u) + u^2 ((c2 + c3 u) + u^2 c4)
-  const __m512d q01 = _mm512_fmadd_pd(u, _mm512_set1_pd(0.9617958894571705),
-                                      _mm512_set1_pd(2.885390082942406));
-  const __m512d q23 = _mm512_fmadd_pd(u, _mm512_set1_pd(0.40880103744382373),
-                                      _mm512_set1_pd(0.5771666737419996));
-  const __m512d q24 = _mm512_fmadd_pd(u2, _mm512_set1_pd(0.37285946894415595), q23);
-  const __m512d q = _mm512_fmadd_pd(u2, q24, q01);
-  return _mm512_fmadd_pd(t, q, _mm512_set1_pd(0.792481250360578));  // + log2(sqrt(3))
-}
-#endif
-
-// The soft-min of the fp32-input lanes (kFast) runs in base 2 in the AVX512 build: the sweep
-// carries R' = R / (gamma ln 2) and adds cost(i, j) / (gamma ln 2) (one FMA with the cost's
-// last add), so that softmin_gamma(a, b, c) / (gamma ln 2) = mu' - log2(1 + 2^(mu' - p') +
-// 2^(mu' - q')): no division by gamma, no ln 2 in the exponentials or the logarithm; the
-// weights 2^(mu' - p') are the same numbers. Values are scaled back once per pair. The
-// kept weights do not depend on the unit; checkpoint rows are in R' and only ever read by
-// the same sweep. The precise path (fp64, whose backward reads R) stays in natural units.
-constexpr double kLn2 = 0.6931471805599453;
-#if defined(CPU_CAPABILITY_AVX512)
-template <bool kFast>
-constexpr bool kBase2Domain = kFast;
-#else
-template <bool kFast>
-constexpr bool kBase2Domain = false;
-#endif
-
-// 1 / s for s in [1, 3].
-template <bool kFast>
-inline VA reciprocal_of_sum_as(const VA& s) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kFast) return reciprocal_fast(s);
-#endif
-  return VA(1.0) / s;
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
 // softmin_gamma(a, b, c) of kN independent cells at once, on AVX-512 mask registers (ATen's
 // comparisons return vectors that every blendv turns back into a mask: two extra
-// instructions per select), with the soft-argmin weights when wa / wb are non-null (see
-// softmin3_lanes). kN > 1 (the forward's skewed rows) is written stage by stage across the
-// cells: one cell's exp -> log chain is ~150 cycles of latency and ~65
+// instructions per select). kN > 1 (the forward's skewed rows) is written stage by stage
+// across the cells: one cell's exp -> log chain is ~150 cycles of latency and ~60
 // instructions, so cell after cell leaves the out-of-order window holding little more than
 // one chain; stage by stage, the independent chains sit next to each other in the
-// instruction stream and overlap. softmin3_lanes is the kN = 1 case. kFast: the fp32-input
-// precision, in the base-2 domain (a, b, c and r in units of gamma ln 2; gamma and
-// inv_gamma unused: see kBase2Domain).
-template <bool kFast, int kN>
+// instruction stream and overlap. softmin3_lanes is the kN = 1 case (without weights).
+template <int kN>
 inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
-                           const VA& gamma, const VA& inv_gamma, __m512d* r, __m512d* wa,
-                           __m512d* wb) {
+                           const VA& gamma, const VA& inv_gamma, __m512d* r) {
   const __m512d v_ig = inv_gamma, v_g = gamma, one = _mm512_set1_pd(1.0);
   const __m512d v_max = _mm512_set1_pd(std::numeric_limits<double>::max());
-  __m512d mu[kN], ep[kN], eq[kN], sum[kN];
+  __m512d mu[kN], ep[kN], eq[kN];
   __mmask8 k_a[kN], k_b[kN];
   for (int u = 0; u < kN; ++u) {
     mu[u] = _mm512_min_pd(a[u], _mm512_min_pd(b[u], c[u]));
     k_a[u] = _mm512_cmp_pd_mask(a[u], mu[u], _CMP_EQ_OQ);
     k_b[u] = _mm512_mask_cmp_pd_mask(static_cast<__mmask8>(~k_a[u]), b[u], mu[u], _CMP_EQ_OQ);
   }
-  // The exponents mu - p <= 0 (base 2 for kFast: the sweep's unit is gamma ln 2, see
-  // kBase2Domain; natural otherwise: divided by gamma), with mu clamped to the largest
-  // double: an unreachable cell (mu = p = q = +inf) gets exponents -inf, not inf - inf =
-  // NaN, so its sum is 1 and its result mu - log(1) = +inf, with no mask or select.
+  // The exponents (mu - p) / gamma <= 0 (p and q: the two operands that are not the
+  // minimum), with mu clamped to the largest double: an unreachable cell (mu = p = q =
+  // +inf) gets exponents -inf, not inf - inf = NaN, so its sum is 1 and its result
+  // mu - gamma log(1) = +inf, with no mask or select.
   // NaN: vminpd returns its second operand when either is NaN, so mu is NaN when c is
   // (the clamp, max first, keeps it), and a NaN a or b is never the minimum: it is p or q
   // and makes the sum NaN, also beside +inf operands (the file's NaN convention).
   auto exponent = [&](const __m512d& m, const __m512d& other) {
-    const __m512d d = _mm512_sub_pd(_mm512_min_pd(v_max, m), other);
-    if constexpr (kFast) return d;
-    else return _mm512_mul_pd(d, v_ig);
-  };
-  auto exp_of = [](const __m512d& x) -> __m512d {
-    if constexpr (kFast) return exp2_nonpositive_fast(x);
-    else return exp_nonpositive(VA(x));
+    return _mm512_mul_pd(_mm512_sub_pd(_mm512_min_pd(v_max, m), other), v_ig);
   };
   for (int u = 0; u < kN; ++u) {
     const __m512d p = _mm512_mask_blend_pd(k_a[u], a[u], b[u]);
-    ep[u] = exp_of(exponent(mu[u], p));
+    ep[u] = exp_nonpositive(VA(exponent(mu[u], p)));
   }
   for (int u = 0; u < kN; ++u) {
     const __m512d q = _mm512_mask_blend_pd(k_a[u] | k_b[u], b[u], c[u]);
-    eq[u] = exp_of(exponent(mu[u], q));
+    eq[u] = exp_nonpositive(VA(exponent(mu[u], q)));
   }
-  for (int u = 0; u < kN; ++u) sum[u] = _mm512_add_pd(_mm512_add_pd(one, ep[u]), eq[u]);
-  for (int u = 0; u < kN; ++u) {
-    if constexpr (kFast) {  // mu - log2(sum)
-      r[u] = _mm512_sub_pd(mu[u], log2_of_sum_fast(sum[u]));
-    } else {  // mu - gamma log(sum)
-      r[u] = _mm512_fnmadd_pd(v_g, log_of_sum(VA(sum[u])), mu[u]);
-    }
-  }
-  if (wa == nullptr) return;
-  // w_a = (a is the minimum ? 1 : e_p) / sum, w_b = (a is ? e_p : b is ? 1 : e_q) / sum
-  // (p is b when a is the minimum, else a; q is c when a or b is, else b). An unreachable
-  // cell gets (1, 0): its E is 0 (every successor gives it weight 2^-inf = 0), so it
-  // pushes nothing whatever its weights.
-  for (int u = 0; u < kN; ++u) {
-    const __m512d inv_s = reciprocal_of_sum_as<kFast>(VA(sum[u]));
-    const __m512d share_a = _mm512_mask_blend_pd(k_a[u], ep[u], one);
-    const __m512d share_b =
-        _mm512_mask_blend_pd(k_a[u], _mm512_mask_blend_pd(k_b[u], eq[u], one), ep[u]);
-    wa[u] = _mm512_mul_pd(share_a, inv_s);
-    wb[u] = _mm512_mul_pd(share_b, inv_s);
+  for (int u = 0; u < kN; ++u) {  // mu - gamma log(1 + e_p + e_q)
+    const __m512d sum = _mm512_add_pd(_mm512_add_pd(one, ep[u]), eq[u]);
+    r[u] = _mm512_fnmadd_pd(v_g, log_of_sum(VA(sum)), mu[u]);
   }
 }
 #endif
 
 // softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
 // weights of a and b (the backward's weights of the diagonal and upper predecessors; the
-// left one's is 1 - both); a lane whose predecessors are all +inf (E = 0 there) gets (1, 0)
-// in the AVX512 build (softmin3_cells), (0, 0) in the others.
-// kFast: the fp32-input precision (see exp2_nonpositive_fast), in base 2 where
-// kBase2Domain<kFast> (the AVX512 build: a, b, c and the result in units of gamma ln 2).
-template <bool kFast>
+// left one's is 1 - both); a lane whose predecessors are all +inf (E = 0 there) gets
+// (0, 0). Weights are kept for fp32 inputs, which the AVX512 build sweeps in
+// xy_soft_forward_scaled instead, so its mask-register version computes values only.
 inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
                          const VA& inv_gamma, VA* weights = nullptr) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512d va = a, vb = b, vc = c;
-  __m512d r, wa, wb;
-  softmin3_cells<kFast, 1>(&va, &vb, &vc, gamma, inv_gamma, &r,
-                           weights != nullptr ? &wa : nullptr, weights != nullptr ? &wb : nullptr);
-  if (weights != nullptr) {
-    weights[0] = wa;
-    weights[1] = wb;
+  if (weights == nullptr) {
+    const __m512d va = a, vb = b, vc = c;
+    __m512d r;
+    softmin3_cells<1>(&va, &vb, &vc, gamma, inv_gamma, &r);
+    return r;
   }
-  return r;
-#else
+#endif
   const VA inf(std::numeric_limits<double>::infinity());
   const VA one(1.0);
   const VA mu = at::vec::minimum(a, at::vec::minimum(b, c));
@@ -829,7 +738,7 @@ inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
   const VA unreachable = mu == inf;
   if (weights != nullptr) {
     // p is b when a is the minimum, else a; q is c when a or b is, else b (see above).
-    const VA zero(0.0), inv_s = reciprocal_of_sum_as<kFast>(s);
+    const VA zero(0.0), inv_s = one / s;
     const VA wp = ep * inv_s, wq = eq * inv_s;
     const VA wa = VA::blendv(wp, inv_s, a_min);
     const VA wb = VA::blendv(VA::blendv(wq, inv_s, b_min), wp, a_min);
@@ -837,7 +746,6 @@ inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
     weights[1] = VA::blendv(wb, zero, unreachable);
   }
   return VA::blendv(r, inf, unreachable);
-#endif
 }
 
 // max(a, b) lane by lane as the max instruction: one instruction where at::vec::maximum
@@ -1025,8 +933,9 @@ decltype(auto) with_fixed_dim(int64_t D, F&& f) {
 // R with column 0; cells outside the band are +inf). When `kept` is non-null, cell (i, j)
 // of the group keeps the L doubles at kept + ((i - 1) m + j - 1) L: its R (kWeights
 // false), or its two soft-argmin weights as 2 L floats (kWeights true: the backward then
-// needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not fp64 weights,
-// which also take the shorter special functions). Returns each lane's R[n_k][m_k] (the
+// needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not fp64 weights;
+// the AVX512 build sweeps those in xy_soft_forward_scaled, whose rows take twice the room:
+// callers allocate 2 kRollingRows (m + 1) vectors). Returns each lane's R[n_k][m_k] (the
 // grid and the lanes' lengths: LaneShape).
 // A sweep may also cover only rows i0 + 1 .. i_end, starting from row i0's values (the
 // checkpointed backward recomputes one segment of rows at a time: SweepRows); kept rows are
@@ -1049,22 +958,26 @@ struct SweepRows {
 
 #if defined(CPU_CAPABILITY_AVX512)
 // ------------------------------------------------------------ fp32 lanes: X = 2^(-R')
-// The fp32-input lanes of the AVX512 build sweep X = 2^(-R / (gamma ln 2)) instead of R,
-// held as a mantissa and an exponent (X = mant 2^expo, mant in [1, 2), expo an integer in a
-// double: R / (gamma ln 2) = -(expo + log2 mant) has any range). The soft-min becomes a sum:
-//   X(i, j) = 2^(-cost(i, j) / (gamma ln 2)) (X(i-1, j-1) + X(i-1, j) + X(i, j-1)),
+// The fp32-input lanes of the AVX512 build sweep X = 2^(-R') with R' = R / (gamma ln 2)
+// instead of R, held as a mantissa and an exponent: X = mant 2^expo, mant in [1, 2) and
+// expo an integer in a double, so that R' = -(expo + log2 mant) keeps any range (a double
+// alone would underflow past R' = 1074). The soft-min becomes a sum,
+//   X(i, j) = 2^(-cost'(i, j)) (X(i-1, j-1) + X(i-1, j) + X(i, j-1)),  cost' = cost / (gamma ln 2),
 // the three terms brought to the largest exponent by scalef (exact), the cost's factor
-// 2^(-k) 2^f with k = round(cost'), |f| <= 1/2 (one exp2 polynomial), renormalised by
-// getmant / getexp: no logarithm and one exponential per cell instead of two exponentials
-// and a logarithm. The soft-argmin weights are the terms over their sum. Precision: the
-// terms and their sum are exact to the last bit; 2^f's polynomial (1.9e-9 relative) is the
-// one approximation. An unreachable cell (X = 0) is mant 0 (or 1), expo -inf; a +inf cost
-// gives X = 0; a NaN cost gives mant NaN, which every later cell's sum carries.
-// Row slot r of `rows` holds the mantissas at rows + 2 r ld and the exponents after them.
+// split as 2^-k 2^f with k = round(cost') and |f| <= 1/2, the product renormalised by
+// getmant / getexp: one exp2 polynomial per cell, no logarithm (the R sweep takes two
+// exponentials and a logarithm). The soft-argmin weights are the terms over their sum.
+// Precision: the terms are exact, the sum rounds twice, and 2^f's polynomial (1.9e-9
+// relative) is the one approximation; no R' difference is formed, so no cancellation at
+// large R' or small gamma. An unreachable cell (X = 0) is mant 0 (or 1: getmant of 0) with
+// expo -inf; a +inf cost gives X = 0; a NaN cost gives mant NaN, which every later cell's
+// sum carries. Row slot r of `rows` holds m + 1 mantissas at rows + 2 r (m + 1), then m + 1
+// exponents. Values, checkpoint rows and start rows are in R' (converted once per row).
 
-// kN cells at once (see softmin3_cells: stage by stage across the cells). cost: the cells'
-// cost / (gamma ln 2); with wa / wb non-null, the weights of the diagonal and upper
-// predecessors.
+// kN cells at once, stage by stage across the cells as in softmin3_cells. ma, ea: the
+// diagonal predecessors (i - 1, j - 1), mb, eb: the upper ones, mc, ec: the left ones;
+// cost: the cells' cost'. With wa / wb non-null, the weights of the diagonal and upper
+// predecessors (an unreachable cell gets (0, 0): its E is 0).
 template <int kN>
 inline void scaled_cells(const __m512d* ma, const __m512d* ea, const __m512d* mb,
                          const __m512d* eb, const __m512d* mc, const __m512d* ec,
@@ -1072,8 +985,8 @@ inline void scaled_cells(const __m512d* ma, const __m512d* ea, const __m512d* mb
                          __m512d* wb) {
   // -DBL_MAX floors the largest exponent: with all three -inf, -inf - -inf would be NaN.
   const __m512d lowest = _mm512_set1_pd(-std::numeric_limits<double>::max());
-  const __m512d one = _mm512_set1_pd(1.0), inf = _mm512_set1_pd(
-      std::numeric_limits<double>::infinity());
+  const __m512d one = _mm512_set1_pd(1.0);
+  const __m512d inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
   __m512d top[kN], ta[kN], tb[kN], sum[kN];
   for (int u = 0; u < kN; ++u) {
     top[u] = _mm512_max_pd(lowest, _mm512_max_pd(ea[u], _mm512_max_pd(eb[u], ec[u])));
@@ -1085,36 +998,39 @@ inline void scaled_cells(const __m512d* ma, const __m512d* ea, const __m512d* mb
     sum[u] = _mm512_add_pd(_mm512_add_pd(ta[u], tb[u]), tc);
   }
   for (int u = 0; u < kN; ++u) {
-    const __mmask8 finite = _mm512_cmp_pd_mask(cost[u], inf, _CMP_NEQ_UQ);  // NaN kept
-    const __m512d k = _mm512_roundscale_pd(cost[u], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // X = sum 2^top 2^-k 2^f; a +inf cost (k = +inf, f NaN) gives mant 0 and expo -inf.
+    const __mmask8 finite = _mm512_cmp_pd_mask(cost[u], inf, _CMP_NEQ_UQ);  // NaN: kept
+    const __m512d k =
+        _mm512_roundscale_pd(cost[u], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512d x = _mm512_mul_pd(sum[u], exp2_reduced_fast(_mm512_sub_pd(k, cost[u])));
     m_out[u] = _mm512_maskz_getmant_pd(finite, x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
     e_out[u] = _mm512_add_pd(_mm512_sub_pd(top[u], k), _mm512_maskz_getexp_pd(finite, x));
   }
   if (wa == nullptr) return;
   for (int u = 0; u < kN; ++u) {
-    // sum >= 1 where reachable (its largest term is a mantissa); 0 elsewhere: weights 0.
+    // sum >= 1 where reachable (its largest term is a mantissa), 0 elsewhere.
     const __m512d inv = reciprocal_fast(_mm512_max_pd(one, sum[u]));
     wa[u] = _mm512_mul_pd(ta[u], inv);
     wb[u] = _mm512_mul_pd(tb[u], inv);
   }
 }
 
-// R / (gamma ln 2) = -(expo + log2 mant) of every lane, precise (once per row or pair).
+// R' = -(expo + log2 mant) of every lane (+inf where X = 0), precise.
 inline VA scaled_to_r(const VA& mant, const VA& expo) {
   return VA(0.0) - (expo + mant.log2());
 }
 
-// The inverse: R' (+inf: X = 0) to mant, expo.
+// The inverse: mant, expo from R' (+inf: X = 0).
 inline void r_to_scaled(const VA& r, VA& mant, VA& expo) {
-  const VA neg = VA(0.0) - r;
-  const VA k = neg.floor();
   const VA inf(std::numeric_limits<double>::infinity());
+  const VA neg = VA(0.0) - r, k = neg.floor();
   const VA zero_x = r == inf;
   mant = VA::blendv((neg - k).exp2(), VA(0.0), zero_x);
   expo = VA::blendv(k, VA(0.0) - inf, zero_x);
 }
 
+// xy_soft_forward_lanes for fp32 inputs (kept weights), sweeping X: same arguments and
+// results, the same skewed rows; `rows` holds kRollingRows rows of 2 (m + 1) vectors.
 template <int kMetric, int kDim = 0>
 VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
                           const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
@@ -1122,125 +1038,133 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
   const int64_t D = kDim > 0 ? kDim : D_runtime;
   constexpr int64_t L = VA::size();
   const PairBand& pb = shape.pb;
-  alignas(64) double values[L] = {};
-  const VA inf(std::numeric_limits<double>::infinity());
-  const VA zero(0.0), minus_inf = zero - inf;
-  const double unit = gamma * kLn2;
+  alignas(64) double values[L] = {};  // lane k's R'[n_k][m_k], taken when row n_k is done
+  const VA zero(0.0), minus_inf(-std::numeric_limits<double>::infinity());
+  const double unit = gamma * 0.6931471805599453;  // gamma ln 2
   const VA per_unit(1.0 / unit);
   const int64_t m = pb.m, ld = m + 1;
   const int64_t i0 = sweep.i0, n = sweep.i_end < 0 ? pb.n : sweep.i_end;
-  for (int64_t e = 0; e < kRollingRows; ++e) {
-    for (int64_t j = 0; j < ld; ++j) rows[2 * e * ld + j] = zero, rows[(2 * e + 1) * ld + j] = minus_inf;
+  auto mants = [&](int64_t slot) { return rows + 2 * slot * ld; };
+  auto set_zero = [&](VA* row, int64_t j) {  // X = 0
+    row[j] = zero;
+    row[ld + j] = minus_inf;
+  };
+  for (int64_t slot = 0; slot < kRollingRows; ++slot) {
+    for (int64_t j = 0; j <= m; ++j) set_zero(mants(slot), j);
   }
+  // The column range each buffer holds nonzero values in (to reset before reuse).
   int64_t held_first[kRollingRows], held_last[kRollingRows];
   for (int64_t k = 0; k < kRollingRows; ++k) held_first[k] = 1, held_last[k] = 0;
-  if (sweep.start != nullptr) {
+  if (sweep.start != nullptr) {  // buffer 0 holds row i0
     for (int64_t j = 0; j <= m; ++j) r_to_scaled(sweep.start[j], rows[j], rows[ld + j]);
     held_first[0] = 0;
     held_last[0] = m;
   } else {
-    rows[0] = VA(1.0);  // X[0][0] = 1
+    rows[0] = VA(1.0);  // buffer 0 holds row 0: X[0][0] = 1
     rows[ld] = zero;
     held_first[0] = held_last[0] = 0;
   }
   auto take = [&](int64_t slot, int64_t first, int64_t last) {
-    VA* row = rows + 2 * slot * ld;
-    for (int64_t j = held_first[slot]; j <= held_last[slot]; ++j) row[j] = zero, row[ld + j] = minus_inf;
+    VA* row = mants(slot);
+    for (int64_t j = held_first[slot]; j <= held_last[slot]; ++j) set_zero(row, j);
     held_first[slot] = first;
     held_last[slot] = last;
     return row;
   };
+  // The slots of a kept row outside its band range get zeros (deterministic state).
   auto clear_outside = [&](int64_t i, int64_t first, int64_t last) {
     double* row = kept + (i - i0 - 1) * m * L;
     std::fill(row, row + (first - 1) * L, 0.0);
     std::fill(row + last * L, row + m * L, 0.0);
   };
-  const bool keep = kept != nullptr;
-  // Cells (i + s, j - s) for the kN rows s in [s0, s0 + kN) (kN = 1: one cell).
-  auto cells = [&](auto n_c, auto keep_c, int64_t s0, int64_t i, int64_t j, VA** cur,
-                   const VA** above, __m512d* lm, __m512d* le) {
-    constexpr int kN = decltype(n_c)::value;
-    constexpr bool kKeep = decltype(keep_c)::value;
-    __m512d ma[kN], ea[kN], mb[kN], eb[kN], cost[kN], mo[kN], eo[kN], wa[kN], wb[kN];
-    for (int u = 0; u < kN; ++u) {
-      const int64_t s = s0 + u, col = j - s;
-      ma[u] = above[s][col - 1];
-      ea[u] = above[s][ld + col - 1];
-      mb[u] = above[s][col];
-      eb[u] = above[s][ld + col];
-      cost[u] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L, yt + (col - 1) * D * L, D) * per_unit;
-    }
-    scaled_cells<kN>(ma, ea, mb, eb, lm + s0, le + s0, cost, mo, eo, kKeep ? wa : nullptr,
-                     kKeep ? wb : nullptr);
-    for (int u = 0; u < kN; ++u) {
-      const int64_t s = s0 + u, col = j - s;
-      if (shape.masked) {
-        const VA out = shape.outside(i + s, col);
-        mo[u] = VA::blendv(VA(mo[u]), zero, out);
-        eo[u] = VA::blendv(VA(eo[u]), minus_inf, out);
-      }
-      lm[s] = mo[u];
-      le[s] = eo[u];
-      cur[s][col] = VA(mo[u]);
-      cur[s][ld + col] = VA(eo[u]);
-      if constexpr (kKeep) {
-        store_weights(reinterpret_cast<float*>(kept + ((i + s - i0 - 1) * m + (col - 1)) * L),
-                      VA(wa[u]), VA(wb[u]));
-      }
-    }
-  };
   int64_t prev_slot = 0;
   for (int64_t i = i0 + 1; i <= n; i += kSkewRows) {
     const int64_t rows_now = std::min(kSkewRows, n - i + 1);
+    // Row i + s: its column range, its buffer, the buffer above it and its left value.
     int64_t first[kSkewRows], last[kSkewRows];
     VA* cur[kSkewRows];
     const VA* above[kSkewRows];
-    __m512d lm[kSkewRows], le[kSkewRows];
+    __m512d left_m[kSkewRows], left_e[kSkewRows];
     int64_t last_step = 0;
     for (int64_t s = 0; s < rows_now; ++s) {
       first[s] = pb.first(i + s);
       last[s] = pb.last(i + s);
       const int64_t slot = (prev_slot + 1 + s) % kRollingRows;
-      above[s] = s == 0 ? rows + 2 * prev_slot * ld : cur[s - 1];
+      above[s] = s == 0 ? mants(prev_slot) : cur[s - 1];
       cur[s] = take(slot, first[s], last[s]);
-      lm[s] = zero;
-      le[s] = minus_inf;
+      left_m[s] = zero;
+      left_e[s] = minus_inf;
       last_step = std::max(last_step, last[s] + s);
-      if (keep) clear_outside(i + s, first[s], last[s]);
+      if (kept != nullptr) clear_outside(i + s, first[s], last[s]);
     }
-    auto step_by_cell = [&](int64_t j) {
-      for (int64_t s = 0; s < rows_now; ++s) {
-        const int64_t col = j - s;
-        if (col >= first[s] && col <= last[s]) {
-          if (keep) cells(std::integral_constant<int, 1>{}, std::true_type{}, s, i, j, cur, above, lm, le);
-          else cells(std::integral_constant<int, 1>{}, std::false_type{}, s, i, j, cur, above, lm, le);
+    // Step j: cells (i + s, j - s) of the kN rows s0 .. s0 + kN - 1 (see
+    // xy_soft_forward_lanes for the order), their weights kept when kKeep.
+    auto cells = [&](auto n_c, auto keep_c, int64_t s0, int64_t j) {
+      constexpr int kN = decltype(n_c)::value;
+      constexpr bool kKeep = decltype(keep_c)::value;
+      __m512d ma[kN], ea[kN], mb[kN], eb[kN], cost[kN], mo[kN], eo[kN], wa[kN], wb[kN];
+      for (int u = 0; u < kN; ++u) {
+        const int64_t s = s0 + u, col = j - s;
+        ma[u] = above[s][col - 1];
+        ea[u] = above[s][ld + col - 1];
+        mb[u] = above[s][col];
+        eb[u] = above[s][ld + col];
+        cost[u] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
+                                                  yt + (col - 1) * D * L, D) * per_unit;
+      }
+      scaled_cells<kN>(ma, ea, mb, eb, left_m + s0, left_e + s0, cost, mo, eo,
+                       kKeep ? wa : nullptr, kKeep ? wb : nullptr);
+      for (int u = 0; u < kN; ++u) {
+        const int64_t s = s0 + u, col = j - s;
+        if (shape.masked) {  // lanes outside their own band: X = 0
+          const VA outside = shape.outside(i + s, col);
+          mo[u] = VA::blendv(VA(mo[u]), zero, outside);
+          eo[u] = VA::blendv(VA(eo[u]), minus_inf, outside);
+        }
+        left_m[s] = mo[u];
+        left_e[s] = eo[u];
+        cur[s][col] = VA(mo[u]);
+        cur[s][ld + col] = VA(eo[u]);
+        if constexpr (kKeep) {
+          store_weights(reinterpret_cast<float*>(kept + ((i + s - i0 - 1) * m + (col - 1)) * L),
+                        VA(wa[u]), VA(wb[u]));
         }
       }
     };
+    using One = std::integral_constant<int, 1>;
+    using All = std::integral_constant<int, kSkewRows>;
+    auto step_by_cell = [&](int64_t j) {
+      for (int64_t s = 0; s < rows_now; ++s) {
+        const int64_t col = j - s;
+        if (col < first[s] || col > last[s]) continue;
+        if (kept != nullptr) cells(One{}, std::true_type{}, s, j);
+        else cells(One{}, std::false_type{}, s, j);
+      }
+    };
     int64_t j = first[0];
-    if (rows_now == kSkewRows) {
+    if (rows_now == kSkewRows) {  // the steps where all rows have a cell, side by side
       int64_t full_first = first[0], full_last = last_step;
       for (int64_t s = 0; s < kSkewRows; ++s) {
         full_first = std::max(full_first, first[s] + s);
         full_last = std::min(full_last, last[s] + s);
       }
-      for (; j < full_first; ++j) step_by_cell(j);
-      auto full_steps = [&](auto keep_c) {
-        for (; j <= full_last; ++j) {
-          cells(std::integral_constant<int, kSkewRows>{}, keep_c, 0, i, j, cur, above, lm, le);
-        }
-      };
-      if (keep) full_steps(std::true_type{});
-      else full_steps(std::false_type{});
+      for (; j < full_first; ++j) step_by_cell(j);  // the ramp
+      // Compiled twice (keeping weights or not): a run-time test in the loop would keep
+      // both variants' registers live.
+      if (kept != nullptr) {
+        for (; j <= full_last; ++j) cells(All{}, std::true_type{}, 0, j);
+      } else {
+        for (; j <= full_last; ++j) cells(All{}, std::false_type{}, 0, j);
+      }
     }
     for (; j <= last_step; ++j) step_by_cell(j);
     for (int64_t s = 0; s < rows_now; ++s) {
       for (int64_t k = 0; k < L; ++k) {
         if (shape.n[k] == i + s) {
-          alignas(64) double mants[L], expos[L];
-          cur[s][shape.m[k]].store(mants);
-          cur[s][ld + shape.m[k]].store(expos);
-          values[k] = -(expos[k] + std::log2(mants[k]));
+          alignas(64) double lane_m[L], lane_e[L];
+          cur[s][shape.m[k]].store(lane_m);
+          cur[s][ld + shape.m[k]].store(lane_e);
+          values[k] = -(lane_e[k] + std::log2(lane_m[k]));
         }
       }
     }
@@ -1260,27 +1184,12 @@ template <int kMetric, bool kWeights, int kDim = 0>
 VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
                          const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
                          const SweepRows& sweep = SweepRows{}) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kWeights) {
-    return xy_soft_forward_scaled<kMetric, kDim>(xt, yt, D_runtime, shape, gamma, rows, kept,
-                                                 sweep);
-  }
-#endif
   const int64_t D = kDim > 0 ? kDim : D_runtime;  // kDim > 0: see contract_lanes
   constexpr int64_t L = VA::size();
   const PairBand& pb = shape.pb;
   alignas(64) double values[L] = {};  // lane k's R[n_k][m_k], taken when row n_k is done
   const VA inf(std::numeric_limits<double>::infinity());
   const VA g(gamma), ig(1.0 / gamma);
-  // The sweep's R unit: gamma ln 2 in the base-2 domain (kBase2Domain), 1 otherwise.
-  constexpr bool kBase2 = kBase2Domain<kWeights>;
-  const double unit = kBase2 ? gamma * kLn2 : 1.0;
-  const VA per_unit(1.0 / unit);
-  // cost(i, j) in the sweep's unit plus the soft-min r (already in it).
-  auto plus_cost = [&](const VA& cost, const VA& r) {
-    if constexpr (kBase2) return at::vec::fmadd(cost, per_unit, r);
-    else return cost + r;
-  };
   const int64_t m = pb.m, ld = m + 1;
   const int64_t i0 = sweep.i0, n = sweep.i_end < 0 ? pb.n : sweep.i_end;
   for (int64_t e = 0; e < kRollingRows * ld; ++e) rows[e] = inf;
@@ -1306,9 +1215,9 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
   // to the kept slot.
   auto cell = [&](const VA* above, VA left, const double* xi, int64_t i, int64_t j) {
     VA w[2];
-    VA v = plus_cost(local_cost_lanes<kMetric, kDim>(xi, yt + (j - 1) * D * L, D),
-                     softmin3_lanes<kWeights>(above[j - 1], above[j], left, g, ig,
-                                              kWeights && kept != nullptr ? w : nullptr));
+    VA v = local_cost_lanes<kMetric, kDim>(xi, yt + (j - 1) * D * L, D) +
+           softmin3_lanes(above[j - 1], above[j], left, g, ig,
+                          kWeights && kept != nullptr ? w : nullptr);
     if (shape.masked) v = VA::blendv(v, inf, shape.outside(i, j));
     if constexpr (kWeights) {
       if (kept != nullptr) {
@@ -1358,46 +1267,32 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     int64_t j = first[0];
 #if defined(CPU_CAPABILITY_AVX512)
     // The steps where all kSkewRows rows have a cell: the cells' soft-mins side by side
-    // (softmin3_cells). The first and last steps of the sweep take the loop below.
-    if (rows_now == kSkewRows) {
+    // (softmin3_cells, values only: this build sweeps kept weights in
+    // xy_soft_forward_scaled). The first and last steps of the sweep take the loop below.
+    if (!kWeights && rows_now == kSkewRows) {
       int64_t full_first = first[0], full_last = last_step;
       for (int64_t s = 0; s < kSkewRows; ++s) {
         full_first = std::max(full_first, first[s] + s);
         full_last = std::min(full_last, last[s] + s);
       }
       for (; j < full_first; ++j) step_by_cell(j);  // the ramp
-      // Compiled twice (keeping weights or not): a run-time test in the loop would keep
-      // both variants' registers live.
-      auto full_steps = [&](auto keep_c) {
-        constexpr bool keep_weights = decltype(keep_c)::value;
-        for (; j <= full_last; ++j) {
-          __m512d a[kSkewRows], b[kSkewRows], c[kSkewRows], r[kSkewRows], wa[kSkewRows],
-              wb[kSkewRows];
-          for (int64_t s = 0; s < kSkewRows; ++s) {
-            const int64_t col = j - s;
-            a[s] = above[s][col - 1];
-            b[s] = above[s][col];
-            c[s] = left[s];
-          }
-          softmin3_cells<kWeights, kSkewRows>(a, b, c, g, ig, r, keep_weights ? wa : nullptr,
-                                              keep_weights ? wb : nullptr);
-          for (int64_t s = 0; s < kSkewRows; ++s) {
-            const int64_t col = j - s;
-            left[s] = plus_cost(local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
-                                                                yt + (col - 1) * D * L, D),
-                                VA(r[s]));
-            if (shape.masked) left[s] = VA::blendv(left[s], inf, shape.outside(i + s, col));
-            cur[s][col] = left[s];
-            if constexpr (keep_weights) {
-              store_weights(
-                  reinterpret_cast<float*>(kept + ((i + s - i0 - 1) * m + (col - 1)) * L),
-                  VA(wa[s]), VA(wb[s]));
-            }
-          }
+      for (; j <= full_last; ++j) {
+        __m512d a[kSkewRows], b[kSkewRows], c[kSkewRows], r[kSkewRows];
+        for (int64_t s = 0; s < kSkewRows; ++s) {
+          const int64_t col = j - s;
+          a[s] = above[s][col - 1];
+          b[s] = above[s][col];
+          c[s] = left[s];
         }
-      };
-      if (kWeights && kept != nullptr) full_steps(std::true_type{});
-      else full_steps(std::false_type{});
+        softmin3_cells<kSkewRows>(a, b, c, g, ig, r);
+        for (int64_t s = 0; s < kSkewRows; ++s) {
+          const int64_t col = j - s;
+          left[s] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
+                                                    yt + (col - 1) * D * L, D) + VA(r[s]);
+          if (shape.masked) left[s] = VA::blendv(left[s], inf, shape.outside(i + s, col));
+          cur[s][col] = left[s];
+        }
+      }
     }
 #endif
     for (; j <= last_step; ++j) step_by_cell(j);
@@ -1422,7 +1317,25 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     }
     prev_slot = (prev_slot + rows_now) % kRollingRows;
   }
-  return VA::loadu(values) * VA(unit);
+  return VA::loadu(values);
+}
+
+// The forward sweep of one lane group: xy_soft_forward_lanes, or for fp32 inputs (kWeights)
+// in the AVX512 build xy_soft_forward_scaled (same arguments, same results).
+template <int kMetric, bool kWeights, int kDim = 0>
+VA xy_soft_forward_sweep(const double* xt, const double* yt, int64_t D_runtime,
+                         const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
+                         const SweepRows& sweep = SweepRows{}) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kWeights) {
+    return xy_soft_forward_scaled<kMetric, kDim>(xt, yt, D_runtime, shape, gamma, rows, kept,
+                                                 sweep);
+  } else
+#endif
+  {
+    return xy_soft_forward_lanes<kMetric, kWeights, kDim>(xt, yt, D_runtime, shape, gamma,
+                                                          rows, kept, sweep);
+  }
 }
 
 // Adds e * d cost(x_i, y_j) / d x_i to gxi (D vectors) and its negative to gyj, with one
@@ -1541,8 +1454,7 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
     for (int64_t j = jl + 1; j <= m; ++j) e_up[j] = zero;
     if constexpr (kWeights) {
       // The forward's weights: no exponential, no division; an unreachable cell has E = 0,
-      // so its weights ((1, 0, 0) from softmin3_cells, (0, 0, 1) in the other builds) push
-      // nothing.
+      // so its weights ((0, 0, 1)) push nothing.
       const float* wrow = reinterpret_cast<const float*>(kept + (p - p_lo) * m * L);
       // Row p's gx and x in registers (kDim > 0): the stores of gy and E cannot alias
       // locals (through xt they could, and x would be reloaded at every cell).
@@ -1652,7 +1564,7 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
       sweep.checkpoints = checkpoints.data();
       sweep.every = S;
       const VA value = with_fixed_dim(D, [&](auto dim_c) {
-        return xy_soft_forward_lanes<kMetric, kWeights, decltype(dim_c)::value>(
+        return xy_soft_forward_sweep<kMetric, kWeights, decltype(dim_c)::value>(
             xt.data(), yt.data(), D, shape, a.gamma, rows.data(), nullptr, sweep);
       });
       alignas(64) double lane_values[L], lane_row[L];
@@ -1733,7 +1645,7 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
         back.first = c == segments - 1;
         with_fixed_dim(D, [&](auto dim_c) {
           constexpr int kDim = decltype(dim_c)::value;
-          xy_soft_forward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
+          xy_soft_forward_sweep<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
                                                          a.gamma, rows.data(), segment.data(),
                                                          sweep);
           xy_soft_backward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
@@ -1797,7 +1709,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           double* group = R_soft != nullptr ? R_soft + lg.slot(t) * N * M : nullptr;
           // The common small feature counts compiled with D fixed (see contract_lanes).
           const VA value = with_fixed_dim(D, [&](auto dim_c) {
-            return xy_soft_forward_lanes<kMetric, std::is_same_v<T, float>,
+            return xy_soft_forward_sweep<kMetric, std::is_same_v<T, float>,
                                          decltype(dim_c)::value>(xt.data(), yt.data(), D, shape,
                                                                  a.gamma, rl.data(), group);
           });
