@@ -795,7 +795,7 @@ inline void load_weights(const float* src, VA& wa, VA& wb) {
 }
 
 // Local cost of cell (i, j) for all lanes; xi: (D, L), yj: (D, L).
-// kDim > 0: D known at compile time (see contract_lanes).
+// kDim > 0: D known at compile time (see contract_column).
 template <int kMetric, int kDim = 0>
 inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime) {
   const int64_t D = kDim > 0 ? kDim : D_runtime;
@@ -912,7 +912,7 @@ void scatter_task_gradients(const LaneTask& task, const LaneShape<VA>& shape, co
 }
 
 // f(std::integral_constant<int, D>) for the feature counts compiled with D fixed (1 to 4),
-// f(std::integral_constant<int, 0>) otherwise (see contract_lanes).
+// f(std::integral_constant<int, 0>) otherwise (see contract_column).
 template <typename F>
 decltype(auto) with_fixed_dim(int64_t D, F&& f) {
   switch (D) {
@@ -1184,7 +1184,7 @@ template <int kMetric, bool kWeights, int kDim = 0>
 VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
                          const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
                          const SweepRows& sweep = SweepRows{}) {
-  const int64_t D = kDim > 0 ? kDim : D_runtime;  // kDim > 0: see contract_lanes
+  const int64_t D = kDim > 0 ? kDim : D_runtime;  // kDim > 0: see contract_column
   constexpr int64_t L = VA::size();
   const PairBand& pb = shape.pb;
   alignas(64) double values[L] = {};  // lane k's R[n_k][m_k], taken when row n_k is done
@@ -1338,36 +1338,46 @@ VA xy_soft_forward_sweep(const double* xt, const double* yt, int64_t D_runtime,
   }
 }
 
-// Adds e * d cost(x_i, y_j) / d x_i to gxi (D vectors) and its negative to gyj, with one
-// FMA each (this runs at every cell of the backward).
-// kDim > 0: D known at compile time (the loops unroll and gxi can live in registers).
-template <int kMetric, int kDim = 0>
-inline void contract_lanes(const double* xi, const double* yj, int64_t D_runtime, const VA& e,
-                           VA* gxi, VA* gyj) {
+// Adds e_c * d cost(x_c, y_j) / d x_c to gx_c (D vectors each) for the kCells cells
+// (x_c, y_j) of one column j, and minus their sum to gyj (read and written once for all of
+// them), with one FMA per term (this runs at every cell of the backward).
+// kDim > 0: D known at compile time (the loops unroll and gx_c can live in registers).
+template <int kMetric, int kCells, int kDim = 0>
+inline void contract_column(const double* const (&x)[kCells], const double* yj,
+                            int64_t D_runtime, const VA (&e)[kCells], VA* const (&gx)[kCells],
+                            VA* gyj) {
   const int64_t D = kDim > 0 ? kDim : D_runtime;
   constexpr int64_t L = VA::size();
   const VA zero(0.0), one(1.0);
-  // d cost / d x_i = scale * gd(t) with t = x_i - y_j: gd = t, scale = e / |t| (euclidean,
+  // d cost / d x_c = scale * gd(t) with t = x_c - y_j: gd = t, scale = e / |t| (euclidean,
   // 0 where t = 0); gd = 2 t (sqeuclidean, as scale = 2 e); gd = sign(t) (L1).
-  VA scale = e;
-  if constexpr (kMetric == kEuclidean) {
-    VA s = zero;
-    for (int64_t d = 0; d < D; ++d) {
-      const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
-      s = at::vec::fmadd(t, t, s);
+  VA scale[kCells];
+  for (int c = 0; c < kCells; ++c) {
+    scale[c] = e[c];
+    if constexpr (kMetric == kEuclidean) {
+      VA s = zero;
+      for (int64_t d = 0; d < D; ++d) {
+        const VA t = VA::loadu(x[c] + d * L) - VA::loadu(yj + d * L);
+        s = at::vec::fmadd(t, t, s);
+      }
+      scale[c] = VA::blendv(zero, e[c] / s.sqrt(), s > zero);
+    } else if constexpr (kMetric == kSqEuclidean) {
+      scale[c] = e[c] + e[c];
     }
-    scale = VA::blendv(zero, e / s.sqrt(), s > zero);
-  } else if constexpr (kMetric == kSqEuclidean) {
-    scale = e + e;
   }
   for (int64_t d = 0; d < D; ++d) {
-    const VA t = VA::loadu(xi + d * L) - VA::loadu(yj + d * L);
-    VA gd = t;
-    if constexpr (kMetric == kL1) {
-      gd = VA::blendv(zero, one, t > zero) - VA::blendv(zero, one, t < zero);
+    const VA y = VA::loadu(yj + d * L);
+    VA gy = gyj[d];
+    for (int c = 0; c < kCells; ++c) {
+      const VA t = VA::loadu(x[c] + d * L) - y;
+      VA gd = t;
+      if constexpr (kMetric == kL1) {
+        gd = VA::blendv(zero, one, t > zero) - VA::blendv(zero, one, t < zero);
+      }
+      gx[c][d] = at::vec::fmadd(scale[c], gd, gx[c][d]);
+      gy = at::vec::fnmadd(scale[c], gd, gy);
     }
-    gxi[d] = at::vec::fmadd(scale, gd, gxi[d]);
-    gyj[d] = at::vec::fnmadd(scale, gd, gyj[d]);
+    gyj[d] = gy;
   }
 }
 
@@ -1377,7 +1387,7 @@ inline void contract_lanes(const double* xi, const double* yj, int64_t D_runtime
 // soon as it is known (cells are visited in reverse row-major order, so E[p][q] is final
 // when (p, q) is visited). work: 4 * (m + 1) vectors. gx (n, D), gy (m, D) vectors get
 // sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
-// kDim > 0: D == kDim known at compile time (see contract_lanes).
+// kDim > 0: D == kDim known at compile time (see contract_column).
 // A call may also cover only rows p_hi down to p_lo (BackRows: one segment of the
 // checkpointed backward, whose kept rows start at row p_lo); E's pushes into the row above
 // the segment are then left in work[2 (m + 1) ...] for the next call, which continues from
@@ -1425,9 +1435,116 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
     for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
     for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
   }
-  if constexpr (!kWeights) load_row(n, r_cur);
-  for (int64_t p = n; p >= p_lo; --p) {
+  // Row p - 1 gets row p's pushes: (p, q) pushes up to (p - 1, q) and diagonally to
+  // (p - 1, q - 1), so e_up[q] = E(p, q) w_up(p, q) + E(p, q + 1) w_diag(p, q + 1) for
+  // jf <= q <= jl, and e_up[jf - 1] = E(p, jf) w_diag(p, jf). Each is written once, the
+  // diagonal push carried to the next cell in `diag` (a register), not accumulated in
+  // memory (two read-modify-writes per cell, the store of one cell feeding a load of the
+  // next); the push of (p, q + 1) to its left neighbour (p, q) likewise in `carry`, so the
+  // only dependency from one cell to the next is an add and two multiplies. The rest of
+  // row p - 1 gets no push. Column 0 receives pushes too (zero weight, or ignored).
+  auto clear_pushes_outside = [&](int64_t jf, int64_t jl) {
+    for (int64_t j = 0; j < jf - 1; ++j) e_up[j] = zero;
+    for (int64_t j = jl + 1; j <= m; ++j) e_up[j] = zero;
+  };
+  auto ends_at = [&](int64_t p) {  // some lane's last row is p
     for (int64_t k = 0; k < L; ++k) {
+      if (shape.n[k] == p) return true;
+    }
+    return false;
+  };
+  // Weights mode (the forward's weights: no exponential, no division), kRows rows p,
+  // p - 1, .. in one pass over the columns, right to left: at column q, cell (p, q) and
+  // then (p - 1, q), whose push from (p, q) stays in a register, as do the two cells' gx
+  // rows and x rows (kDim > 0); both cells share column q's y and gy, read and written
+  // once. So two rows per pass halve the memory operations on gy and on E's rows, which
+  // bound this loop more than its arithmetic. Row r = 0 .. kRows - 1 is row p - r.
+  auto weights_rows = [&](int64_t p, auto rows_c) {
+    constexpr int kRows = decltype(rows_c)::value;
+    constexpr int64_t kX = kDim > 0 ? kDim : 1;
+    int64_t jf[kRows], jl[kRows];
+    const float* wrow[kRows];
+    const double* xr[kRows];
+    VA* gxr[kRows];
+    VA carry[kRows], diag[kRows];
+    // Row p - r's gx and x in registers (kDim > 0): the stores of gy and E cannot alias
+    // locals (through xt they could, and x would be reloaded at every cell).
+    VA gx_row[kRows][kX];
+    alignas(64) double x_row[kRows][kX * L];
+    for (int r = 0; r < kRows; ++r) {
+      jf[r] = pb.first(p - r);
+      jl[r] = pb.last(p - r);
+      wrow[r] = reinterpret_cast<const float*>(kept + (p - r - p_lo) * m * L);
+      carry[r] = diag[r] = zero;
+      for (VA& v : gx_row[r]) v = zero;
+      if constexpr (kDim > 0) {
+        std::memcpy(x_row[r], xt + (p - r - 1) * D * L, sizeof(x_row[r]));
+        xr[r] = x_row[r];
+        gxr[r] = gx_row[r];
+      } else {
+        xr[r] = xt + (p - r - 1) * D * L;
+        gxr[r] = gx + (p - r - 1) * D;
+      }
+    }
+    clear_pushes_outside(jf[kRows - 1], jl[kRows - 1]);
+    // Cell (p - r, q), given the pushes it got from the row below: returns its final E
+    // (every successor has pushed), sets `up` to its push into (p - r - 1, q) plus the
+    // diagonal one of (p - r, q + 1), and carries its left and diagonal pushes.
+    auto cell = [&](int r, int64_t q, const VA& from_below, VA& up) {
+      VA e = from_below + carry[r];
+      // A lane's masked cell (LaneShape) has E = 0 in exact arithmetic; the fp32 weights'
+      // left share 1 - wd - wu (~1e-8 from rounding where it is 0) would give it some.
+      if (shape.masked) e = VA::blendv(e, zero, shape.outside(p - r, q));
+      VA wd, wu;
+      load_weights(wrow[r] + (q - 1) * 2 * L, wd, wu);
+      // The kept weights come from memory (L N M doubles per group: past the caches),
+      // read backwards; a prefetch kPrefetchCells cells ahead (into the row above at the
+      // row's start, the next one read) took ~1/6 off the backward on the EPYC.
+      if ((p - r - p_lo) * m + q - 1 >= kPrefetchCells) {
+        __builtin_prefetch(wrow[r] + (q - 1 - kPrefetchCells) * 2 * L);
+      }
+      // An unreachable cell has E = 0, so its weights ((0, 0, 1)) push nothing.
+      const VA wl = max_instruction(zero, (one - wd) - wu);
+      up = at::vec::fmadd(e, wu, diag[r]);
+      diag[r] = e * wd;
+      carry[r] = e * wl;
+      return e;
+    };
+    auto contract = [&](int r, int64_t q, const VA& e) {  // one cell of column q
+      contract_column<kMetric, 1, kDim>({xr[r]}, yt + (q - 1) * D * L, D, {e}, {gxr[r]},
+                                        gy + (q - 1) * D);
+    };
+    if constexpr (kRows == 1) {
+      for (int64_t q = jl[0]; q >= jf[0]; --q) contract(0, q, cell(0, q, e_cur[q], e_up[q]));
+    } else {
+      // Rows start and end no later than the rows below them: jf[1] <= jf[0], jl[1] <=
+      // jl[0]. Columns of row p only: the pushes up leave row p - 1's range, but the
+      // diagonal one of (p, jl[1] + 1) stays in diag[0] for (p - 1, jl[1]).
+      VA dropped;
+      int64_t q = jl[0];
+      for (; q >= std::max(jl[1] + 1, jf[0]); --q) contract(0, q, cell(0, q, e_cur[q], dropped));
+      for (q = jl[1]; q >= jf[0]; --q) {  // both rows
+        VA up;
+        const VA e[2] = {cell(0, q, e_cur[q], up), cell(1, q, up, e_up[q])};
+        contract_column<kMetric, 2, kDim>(xr, yt + (q - 1) * D * L, D, e, gxr,
+                                          gy + (q - 1) * D);
+      }
+      // Columns of row p - 1 only: row p's one push there is the diagonal one of (p, jf[0]).
+      for (q = std::min(jf[0] - 1, jl[1]); q >= jf[1]; --q) {
+        contract(1, q, cell(1, q, q == jf[0] - 1 ? diag[0] : zero, e_up[q]));
+      }
+    }
+    e_up[jf[kRows - 1] - 1] = diag[kRows - 1];
+    if constexpr (kDim > 0) {
+      for (int r = 0; r < kRows; ++r) {
+        for (int64_t d = 0; d < kDim; ++d) gx[(p - r - 1) * D + d] = gx_row[r][d];
+      }
+    }
+    std::swap(e_cur, e_up);
+  };
+  if constexpr (!kWeights) load_row(n, r_cur);
+  for (int64_t p = n; p >= p_lo;) {
+    for (int64_t k = 0; k < L; ++k) {  // lanes whose last row is p: their seed
       if (shape.n[k] == p) {
         alignas(64) double e_end[L];
         e_cur[shape.m[k]].store(e_end);
@@ -1435,64 +1552,23 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
         e_cur[shape.m[k]] = VA::loadu(e_end);
       }
     }
-    if constexpr (!kWeights) load_row(p - 1, r_up);
+    if constexpr (kWeights) {
+      // Two rows per pass, unless row p - 1 is outside the call or takes a seed.
+      if (p - 1 >= p_lo && !ends_at(p - 1)) {
+        weights_rows(p, std::integral_constant<int, 2>{});
+        p -= 2;
+      } else {
+        weights_rows(p, std::integral_constant<int, 1>{});
+        p -= 1;
+      }
+      continue;
+    }
+    load_row(p - 1, r_up);
     const int64_t jf = pb.first(p), jl = pb.last(p);
     const double* xp = xt + (p - 1) * D * L;
     VA* gxp = gx + (p - 1) * D;
-    // carry: the push of (p, q + 1) to its left neighbour (p, q), kept in a register so
-    // the only dependency from one cell to the next is an add and two multiplies.
-    VA carry = zero;
-    // Row p - 1 gets row p's pushes: (p, q) pushes up to (p - 1, q) and diagonally to
-    // (p - 1, q - 1), so e_up[q] = E(p, q) w_up(p, q) + E(p, q + 1) w_diag(p, q + 1) for
-    // jf <= q <= jl, and e_up[jf - 1] = E(p, jf) w_diag(p, jf). Each is written once, the
-    // diagonal push carried to the next cell in `diag` (a register), not accumulated in
-    // memory (two read-modify-writes per cell, the store of one cell feeding a load of the
-    // next). The rest of row p - 1 gets no push. Column 0 receives pushes too (zero
-    // weight, or ignored).
-    VA diag = zero;
-    for (int64_t j = 0; j < jf - 1; ++j) e_up[j] = zero;
-    for (int64_t j = jl + 1; j <= m; ++j) e_up[j] = zero;
-    if constexpr (kWeights) {
-      // The forward's weights: no exponential, no division; an unreachable cell has E = 0,
-      // so its weights ((0, 0, 1)) push nothing.
-      const float* wrow = reinterpret_cast<const float*>(kept + (p - p_lo) * m * L);
-      // Row p's gx and x in registers (kDim > 0): the stores of gy and E cannot alias
-      // locals (through xt they could, and x would be reloaded at every cell).
-      VA gx_row[kDim > 0 ? kDim : 1];
-      for (VA& v : gx_row) v = zero;
-      alignas(64) double x_row[kDim > 0 ? kDim * L : 1];
-      if constexpr (kDim > 0) std::memcpy(x_row, xp, sizeof(x_row));
-      for (int64_t q = jl; q >= jf; --q) {
-        VA e = e_cur[q] + carry;  // final: every successor has pushed
-        // A lane's masked cell (LaneShape) has E = 0 in exact arithmetic; the fp32 weights'
-        // left share 1 - wd - wu (~1e-8 from rounding where it is 0) would give it some.
-        if (shape.masked) e = VA::blendv(e, zero, shape.outside(p, q));
-        VA wd, wu;
-        load_weights(wrow + (q - 1) * 2 * L, wd, wu);
-        // The kept weights come from memory (L N M doubles per group: past the caches),
-        // read backwards; a prefetch kPrefetchCells cells ahead (into the row above at the
-        // row's start, the next one read) took ~1/6 off the backward on the EPYC.
-        if ((p - p_lo) * m + q - 1 >= kPrefetchCells) {
-          __builtin_prefetch(wrow + (q - 1 - kPrefetchCells) * 2 * L);
-        }
-        const VA wl = max_instruction(zero, (one - wd) - wu);
-        e_up[q] = at::vec::fmadd(e, wu, diag);
-        diag = e * wd;
-        carry = e * wl;
-        if constexpr (kDim > 0) {
-          contract_lanes<kMetric, kDim>(x_row, yt + (q - 1) * kDim * L, kDim, e, gx_row,
-                                        gy + (q - 1) * kDim);
-        } else {
-          contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
-        }
-      }
-      e_up[jf - 1] = diag;
-      if constexpr (kDim > 0) {
-        for (int64_t d = 0; d < kDim; ++d) gxp[d] = gx_row[d];
-      }
-      std::swap(e_cur, e_up);
-      continue;
-    }
+    VA carry = zero, diag = zero;  // see above
+    clear_pushes_outside(jf, jl);
     for (int64_t q = jl; q >= jf; --q) {
       const VA e = e_cur[q] + carry;  // final: every successor has pushed
       const VA d = r_up[q - 1], u = r_up[q], l = r_cur[q - 1];
@@ -1515,11 +1591,12 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
       e_up[q] = at::vec::fmadd(scale, wu, diag);
       diag = scale * wd;
       carry = scale * wl;
-      contract_lanes<kMetric>(xp, yt + (q - 1) * D * L, D, e, gxp, gy + (q - 1) * D);
+      contract_column<kMetric, 1>({xp}, yt + (q - 1) * D * L, D, {e}, {gxp}, gy + (q - 1) * D);
     }
     e_up[jf - 1] = diag;
     std::swap(e_cur, e_up);
     std::swap(r_cur, r_up);
+    --p;
   }
   // E's pushes into row p_lo - 1, where the next segment's call starts from them
   if (e_cur != work + 2 * ld) std::memcpy(work + 2 * ld, e_cur, ld * sizeof(VA));
@@ -1707,7 +1784,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           rl.resize(2 * kRollingRows * ld);
           // Kept interleaved at the task's slot (see the file comment), row by row.
           double* group = R_soft != nullptr ? R_soft + lg.slot(t) * N * M : nullptr;
-          // The common small feature counts compiled with D fixed (see contract_lanes).
+          // The common small feature counts compiled with D fixed (see contract_column).
           const VA value = with_fixed_dim(D, [&](auto dim_c) {
             return xy_soft_forward_sweep<kMetric, std::is_same_v<T, float>,
                                          decltype(dim_c)::value>(xt.data(), yt.data(), D, shape,
@@ -1910,7 +1987,7 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
         rl.resize(4 * (m + 1));
         gxl.resize(n * D);
         gyl.resize(m * D);
-        // The common small feature counts compiled with D fixed (see contract_lanes).
+        // The common small feature counts compiled with D fixed (see contract_column).
         with_fixed_dim(D, [&](auto dim_c) {
           xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>, decltype(dim_c)::value>(
               xt.data(), yt.data(), D, shape, a.gamma, VA::loadu(gv),
