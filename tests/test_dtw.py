@@ -137,6 +137,35 @@ def test_padding_is_never_read_and_gets_zero_gradient():
     assert (gx[0, 4:] == 0).all() and (gy[1, 3:] == 0).all()
 
 
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["grid", "checkpointed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_an_infinite_point_makes_its_pair_inf_as_the_reference_does(monkeypatch, dtype,
+                                                                     checkpointed):
+    """A +inf in x makes every cost of its row +inf: every path crosses it, so the pair's
+    value is +inf (not NaN), and its gradient is what the reference's autograd gives (the
+    soft-min passes no gradient through +inf: the seed meets only the end cell's own cost,
+    where the kept weights of an unreachable cell would pass it on); the other pairs (a
+    lane group of 8 with per-pair lengths, and one more) are untouched."""
+    x, y = torch.randn(9, 12, 2, dtype=dtype), torch.randn(9, 10, 2, dtype=dtype)
+    x_lengths, y_lengths = torch.randint(9, 13, (9,)), torch.randint(7, 11, (9,))
+    x_lengths[3] = 10
+    x[3, 5, 1] = math.inf
+    checked = force_cpu_checkpoints(monkeypatch) if checkpointed else (lambda run: run())
+    results = []
+    for backend in ("auto", "reference"):
+        a = x.clone().requires_grad_(True)
+
+        def run():
+            value = ek.soft_dtw(a, y, 0.5, x_lengths=x_lengths, y_lengths=y_lengths)
+            return (value, *torch.autograd.grad(value.sum(), (a,)))
+        with ek.use_backend(backend):
+            results.append(checked(run) if backend == "auto" else run())
+    (value, grad), (expected, expected_grad) = results
+    assert value[3] == math.inf
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
 def test_metrics_and_identical_points_give_finite_gradients(metric):
     x = torch.randn(2, 5, 3, dtype=torch.float64)
@@ -512,8 +541,9 @@ def test_lane_group_fp32_gradients_within_1e4_of_fp64(gamma, band):
 
 @pytest.mark.parametrize("gamma", [1e-2, 1.0])
 def test_fp32_lanes_stay_within_1e4_of_fp64_over_long_paths(gamma):
-    """The fp32 lane groups' shortened special functions (exp2 / log2 polynomials, fast
-    reciprocals; the soft-min in base 2) err per cell, and R carries the errors along paths
+    """The fp32 lane groups' shortened special functions (an exp2 polynomial, fast
+    reciprocals; in the AVX512 build the sweep of 2^(-R)) err per cell, and R carries the
+    errors along paths
     of n + m cells into the weights: 8 pairs of 700 x 650 (one lane group, paths of 1350
     cells) against fp64 on the same fp32-rounded inputs, so the difference is the kernels'
     own (an fp32 input changes the gradient by more than 1e-4 at small gamma)."""

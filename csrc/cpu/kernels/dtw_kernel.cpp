@@ -944,6 +944,23 @@ decltype(auto) with_fixed_dim(int64_t D, F&& f) {
 constexpr int64_t kSkewRows = 4;
 constexpr int64_t kRollingRows = kSkewRows + 1;
 
+// Weights mode: a lane whose end cell is unreachable (its value +inf: every path crosses a
+// +inf cost) must push nothing from it, as the reference's soft-min (its gradient stops at
+// +inf, so the seed only meets that cell's own local cost); its kept weights, (0, 0) like
+// every unreachable cell's, would hand the whole seed to its left neighbour. So the forward
+// marks that cell's diagonal weight kUnreachableEnd (kept weights lie in [0, 1]), and the
+// backward contracts the lane's seed at the end cell alone instead of pushing it.
+constexpr float kUnreachableEnd = -1.0f;
+
+// kept_cell: the L doubles of a kept cell (store_weights' layout: L diagonal weights first).
+inline void mark_unreachable_end(double* kept_cell, int64_t lane) {
+  reinterpret_cast<float*>(kept_cell)[lane] = kUnreachableEnd;
+}
+
+inline bool is_unreachable_end(const double* kept_cell, int64_t lane) {
+  return reinterpret_cast<const float*>(kept_cell)[lane] == kUnreachableEnd;
+}
+
 // Rows i0 + 1 .. i_end (i_end < 0: the pair's n) from `start`, row i0's m + 1 values (null:
 // row 0, R[0][0] = 0 and +inf). When `checkpoints` is non-null, every row i < i_end that is
 // a multiple of `every` (itself a multiple of kSkewRows, so that such rows end a block of
@@ -1165,6 +1182,9 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
           cur[s][shape.m[k]].store(lane_m);
           cur[s][ld + shape.m[k]].store(lane_e);
           values[k] = -(lane_e[k] + std::log2(lane_m[k]));
+          if (kept != nullptr && values[k] == std::numeric_limits<double>::infinity()) {
+            mark_unreachable_end(kept + ((i + s - i0 - 1) * m + shape.m[k] - 1) * L, k);
+          }
         }
       }
     }
@@ -1307,6 +1327,9 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
           alignas(64) double row_values[L];
           cur[s][shape.m[k]].store(row_values);
           values[k] = row_values[k];
+          if (kWeights && kept != nullptr && values[k] == std::numeric_limits<double>::infinity()) {
+            mark_unreachable_end(kept + ((i + s - i0 - 1) * m + shape.m[k] - 1) * L, k);
+          }
         }
       }
     }
@@ -1537,7 +1560,8 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
     e_up[jf[kRows - 1] - 1] = diag[kRows - 1];
     if constexpr (kDim > 0) {
       for (int r = 0; r < kRows; ++r) {
-        for (int64_t d = 0; d < kDim; ++d) gx[(p - r - 1) * D + d] = gx_row[r][d];
+        VA* gxp = gx + (p - r - 1) * D;  // which may hold an unreachable end's seed
+        for (int64_t d = 0; d < kDim; ++d) gxp[d] = gxp[d] + gx_row[r][d];
       }
     }
     std::swap(e_cur, e_up);
@@ -1546,6 +1570,17 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
   for (int64_t p = n; p >= p_lo;) {
     for (int64_t k = 0; k < L; ++k) {  // lanes whose last row is p: their seed
       if (shape.n[k] == p) {
+        if constexpr (kWeights) {  // see kUnreachableEnd
+          const int64_t q = shape.m[k];
+          if (is_unreachable_end(kept + ((p - p_lo) * m + q - 1) * L, k)) {
+            alignas(64) double e_lane[L] = {};
+            e_lane[k] = seeds[k];
+            contract_column<kMetric, 1>({xt + (p - 1) * D * L}, yt + (q - 1) * D * L, D,
+                                        {VA::loadu(e_lane)}, {gx + (p - 1) * D},
+                                        gy + (q - 1) * D);
+            continue;
+          }
+        }
         alignas(64) double e_end[L];
         e_cur[shape.m[k]].store(e_end);
         e_end[k] += seeds[k];
