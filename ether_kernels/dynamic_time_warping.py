@@ -236,6 +236,11 @@ def cpu_checkpoint_rows(N, M):
     gradient), and their short rows are all overhead there."""
     if N * M <= CPU_CHECKPOINT_CELLS or min(N, M) < 256:
         return 0
+    return _segment_rows(N)
+
+
+def _segment_rows(N):
+    """~sqrt(N) rounded up to a multiple of 4 (see cpu_checkpoint_rows)."""
     root = math.isqrt(N - 1) + 1  # ceil(sqrt(N))
     return max(4, -(-root // 4) * 4)
 
@@ -257,6 +262,16 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     # sdtw(x, y) = sdtw(y, x) and autograd takes the gradients back to x and y either way.
     N, M = x.shape[1], y.shape[1]
     rows = cpu_checkpoint_rows(max(N, M), min(N, M)) if backend == "cpp" else 0
+    if backend == "cpp" and keep and gamma is not None and rows == 0 and \
+            _lane_fill(x.shape[0], N, M, keep) is None and \
+            (x.dtype != torch.float64 or x.shape[0] >= 3):
+        # 1 to 3 long pairs, too long to fill up to 8 (their kept state would grow 8-fold):
+        # the checkpointed kernels run them as one partial lane group (its spare lanes
+        # repeat a pair; their state is per pair), not one by one on the scalar path (~16x
+        # slower per cell). fp32, 2 threads, D = 4, fwd+bwd: 1 pair of 2000^2 246 -> 112 ms,
+        # 3 pairs of 1500^2 293 -> 69 ms. In fp64 the lanes' exp / log are the precise ones:
+        # 3 pairs 278 -> 206 ms, but 1 pair 248 -> 399 ms, so one or two stay scalar.
+        rows = _segment_rows(max(N, M))
     if keep and gamma is not None and rows > 0:
         long_x = N >= M
         first, second = (x, y) if long_x else (y, x)
@@ -281,6 +296,15 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
 CPU_LANE_GROUP = 8
 
 
+def _lane_fill(B, N, M, keep):
+    """The empty pairs _fill_lane_groups adds: 0 for a multiple of 8, None where it would
+    not fill (a kept state more than doubled, by more than CPU_CHECKPOINT_CELLS cells)."""
+    fill = -B % CPU_LANE_GROUP
+    if keep and fill > B and fill * N * M > CPU_CHECKPOINT_CELLS:
+        return None
+    return fill
+
+
 def _fill_lane_groups(x, y, x_lengths, y_lengths, keep):
     """The C++ soft-DTW runs pairs 8 at a time in the lanes of a vector; the B mod 8 pairs
     left over ran one by one on the scalar path, ~16x slower per cell (64 x 256^2, D = 4,
@@ -289,10 +313,9 @@ def _fill_lane_groups(x, y, x_lengths, y_lengths, keep):
     runs on the grid of its longest pair and the lanes put the shortest pairs together
     (LaneGroups). Their values and (through torch.cat) their gradients are dropped. Not
     when a kept state for the backward would grow by more than the real pairs' own and by
-    more than CPU_CHECKPOINT_CELLS cells (a few long pairs: the memory matters more)."""
-    B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    fill = -B % CPU_LANE_GROUP
-    if fill == 0 or (keep and fill > B and fill * N * M > CPU_CHECKPOINT_CELLS):
+    more than CPU_CHECKPOINT_CELLS cells (a few long pairs): those run checkpointed."""
+    fill = _lane_fill(x.shape[0], x.shape[1], y.shape[1], keep)
+    if not fill:
         return x, y, x_lengths, y_lengths
 
     def filled(t, value):

@@ -1125,18 +1125,48 @@ def test_a_batch_off_the_lane_groups_runs_in_the_lanes(dtype, B):
 
 
 @pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
-def test_lane_filling_is_skipped_where_the_kept_state_would_grow_too_much(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("B", [1, 3])
+def test_lane_filling_is_skipped_where_the_kept_state_would_grow_too_much(monkeypatch, dtype,
+                                                                           B):
     """A few long pairs with a gradient wanted: filling 1 pair up to 8 would keep 8 pairs'
-    state for the backward; past CPU_CHECKPOINT_CELLS extra cells the batch runs as it is.
-    Without a gradient nothing is kept, and the batch is filled."""
-    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 7 * 20 * 20 - 1)
-    x, y = torch.randn(1, 20, 2), torch.randn(1, 20, 2)
-    a = x.clone().requires_grad_(True)
-    assert _forward_batch_sizes(lambda: ek.soft_dtw(a, y, 0.5)) == [1]
+    state for the backward; past CPU_CHECKPOINT_CELLS extra cells the batch is not filled:
+    it runs checkpointed, as one partial lane group (fp32, or 3 pairs), or as it is on the
+    scalar path (1 or 2 pairs in fp64), with the reference's values and gradients either
+    way. Without a gradient nothing is kept, and the batch is filled."""
+    x = torch.randn(B, 20, 2, dtype=torch.float64)
+    y = torch.randn(B, 17, 2, dtype=torch.float64)
+    x_lengths, y_lengths = torch.randint(12, 21, (B,)), torch.randint(10, 18, (B,))
+    fill = -B % 8
+
+    def run(backend="cpp", dtype=dtype):
+        a = x.to(dtype).requires_grad_(True)
+        b = y.to(dtype).requires_grad_(True)
+        with ek.use_backend(backend):
+            values = ek.soft_dtw(a, b, 0.5, x_lengths=x_lengths, y_lengths=y_lengths)
+            weights = torch.linspace(0.5, 1.5, B, dtype=values.dtype)
+            return [values.detach(), *torch.autograd.grad((values * weights).sum(), (a, b))]
+
+    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", fill * 20 * 17 - 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        run()
+    ran = {(event.name, event.input_shapes[0][0]) for event in prof.events()
+           if event.name.startswith("ether_kernels::dtw_xy")}
+    if dtype == torch.float32 or B >= 3:
+        assert ran == {("ether_kernels::dtw_xy_soft_forward_checkpointed", B),
+                       ("ether_kernels::dtw_xy_soft_backward_checkpointed", B)}, ran
+    else:
+        assert ran == {("ether_kernels::dtw_xy_forward", B),
+                       ("ether_kernels::dtw_xy_backward", B)}, ran
+    expected = run("reference", torch.float64)
+    bound = 1e-9 if dtype == torch.float64 else 1e-4
+    for got, want in zip(run(), expected):
+        torch.testing.assert_close(got.double(), want, rtol=bound, atol=bound)
     with torch.no_grad():
-        assert _forward_batch_sizes(lambda: ek.soft_dtw(a, y, 0.5)) == [8]
-    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", 7 * 20 * 20)
-    assert _forward_batch_sizes(lambda: ek.soft_dtw(a, y, 0.5)) == [8]
+        assert _forward_batch_sizes(lambda: ek.soft_dtw(x, y, 0.5)) == [8]
+    monkeypatch.setattr(dynamic_time_warping, "CPU_CHECKPOINT_CELLS", fill * 20 * 17)
+    assert _forward_batch_sizes(run) == [8]
 
 
 # ------------------------------------------------------------------- NaN convention

@@ -825,13 +825,18 @@ inline VA local_cost_lanes(const double* xi, const double* yj, int64_t D_runtime
 // and the backward build the same tasks.
 // A soft-DTW forward keeps task t's state at slot(t) N M in the (B, N, M) buffer: a group
 // its L pairs' interleaved block, a single pair its own grid after all the groups.
+// partial_last (the checkpointed kernels, whose state is per pair, not per lane): the B mod
+// L pairs left over make one more group instead of tasks of their own, its spare lanes
+// repeating its last pair (LaneTask::distinct): one task's work instead of one per pair.
 struct LaneGroups {
   int64_t L, B, groups;
+  bool partial_last;
   std::vector<int64_t> order;
 
   LaneGroups(int64_t lanes, int64_t batch, int64_t group_count, const int64_t* x_lengths,
-             const int64_t* y_lengths)
-      : L(lanes), B(batch), groups(group_count), order(batch) {
+             const int64_t* y_lengths, bool partial = false)
+      : L(lanes), B(batch), groups(partial ? (batch + lanes - 1) / lanes : group_count),
+        partial_last(partial), order(batch) {
     for (int64_t b = 0; b < B; ++b) order[b] = b;
     if (groups == 0) return;
     auto longer = [](const int64_t* first, const int64_t* second) {
@@ -842,19 +847,21 @@ struct LaneGroups {
     };
     std::stable_sort(order.begin(), order.end(), longer(x_lengths, y_lengths));
     const int64_t K = std::max<int64_t>(1, std::llround(std::sqrt(static_cast<double>(groups))));
-    for (int64_t s = 0; s < groups * L; s += K * L) {
-      std::stable_sort(order.begin() + s, order.begin() + std::min(s + K * L, groups * L),
+    const int64_t grouped = std::min(groups * L, B);
+    for (int64_t s = 0; s < grouped; s += K * L) {
+      std::stable_sort(order.begin() + s, order.begin() + std::min(s + K * L, grouped),
                        longer(y_lengths, x_lengths));
     }
   }
-  int64_t tasks() const { return groups + (B - groups * L); }
+  int64_t tasks() const { return partial_last ? groups : groups + (B - groups * L); }
   bool single(int64_t t) const { return t >= groups; }
   int64_t single_pair(int64_t t) const { return order[groups * L + (t - groups)]; }
   int64_t slot(int64_t t) const { return t < groups ? t * L : groups * L + (t - groups); }
 };
 
 // The L pairs (lane k: pair lanes[k]) a task runs; `distinct` lanes own their outputs: L
-// for a group, 1 for a single pair copied into every lane.
+// for a group, fewer for a partial last group (its last pair repeated), 1 for a single pair
+// copied into every lane.
 struct LaneTask {
   int64_t lanes[VA::size()];
   int64_t distinct;
@@ -864,8 +871,10 @@ inline LaneTask lane_task(const LaneGroups& lg, int64_t t) {
   LaneTask task{};
   constexpr int64_t L = VA::size();
   const bool group = !lg.single(t);
-  for (int64_t k = 0; k < L; ++k) task.lanes[k] = group ? lg.order[t * L + k] : lg.single_pair(t);
-  task.distinct = group ? L : 1;
+  for (int64_t k = 0; k < L; ++k) {
+    task.lanes[k] = group ? lg.order[std::min(t * L + k, lg.B - 1)] : lg.single_pair(t);
+  }
+  task.distinct = group ? std::min(L, lg.B - t * L) : 1;
   return task;
 }
 
@@ -1659,7 +1668,7 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   const double inf = std::numeric_limits<double>::infinity();
-  const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths);
+  const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths, /*partial=*/true);
   for_each_task(lg.tasks(), 1, [&](auto next_task) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt;
@@ -1716,7 +1725,7 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
   T* gy_out = static_cast<T*>(a.grad_y);
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
-  const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths);
+  const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths, /*partial=*/true);
   for_each_task(lg.tasks(), 1, [&](auto next_task) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt, segment;
