@@ -118,6 +118,30 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             abs(loss.double().item() - ref.item()) / abs(ref.item()),
             ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item(),
             abs(mse.double().item() - ref_mse.item()) / ref_mse.item()]
+# DTW: each build has its own soft-DTW sweeps (fp32: 2^(-R) in AVX512 and AVX2, R in
+# DEFAULT; fp64: R), lane widths (8, 4, 4) and backward; a lane group, a remainder pair,
+# per-pair lengths, with and without a band, against the reference on the same inputs.
+x64, y64 = torch.randn(13, 23, 3, dtype=torch.float64), torch.randn(13, 19, 3, dtype=torch.float64)
+xl, yl = torch.randint(15, 24, (13,)), torch.randint(12, 20, (13,))
+for dtype in (torch.float32, torch.float64):
+    x, y = x64.to(dtype), y64.to(dtype)
+    for band in (None, 4):
+        errors = []
+        for gamma in (None, 0.3):
+            a = x.clone().requires_grad_(gamma is not None)
+            b = y.clone().requires_grad_(gamma is not None)
+            ra = x.double().clone().requires_grad_(gamma is not None)
+            rb = y.double().clone().requires_grad_(gamma is not None)
+            kw = dict(band=band, x_lengths=xl, y_lengths=yl)
+            got = ek.dtw(a, b, **kw) if gamma is None else ek.soft_dtw(a, b, gamma, **kw)
+            with ek.use_backend("reference"):
+                want = ek.dtw(ra, rb, **kw) if gamma is None else ek.soft_dtw(ra, rb, gamma, **kw)
+            errors.append(((got.double() - want).abs() / want.abs()).max().item())
+            if gamma is not None:
+                grads = torch.autograd.grad(got.sum(), (a, b))
+                for g, w in zip(grads, torch.autograd.grad(want.sum(), (ra, rb))):
+                    errors.append(((g.double() - w).abs().max() / w.abs().max()).item())
+        results[f"dtw_{dtype}-band-{band}"] = errors
 print(json.dumps(results))
 """
 
@@ -135,7 +159,8 @@ def test_every_simd_variant_matches_the_reference(capability):
     stdout, _ = run_python(SIMD_CHECK, ATEN_CPU_CAPABILITY=capability)
     results = json.loads(stdout)
     assert results.pop("simd") == capability.upper()
-    bounds = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+    bounds = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2,
+              "dtw_float64": 1e-9, "dtw_float32": 1e-4}  # as tests/test_dtw.py
     for case, errors in results.items():
         bound = bounds[case.split("-")[0].replace("torch.", "")]
         assert max(errors) < bound, f"{capability} {case}: relative errors {errors} exceed {bound}"

@@ -33,8 +33,9 @@
 // for fp32 inputs too (see Acc below); fp32 costs are read as fp32 and widened. Soft-DTW
 // keeps R in fp64 (an fp32 R is not precise enough for the backward's weights at small
 // gamma), so the backward never recomputes the forward; hard DTW keeps R in the dtype.
-// The fp32 lane groups keep soft-argmin weights, not R; in the AVX512 build they sweep
-// 2^(-R / (gamma ln 2)) instead of R (a sum per cell, no logarithm: xy_soft_forward_scaled).
+// The fp32 lane groups keep soft-argmin weights, not R; the AVX512 and AVX2 builds sweep
+// them as 2^(-R / (gamma ln 2)) instead of R (a sum per cell, no logarithm:
+// xy_soft_forward_scaled).
 // Kept R layout: (B, N, M), pair b's cell (i, j) at [b, i - 1, j - 1]; except the soft
 // series path, which keeps by task (LaneGroups: pairs grouped by length, so a task's pairs
 // need not be consecutive): a group of L pairs run in vector lanes keeps its rows
@@ -629,40 +630,43 @@ inline VA log_of_sum(const VA& s) {
 #endif
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // Short special functions for the fp32-input lanes' sweep (xy_soft_forward_scaled): their
 // weights are stored as fp32 and their values returned as fp32, so ~1e-9 relative per cell
 // is enough (errors add along a path of up to n + m cells). Every cell runs them, so their
 // instruction count is the sweep's speed (on Zen 4, whose 512-bit units are double pumped,
 // the sweep is throughput-bound): Estrin instead of Horner, a reciprocal as rcp14 plus one
-// Newton step instead of a 23-cycle division.
+// Newton step instead of a 23-cycle division (AVX2 has no double rcp: it divides).
 
-// 1 / s to 2^-28 relative, for s in [1, 6] (a sum of three scaled terms, the largest a
-// mantissa in [1, 2)).
-inline __m512d reciprocal_fast(__m512d s) {
+// 1 / s, to 2^-28 relative in the AVX512 build, for s in [1, 6] (a sum of three scaled
+// terms, the largest a mantissa in [1, 2)).
+inline VA reciprocal_fast(const VA& s) {
+#if defined(CPU_CAPABILITY_AVX512)
   const __m512d r = _mm512_rcp14_pd(s);
   // r (2 - s r): one Newton step squares the relative error.
   return _mm512_mul_pd(r, _mm512_fnmadd_pd(s, r, _mm512_set1_pd(2.0)));
+#else
+  return VA(1.0) / s;
+#endif
 }
 
 // 2^f for |f| <= 1/2: the degree-6 minimax polynomial on [-1/2, 1/2] (Remez; relative
 // error < 1.9e-9, below the degree-7 Taylor polynomial's 7e-9), Estrin's scheme. NaN stays
 // NaN.
-inline __m512d exp2_reduced_fast(__m512d f) {
-  const __m512d f2 = _mm512_mul_pd(f, f);
-  const __m512d f4 = _mm512_mul_pd(f2, f2);
+inline VA exp2_reduced_fast(const VA& f) {
+  const VA f2 = f * f;
+  const VA f4 = f2 * f2;
   // (c0 + c1 f) + f^2 (c2 + c3 f) + f^4 ((c4 + c5 f) + f^2 c6)
-  const __m512d p01 = _mm512_fmadd_pd(f, _mm512_set1_pd(0.6931472057372674),
-                                      _mm512_set1_pd(1.0000000005541665));
-  const __m512d p23 = _mm512_fmadd_pd(f, _mm512_set1_pd(0.055503287769655504),
-                                      _mm512_set1_pd(0.24022646890633997));
-  const __m512d p45 = _mm512_fmadd_pd(f, _mm512_set1_pd(0.0013399931219127597),
-                                      _mm512_set1_pd(0.009618488957128708));
-  const __m512d p46 = _mm512_fmadd_pd(f2, _mm512_set1_pd(0.00015345811999489706), p45);
-  const __m512d p03 = _mm512_fmadd_pd(f2, p23, p01);
-  return _mm512_fmadd_pd(f4, p46, p03);
+  const VA p01 = at::vec::fmadd(f, VA(0.6931472057372674), VA(1.0000000005541665));
+  const VA p23 = at::vec::fmadd(f, VA(0.055503287769655504), VA(0.24022646890633997));
+  const VA p45 = at::vec::fmadd(f, VA(0.0013399931219127597), VA(0.009618488957128708));
+  const VA p46 = at::vec::fmadd(f2, VA(0.00015345811999489706), p45);
+  const VA p03 = at::vec::fmadd(f2, p23, p01);
+  return at::vec::fmadd(f4, p46, p03);
 }
+#endif
 
+#if defined(CPU_CAPABILITY_AVX512)
 // softmin_gamma(a, b, c) of kN independent cells at once, on AVX-512 mask registers (ATen's
 // comparisons return vectors that every blendv turns back into a mask: two extra
 // instructions per select). kN > 1 (the forward's skewed rows) is written stage by stage
@@ -710,8 +714,8 @@ inline void softmin3_cells(const __m512d* a, const __m512d* b, const __m512d* c,
 // softmin_gamma(a, b, c) of every lane. With weights non-null it also returns the soft-argmin
 // weights of a and b (the backward's weights of the diagonal and upper predecessors; the
 // left one's is 1 - both); a lane whose predecessors are all +inf (E = 0 there) gets
-// (0, 0). Weights are kept for fp32 inputs, which the AVX512 build sweeps in
-// xy_soft_forward_scaled instead, so its mask-register version computes values only.
+// (0, 0). Weights are kept for fp32 inputs, which the AVX512 and AVX2 builds sweep in
+// xy_soft_forward_scaled instead (the AVX512 mask-register version computes values only).
 inline VA softmin3_lanes(const VA& a, const VA& b, const VA& c, const VA& gamma,
                          const VA& inv_gamma, VA* weights = nullptr) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -943,9 +947,9 @@ decltype(auto) with_fixed_dim(int64_t D, F&& f) {
 // of the group keeps the L doubles at kept + ((i - 1) m + j - 1) L: its R (kWeights
 // false), or its two soft-argmin weights as 2 L floats (kWeights true: the backward then
 // needs no exponential at all; fp32 inputs, whose gradients need 1e-4, not fp64 weights;
-// the AVX512 build sweeps those in xy_soft_forward_scaled, whose rows take twice the room:
-// callers allocate 2 kRollingRows (m + 1) vectors). Returns each lane's R[n_k][m_k] (the
-// grid and the lanes' lengths: LaneShape).
+// the AVX512 and AVX2 builds sweep those in xy_soft_forward_scaled, whose rows take twice
+// the room: callers allocate 2 kRollingRows (m + 1) vectors). Returns each lane's
+// R[n_k][m_k] (the grid and the lanes' lengths: LaneShape).
 // A sweep may also cover only rows i0 + 1 .. i_end, starting from row i0's values (the
 // checkpointed backward recomputes one segment of rows at a time: SweepRows); kept rows are
 // then stored relative to i0 (row i at kept + (i - i0 - 1) m L), and only the lanes whose
@@ -982,62 +986,95 @@ struct SweepRows {
   int64_t every = 0;
 };
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // ------------------------------------------------------------ fp32 lanes: X = 2^(-R')
-// The fp32-input lanes of the AVX512 build sweep X = 2^(-R') with R' = R / (gamma ln 2)
-// instead of R, held as a mantissa and an exponent: X = mant 2^expo, mant in [1, 2) and
-// expo an integer in a double, so that R' = -(expo + log2 mant) keeps any range (a double
-// alone would underflow past R' = 1074). The soft-min becomes a sum,
+// The fp32-input lanes of the AVX512 and AVX2 builds sweep X = 2^(-R') with R' = R / (gamma
+// ln 2) instead of R, held as a mantissa and an exponent: X = mant 2^expo, mant in [1, 2)
+// and expo an integer in a double, so that R' = -(expo + log2 mant) keeps any range (a
+// double alone would underflow past R' = 1074). The soft-min becomes a sum,
 //   X(i, j) = 2^(-cost'(i, j)) (X(i-1, j-1) + X(i-1, j) + X(i, j-1)),  cost' = cost / (gamma ln 2),
-// the three terms brought to the largest exponent by scalef (exact), the cost's factor
-// split as 2^-k 2^f with k = round(cost') and |f| <= 1/2, the product renormalised by
-// getmant / getexp: one exp2 polynomial per cell, no logarithm (the R sweep takes two
-// exponentials and a logarithm). The soft-argmin weights are the terms over their sum.
+// the three terms brought to the largest exponent by a power of 2 (exact: scale_by_pow2),
+// the cost's factor split as 2^-k 2^f with k = round(cost') and |f| <= 1/2, the product
+// renormalised (split_pow2): one exp2 polynomial per cell, no logarithm (the R sweep takes
+// two exponentials and a logarithm). The soft-argmin weights are the terms over their sum.
 // Precision: the terms are exact, the sum rounds twice, and 2^f's polynomial (1.9e-9
 // relative) is the one approximation; no R' difference is formed, so no cancellation at
-// large R' or small gamma. An unreachable cell (X = 0) is mant 0 (or 1: getmant of 0) with
-// expo -inf; a +inf cost gives X = 0; a NaN cost gives mant NaN, which every later cell's
-// sum carries. Row slot r of `rows` holds m + 1 mantissas at rows + 2 r (m + 1), then m + 1
-// exponents. Values, checkpoint rows and start rows are in R' (converted once per row).
+// large R' or small gamma. An unreachable cell (X = 0) is mant 0 (or 1) with expo -inf; a
+// +inf cost gives X = 0; a NaN cost gives mant NaN, which every later cell's sum carries.
+// Row slot r of `rows` holds m + 1 mantissas at rows + 2 r (m + 1), then m + 1 exponents.
+// Values, checkpoint rows and start rows are in R' (converted once per row).
+
+// m 2^d for d <= 0 an integer or -inf (the exponent differences; a NaN d only beside a NaN
+// m). AVX2 has no scalef: 2^d is built in the exponent field, d floored at -1022 (so an
+// m = 0 gives 0, and a term more than 2^1022 below the largest counts 2^-1022 of it).
+inline VA scale_by_pow2(const VA& m, const VA& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_pd(m, d);
+#else
+  const __m256d floored = _mm256_max_pd(d, _mm256_set1_pd(-1022.0));
+  // 2^52 + 1023 + d holds 1023 + d in its low mantissa bits: shifted into the exponent field.
+  const __m256d biased = _mm256_add_pd(floored, _mm256_set1_pd(4503599627371519.0));
+  const __m256i pow2 = _mm256_slli_epi64(_mm256_castpd_si256(biased), 52);
+  return _mm256_mul_pd(m, _mm256_castsi256_pd(pow2));
+#endif
+}
+
+inline VA round_to_integer(const VA& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  return _mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+}
+
+// X = sum 2^top 2^-cost' as mant, expo: sum >= 0 (or NaN), cost' >= 0 (+inf: X = 0; NaN).
+inline void split_pow2(const VA& sum, const VA& top, const VA& cost, VA& mant, VA& expo) {
+  const VA k = round_to_integer(cost);
+  const VA x = sum * exp2_reduced_fast(k - cost);  // a +inf cost: k = +inf, x NaN
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask8 finite = _mm512_cmp_pd_mask(
+      cost, _mm512_set1_pd(std::numeric_limits<double>::infinity()), _CMP_NEQ_UQ);  // NaN: kept
+  mant = _mm512_maskz_getmant_pd(finite, x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  expo = (top - k) + VA(_mm512_maskz_getexp_pd(finite, x));  // x = 0: getexp -inf
+#else
+  // x = (x 2^(1023 - E)) 2^(E - 1023), E the exponent field (x >= 0: no sign bit).
+  const __m256i field = _mm256_srli_epi64(_mm256_castpd_si256(x), 52);
+  const __m256i two52 = _mm256_castpd_si256(_mm256_set1_pd(4503599627370496.0));
+  const VA e = VA(_mm256_castsi256_pd(_mm256_or_si256(field, two52))) -
+               VA(4503599627371519.0);  // E - 1023 as a double
+  const __m256i down = _mm256_slli_epi64(_mm256_sub_epi64(_mm256_set1_epi64x(2046), field), 52);
+  const VA m = x * VA(_mm256_castsi256_pd(down));  // [1, 2); NaN (E = 2047): NaN
+  const VA zero = (x == VA(0.0)) | (cost == VA(std::numeric_limits<double>::infinity()));
+  mant = VA::blendv(m, VA(0.0), zero);
+  expo = VA::blendv((top - k) + e, VA(-std::numeric_limits<double>::infinity()), zero);
+#endif
+}
 
 // kN cells at once, stage by stage across the cells as in softmin3_cells. ma, ea: the
 // diagonal predecessors (i - 1, j - 1), mb, eb: the upper ones, mc, ec: the left ones;
 // cost: the cells' cost'. With wa / wb non-null, the weights of the diagonal and upper
 // predecessors (an unreachable cell gets (0, 0): its E is 0).
 template <int kN>
-inline void scaled_cells(const __m512d* ma, const __m512d* ea, const __m512d* mb,
-                         const __m512d* eb, const __m512d* mc, const __m512d* ec,
-                         const __m512d* cost, __m512d* m_out, __m512d* e_out, __m512d* wa,
-                         __m512d* wb) {
+inline void scaled_cells(const VA* ma, const VA* ea, const VA* mb, const VA* eb, const VA* mc,
+                         const VA* ec, const VA* cost, VA* m_out, VA* e_out, VA* wa, VA* wb) {
   // -DBL_MAX floors the largest exponent: with all three -inf, -inf - -inf would be NaN.
-  const __m512d lowest = _mm512_set1_pd(-std::numeric_limits<double>::max());
-  const __m512d one = _mm512_set1_pd(1.0);
-  const __m512d inf = _mm512_set1_pd(std::numeric_limits<double>::infinity());
-  __m512d top[kN], ta[kN], tb[kN], sum[kN];
+  const VA lowest(-std::numeric_limits<double>::max()), one(1.0);
+  VA top[kN], ta[kN], tb[kN], sum[kN];
   for (int u = 0; u < kN; ++u) {
-    top[u] = _mm512_max_pd(lowest, _mm512_max_pd(ea[u], _mm512_max_pd(eb[u], ec[u])));
+    top[u] = max_instruction(lowest, max_instruction(ea[u], max_instruction(eb[u], ec[u])));
   }
   for (int u = 0; u < kN; ++u) {
-    ta[u] = _mm512_scalef_pd(ma[u], _mm512_sub_pd(ea[u], top[u]));
-    tb[u] = _mm512_scalef_pd(mb[u], _mm512_sub_pd(eb[u], top[u]));
-    const __m512d tc = _mm512_scalef_pd(mc[u], _mm512_sub_pd(ec[u], top[u]));
-    sum[u] = _mm512_add_pd(_mm512_add_pd(ta[u], tb[u]), tc);
+    ta[u] = scale_by_pow2(ma[u], ea[u] - top[u]);
+    tb[u] = scale_by_pow2(mb[u], eb[u] - top[u]);
+    sum[u] = (ta[u] + tb[u]) + scale_by_pow2(mc[u], ec[u] - top[u]);
   }
-  for (int u = 0; u < kN; ++u) {
-    // X = sum 2^top 2^-k 2^f; a +inf cost (k = +inf, f NaN) gives mant 0 and expo -inf.
-    const __mmask8 finite = _mm512_cmp_pd_mask(cost[u], inf, _CMP_NEQ_UQ);  // NaN: kept
-    const __m512d k =
-        _mm512_roundscale_pd(cost[u], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512d x = _mm512_mul_pd(sum[u], exp2_reduced_fast(_mm512_sub_pd(k, cost[u])));
-    m_out[u] = _mm512_maskz_getmant_pd(finite, x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
-    e_out[u] = _mm512_add_pd(_mm512_sub_pd(top[u], k), _mm512_maskz_getexp_pd(finite, x));
-  }
+  for (int u = 0; u < kN; ++u) split_pow2(sum[u], top[u], cost[u], m_out[u], e_out[u]);
   if (wa == nullptr) return;
   for (int u = 0; u < kN; ++u) {
     // sum >= 1 where reachable (its largest term is a mantissa), 0 elsewhere.
-    const __m512d inv = reciprocal_fast(_mm512_max_pd(one, sum[u]));
-    wa[u] = _mm512_mul_pd(ta[u], inv);
-    wb[u] = _mm512_mul_pd(tb[u], inv);
+    const VA inv = reciprocal_fast(max_instruction(one, sum[u]));
+    wa[u] = ta[u] * inv;
+    wb[u] = tb[u] * inv;
   }
 }
 
@@ -1056,7 +1093,8 @@ inline void r_to_scaled(const VA& r, VA& mant, VA& expo) {
 }
 
 // xy_soft_forward_lanes for fp32 inputs (kept weights), sweeping X: same arguments and
-// results, the same skewed rows; `rows` holds kRollingRows rows of 2 (m + 1) vectors.
+// results, the same skewed rows (in the AVX2 build too: here the cells' chains are short
+// enough to overlap); `rows` holds kRollingRows rows of 2 (m + 1) vectors.
 template <int kMetric, int kDim = 0>
 VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
                           const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
@@ -1110,7 +1148,7 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
     int64_t first[kSkewRows], last[kSkewRows];
     VA* cur[kSkewRows];
     const VA* above[kSkewRows];
-    __m512d left_m[kSkewRows], left_e[kSkewRows];
+    VA left_m[kSkewRows], left_e[kSkewRows];
     int64_t last_step = 0;
     for (int64_t s = 0; s < rows_now; ++s) {
       first[s] = pb.first(i + s);
@@ -1128,7 +1166,7 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
     auto cells = [&](auto n_c, auto keep_c, int64_t s0, int64_t j) {
       constexpr int kN = decltype(n_c)::value;
       constexpr bool kKeep = decltype(keep_c)::value;
-      __m512d ma[kN], ea[kN], mb[kN], eb[kN], cost[kN], mo[kN], eo[kN], wa[kN], wb[kN];
+      VA ma[kN], ea[kN], mb[kN], eb[kN], cost[kN], mo[kN], eo[kN], wa[kN], wb[kN];
       for (int u = 0; u < kN; ++u) {
         const int64_t s = s0 + u, col = j - s;
         ma[u] = above[s][col - 1];
@@ -1144,16 +1182,16 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
         const int64_t s = s0 + u, col = j - s;
         if (shape.masked) {  // lanes outside their own band: X = 0
           const VA outside = shape.outside(i + s, col);
-          mo[u] = VA::blendv(VA(mo[u]), zero, outside);
-          eo[u] = VA::blendv(VA(eo[u]), minus_inf, outside);
+          mo[u] = VA::blendv(mo[u], zero, outside);
+          eo[u] = VA::blendv(eo[u], minus_inf, outside);
         }
         left_m[s] = mo[u];
         left_e[s] = eo[u];
-        cur[s][col] = VA(mo[u]);
-        cur[s][ld + col] = VA(eo[u]);
+        cur[s][col] = mo[u];
+        cur[s][ld + col] = eo[u];
         if constexpr (kKeep) {
           store_weights(reinterpret_cast<float*>(kept + ((i + s - i0 - 1) * m + (col - 1)) * L),
-                        VA(wa[u]), VA(wb[u]));
+                        wa[u], wb[u]);
         }
       }
     };
@@ -1353,12 +1391,12 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
 }
 
 // The forward sweep of one lane group: xy_soft_forward_lanes, or for fp32 inputs (kWeights)
-// in the AVX512 build xy_soft_forward_scaled (same arguments, same results).
+// in the AVX512 and AVX2 builds xy_soft_forward_scaled (same arguments, same results).
 template <int kMetric, bool kWeights, int kDim = 0>
 VA xy_soft_forward_sweep(const double* xt, const double* yt, int64_t D_runtime,
                          const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
                          const SweepRows& sweep = SweepRows{}) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (kWeights) {
     return xy_soft_forward_scaled<kMetric, kDim>(xt, yt, D_runtime, shape, gamma, rows, kept,
                                                  sweep);
