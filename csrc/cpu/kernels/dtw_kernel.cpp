@@ -986,6 +986,26 @@ struct SweepRows {
   int64_t every = 0;
 };
 
+// Weights mode: the kept slots of a row (m cells of L doubles) outside its band range
+// [first, last] get zeros (deterministic state).
+inline void clear_kept_outside(double* row, int64_t m, int64_t first, int64_t last) {
+  constexpr int64_t L = VA::size();
+  std::fill(row, row + (first - 1) * L, 0.0);
+  std::fill(row + last * L, row + m * L, 0.0);
+}
+
+// The steps j of a block of kSkewRows skewed rows (row i + s at column j - s, its range
+// [first[s], last[s]]) at which every row has a cell: [full_first, full_last].
+inline void full_steps_of(const int64_t* first, const int64_t* last, int64_t last_step,
+                          int64_t& full_first, int64_t& full_last) {
+  full_first = first[0];
+  full_last = last_step;
+  for (int64_t s = 0; s < kSkewRows; ++s) {
+    full_first = std::max(full_first, first[s] + s);
+    full_last = std::min(full_last, last[s] + s);
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // ------------------------------------------------------------ fp32 lanes: X = 2^(-R')
 // The fp32-input lanes of the AVX512 and AVX2 builds sweep X = 2^(-R') with R' = R / (gamma
@@ -1135,12 +1155,6 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
     held_last[slot] = last;
     return row;
   };
-  // The slots of a kept row outside its band range get zeros (deterministic state).
-  auto clear_outside = [&](int64_t i, int64_t first, int64_t last) {
-    double* row = kept + (i - i0 - 1) * m * L;
-    std::fill(row, row + (first - 1) * L, 0.0);
-    std::fill(row + last * L, row + m * L, 0.0);
-  };
   int64_t prev_slot = 0;
   for (int64_t i = i0 + 1; i <= n; i += kSkewRows) {
     const int64_t rows_now = std::min(kSkewRows, n - i + 1);
@@ -1159,7 +1173,9 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
       left_m[s] = zero;
       left_e[s] = minus_inf;
       last_step = std::max(last_step, last[s] + s);
-      if (kept != nullptr) clear_outside(i + s, first[s], last[s]);
+      if (kept != nullptr) {
+        clear_kept_outside(kept + (i + s - i0 - 1) * m * L, m, first[s], last[s]);
+      }
     }
     // Step j: cells (i + s, j - s) of the kN rows s0 .. s0 + kN - 1 (see
     // xy_soft_forward_lanes for the order), their weights kept when kKeep.
@@ -1207,11 +1223,8 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
     };
     int64_t j = first[0];
     if (rows_now == kSkewRows) {  // the steps where all rows have a cell, side by side
-      int64_t full_first = first[0], full_last = last_step;
-      for (int64_t s = 0; s < kSkewRows; ++s) {
-        full_first = std::max(full_first, first[s] + s);
-        full_last = std::min(full_last, last[s] + s);
-      }
+      int64_t full_first, full_last;
+      full_steps_of(first, last, last_step, full_first, full_last);
       for (; j < full_first; ++j) step_by_cell(j);  // the ramp
       // Compiled twice (keeping weights or not): a run-time test in the loop would keep
       // both variants' registers live.
@@ -1294,12 +1307,6 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     }
     return v;
   };
-  // Weights mode: the slots of a row outside its band range get zeros (deterministic state).
-  auto clear_outside = [&](int64_t i, int64_t first, int64_t last) {
-    double* row = kept + (i - i0 - 1) * m * L;
-    std::fill(row, row + (first - 1) * L, 0.0);
-    std::fill(row + last * L, row + m * L, 0.0);
-  };
   int64_t prev_slot = 0;
   for (int64_t i = i0 + 1; i <= n; i += kSkewRows) {
     const int64_t rows_now = std::min(kSkewRows, n - i + 1);
@@ -1317,7 +1324,9 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
       cur[s] = take(slot, first[s], last[s]);
       left[s] = inf;
       last_step = std::max(last_step, last[s] + s);
-      if (kWeights && kept != nullptr) clear_outside(i + s, first[s], last[s]);
+      if (kWeights && kept != nullptr) {
+        clear_kept_outside(kept + (i + s - i0 - 1) * m * L, m, first[s], last[s]);
+      }
     }
     // Step j: cell (i + s, j - s) of every row whose range holds j - s. A row starts and
     // ends no earlier than the row above (the band only moves right), so every value of
@@ -1337,11 +1346,8 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
     // (softmin3_cells, values only: this build sweeps kept weights in
     // xy_soft_forward_scaled). The first and last steps of the sweep take the loop below.
     if (!kWeights && rows_now == kSkewRows) {
-      int64_t full_first = first[0], full_last = last_step;
-      for (int64_t s = 0; s < kSkewRows; ++s) {
-        full_first = std::max(full_first, first[s] + s);
-        full_last = std::min(full_last, last[s] + s);
-      }
+      int64_t full_first, full_last;
+      full_steps_of(first, last, last_step, full_first, full_last);
       for (; j < full_first; ++j) step_by_cell(j);  // the ramp
       for (; j <= full_last; ++j) {
         __m512d a[kSkewRows], b[kSkewRows], c[kSkewRows], r[kSkewRows];
