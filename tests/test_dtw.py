@@ -335,12 +335,16 @@ def test_torch_compile_fullgraph(backend):
     with ek.use_backend(backend):
         loss = loss_fn(x, y)
         (grad,) = torch.autograd.grad(loss, (x,))
+    # The oracle is the reference in fp64: the fp32 reference's own rounding reaches ~5e-5
+    # on a gradient entry of ~0.06 (an fp32 R of ~50 feeds the soft-min's differences), more
+    # than the kernels' (they compute in fp64), so the bound is the suite's fp32 one: 1e-4 of
+    # the largest gradient entry.
     with ek.use_backend("reference"):
-        x_ref = x.detach().requires_grad_(True)
-        expected = criterion(x_ref * 2.0, y)
+        x_ref = x.detach().double().requires_grad_(True)
+        expected = criterion(x_ref * 2.0, y.double())
         (expected_grad,) = torch.autograd.grad(expected, (x_ref,))
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    assert ((grad.double() - expected_grad).abs().max() / expected_grad.abs().max()) < 1e-4
 
 
 @pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
