@@ -836,6 +836,60 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
 
 
 @needs_cpp
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("B,N,M,D,band,ragged,metric,checkpointed", [
+    (8, 200, 180, 4, None, False, "sqeuclidean", False),  # one lane group
+    (5, 230, 190, 2, 30, True, "sqeuclidean", False),     # filled group, masked lanes
+    (3, 181, 203, 6, None, True, "l1", False),            # D > 4 (D not fixed at compile time)
+    (2, 300, 150, 1, None, False, "sqeuclidean", True),   # checkpointed segments
+    (8, 190, 260, 3, 50, True, "euclidean", True),        # checkpointed along y, band
+])
+def test_rows_shared_by_threads_match_one_thread_and_the_reference(
+        monkeypatch, threads, B, N, M, D, band, ragged, metric, checkpointed):
+    """Fewer fp32 lane groups than threads: a group's rows are swept by several threads at
+    once (RowRing in the C++ kernels: here one group of >= 2^15 cells, 2 or 3 threads, 3
+    on 2 cores oversubscribed). The values and x-gradients equal one thread's exactly, the
+    y-gradients to rounding (a checkpointed backward sums per-thread partial gy), two runs
+    are identical, and all match the fp64 reference."""
+    checked = force_cpu_checkpoints(monkeypatch) if checkpointed else (lambda run: run())
+    x = torch.randn(B, N, D)
+    y = torch.randn(B, M, D)
+    x_lengths = torch.randint(N // 2, N + 1, (B,)) if ragged else None
+    y_lengths = torch.randint(M // 2, M + 1, (B,)) if ragged else None
+    weights = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+
+    def run(backend, dtype, thread_count):
+        before = torch.get_num_threads()
+        torch.set_num_threads(thread_count)
+        try:
+            a, b = x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
+            with ek.use_backend(backend):
+                values = ek.soft_dtw(a, b, 0.5, band=band, x_lengths=x_lengths,
+                                     y_lengths=y_lengths, metric=metric)
+                grads = torch.autograd.grad((values * weights.to(dtype)).sum(), (a, b))
+                with torch.no_grad():
+                    forward_only = ek.soft_dtw(a, b, 0.5, band=band, x_lengths=x_lengths,
+                                               y_lengths=y_lengths, metric=metric)
+            assert torch.equal(forward_only, values)
+            return [t.detach().double() for t in (values, *grads)]
+        finally:
+            torch.set_num_threads(before)
+
+    one = checked(lambda: run("cpp", torch.float32, 1))
+    shared = checked(lambda: run("cpp", torch.float32, threads))
+    again = run("cpp", torch.float32, threads)
+    want = run("reference", torch.float64, 1)
+    assert torch.equal(shared[0], one[0]) and torch.equal(shared[1], one[1])
+    scale = one[2].abs().max()
+    assert ((shared[2] - one[2]).abs().max() / scale).item() < 1e-6
+    for got, same in zip(shared, again):
+        assert torch.equal(got, same)
+    for got, ref in zip(shared, want):
+        assert torch.isfinite(got).all()
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@needs_cpp
 def test_checkpointed_ops_opcheck_and_argument_checks():
     ops = torch.ops.ether_kernels
     x, y = torch.randn(3, 10, 2, dtype=torch.float64), torch.randn(3, 7, 2, dtype=torch.float64)

@@ -55,6 +55,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -898,6 +900,10 @@ void for_each_task(int64_t tasks, int64_t grain, const Worker& worker) {
     const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
     return t < tasks ? t : -1;
   };
+  if (workers == 1) {  // on this thread, outside any parallel region (see RowRing)
+    worker(next_task);
+    return;
+  }
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(next_task); });
 }
 
@@ -1006,6 +1012,121 @@ inline void full_steps_of(const int64_t* first, const int64_t* last, int64_t las
   }
 }
 
+// ------------------------------------------------------------ rows across threads
+// A lane group's sweeps run its rows in steps of a few rows (a block of kSkewRows rows in
+// the forward, a pass of one or two rows in the backward), each step after the one before
+// it only through one boundary row, which the next step reads column by column as it
+// sweeps. So W workers can run W consecutive steps at once, each a few columns behind the
+// one before (a wavefront of blocks across threads): a group's rows are shared by the
+// threads when the groups are fewer than the threads (8 pairs on 2 cores used one core,
+// 64 pairs on 16 cores used 8). The boundary rows live in a ring of W + 2 shared slots:
+// step q reads slot q mod S (written by step q - 1; slot 0 holds the sweep's start row,
+// written before the workers start, "step -1") and writes its own boundary row to slot
+// (q + 1) mod S, publishing how many of its columns are final (`ready`). A slot is written
+// again only after its last writer and its reader both released it (`released`).
+// Workers claim steps in increasing order, and a step waits only on lower steps, all of
+// them claimed by running workers: no deadlock, whatever number of threads really runs
+// (one thread runs every step in order). One worker is the sequential sweep.
+struct RowRing {
+  struct alignas(64) Counter {  // one cache line each: no false sharing between slots
+    std::atomic<int64_t> value{0};
+  };
+  int64_t slots = 0, width = 0, columns = 0;
+  std::vector<VA> data;                       // slots x width vectors
+  std::vector<int64_t> held_first, held_last;  // forward: the columns a slot holds X != 0 in
+  std::unique_ptr<Counter[]> ready, released;
+  Counter next;
+
+  // `workers` threads, slots of `slot_width` vectors, rows of `row_columns` + 1 columns
+  // (0 .. row_columns); every slot reads `fill` (its cleared state).
+  void reset(int64_t workers, int64_t slot_width, int64_t row_columns) {
+    const int64_t wanted = workers + 2;
+    if (wanted != slots) {
+      slots = wanted;
+      ready.reset(new Counter[slots]);
+      released.reset(new Counter[slots]);
+    }
+    width = slot_width;
+    columns = row_columns;
+    data.resize(slots * width);
+    held_first.assign(slots, 1);
+    held_last.assign(slots, 0);
+    for (int64_t s = 0; s < slots; ++s) {
+      ready[s].value.store(0, std::memory_order_relaxed);
+      released[s].value.store(0, std::memory_order_relaxed);
+    }
+    // Slot 0 holds the start row (step -1): written, its writer's release given.
+    ready[0].value.store(columns + 1, std::memory_order_relaxed);
+    released[0].value.store(1, std::memory_order_relaxed);
+    next.value.store(0, std::memory_order_relaxed);
+  }
+  VA* slot(int64_t s) { return data.data() + s * width; }
+  // The next step to run, -1 when all `steps` are claimed.
+  int64_t claim(int64_t steps) {
+    const int64_t q = next.value.fetch_add(1, std::memory_order_acq_rel);
+    return q < steps ? q : -1;
+  }
+  // Step q's input row (step q - 1's boundary row) and output row.
+  int64_t input_slot(int64_t q) const { return q % slots; }
+  int64_t output_slot(int64_t q) const { return (q + 1) % slots; }
+  // Ready counts are tagged by the writing step, (q + 1) (columns + 1) + count, so that a
+  // slot's count from an earlier use never passes for the current one.
+  int64_t tag(int64_t q) const { return (q + 1) * (columns + 1); }
+  // Blocks until step q - 1 has published `count` final columns of q's input row.
+  void wait_input(int64_t q, int64_t count) const {
+    spin_until(ready[input_slot(q)].value, tag(q - 1) + count);
+  }
+  // Blocks until step q's output slot is free: its u earlier uses released twice each.
+  void wait_output(int64_t q) const {
+    const int64_t uses = (q + 1) / slots;
+    spin_until(released[output_slot(q)].value, 2 * uses);
+  }
+  void publish(int64_t q, int64_t count) {
+    ready[output_slot(q)].value.store(tag(q) + count, std::memory_order_release);
+  }
+  void release_input(int64_t q) {
+    released[input_slot(q)].value.fetch_add(1, std::memory_order_acq_rel);
+  }
+  void release_output(int64_t q) {
+    released[output_slot(q)].value.fetch_add(1, std::memory_order_acq_rel);
+  }
+
+  static void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
+    for (int spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
+      // A worker ahead of its input waits a few hundred cycles at most; one whose input's
+      // writer lost its core (more workers than free cores) yields it.
+      if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+};
+
+// Columns per published batch: small enough that W workers, each a batch or two behind
+// the one before, all fit in the row's m columns; large enough that the batch's cells (4 x
+// 16 .. 4 x 64) hide the atomic that hands the cache line over.
+inline int64_t ring_batch(int64_t workers, int64_t m) {
+  return std::clamp<int64_t>(m / (4 * workers), 16, 64);
+}
+
+// Runs body(w) for the workers w = 0 .. workers - 1 on up to `workers` threads of the
+// pool (any that at::parallel_for gives; the ring needs no more than one).
+template <typename Body>
+void run_ring_workers(int64_t workers, const Body& body) {
+  if (workers <= 1) {
+    body(0);
+    return;
+  }
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormalsScope flush_subnormals;  // see the class comment
+    for (int64_t w = begin; w < end; ++w) body(w);
+  });
+}
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // ------------------------------------------------------------ fp32 lanes: X = 2^(-R')
 // The fp32-input lanes of the AVX512 and AVX2 builds sweep X = 2^(-R') with R' = R / (gamma
@@ -1112,13 +1233,33 @@ inline void r_to_scaled(const VA& r, VA& mant, VA& expo) {
   expo = VA::blendv(k, VA(0.0) - inf, zero_x);
 }
 
-// xy_soft_forward_lanes for fp32 inputs (kept weights), sweeping X: same arguments and
+// xy_soft_forward_lanes for fp32 inputs (kept weights), sweeping X: the same arguments and
 // results, the same skewed rows (in the AVX2 build too: here the cells' chains are short
-// enough to overlap); `rows` holds kRollingRows rows of 2 (m + 1) vectors.
+// enough to overlap), run as chunks of `chunk_blocks` blocks of kSkewRows rows claimed
+// from `ring` (rows across threads: RowRing; each worker calls this with its own `rows`,
+// chunk_blocks kSkewRows - 1 rows of 2 (m + 1) vectors, and gets the values of the lanes
+// whose last row it swept, 0 for the others). Slot 0 of the ring holds the start row
+// (start_scaled_ring); a chunk's last row goes to the ring, its other rows to `rows`.
+// A chunk's blocks sweep the columns together, `batch` steps at a time, block b kSkewRows
+// b steps behind block 0 (its first row reads block b - 1's last row, final up to
+// kSkewRows - 1 columns behind block b - 1's step): a chunk of several blocks hands one
+// boundary row to the next worker per several blocks.
+// On the EPYC (2 threads, 8 pairs, fp32 forward): 256 x 256 0.61 -> 0.52 ms, 2048 x 256
+// 4.9 -> 3.8 ms, 1024 x 1024 (D = 1) 7.3 -> 5.8 ms from 1 to 4 blocks a chunk; but 256 x
+// 2048 3.7 -> 4.0 ms, whose 15 own rows (3.9 MB) stream through more than the caches
+// hold: chunk_blocks_for keeps a chunk's rows within ~2 MB.
+constexpr int64_t kMaxChunkBlocks = 4;
+
+inline int64_t chunk_blocks_for(int64_t m) {
+  const int64_t block_bytes = kSkewRows * 2 * (m + 1) * static_cast<int64_t>(sizeof(VA));
+  return std::clamp<int64_t>((int64_t(2) << 20) / block_bytes, 1, kMaxChunkBlocks);
+}
+
 template <int kMetric, int kDim = 0>
 VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
                           const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
-                          const SweepRows& sweep) {
+                          const SweepRows& sweep, RowRing& ring, int64_t chunk_blocks,
+                          int64_t batch) {
   const int64_t D = kDim > 0 ? kDim : D_runtime;
   constexpr int64_t L = VA::size();
   const PairBand& pb = shape.pb;
@@ -1128,56 +1269,54 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
   const VA per_unit(1.0 / unit);
   const int64_t m = pb.m, ld = m + 1;
   const int64_t i0 = sweep.i0, n = sweep.i_end < 0 ? pb.n : sweep.i_end;
-  auto mants = [&](int64_t slot) { return rows + 2 * slot * ld; };
-  auto set_zero = [&](VA* row, int64_t j) {  // X = 0
+  const int64_t chunk_rows = chunk_blocks * kSkewRows;
+  const int64_t chunks = (n - i0 + chunk_rows - 1) / chunk_rows;
+  const int64_t own_rows = chunk_rows - 1;
+  auto own = [&](int64_t r) { return rows + 2 * r * ld; };
+  // A row's m + 1 mantissas, then its m + 1 exponents; X = 0 is (0, -inf).
+  auto set_zero = [&](VA* row, int64_t j) {
     row[j] = zero;
     row[ld + j] = minus_inf;
   };
-  for (int64_t slot = 0; slot < kRollingRows; ++slot) {
-    for (int64_t j = 0; j <= m; ++j) set_zero(mants(slot), j);
+  // The column range each own row holds nonzero values in (to reset before reuse).
+  int64_t own_first[kMaxChunkBlocks * kSkewRows], own_last[kMaxChunkBlocks * kSkewRows];
+  for (int64_t r = 0; r < own_rows; ++r) {
+    for (int64_t j = 0; j <= m; ++j) set_zero(own(r), j);
+    own_first[r] = 1;
+    own_last[r] = 0;
   }
-  // The column range each buffer holds nonzero values in (to reset before reuse).
-  int64_t held_first[kRollingRows], held_last[kRollingRows];
-  for (int64_t k = 0; k < kRollingRows; ++k) held_first[k] = 1, held_last[k] = 0;
-  if (sweep.start != nullptr) {  // buffer 0 holds row i0
-    for (int64_t j = 0; j <= m; ++j) r_to_scaled(sweep.start[j], rows[j], rows[ld + j]);
-    held_first[0] = 0;
-    held_last[0] = m;
-  } else {
-    rows[0] = VA(1.0);  // buffer 0 holds row 0: X[0][0] = 1
-    rows[ld] = zero;
-    held_first[0] = held_last[0] = 0;
-  }
-  auto take = [&](int64_t slot, int64_t first, int64_t last) {
-    VA* row = mants(slot);
-    for (int64_t j = held_first[slot]; j <= held_last[slot]; ++j) set_zero(row, j);
-    held_first[slot] = first;
-    held_last[slot] = last;
+  // Row `row` cleared to X = 0 over the range it held, then set to hold [first, last].
+  auto take = [&](VA* row, int64_t& held_first, int64_t& held_last, int64_t first,
+                  int64_t last) {
+    for (int64_t j = held_first; j <= held_last; ++j) set_zero(row, j);
+    held_first = first;
+    held_last = last;
     return row;
   };
-  int64_t prev_slot = 0;
-  for (int64_t i = i0 + 1; i <= n; i += kSkewRows) {
-    const int64_t rows_now = std::min(kSkewRows, n - i + 1);
-    // Row i + s: its column range, its buffer, the buffer above it and its left value.
-    int64_t first[kSkewRows], last[kSkewRows];
-    VA* cur[kSkewRows];
-    const VA* above[kSkewRows];
-    VA left_m[kSkewRows], left_e[kSkewRows];
-    int64_t last_step = 0;
-    for (int64_t s = 0; s < rows_now; ++s) {
-      first[s] = pb.first(i + s);
-      last[s] = pb.last(i + s);
-      const int64_t slot = (prev_slot + 1 + s) % kRollingRows;
-      above[s] = s == 0 ? mants(prev_slot) : cur[s - 1];
-      cur[s] = take(slot, first[s], last[s]);
-      left_m[s] = zero;
-      left_e[s] = minus_inf;
-      last_step = std::max(last_step, last[s] + s);
-      if (kept != nullptr) {
-        clear_kept_outside(kept + (i + s - i0 - 1) * m * L, m, first[s], last[s]);
-      }
+  // Block b of the chunk: its first row i[b] and its rows i[b] + s: their column ranges,
+  // buffers, the buffers above them, their left values (carried from batch to batch), the
+  // steps where all of them have a cell [full_first, full_last] (none in a short block).
+  int64_t i[kMaxChunkBlocks], rows_now[kMaxChunkBlocks], last_step[kMaxChunkBlocks];
+  int64_t full_first[kMaxChunkBlocks], full_last[kMaxChunkBlocks];
+  int64_t first[kMaxChunkBlocks][kSkewRows], last[kMaxChunkBlocks][kSkewRows];
+  VA* cur[kMaxChunkBlocks][kSkewRows];
+  const VA* above[kMaxChunkBlocks][kSkewRows];
+  VA left_m[kMaxChunkBlocks][kSkewRows], left_e[kMaxChunkBlocks][kSkewRows];
+  // Block b's steps ja .. jb (step j: cell (i + s, j - s) of each row s).
+  auto run_steps = [&](int64_t b, int64_t ja, int64_t jb) {
+    const int64_t ib = i[b], rows_b = rows_now[b];
+    const int64_t* fb = first[b];
+    const int64_t* lb = last[b];
+    const VA* ab[kSkewRows];
+    VA* cb[kSkewRows];
+    VA lm[kSkewRows], le[kSkewRows];
+    for (int64_t s = 0; s < kSkewRows; ++s) {
+      ab[s] = above[b][s];
+      cb[s] = cur[b][s];
+      lm[s] = left_m[b][s];
+      le[s] = left_e[b][s];
     }
-    // Step j: cells (i + s, j - s) of the kN rows s0 .. s0 + kN - 1 (see
+    // Step j: cells (ib + s, j - s) of the kN rows s0 .. s0 + kN - 1 (see
     // xy_soft_forward_lanes for the order), their weights kept when kKeep.
     auto cells = [&](auto n_c, auto keep_c, int64_t s0, int64_t j) {
       constexpr int kN = decltype(n_c)::value;
@@ -1185,28 +1324,28 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
       VA ma[kN], ea[kN], mb[kN], eb[kN], cost[kN], mo[kN], eo[kN], wa[kN], wb[kN];
       for (int u = 0; u < kN; ++u) {
         const int64_t s = s0 + u, col = j - s;
-        ma[u] = above[s][col - 1];
-        ea[u] = above[s][ld + col - 1];
-        mb[u] = above[s][col];
-        eb[u] = above[s][ld + col];
-        cost[u] = local_cost_lanes<kMetric, kDim>(xt + (i + s - 1) * D * L,
+        ma[u] = ab[s][col - 1];
+        ea[u] = ab[s][ld + col - 1];
+        mb[u] = ab[s][col];
+        eb[u] = ab[s][ld + col];
+        cost[u] = local_cost_lanes<kMetric, kDim>(xt + (ib + s - 1) * D * L,
                                                   yt + (col - 1) * D * L, D) * per_unit;
       }
-      scaled_cells<kN>(ma, ea, mb, eb, left_m + s0, left_e + s0, cost, mo, eo,
-                       kKeep ? wa : nullptr, kKeep ? wb : nullptr);
+      scaled_cells<kN>(ma, ea, mb, eb, lm + s0, le + s0, cost, mo, eo, kKeep ? wa : nullptr,
+                       kKeep ? wb : nullptr);
       for (int u = 0; u < kN; ++u) {
         const int64_t s = s0 + u, col = j - s;
         if (shape.masked) {  // lanes outside their own band: X = 0
-          const VA outside = shape.outside(i + s, col);
+          const VA outside = shape.outside(ib + s, col);
           mo[u] = VA::blendv(mo[u], zero, outside);
           eo[u] = VA::blendv(eo[u], minus_inf, outside);
         }
-        left_m[s] = mo[u];
-        left_e[s] = eo[u];
-        cur[s][col] = mo[u];
-        cur[s][ld + col] = eo[u];
+        lm[s] = mo[u];
+        le[s] = eo[u];
+        cb[s][col] = mo[u];
+        cb[s][ld + col] = eo[u];
         if constexpr (kKeep) {
-          store_weights(reinterpret_cast<float*>(kept + ((i + s - i0 - 1) * m + (col - 1)) * L),
+          store_weights(reinterpret_cast<float*>(kept + ((ib + s - i0 - 1) * m + (col - 1)) * L),
                         wa[u], wb[u]);
         }
       }
@@ -1214,49 +1353,130 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
     using One = std::integral_constant<int, 1>;
     using All = std::integral_constant<int, kSkewRows>;
     auto step_by_cell = [&](int64_t j) {
-      for (int64_t s = 0; s < rows_now; ++s) {
+      for (int64_t s = 0; s < rows_b; ++s) {
         const int64_t col = j - s;
-        if (col < first[s] || col > last[s]) continue;
+        if (col < fb[s] || col > lb[s]) continue;
         if (kept != nullptr) cells(One{}, std::true_type{}, s, j);
         else cells(One{}, std::false_type{}, s, j);
       }
     };
-    int64_t j = first[0];
-    if (rows_now == kSkewRows) {  // the steps where all rows have a cell, side by side
-      int64_t full_first, full_last;
-      full_steps_of(first, last, last_step, full_first, full_last);
-      for (; j < full_first; ++j) step_by_cell(j);  // the ramp
-      // Compiled twice (keeping weights or not): a run-time test in the loop would keep
-      // both variants' registers live.
-      if (kept != nullptr) {
-        for (; j <= full_last; ++j) cells(All{}, std::true_type{}, 0, j);
-      } else {
-        for (; j <= full_last; ++j) cells(All{}, std::false_type{}, 0, j);
-      }
+    int64_t j = ja;
+    for (; j <= jb && j < full_first[b]; ++j) step_by_cell(j);  // the ramp
+    const int64_t full_end = std::min(jb, full_last[b]);
+    // Compiled twice (keeping weights or not): a run-time test in the loop would keep both
+    // variants' registers live.
+    if (kept != nullptr) {
+      for (; j <= full_end; ++j) cells(All{}, std::true_type{}, 0, j);
+    } else {
+      for (; j <= full_end; ++j) cells(All{}, std::false_type{}, 0, j);
     }
-    for (; j <= last_step; ++j) step_by_cell(j);
-    for (int64_t s = 0; s < rows_now; ++s) {
-      for (int64_t k = 0; k < L; ++k) {
-        if (shape.n[k] == i + s) {
-          alignas(64) double lane_m[L], lane_e[L];
-          cur[s][shape.m[k]].store(lane_m);
-          cur[s][ld + shape.m[k]].store(lane_e);
-          values[k] = -(lane_e[k] + std::log2(lane_m[k]));
-          if (kept != nullptr && values[k] == std::numeric_limits<double>::infinity()) {
-            mark_unreachable_end(kept + ((i + s - i0 - 1) * m + shape.m[k] - 1) * L, k);
+    for (; j <= jb; ++j) step_by_cell(j);
+    for (int64_t s = 0; s < kSkewRows; ++s) {
+      left_m[b][s] = lm[s];
+      left_e[b][s] = le[s];
+    }
+  };
+  for (int64_t q; (q = ring.claim(chunks)) >= 0;) {
+    const int64_t i_chunk = i0 + 1 + q * chunk_rows;
+    const int64_t blocks_now =
+        std::min(chunk_blocks, (n - i_chunk + kSkewRows) / kSkewRows);
+    // The chunk's last row goes to the ring's output slot, once that slot's earlier reader
+    // and writer are done; its first row reads the input slot (chunk q - 1's last row).
+    ring.wait_output(q);
+    const int64_t out = ring.output_slot(q);
+    int64_t steps_end = 0;  // in block 0's steps: the chunk's last step
+    for (int64_t b = 0; b < blocks_now; ++b) {
+      i[b] = i_chunk + b * kSkewRows;
+      rows_now[b] = std::min(kSkewRows, n - i[b] + 1);
+      last_step[b] = 0;
+      for (int64_t s = 0; s < rows_now[b]; ++s) {
+        const int64_t r = b * kSkewRows + s;  // the row's index in the chunk
+        first[b][s] = pb.first(i[b] + s);
+        last[b][s] = pb.last(i[b] + s);
+        above[b][s] = s > 0 ? cur[b][s - 1]
+                      : b > 0 ? cur[b - 1][kSkewRows - 1]
+                              : ring.slot(ring.input_slot(q));
+        cur[b][s] = b == blocks_now - 1 && s == rows_now[b] - 1
+                        ? take(ring.slot(out), ring.held_first[out], ring.held_last[out],
+                               first[b][s], last[b][s])
+                        : take(own(r), own_first[r], own_last[r], first[b][s], last[b][s]);
+        left_m[b][s] = zero;
+        left_e[b][s] = minus_inf;
+        last_step[b] = std::max(last_step[b], last[b][s] + s);
+        if (kept != nullptr) {
+          clear_kept_outside(kept + (i[b] + s - i0 - 1) * m * L, m, first[b][s], last[b][s]);
+        }
+      }
+      full_first[b] = last_step[b] + 1;
+      full_last[b] = last_step[b];
+      if (rows_now[b] == kSkewRows) {
+        full_steps_of(first[b], last[b], last_step[b], full_first[b], full_last[b]);
+      }
+      steps_end = std::max(steps_end, last_step[b] + b * kSkewRows);
+    }
+    const int64_t lb = blocks_now - 1;  // the block that writes the ring
+    for (int64_t ja = first[0][0]; ja <= steps_end; ja += batch) {
+      const int64_t jb = ja + batch - 1;
+      // Block 0's first row reads columns j - 1 and j of the row above at step j.
+      ring.wait_input(q, std::min(jb, m) + 1);
+      for (int64_t b = 0; b < blocks_now; ++b) {
+        const int64_t lag = b * kSkewRows;
+        const int64_t from = std::max(ja - lag, first[b][0]);
+        const int64_t to = std::min(jb - lag, last_step[b]);
+        if (from <= to) run_steps(b, from, to);
+      }
+      // After step jb - lag, the last row's columns up to that step - (rows - 1) are final.
+      ring.publish(q, std::clamp<int64_t>(jb - lb * kSkewRows - rows_now[lb] + 2, 0, ld));
+    }
+    ring.publish(q, ld);
+    ring.release_input(q);
+    for (int64_t b = 0; b < blocks_now; ++b) {
+      for (int64_t s = 0; s < rows_now[b]; ++s) {
+        for (int64_t k = 0; k < L; ++k) {
+          if (shape.n[k] == i[b] + s) {
+            alignas(64) double lane_m[L], lane_e[L];
+            cur[b][s][shape.m[k]].store(lane_m);
+            cur[b][s][ld + shape.m[k]].store(lane_e);
+            values[k] = -(lane_e[k] + std::log2(lane_m[k]));
+            if (kept != nullptr && values[k] == std::numeric_limits<double>::infinity()) {
+              mark_unreachable_end(kept + ((i[b] + s - i0 - 1) * m + shape.m[k] - 1) * L, k);
+            }
           }
         }
       }
+      const int64_t block_end = i[b] + rows_now[b] - 1;
+      if (sweep.checkpoints != nullptr && block_end % sweep.every == 0 && block_end < n) {
+        VA* dst = sweep.checkpoints + (block_end / sweep.every) * ld;
+        const VA* src = cur[b][rows_now[b] - 1];
+        for (int64_t c = 0; c <= m; ++c) dst[c] = scaled_to_r(src[c], src[ld + c]);
+      }
     }
-    const int64_t block_end = i + rows_now - 1;
-    if (sweep.checkpoints != nullptr && block_end % sweep.every == 0 && block_end < n) {
-      VA* dst = sweep.checkpoints + (block_end / sweep.every) * ld;
-      const VA* src = cur[rows_now - 1];
-      for (int64_t c = 0; c <= m; ++c) dst[c] = scaled_to_r(src[c], src[ld + c]);
-    }
-    prev_slot = (prev_slot + rows_now) % kRollingRows;
+    ring.release_output(q);
   }
   return VA::loadu(values) * VA(unit);
+}
+
+// Sets `ring` up for a sweep of xy_soft_forward_scaled on `workers` threads: every slot
+// X = 0, slot 0 the start row (row i0's R, or row 0: X[0][0] = 1).
+inline void start_scaled_ring(RowRing& ring, int64_t workers, int64_t m, const VA* start) {
+  const int64_t ld = m + 1;
+  ring.reset(workers, 2 * ld, m);
+  const VA zero(0.0), minus_inf(-std::numeric_limits<double>::infinity());
+  for (int64_t s = 0; s < ring.slots; ++s) {
+    VA* row = ring.slot(s);
+    std::fill(row, row + ld, zero);
+    std::fill(row + ld, row + 2 * ld, minus_inf);
+  }
+  VA* row0 = ring.slot(0);
+  if (start != nullptr) {
+    for (int64_t j = 0; j <= m; ++j) r_to_scaled(start[j], row0[j], row0[ld + j]);
+    ring.held_first[0] = 0;
+    ring.held_last[0] = m;
+  } else {
+    row0[0] = VA(1.0);
+    row0[ld] = zero;
+    ring.held_first[0] = ring.held_last[0] = 0;
+  }
 }
 #endif
 
@@ -1398,19 +1618,73 @@ VA xy_soft_forward_lanes(const double* xt, const double* yt, int64_t D_runtime,
 
 // The forward sweep of one lane group: xy_soft_forward_lanes, or for fp32 inputs (kWeights)
 // in the AVX512 and AVX2 builds xy_soft_forward_scaled (same arguments, same results).
+// One lane group's rows and their threads (rows across threads: RowRing).
+struct SweepWork {
+  RowRing ring;
+  std::vector<std::vector<VA>> rows;  // each worker's rows
+  std::vector<VA> values;             // each worker's lane values
+  int64_t workers = 1;
+};
+
+// Whether the lanes of T inputs sweep their rows on several threads (RowRing): the fp32
+// lanes of the AVX512 and AVX2 builds (xy_soft_forward_scaled, and the weights backward).
+template <typename T>
+constexpr bool rows_across_threads() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+
+// Threads per lane group: all of them for `tasks` groups of up to (n, m) cells where the
+// groups alone would leave a quarter of the threads idle (tasks / (rounds * threads) <
+// 3/4; e.g. 1 group on 2 threads, 8 on 16), else one. At most m / 32 threads (each works
+// a batch or two behind the one before it: ring_batch), and one for small grids, whose
+// parallel region would cost more than the rows it shares.
+template <typename T>
+int64_t row_workers_for(int64_t tasks, int64_t n, int64_t m) {
+  const int64_t threads = at::get_num_threads();
+  if (!rows_across_threads<T>() || threads <= 1 || tasks <= 0 || n * m < (1 << 15)) return 1;
+  const int64_t rounds = (tasks + threads - 1) / threads;
+  if (4 * tasks >= 3 * rounds * threads) return 1;
+  return std::max<int64_t>(1, std::min(threads, m / 32));
+}
+
+// One lane group's forward: R (fp64, or fp32 lanes outside the AVX512 and AVX2 builds:
+// xy_soft_forward_lanes) or X (fp32 lanes: xy_soft_forward_scaled, its rows on
+// work.workers threads). Same arguments and results as xy_soft_forward_lanes, the rows in
+// `work`.
 template <int kMetric, bool kWeights, int kDim = 0>
 VA xy_soft_forward_sweep(const double* xt, const double* yt, int64_t D_runtime,
-                         const LaneShape<VA>& shape, double gamma, VA* rows, double* kept,
-                         const SweepRows& sweep = SweepRows{}) {
+                         const LaneShape<VA>& shape, double gamma, double* kept,
+                         SweepWork& work, const SweepRows& sweep = SweepRows{}) {
+  const int64_t m = shape.pb.m, ld = m + 1;
+  const int64_t workers = std::max<int64_t>(1, work.workers);
+  if (static_cast<int64_t>(work.rows.size()) < workers) work.rows.resize(workers);
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (kWeights) {
-    return xy_soft_forward_scaled<kMetric, kDim>(xt, yt, D_runtime, shape, gamma, rows, kept,
-                                                 sweep);
+    start_scaled_ring(work.ring, workers, m, sweep.start);
+    work.values.assign(workers, VA(0.0));
+    const int64_t batch = ring_batch(workers, m);
+    const int64_t chunk_blocks = workers > 1 ? chunk_blocks_for(m) : 1;
+    run_ring_workers(workers, [&](int64_t w) {
+      std::vector<VA>& rows = work.rows[w];
+      rows.resize(2 * (chunk_blocks * kSkewRows - 1) * ld);
+      work.values[w] = xy_soft_forward_scaled<kMetric, kDim>(xt, yt, D_runtime, shape, gamma,
+                                                             rows.data(), kept, sweep,
+                                                             work.ring, chunk_blocks, batch);
+    });
+    VA value(0.0);  // each lane's value comes from one worker, 0 from the others
+    for (const VA& v : work.values) value = value + v;
+    return value;
   } else
 #endif
   {
+    std::vector<VA>& rows = work.rows[0];
+    rows.resize(2 * kRollingRows * ld);
     return xy_soft_forward_lanes<kMetric, kWeights, kDim>(xt, yt, D_runtime, shape, gamma,
-                                                          rows, kept, sweep);
+                                                          rows.data(), kept, sweep);
   }
 }
 
@@ -1476,7 +1750,7 @@ struct BackRows {
   bool first = true;            // the task's last row is in this call: zero E and gx / gy
 };
 
-template <int kMetric, bool kWeights, int kDim = 0>
+template <int kMetric, int kDim = 0>
 void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
                             const LaneShape<VA>& shape, double gamma, const VA& g,
                             const double* kept, VA* work, VA* gx, VA* gy,
@@ -1511,145 +1785,21 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
     for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
     for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
   }
-  // Row p - 1 gets row p's pushes: (p, q) pushes up to (p - 1, q) and diagonally to
-  // (p - 1, q - 1), so e_up[q] = E(p, q) w_up(p, q) + E(p, q + 1) w_diag(p, q + 1) for
-  // jf <= q <= jl, and e_up[jf - 1] = E(p, jf) w_diag(p, jf). Each is written once, the
-  // diagonal push carried to the next cell in `diag` (a register), not accumulated in
-  // memory (two read-modify-writes per cell, the store of one cell feeding a load of the
-  // next); the push of (p, q + 1) to its left neighbour (p, q) likewise in `carry`, so the
-  // only dependency from one cell to the next is an add and two multiplies. The rest of
-  // row p - 1 gets no push. Column 0 receives pushes too (zero weight, or ignored).
+  // Row p - 1 gets row p's pushes (see xy_soft_backward_weights), the diagonal push and
+  // the left one carried from cell to cell in registers (diag, carry).
   auto clear_pushes_outside = [&](int64_t jf, int64_t jl) {
     for (int64_t j = 0; j < jf - 1; ++j) e_up[j] = zero;
     for (int64_t j = jl + 1; j <= m; ++j) e_up[j] = zero;
   };
-  auto ends_at = [&](int64_t p) {  // some lane's last row is p
-    for (int64_t k = 0; k < L; ++k) {
-      if (shape.n[k] == p) return true;
-    }
-    return false;
-  };
-  // Weights mode (the forward's weights: no exponential, no division), kRows rows p,
-  // p - 1, .. in one pass over the columns, right to left: at column q, cell (p, q) and
-  // then (p - 1, q), whose push from (p, q) stays in a register, as do the two cells' gx
-  // rows and x rows (kDim > 0); both cells share column q's y and gy, read and written
-  // once. So two rows per pass halve the memory operations on gy and on E's rows, which
-  // bound this loop more than its arithmetic. Row r = 0 .. kRows - 1 is row p - r.
-  auto weights_rows = [&](int64_t p, auto rows_c) {
-    constexpr int kRows = decltype(rows_c)::value;
-    constexpr int64_t kX = kDim > 0 ? kDim : 1;
-    int64_t jf[kRows], jl[kRows];
-    const float* wrow[kRows];
-    const double* xr[kRows];
-    VA* gxr[kRows];
-    VA carry[kRows], diag[kRows];
-    // Row p - r's gx and x in registers (kDim > 0): the stores of gy and E cannot alias
-    // locals (through xt they could, and x would be reloaded at every cell).
-    VA gx_row[kRows][kX];
-    alignas(64) double x_row[kRows][kX * L];
-    for (int r = 0; r < kRows; ++r) {
-      jf[r] = pb.first(p - r);
-      jl[r] = pb.last(p - r);
-      wrow[r] = reinterpret_cast<const float*>(kept + (p - r - p_lo) * m * L);
-      carry[r] = diag[r] = zero;
-      for (VA& v : gx_row[r]) v = zero;
-      if constexpr (kDim > 0) {
-        std::memcpy(x_row[r], xt + (p - r - 1) * D * L, sizeof(x_row[r]));
-        xr[r] = x_row[r];
-        gxr[r] = gx_row[r];
-      } else {
-        xr[r] = xt + (p - r - 1) * D * L;
-        gxr[r] = gx + (p - r - 1) * D;
-      }
-    }
-    clear_pushes_outside(jf[kRows - 1], jl[kRows - 1]);
-    // Cell (p - r, q), given the pushes it got from the row below: returns its final E
-    // (every successor has pushed), sets `up` to its push into (p - r - 1, q) plus the
-    // diagonal one of (p - r, q + 1), and carries its left and diagonal pushes.
-    auto cell = [&](int r, int64_t q, const VA& from_below, VA& up) {
-      VA e = from_below + carry[r];
-      // A lane's masked cell (LaneShape) has E = 0 in exact arithmetic; the fp32 weights'
-      // left share 1 - wd - wu (~1e-8 from rounding where it is 0) would give it some.
-      if (shape.masked) e = VA::blendv(e, zero, shape.outside(p - r, q));
-      VA wd, wu;
-      load_weights(wrow[r] + (q - 1) * 2 * L, wd, wu);
-      // The kept weights come from memory (L N M doubles per group: past the caches),
-      // read backwards; a prefetch kPrefetchCells cells ahead (into the row above at the
-      // row's start, the next one read) took ~1/6 off the backward on the EPYC.
-      if ((p - r - p_lo) * m + q - 1 >= kPrefetchCells) {
-        __builtin_prefetch(wrow[r] + (q - 1 - kPrefetchCells) * 2 * L);
-      }
-      // An unreachable cell has E = 0, so its weights ((0, 0, 1)) push nothing.
-      const VA wl = max_instruction(zero, (one - wd) - wu);
-      up = at::vec::fmadd(e, wu, diag[r]);
-      diag[r] = e * wd;
-      carry[r] = e * wl;
-      return e;
-    };
-    auto contract = [&](int r, int64_t q, const VA& e) {  // one cell of column q
-      contract_column<kMetric, 1, kDim>({xr[r]}, yt + (q - 1) * D * L, D, {e}, {gxr[r]},
-                                        gy + (q - 1) * D);
-    };
-    if constexpr (kRows == 1) {
-      for (int64_t q = jl[0]; q >= jf[0]; --q) contract(0, q, cell(0, q, e_cur[q], e_up[q]));
-    } else {
-      // Rows start and end no later than the rows below them: jf[1] <= jf[0], jl[1] <=
-      // jl[0]. Columns of row p only: the pushes up leave row p - 1's range, but the
-      // diagonal one of (p, jl[1] + 1) stays in diag[0] for (p - 1, jl[1]).
-      VA dropped;
-      int64_t q = jl[0];
-      for (; q >= std::max(jl[1] + 1, jf[0]); --q) contract(0, q, cell(0, q, e_cur[q], dropped));
-      for (q = jl[1]; q >= jf[0]; --q) {  // both rows
-        VA up;
-        const VA e[2] = {cell(0, q, e_cur[q], up), cell(1, q, up, e_up[q])};
-        contract_column<kMetric, 2, kDim>(xr, yt + (q - 1) * D * L, D, e, gxr,
-                                          gy + (q - 1) * D);
-      }
-      // Columns of row p - 1 only: row p's one push there is the diagonal one of (p, jf[0]).
-      for (q = std::min(jf[0] - 1, jl[1]); q >= jf[1]; --q) {
-        contract(1, q, cell(1, q, q == jf[0] - 1 ? diag[0] : zero, e_up[q]));
-      }
-    }
-    e_up[jf[kRows - 1] - 1] = diag[kRows - 1];
-    if constexpr (kDim > 0) {
-      for (int r = 0; r < kRows; ++r) {
-        VA* gxp = gx + (p - r - 1) * D;  // which may hold an unreachable end's seed
-        for (int64_t d = 0; d < kDim; ++d) gxp[d] = gxp[d] + gx_row[r][d];
-      }
-    }
-    std::swap(e_cur, e_up);
-  };
-  if constexpr (!kWeights) load_row(n, r_cur);
+  load_row(n, r_cur);
   for (int64_t p = n; p >= p_lo;) {
     for (int64_t k = 0; k < L; ++k) {  // lanes whose last row is p: their seed
       if (shape.n[k] == p) {
-        if constexpr (kWeights) {  // see kUnreachableEnd
-          const int64_t q = shape.m[k];
-          if (is_unreachable_end(kept + ((p - p_lo) * m + q - 1) * L, k)) {
-            alignas(64) double e_lane[L] = {};
-            e_lane[k] = seeds[k];
-            contract_column<kMetric, 1>({xt + (p - 1) * D * L}, yt + (q - 1) * D * L, D,
-                                        {VA::loadu(e_lane)}, {gx + (p - 1) * D},
-                                        gy + (q - 1) * D);
-            continue;
-          }
-        }
         alignas(64) double e_end[L];
         e_cur[shape.m[k]].store(e_end);
         e_end[k] += seeds[k];
         e_cur[shape.m[k]] = VA::loadu(e_end);
       }
-    }
-    if constexpr (kWeights) {
-      // Two rows per pass, unless row p - 1 is outside the call or takes a seed.
-      if (p - 1 >= p_lo && !ends_at(p - 1)) {
-        weights_rows(p, std::integral_constant<int, 2>{});
-        p -= 2;
-      } else {
-        weights_rows(p, std::integral_constant<int, 1>{});
-        p -= 1;
-      }
-      continue;
     }
     load_row(p - 1, r_up);
     const int64_t jf = pb.first(p), jl = pb.last(p);
@@ -1690,6 +1840,276 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
   if (e_cur != work + 2 * ld) std::memcpy(work + 2 * ld, e_cur, ld * sizeof(VA));
 }
 
+// Weights mode (fp32 lanes: the forward's soft-argmin weights, no exponential, no
+// division): the same backward, its rows in passes of one or two rows claimed from `ring`
+// (rows across threads: RowRing), bottom pass first. Pass t reads the pushes into its first
+// row from the ring's input slot (slot 0: the pushes into row p_hi from below, zeros or
+// the segment below's) and writes its pushes into the row above it to its output slot,
+// right to left, publishing how many columns from the right are final. The gx rows are the
+// passes' own; gy (every row adds to every column) is split into `buckets` partial sums,
+// pass t adding to gy_buckets[t mod buckets]: as many as workers, so that no two passes
+// in flight share one (passes t and t + buckets never run at once: a worker claims t +
+// buckets only after some pass in t .. t + buckets - 1 is done, which waited on pass t's
+// last column), and the same for any order the workers take the passes in (the caller
+// sums the buckets in order: the results do not depend on the schedule).
+// `passes`: each pass's first row p and its rows (weights_passes). A pass of two rows p,
+// p - 1 goes once over the columns, right to left: at column q, cell (p, q) and then
+// (p - 1, q), whose push from (p, q) stays in a register, as do the two cells' gx rows
+// and x rows (kDim > 0); both cells share column q's y and gy, read and written once. So
+// two rows per pass halve the memory operations on gy and on E's rows, which bound this
+// loop more than its arithmetic.
+struct WeightsPass {
+  int64_t p, rows;
+};
+
+// The passes over rows p_hi down to p_lo: two rows, unless the second is outside the call
+// or is some lane's last row (its seed must join E before the row is swept).
+inline std::vector<WeightsPass> weights_passes(const LaneShape<VA>& shape, int64_t p_lo,
+                                               int64_t p_hi) {
+  auto ends_at = [&](int64_t p) {
+    for (int64_t k = 0; k < VA::size(); ++k) {
+      if (shape.n[k] == p) return true;
+    }
+    return false;
+  };
+  std::vector<WeightsPass> passes;
+  for (int64_t p = p_hi; p >= p_lo;) {
+    const int64_t rows = p - 1 >= p_lo && !ends_at(p - 1) ? 2 : 1;
+    passes.push_back({p, rows});
+    p -= rows;
+  }
+  return passes;
+}
+
+template <int kMetric, int kDim = 0>
+void xy_soft_backward_weights(const double* xt, const double* yt, int64_t D,
+                              const LaneShape<VA>& shape, const VA& g, const double* kept,
+                              VA* gx, VA* const* gy_buckets, int64_t buckets, int64_t p_lo,
+                              const std::vector<WeightsPass>& passes, RowRing& ring,
+                              int64_t batch) {
+  constexpr int64_t L = VA::size();
+  const PairBand& pb = shape.pb;
+  alignas(64) double seeds[L];  // lane k's dL / dR[n_k][m_k], added to E when row n_k starts
+  g.store(seeds);
+  const VA zero(0.0), one(1.0);
+  const int64_t m = pb.m, ld = m + 1;
+  const int64_t count = static_cast<int64_t>(passes.size());
+  VA* gy = nullptr;  // the running pass's bucket of gy
+  // Rows p, p - 1, .. (row r = p - r) of pass t, given the pushes into row p (e_cur);
+  // writes the pushes into row p - kRows (e_up). Row p - 1 gets row p's pushes: (p, q)
+  // pushes up to (p - 1, q) and diagonally to (p - 1, q - 1), so e_up[q] = E(p, q)
+  // w_up(p, q) + E(p, q + 1) w_diag(p, q + 1) for jf <= q <= jl, and e_up[jf - 1] =
+  // E(p, jf) w_diag(p, jf). Each is written once, the diagonal push carried to the next
+  // cell in `diag` (a register), not accumulated in memory, and the push of (p, q + 1) to
+  // its left neighbour (p, q) likewise in `carry`, so the only dependency from one cell to
+  // the next is an add and two multiplies. The rest of row p - 1 gets no push (zero).
+  auto weights_rows = [&](int64_t t, int64_t p, auto rows_c, const VA* e_cur, VA* e_up) {
+    constexpr int kRows = decltype(rows_c)::value;
+    constexpr int64_t kX = kDim > 0 ? kDim : 1;
+    int64_t jf[kRows], jl[kRows];
+    const float* wrow[kRows];
+    const double* xr[kRows];
+    VA* gxr[kRows];
+    VA carry[kRows], diag[kRows];
+    // Row p - r's gx and x in registers (kDim > 0): the stores of gy and E cannot alias
+    // locals (through xt they could, and x would be reloaded at every cell).
+    VA gx_row[kRows][kX];
+    alignas(64) double x_row[kRows][kX * L];
+    for (int r = 0; r < kRows; ++r) {
+      jf[r] = pb.first(p - r);
+      jl[r] = pb.last(p - r);
+      wrow[r] = reinterpret_cast<const float*>(kept + (p - r - p_lo) * m * L);
+      carry[r] = diag[r] = zero;
+      for (VA& v : gx_row[r]) v = zero;
+      if constexpr (kDim > 0) {
+        std::memcpy(x_row[r], xt + (p - r - 1) * D * L, sizeof(x_row[r]));
+        xr[r] = x_row[r];
+        gxr[r] = gx_row[r];
+      } else {
+        xr[r] = xt + (p - r - 1) * D * L;
+        gxr[r] = gx + (p - r - 1) * D;
+      }
+    }
+    constexpr int kLast = kRows - 1;  // the row whose pushes go to e_up
+    for (int64_t j = 0; j < jf[kLast] - 1; ++j) e_up[j] = zero;
+    for (int64_t j = jl[kLast] + 1; j <= m; ++j) e_up[j] = zero;
+    // Cell (p - r, q), given the pushes it got from the row below: returns its final E
+    // (every successor has pushed), sets `up` to its push into (p - r - 1, q) plus the
+    // diagonal one of (p - r, q + 1), and carries its left and diagonal pushes.
+    auto cell = [&](int r, int64_t q, const VA& from_below, VA& up) {
+      VA e = from_below + carry[r];
+      // A lane's masked cell (LaneShape) has E = 0 in exact arithmetic; the fp32 weights'
+      // left share 1 - wd - wu (~1e-8 from rounding where it is 0) would give it some.
+      if (shape.masked) e = VA::blendv(e, zero, shape.outside(p - r, q));
+      VA wd, wu;
+      load_weights(wrow[r] + (q - 1) * 2 * L, wd, wu);
+      // The kept weights come from memory (L N M doubles per group: past the caches),
+      // read backwards; a prefetch kPrefetchCells cells ahead (into the row above at the
+      // row's start, the next one read) took ~1/6 off the backward on the EPYC.
+      if ((p - r - p_lo) * m + q - 1 >= kPrefetchCells) {
+        __builtin_prefetch(wrow[r] + (q - 1 - kPrefetchCells) * 2 * L);
+      }
+      // An unreachable cell has E = 0, so its weights ((0, 0, 1)) push nothing.
+      const VA wl = max_instruction(zero, (one - wd) - wu);
+      up = at::vec::fmadd(e, wu, diag[r]);
+      diag[r] = e * wd;
+      carry[r] = e * wl;
+      return e;
+    };
+    auto contract = [&](int r, int64_t q, const VA& e) {  // one cell of column q
+      contract_column<kMetric, 1, kDim>({xr[r]}, yt + (q - 1) * D * L, D, {e}, {gxr[r]},
+                                        gy + (q - 1) * D);
+    };
+    // Columns q_hi down to q_lo.
+    auto run_columns = [&](int64_t q_hi, int64_t q_lo) {
+      if constexpr (kRows == 1) {
+        for (int64_t q = std::min(q_hi, jl[0]); q >= std::max(q_lo, jf[0]); --q) {
+          contract(0, q, cell(0, q, e_cur[q], e_up[q]));
+        }
+      } else {
+        // Rows start and end no later than the rows below them: jf[1] <= jf[0], jl[1] <=
+        // jl[0]. Columns of row p only: the pushes up leave row p - 1's range, but the
+        // diagonal one of (p, jl[1] + 1) stays in diag[0] for (p - 1, jl[1]).
+        VA dropped;
+        for (int64_t q = std::min(q_hi, jl[0]); q >= std::max(q_lo, std::max(jl[1] + 1, jf[0]));
+             --q) {
+          contract(0, q, cell(0, q, e_cur[q], dropped));
+        }
+        for (int64_t q = std::min(q_hi, jl[1]); q >= std::max(q_lo, jf[0]); --q) {  // both rows
+          VA up;
+          const VA e[2] = {cell(0, q, e_cur[q], up), cell(1, q, up, e_up[q])};
+          contract_column<kMetric, 2, kDim>(xr, yt + (q - 1) * D * L, D, e, gxr,
+                                            gy + (q - 1) * D);
+        }
+        // Columns of row p - 1 only: row p's one push there is the diagonal one of (p, jf[0]).
+        for (int64_t q = std::min(q_hi, std::min(jf[0] - 1, jl[1])); q >= std::max(q_lo, jf[1]);
+             --q) {
+          contract(1, q, cell(1, q, q == jf[0] - 1 ? diag[0] : zero, e_up[q]));
+        }
+      }
+    };
+    const int64_t q_top = jl[0], q_bottom = jf[kLast];
+    for (int64_t q_hi = q_top; q_hi >= q_bottom; q_hi -= batch) {
+      const int64_t q_lo = std::max(q_bottom, q_hi - batch + 1);
+      ring.wait_input(t, ld - q_lo);  // row p reads e_cur[q] for q >= q_lo
+      // The pushes just published come from another core's cache (~100 ns each, the
+      // loads would wait one by one): fetched at once.
+      for (int64_t q = q_lo; q <= q_hi; ++q) __builtin_prefetch(e_cur + q);
+      run_columns(q_hi, q_lo);
+      // e_up is final from column q_lo (from jl + 1 before the last row's first cell).
+      ring.publish(t, ld - (q_lo <= jl[kLast] ? std::max(q_lo, jf[kLast]) : jl[kLast] + 1));
+    }
+    e_up[jf[kLast] - 1] = diag[kLast];
+    if constexpr (kDim > 0) {
+      for (int r = 0; r < kRows; ++r) {
+        VA* gxp = gx + (p - r - 1) * D;  // which may hold an unreachable end's seed
+        for (int64_t d = 0; d < kDim; ++d) gxp[d] = gxp[d] + gx_row[r][d];
+      }
+    }
+  };
+  for (int64_t t; (t = ring.claim(count)) >= 0;) {
+    const int64_t p = passes[t].p;
+    gy = gy_buckets[t % buckets];
+    ring.wait_output(t);
+    VA* e_cur = ring.slot(ring.input_slot(t));
+    VA* e_up = ring.slot(ring.output_slot(t));
+    bool seeded = false;
+    for (int64_t k = 0; k < L; ++k) {  // lanes whose last row is p: their seed
+      if (shape.n[k] != p) continue;
+      if (!seeded) {  // this pass adds to its input row: the pass below must be done with it
+        ring.wait_input(t, ld);
+        seeded = true;
+      }
+      const int64_t q = shape.m[k];
+      if (is_unreachable_end(kept + ((p - p_lo) * m + q - 1) * L, k)) {  // see kUnreachableEnd
+        alignas(64) double e_lane[L] = {};
+        e_lane[k] = seeds[k];
+        contract_column<kMetric, 1>({xt + (p - 1) * D * L}, yt + (q - 1) * D * L, D,
+                                    {VA::loadu(e_lane)}, {gx + (p - 1) * D}, gy + (q - 1) * D);
+        continue;
+      }
+      alignas(64) double e_end[L];
+      e_cur[q].store(e_end);
+      e_end[k] += seeds[k];
+      e_cur[q] = VA::loadu(e_end);
+    }
+    if (passes[t].rows == 2) {
+      weights_rows(t, p, std::integral_constant<int, 2>{}, e_cur, e_up);
+    } else {
+      weights_rows(t, p, std::integral_constant<int, 1>{}, e_cur, e_up);
+    }
+    ring.publish(t, ld);
+    ring.release_input(t);
+    ring.release_output(t);
+  }
+}
+
+// One lane group's backward over rows range.p_hi down to range.p_lo (the pair's n
+// down to 1 by default): weights mode (xy_soft_backward_weights, its rows on work.workers
+// threads) or R mode (xy_soft_backward_lanes). work.carry holds the pushes into the row
+// above the call when it returns, the pushes from below at the start of a call with
+// range.first false; range.first zeroes gx and gy first.
+struct BackWork {
+  RowRing ring;
+  std::vector<std::vector<VA>> gy;  // gy's buckets (two or more workers)
+  std::vector<VA> r_mode;           // R mode's 4 (m + 1) vectors
+  std::vector<VA> carry;            // m + 1 pushes
+  int64_t workers = 1;
+};
+
+template <int kMetric, bool kWeights, int kDim = 0>
+void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
+                            const LaneShape<VA>& shape, double gamma, const VA& g,
+                            const double* kept, VA* gx, VA* gy, BackWork& work,
+                            const BackRows& range = BackRows{}) {
+  const int64_t n = range.p_hi < 0 ? shape.pb.n : range.p_hi, m = shape.pb.m, ld = m + 1;
+  const VA zero(0.0);
+  if (range.first) {
+    std::fill(gx, gx + shape.pb.n * D, zero);
+    std::fill(gy, gy + m * D, zero);
+    work.carry.assign(ld, zero);
+  }
+  if constexpr (!kWeights) {
+    work.r_mode.resize(4 * ld);
+    std::copy(work.carry.begin(), work.carry.end(), work.r_mode.begin() + 2 * ld);
+    BackRows call = range;
+    call.first = false;  // zeroed above
+    xy_soft_backward_lanes<kMetric, kDim>(xt, yt, D, shape, gamma, g, kept, work.r_mode.data(),
+                                          gx, gy, call);
+    std::copy(work.r_mode.begin() + 2 * ld, work.r_mode.begin() + 3 * ld, work.carry.begin());
+  } else {
+    const int64_t workers = std::max<int64_t>(1, work.workers);
+    const std::vector<WeightsPass> passes = weights_passes(shape, range.p_lo, n);
+    RowRing& ring = work.ring;
+    ring.reset(workers, ld, m);
+    std::copy(work.carry.begin(), work.carry.end(), ring.slot(0));
+    // gy's buckets: gy itself for one worker, else `workers` partial sums added to gy
+    std::vector<VA*> buckets(1, gy);
+    if (workers > 1) {
+      work.gy.resize(workers);
+      buckets.resize(workers);
+      for (int64_t w = 0; w < workers; ++w) {
+        work.gy[w].assign(m * D, zero);
+        buckets[w] = work.gy[w].data();
+      }
+    }
+    const int64_t batch = ring_batch(workers, m);
+    run_ring_workers(workers, [&](int64_t) {
+      xy_soft_backward_weights<kMetric, kDim>(xt, yt, D, shape, g, kept, gx, buckets.data(),
+                                              static_cast<int64_t>(buckets.size()), range.p_lo,
+                                              passes, ring, batch);
+    });
+    if (workers > 1) {
+      for (int64_t w = 0; w < workers; ++w) {
+        for (int64_t e = 0; e < m * D; ++e) gy[e] = gy[e] + work.gy[w][e];
+      }
+    }
+    const VA* above = ring.slot(ring.output_slot(static_cast<int64_t>(passes.size()) - 1));
+    std::copy(above, above + ld, work.carry.begin());
+  }
+}
+
+
 // ------------------------------------------------------------ checkpointed soft-DTW
 // For long pairs the kept state of the whole (n, m) grid (8 bytes per cell) is replaced by
 // checkpoints: the forward keeps R of every S-th row (rows 0, S, 2S, ...: C = ceil(N / S)
@@ -1713,16 +2133,18 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
   const int64_t C = (N + S - 1) / S;
   const double inf = std::numeric_limits<double>::infinity();
   const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths, /*partial=*/true);
-  for_each_task(lg.tasks(), 1, [&](auto next_task) {
+  const int64_t row_workers = row_workers_for<T>(lg.tasks(), N, M);
+  for_each_task(lg.tasks(), row_workers > 1 ? lg.tasks() : 1, [&](auto next_task) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt;
-    std::vector<VA> rows, checkpoints;
+    std::vector<VA> checkpoints;
+    SweepWork work;
+    work.workers = row_workers;
     for (int64_t t; (t = next_task()) >= 0;) {
       const LaneTask task = lane_task(lg, t);
       const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
       const int64_t m = shape.pb.m, ld = m + 1;
       gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
-      rows.resize(2 * kRollingRows * ld);
       checkpoints.assign(C * ld, VA(inf));
       checkpoints[0] = VA(0.0);  // row 0: R[0][0] = 0, the rest +inf
       SweepRows sweep;
@@ -1730,7 +2152,7 @@ void xy_soft_forward_checkpointed(const DtwXYForwardArgs& a) {
       sweep.every = S;
       const VA value = with_fixed_dim(D, [&](auto dim_c) {
         return xy_soft_forward_sweep<kMetric, kWeights, decltype(dim_c)::value>(
-            xt.data(), yt.data(), D, shape, a.gamma, rows.data(), nullptr, sweep);
+            xt.data(), yt.data(), D, shape, a.gamma, nullptr, work, sweep);
       });
       alignas(64) double lane_values[L], lane_row[L];
       value.store(lane_values);
@@ -1770,17 +2192,19 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   const LaneGroups lg(L, a.B, a.B / L, a.x_lengths, a.y_lengths, /*partial=*/true);
-  for_each_task(lg.tasks(), 1, [&](auto next_task) {
+  const int64_t row_workers = row_workers_for<T>(lg.tasks(), N, M);
+  for_each_task(lg.tasks(), row_workers > 1 ? lg.tasks() : 1, [&](auto next_task) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     std::vector<double> xt, yt, segment;
-    std::vector<VA> rows, work, above, gxl, gyl;
+    std::vector<VA> above, gxl, gyl;
+    SweepWork sweep_work;
+    BackWork back_work;
+    sweep_work.workers = back_work.workers = row_workers;
     for (int64_t t; (t = next_task()) >= 0;) {
       const LaneTask task = lane_task(lg, t);
       const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
       const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
       gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
-      rows.resize(2 * kRollingRows * ld);
-      work.resize(4 * ld);
       above.resize(ld);
       gxl.resize(n * D);
       gyl.resize(m * D);
@@ -1811,11 +2235,11 @@ void xy_soft_backward_checkpointed(const DtwXYBackwardArgs& a) {
         with_fixed_dim(D, [&](auto dim_c) {
           constexpr int kDim = decltype(dim_c)::value;
           xy_soft_forward_sweep<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
-                                                         a.gamma, rows.data(), segment.data(),
+                                                         a.gamma, segment.data(), sweep_work,
                                                          sweep);
-          xy_soft_backward_lanes<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
+          xy_soft_backward_sweep<kMetric, kWeights, kDim>(xt.data(), yt.data(), D, shape,
                                                           a.gamma, g, segment.data(),
-                                                          work.data(), gxl.data(), gyl.data(),
+                                                          gxl.data(), gyl.data(), back_work,
                                                           back);
         });
       }
@@ -1845,11 +2269,13 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       const int64_t grain = std::max<int64_t>(1, 32768 / cells);
       constexpr int64_t LA = VA::size();
       const LaneGroups lg(LA, B, LA > 1 ? B / LA : 0, a.x_lengths, a.y_lengths);
-      for_each_task(lg.tasks(), grain, [&](auto next_task) {
+      const int64_t row_workers = row_workers_for<T>(lg.tasks(), N, M);
+      for_each_task(lg.tasks(), row_workers > 1 ? lg.tasks() : grain, [&](auto next_task) {
         const FlushSubnormalsScope flush_subnormals;  // see the class comment
         std::vector<A> buf(2 * (M + 1));
         std::vector<double> xt, yt;
-        std::vector<VA> rl;
+        SweepWork work;
+        work.workers = row_workers;
         double* R_soft = static_cast<double*>(a.R);  // soft-DTW keeps R in fp64
         auto single = [&](int64_t b, int64_t slot) {  // kept at its task's slot
           const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
@@ -1866,17 +2292,16 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
           }
           const LaneTask task = lane_task(lg, t);
           const LaneShape<VA> shape(task.lanes, a.x_lengths, a.y_lengths, a.band);
-          const int64_t n = shape.pb.n, m = shape.pb.m, ld = m + 1;
+          const int64_t n = shape.pb.n, m = shape.pb.m;
           gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
           alignas(64) double out[LA];
-          rl.resize(2 * kRollingRows * ld);
           // Kept interleaved at the task's slot (see the file comment), row by row.
           double* group = R_soft != nullptr ? R_soft + lg.slot(t) * N * M : nullptr;
           // The common small feature counts compiled with D fixed (see contract_column).
           const VA value = with_fixed_dim(D, [&](auto dim_c) {
             return xy_soft_forward_sweep<kMetric, std::is_same_v<T, float>,
                                          decltype(dim_c)::value>(xt.data(), yt.data(), D, shape,
-                                                                 a.gamma, rl.data(), group);
+                                                                 a.gamma, group, work);
           });
           value.store(out);
           if (group != nullptr) {
@@ -1991,7 +2416,13 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
       const FlushSubnormalsScope flush_subnormals;  // see the class comment
       std::vector<A> e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
       std::vector<double> xt, yt;
-      std::vector<VA> rl, gxl, gyl;
+      std::vector<VA> gxl, gyl;
+      BackWork back_work;
+      // One thread per group: the backward's passes on two threads, faster on a
+      // checkpointed segment (3 pairs of 1500^2: 45 -> 37 ms), were slower here, on the
+      // whole kept grid (8 pairs of 512^2: 2.2 -> 3.5 ms; 256^2: 0.55 -> 1.0 ms), for
+      // reasons not found yet (not gy's buckets: per-worker buckets were as slow).
+      back_work.workers = 1;
       auto single = [&](int64_t b, int64_t slot) {  // soft: kept at its task's slot
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         const int64_t n = pb.n, m = pb.m;
@@ -2072,14 +2503,13 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
         gather_lanes(x, y, a.x_batch_stride, a.y_batch_stride, D, task.lanes, shape, xt, yt);
         alignas(64) double gv[LA];
         for (int64_t k = 0; k < LA; ++k) gv[k] = static_cast<double>(grad[task.lanes[k]]);
-        rl.resize(4 * (m + 1));
         gxl.resize(n * D);
         gyl.resize(m * D);
         // The common small feature counts compiled with D fixed (see contract_column).
         with_fixed_dim(D, [&](auto dim_c) {
-          xy_soft_backward_lanes<kMetric, std::is_same_v<T, float>, decltype(dim_c)::value>(
+          xy_soft_backward_sweep<kMetric, std::is_same_v<T, float>, decltype(dim_c)::value>(
               xt.data(), yt.data(), D, shape, a.gamma, VA::loadu(gv),
-              R_soft + lg.slot(t) * N * M, rl.data(), gxl.data(), gyl.data());
+              R_soft + lg.slot(t) * N * M, gxl.data(), gyl.data(), back_work);
         });
         scatter_task_gradients(task, shape, gxl.data(), gyl.data(), N, M, D, gx_out, gy_out);
       }
