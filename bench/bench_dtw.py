@@ -117,6 +117,55 @@ def test_soft_dtw_forward_backward(benchmark, provider, lengths):
            dtype=torch.float32, device="cpu", provider=provider, cells=cells)
 
 
+FEW = [(8, 1024), (1, 2048)]  # (pairs, n): fewer lane groups (8 pairs) than threads
+
+
+@pytest.mark.parametrize("pairs,n", FEW, ids=[f"{p}x{n}" for p, n in FEW])
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("provider", ["ether_kernels", "ether_kernels-1-thread", "eager",
+                                      "pysdtw"])
+def test_soft_dtw_few_long_pairs(benchmark, provider, mode, pairs, n):
+    """A few long pairs, D = 4: one lane group of 8 pairs, so the C++ kernels share its rows
+    among the threads (the forward, and a checkpointed backward: 1 pair of 2048^2 runs
+    checkpointed); "ether_kernels-1-thread" is the same call on one thread."""
+    x = _series(pairs, n, 4, 7)
+    y = _series(pairs, n, 4, 8)
+    gamma = SOFT["gamma"]
+    threads = torch.get_num_threads()
+    rounds = 3
+    if provider.startswith("ether_kernels") or provider == "eager":
+        backend = "reference" if provider == "eager" else "auto"
+        if provider == "eager":
+            rounds = 1
+
+        def call(a):
+            with ek.use_backend(backend):
+                return ek.soft_dtw(a, y, gamma)
+    else:
+        pysdtw = pytest.importorskip("pysdtw")
+        criterion = pysdtw.SoftDTW(gamma=gamma, use_cuda=False)
+
+        def call(a):
+            return criterion(a, y)
+
+    def fn():
+        if mode == "forward":
+            with torch.no_grad():
+                return call(x)
+        a = x.clone().requires_grad_(True)
+        return torch.autograd.grad(call(a).sum(), (a,))
+
+    torch.set_num_threads(1 if provider == "ether_kernels-1-thread" else threads)
+    try:
+        benchmark.group = f"soft_dtw {mode} {pairs} x {n} x {n}, D=4"
+        # the eager loop (~25 s for 8 x 1024^2 forward+backward) is timed once, cold
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0 if provider == "eager" else 1)
+    finally:
+        torch.set_num_threads(threads)
+    record(benchmark, op="soft_dtw-few", mode=mode, shape=(pairs, n, n), dtype=torch.float32,
+           device="cpu", provider=provider, cells=pairs * n * n)
+
+
 @pytest.mark.parametrize("provider", ["ether_kernels", "eager", "tslearn", "pysdtw"])
 def test_soft_dtw_forward(benchmark, provider):
     """Soft-DTW values only (no gradient wanted): ours keeps O(M) state per pair."""

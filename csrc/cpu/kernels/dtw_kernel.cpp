@@ -1666,7 +1666,8 @@ VA xy_soft_forward_sweep(const double* xt, const double* yt, int64_t D_runtime,
   if constexpr (kWeights) {
     start_scaled_ring(work.ring, workers, m, sweep.start);
     work.values.assign(workers, VA(0.0));
-    const int64_t batch = ring_batch(workers, m);
+    // One worker needs no hand-over: its blocks sweep their columns in one batch.
+    const int64_t batch = workers > 1 ? ring_batch(workers, m) : m + kSkewRows;
     const int64_t chunk_blocks = workers > 1 ? chunk_blocks_for(m) : 1;
     run_ring_workers(workers, [&](int64_t w) {
       std::vector<VA>& rows = work.rows[w];
@@ -2093,7 +2094,7 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
         buckets[w] = work.gy[w].data();
       }
     }
-    const int64_t batch = ring_batch(workers, m);
+    const int64_t batch = workers > 1 ? ring_batch(workers, m) : m + 1;  // see the forward
     run_ring_workers(workers, [&](int64_t) {
       xy_soft_backward_weights<kMetric, kDim>(xt, yt, D, shape, g, kept, gx, buckets.data(),
                                               static_cast<int64_t>(buckets.size()), range.p_lo,
