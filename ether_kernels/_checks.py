@@ -65,6 +65,16 @@ def check_non_negative_real(value, name, op_name):
     return float(value)
 
 
+def check_positive_real(value, name, op_name, allow_inf=False):
+    """A real number > 0, finite unless allow_inf (bool and tensors are refused); returns it
+    unchanged (a symbolic float under torch.compile stays symbolic)."""
+    _check_real_type(value, name, op_name)
+    if not value > 0 or (not allow_inf and not is_finite_number(value)):
+        kind = "a number" if allow_inf else "a finite number"
+        raise ValueError(f"{op_name}: {name} must be {kind} > 0, got {value}")
+    return value
+
+
 def check_int(value, name, op_name, minimum=None):
     """An int (bool refused), at least `minimum` when given; returns it as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -17,13 +17,13 @@ references (the test oracles) are in reference/alignment.py.
 
 import contextlib
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from . import _dispatch
-from ._checks import check_choice, check_loss_pair, check_tensor, is_finite_number
+from ._checks import (check_choice, check_finite_real, check_int, check_loss_pair,
+                      check_non_negative_real, check_positive_real, check_tensor)
 from .reference.alignment import contrastive_loss_reference
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -63,10 +63,7 @@ def _check_labels(labels, rows, name, op, device):
 
 
 def _check_margin(margin, op):
-    if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or \
-            not is_finite_number(margin) or margin < 0:
-        raise ValueError(f"{op}: margin must be a finite number >= 0, got {margin!r}")
-    return float(margin)
+    return check_non_negative_real(margin, "margin", op)
 
 
 # ------------------------------------------------------------------------ triplet
@@ -98,8 +95,7 @@ def triplet_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=F
                          f"{tuple(positive.shape)} and negative {tuple(negative.shape)} do not "
                          "broadcast") from None
     margin = _check_margin(margin, op)
-    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not p > 0:
-        raise ValueError(f"{op}: p must be > 0, got {p!r}")
+    check_positive_real(p, "p", op, allow_inf=True)  # p = inf: the max norm
     check_choice(reduction, "reduction", _REDUCTIONS, op)
     return F.triplet_margin_loss(anchor, positive, negative, margin=margin, p=p, eps=eps,
                                  swap=swap, reduction=reduction)
@@ -405,9 +401,7 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
     _check_embeddings(a, "a", op)
     _check_embeddings(b, "b", op)
     check_loss_pair(a, b, "a", "b", op)
-    if not isinstance(temperature, numbers.Real) or not temperature > 0 or \
-            not is_finite_number(temperature):
-        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    check_positive_real(temperature, "temperature", op)
     B = a.shape[0]
     if block is None:
         # ~2^24 entries per slab on a GPU (few, large GEMMs); ~2^21 (8 MB in fp32) on a CPU,
@@ -415,8 +409,7 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
         # forward+backward on 2 cores: ~158 ms as one slab, ~140 ms in 512-row slabs)
         entries = 1 << (24 if a.is_cuda else 21)
         block = max(1, min(B, entries // B))
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(f"{op}: block must be an int >= 1, got {block!r}")
+    check_int(block, "block", op, minimum=1)
     if not torch.compiler.is_compiling() and _dispatch.transformed():
         # forward AD / torch.func: the blockwise Function's backward is reverse-mode only
         return contrastive_loss_reference(a, b, temperature, symmetric, normalize)
@@ -460,9 +453,7 @@ def grad_reverse(x, lambda_=1.0):
         # an integer tensor has no gradient to reverse: the layer would silently do nothing
         raise TypeError(f"grad_reverse: x must be a floating-point or complex tensor (its "
                         f"gradient is reversed), got {x.dtype}")
-    if not isinstance(lambda_, numbers.Real) or isinstance(lambda_, bool) or \
-            not is_finite_number(lambda_):
-        raise ValueError(f"grad_reverse: lambda_ must be a finite number, got {lambda_!r}")
+    check_finite_real(lambda_, "lambda_", "grad_reverse")
     if not torch.compiler.is_compiling() and _dispatch.transformed():
         return _GradientReversalUnderTransforms.apply(x, float(lambda_))
     return _GradientReversal.apply(x, float(lambda_))
@@ -502,8 +493,7 @@ def cca_loss(h1, h2, k=None, eps=1e-4):
         raise ValueError(f"{op}: need at least 2 samples, got {h1.shape[0]}")
     if h1.dtype != h2.dtype or h1.device != h2.device:
         raise TypeError(f"{op}: h1 and h2 must have the same dtype and device")
-    if not isinstance(eps, numbers.Real) or not eps > 0 or not is_finite_number(eps):
-        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
+    check_positive_real(eps, "eps", op)
     full = min(h1.shape[1], h2.shape[1])
     k = full if k is None else k
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= full:

@@ -2422,7 +2422,10 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
       // One thread per group: the backward's passes on two threads, faster on a
       // checkpointed segment (3 pairs of 1500^2: 45 -> 37 ms), were slower here, on the
       // whole kept grid (8 pairs of 512^2: 2.2 -> 3.5 ms; 256^2: 0.55 -> 1.0 ms), for
-      // reasons not found yet (not gy's buckets: per-worker buckets were as slow).
+      // reasons not found yet: each worker ran its half of the passes in ~3.0 ms, waiting
+      // < 10% of it (one worker runs all of them in 2.4 ms); not gy's buckets (per-worker
+      // buckets were as slow), nor the boundary row's read latency (fetching a batch
+      // ahead changed nothing).
       back_work.workers = 1;
       auto single = [&](int64_t b, int64_t slot) {  // soft: kept at its task's slot
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
