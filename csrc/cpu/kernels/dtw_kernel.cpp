@@ -1740,9 +1740,9 @@ inline void contract_column(const double* const (&x)[kCells], const double* yj,
 // sum_j E_ij dcost/dx_i and -sum_i E_ij dcost/dx_i.
 // kDim > 0: D == kDim known at compile time (see contract_column).
 // A call may also cover only rows p_hi down to p_lo (BackRows: one segment of the
-// checkpointed backward, whose kept rows start at row p_lo); E's pushes into the row above
-// the segment are then left in work[2 (m + 1) ...] for the next call, which continues from
-// them (first = false) with gx and gy accumulating.
+// checkpointed backward, whose kept rows start at row p_lo). It starts from the pushes
+// into row p_hi in work[2 (m + 1) ...] and leaves there the pushes into row p_lo - 1;
+// gx and gy accumulate (the caller, xy_soft_backward_sweep, zeroes them and the pushes).
 constexpr int64_t kPrefetchCells = 32;  // see the weights' prefetch below
 
 struct BackRows {
@@ -1781,11 +1781,6 @@ void xy_soft_backward_lanes(const double* xt, const double* yt, int64_t D,
     dst[0] = inf;
     std::memcpy(dst + 1, kept + (i - p_lo) * m * L, m * sizeof(VA));
   };
-  if (range.first) {
-    for (int64_t e = 0; e < pb.n * D; ++e) gx[e] = zero;
-    for (int64_t e = 0; e < m * D; ++e) gy[e] = zero;
-    for (int64_t j = 0; j <= m; ++j) e_cur[j] = zero;
-  }
   // Row p - 1 gets row p's pushes (see xy_soft_backward_weights), the diagonal push and
   // the left one carried from cell to cell in registers (diag, carry).
   auto clear_pushes_outside = [&](int64_t jf, int64_t jl) {
@@ -2073,10 +2068,8 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
   if constexpr (!kWeights) {
     work.r_mode.resize(4 * ld);
     std::copy(work.carry.begin(), work.carry.end(), work.r_mode.begin() + 2 * ld);
-    BackRows call = range;
-    call.first = false;  // zeroed above
     xy_soft_backward_lanes<kMetric, kDim>(xt, yt, D, shape, gamma, g, kept, work.r_mode.data(),
-                                          gx, gy, call);
+                                          gx, gy, range);
     std::copy(work.r_mode.begin() + 2 * ld, work.r_mode.begin() + 3 * ld, work.carry.begin());
   } else {
     const int64_t workers = std::max<int64_t>(1, work.workers);
