@@ -836,6 +836,7 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
 
 
 @needs_cpp
+@pytest.mark.parametrize("contended", [False, True])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("B,N,M,D,band,ragged,metric,checkpointed", [
     (8, 200, 180, 4, None, False, "sqeuclidean", False),  # one lane group
@@ -845,12 +846,17 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
     (8, 190, 260, 3, 50, True, "euclidean", True),        # checkpointed along y, band
 ])
 def test_rows_shared_by_threads_match_one_thread_and_the_reference(
-        monkeypatch, threads, B, N, M, D, band, ragged, metric, checkpointed):
+        monkeypatch, threads, B, N, M, D, band, ragged, metric, checkpointed, contended):
     """Fewer fp32 lane groups than threads: a group's rows are swept by several threads at
     once (RowRing in the C++ kernels: here one group of >= 2^15 cells, 2 or 3 threads, 3
     on 2 cores oversubscribed). The values and x-gradients equal one thread's exactly, the
     y-gradients to rounding (a checkpointed backward sums per-thread partial gy), two runs
-    are identical, and all match the fp64 reference."""
+    are identical, and all match the fp64 reference. `contended`: every wait counts as a
+    lost core (ETHER_KERNELS_DTW_CONTENDED_WAIT_US=0), so the sweeps switch to one step at a
+    time, then one thread, mid-sweep: the same results as a run not contended, bit for
+    bit."""
+    if contended:
+        monkeypatch.setenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "0")
     checked = force_cpu_checkpoints(monkeypatch) if checkpointed else (lambda run: run())
     x = torch.randn(B, N, D)
     y = torch.randn(B, M, D)
@@ -877,7 +883,9 @@ def test_rows_shared_by_threads_match_one_thread_and_the_reference(
 
     one = checked(lambda: run("cpp", torch.float32, 1))
     shared = checked(lambda: run("cpp", torch.float32, threads))
-    again = run("cpp", torch.float32, threads)
+    if contended:  # the run it is compared with below: not contended
+        monkeypatch.delenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US")
+    again = checked(lambda: run("cpp", torch.float32, threads))
     want = run("reference", torch.float64, 1)
     assert torch.equal(shared[0], one[0]) and torch.equal(shared[1], one[1])
     scale = one[2].abs().max()

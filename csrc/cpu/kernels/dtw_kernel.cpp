@@ -52,7 +52,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -1027,6 +1029,16 @@ inline void full_steps_of(const int64_t* first, const int64_t* last, int64_t las
 // Workers claim steps in increasing order, and a step waits only on lower steps, all of
 // them claimed by running workers: no deadlock, whatever number of threads really runs
 // (one thread runs every step in order). One worker is the sequential sweep.
+//
+// Contention: the workers run in lock step, so a worker that loses its core to another
+// process (a data loader's worker, another job) stalls the others for the scheduler's time
+// slice (milliseconds), again and again: with one busy process beside it, 1 pair of 2048^2
+// on 2 threads took 150 ms where one thread took 54. So a wait longer than
+// contended_wait() (~1 ms, where a batch takes microseconds) marks the ring `contended`:
+// from then on a step is claimed only once every step before it is finished (the steps run
+// one at a time, on whichever worker is running), and later sweeps with this ring run on
+// one thread (its caller's check: contended()). Every cell is computed the same way on
+// any schedule, so the results do not change.
 struct RowRing {
   struct alignas(64) Counter {  // one cache line each: no false sharing between slots
     std::atomic<int64_t> value{0};
@@ -1035,7 +1047,10 @@ struct RowRing {
   std::vector<VA> data;                       // slots x width vectors
   std::vector<int64_t> held_first, held_last;  // forward: the columns a slot holds X != 0 in
   std::unique_ptr<Counter[]> ready, released;
-  Counter next;
+  Counter next, finished;
+  // Set by a long wait; kept across reset() (see above). Mutable: the const waits set it.
+  mutable std::atomic<bool> contended_{false};
+  std::chrono::nanoseconds contended_after = contended_wait();
 
   // `workers` threads, slots of `slot_width` vectors, rows of `row_columns` + 1 columns
   // (0 .. row_columns); every slot reads `fill` (its cleared state).
@@ -1059,13 +1074,29 @@ struct RowRing {
     ready[0].value.store(columns + 1, std::memory_order_relaxed);
     released[0].value.store(1, std::memory_order_relaxed);
     next.value.store(0, std::memory_order_relaxed);
+    finished.value.store(0, std::memory_order_relaxed);
   }
   VA* slot(int64_t s) { return data.data() + s * width; }
-  // The next step to run, -1 when all `steps` are claimed.
+  bool contended() const { return contended_.load(std::memory_order_relaxed); }
+  // The next step to run, -1 when all `steps` are claimed; once contended, only when every
+  // step claimed before it is finished.
   int64_t claim(int64_t steps) {
-    const int64_t q = next.value.fetch_add(1, std::memory_order_acq_rel);
-    return q < steps ? q : -1;
+    if (!contended()) {
+      const int64_t q = next.value.fetch_add(1, std::memory_order_acq_rel);
+      return q < steps ? q : -1;
+    }
+    for (int spins = 0;; ++spins) {
+      int64_t q = next.value.load(std::memory_order_acquire);
+      if (q >= steps) return -1;
+      if (finished.value.load(std::memory_order_acquire) == q &&
+          next.value.compare_exchange_weak(q, q + 1, std::memory_order_acq_rel)) {
+        return q;
+      }
+      pause_or_yield(spins);
+    }
   }
+  // Step q is done (after its releases).
+  void finish() { finished.value.fetch_add(1, std::memory_order_acq_rel); }
   // Step q's input row (step q - 1's boundary row) and output row.
   int64_t input_slot(int64_t q) const { return q % slots; }
   int64_t output_slot(int64_t q) const { return (q + 1) % slots; }
@@ -1091,17 +1122,33 @@ struct RowRing {
     released[output_slot(q)].value.fetch_add(1, std::memory_order_acq_rel);
   }
 
-  static void spin_until(const std::atomic<int64_t>& counter, int64_t target) {
-    for (int spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
-      // A worker ahead of its input waits a few hundred cycles at most; one whose input's
-      // writer lost its core (more workers than free cores) yields it.
-      if (spins < 4096) {
+  // A worker ahead of its input waits a few hundred cycles at most; one whose input's writer
+  // lost its core (more workers than free cores) yields it.
+  static void pause_or_yield(int spins) {
+    if (spins < 4096) {
 #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
-      } else {
-        std::this_thread::yield();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  // A wait this long marks the ring contended: 1 ms, or ETHER_KERNELS_DTW_CONTENDED_WAIT_US
+  // microseconds (0: at the first wait, as the tests force it).
+  static std::chrono::nanoseconds contended_wait() {
+    const char* value = std::getenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US");
+    const long long us = value != nullptr ? std::atoll(value) : 1000;
+    return std::chrono::microseconds(std::max(0LL, us));
+  }
+  void spin_until(const std::atomic<int64_t>& counter, int64_t target) const {
+    if (counter.load(std::memory_order_acquire) >= target) return;
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
+      if ((spins & 255) == 0 && !contended() &&
+          std::chrono::steady_clock::now() - start >= contended_after) {
+        contended_.store(true, std::memory_order_relaxed);
       }
+      pause_or_yield(spins);
     }
   }
 };
@@ -1452,6 +1499,7 @@ VA xy_soft_forward_scaled(const double* xt, const double* yt, int64_t D_runtime,
       }
     }
     ring.release_output(q);
+    ring.finish();
   }
   return VA::loadu(values) * VA(unit);
 }
@@ -1660,7 +1708,8 @@ VA xy_soft_forward_sweep(const double* xt, const double* yt, int64_t D_runtime,
                          const LaneShape<VA>& shape, double gamma, double* kept,
                          SweepWork& work, const SweepRows& sweep = SweepRows{}) {
   const int64_t m = shape.pb.m, ld = m + 1;
-  const int64_t workers = std::max<int64_t>(1, work.workers);
+  // One thread once a sweep found the threads contended (RowRing): same results.
+  const int64_t workers = work.ring.contended() ? 1 : std::max<int64_t>(1, work.workers);
   if (static_cast<int64_t>(work.rows.size()) < workers) work.rows.resize(workers);
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (kWeights) {
@@ -1989,8 +2038,10 @@ void xy_soft_backward_weights(const double* xt, const double* yt, int64_t D,
       const int64_t q_lo = std::max(q_bottom, q_hi - batch + 1);
       ring.wait_input(t, ld - q_lo);  // row p reads e_cur[q] for q >= q_lo
       // The pushes just published come from another core's cache (~100 ns each, the
-      // loads would wait one by one): fetched at once.
-      for (int64_t q = q_lo; q <= q_hi; ++q) __builtin_prefetch(e_cur + q);
+      // loads would wait one by one): fetched at once (one batch: one thread, its own).
+      if (batch <= m) {
+        for (int64_t q = q_lo; q <= q_hi; ++q) __builtin_prefetch(e_cur + q);
+      }
       run_columns(q_hi, q_lo);
       // e_up is final from column q_lo (from jl + 1 before the last row's first cell).
       ring.publish(t, ld - (q_lo <= jl[kLast] ? std::max(q_lo, jf[kLast]) : jl[kLast] + 1));
@@ -2037,6 +2088,7 @@ void xy_soft_backward_weights(const double* xt, const double* yt, int64_t D,
     ring.publish(t, ld);
     ring.release_input(t);
     ring.release_output(t);
+    ring.finish();
   }
 }
 
@@ -2087,8 +2139,11 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
         buckets[w] = work.gy[w].data();
       }
     }
-    const int64_t batch = workers > 1 ? ring_batch(workers, m) : m + 1;  // see the forward
-    run_ring_workers(workers, [&](int64_t) {
+    // One thread once a sweep found the threads contended (RowRing); gy keeps its
+    // `workers` buckets, so that the results do not change.
+    const int64_t threads = ring.contended() ? 1 : workers;
+    const int64_t batch = threads > 1 ? ring_batch(threads, m) : m + 1;  // see the forward
+    run_ring_workers(threads, [&](int64_t) {
       xy_soft_backward_weights<kMetric, kDim>(xt, yt, D, shape, g, kept, gx, buckets.data(),
                                               static_cast<int64_t>(buckets.size()), range.p_lo,
                                               passes, ring, batch);
