@@ -1033,12 +1033,13 @@ inline void full_steps_of(const int64_t* first, const int64_t* last, int64_t las
 // Contention: the workers run in lock step, so a worker that loses its core to another
 // process (a data loader's worker, another job) stalls the others for the scheduler's time
 // slice (milliseconds), again and again: with one busy process beside it, 1 pair of 2048^2
-// on 2 threads took 150 ms where one thread took 54. So a wait longer than
-// contended_wait() (~1 ms, where a batch takes microseconds) marks the ring `contended`:
-// from then on a step is claimed only once every step before it is finished (the steps run
-// one at a time, on whichever worker is running), and later sweeps with this ring run on
-// one thread (its caller's check: contended()). Every cell is computed the same way on
-// any schedule, so the results do not change.
+// on 2 threads took 150 ms where one thread took 54. So a second wait longer than
+// contended_wait() (~1 ms, where a batch takes microseconds; one such wait in several calls
+// comes with no other process running, two in one call hardly ever) marks the ring
+// `contended`: from then on a step is claimed only once every step before it is finished
+// (the steps run one at a time, on whichever worker is running), and later sweeps with
+// this ring run on one thread (its caller's check: contended()). Every cell is computed
+// the same way on any schedule, so the results do not change.
 struct RowRing {
   struct alignas(64) Counter {  // one cache line each: no false sharing between slots
     std::atomic<int64_t> value{0};
@@ -1048,8 +1049,9 @@ struct RowRing {
   std::vector<int64_t> held_first, held_last;  // forward: the columns a slot holds X != 0 in
   std::unique_ptr<Counter[]> ready, released;
   Counter next, finished;
-  // Set by a long wait; kept across reset() (see above). Mutable: the const waits set it.
-  mutable std::atomic<bool> contended_{false};
+  // Waits longer than contended_after, kept across reset() (see above). Mutable: the const
+  // waits count them.
+  mutable std::atomic<int> long_waits{0};
   std::chrono::nanoseconds contended_after = contended_wait();
 
   // `workers` threads, slots of `slot_width` vectors, rows of `row_columns` + 1 columns
@@ -1077,7 +1079,7 @@ struct RowRing {
     finished.value.store(0, std::memory_order_relaxed);
   }
   VA* slot(int64_t s) { return data.data() + s * width; }
-  bool contended() const { return contended_.load(std::memory_order_relaxed); }
+  bool contended() const { return long_waits.load(std::memory_order_relaxed) >= 2; }
   // The next step to run, -1 when all `steps` are claimed; once contended, only when every
   // step claimed before it is finished.
   int64_t claim(int64_t steps) {
@@ -1143,10 +1145,12 @@ struct RowRing {
   void spin_until(const std::atomic<int64_t>& counter, int64_t target) const {
     if (counter.load(std::memory_order_acquire) >= target) return;
     const auto start = std::chrono::steady_clock::now();
+    bool counted = false;
     for (int spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
-      if ((spins & 255) == 0 && !contended() &&
+      if ((spins & 255) == 0 && !counted &&
           std::chrono::steady_clock::now() - start >= contended_after) {
-        contended_.store(true, std::memory_order_relaxed);
+        long_waits.fetch_add(1, std::memory_order_relaxed);
+        counted = true;
       }
       pause_or_yield(spins);
     }
