@@ -30,11 +30,12 @@ reference gives -inf there, the kernels NaN.
 import math
 import numbers
 import os
+import sys
 
 import torch
 
 from . import _dispatch, _double_backward, _extension
-from ._checks import check_choice, check_tensor
+from ._checks import check_choice, check_positive_real, check_tensor
 from ._triton_support import triton_import_error
 from .reference.dtw import (METRICS, allowed_cells, dtw_from_cost_reference, dtw_path_reference,
                             pairwise_cost)
@@ -76,6 +77,12 @@ def _lengths(lengths, name, batch, full, device, op):
     lengths = lengths.to(device=device, dtype=torch.int64)
     if batch == 0:
         return lengths
+    if torch.compiler.is_compiling():
+        # No host read while tracing (its data-dependent branch breaks a fullgraph compile):
+        # the check runs on the device with the graph and raises there.
+        torch._assert_async(((lengths >= 1) & (lengths <= full)).all(),
+                            f"{op}: {name} must lie in [1, {full}]")
+        return lengths
     low, high = int(lengths.min()), int(lengths.max())  # a host read: lengths are metadata
     if low < 1 or high > full:
         bad = low if low < 1 else high
@@ -94,12 +101,18 @@ def _band(band, op):
     return min(int(band), 2**62)
 
 
+# The kernels multiply by 1 / gamma: below the smallest normal double it overflows to +inf
+# (and a tie of two predecessors gives 0 * inf = NaN).
+MIN_GAMMA = sys.float_info.min
+
+
 def _gamma(gamma, op):
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-        raise TypeError(f"{op}: gamma must be a real number > 0, got {type(gamma).__name__}")
-    gamma = float(gamma)
-    if not (math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"{op}: gamma must be a finite number > 0, got {gamma}")
+    """gamma > 0 and finite; a symbolic float under torch.compile stays symbolic (a gamma
+    that changes between calls of a fullgraph compile)."""
+    gamma = check_positive_real(gamma, "gamma", op)
+    if gamma < MIN_GAMMA:
+        raise ValueError(f"{op}: gamma must be at least {MIN_GAMMA} (1 / gamma must be "
+                         f"finite), got {gamma}")
     return gamma
 
 

@@ -277,6 +277,9 @@ def test_parity_with_dtaidistance():
 @pytest.mark.parametrize("call,error,match", [
     (lambda x, y: ek.soft_dtw(x, y, 0.0), ValueError, r"soft_dtw: gamma must be a finite number > 0, got 0.0"),
     (lambda x, y: ek.soft_dtw(x, y, -1.0), ValueError, r"gamma must be a finite number > 0"),
+    # 1 / gamma overflows (a tie then gave 0 * inf = NaN)
+    (lambda x, y: ek.soft_dtw(x, y, 1e-310), ValueError, r"soft_dtw: gamma must be at least"),
+    (lambda x, y: ek.SoftDTWLoss(gamma=1e-310), ValueError, r"SoftDTWLoss: gamma must be at least"),
     (lambda x, y: ek.dtw(x, y, band=-1), ValueError, r"dtw: band must be >= 0"),
     (lambda x, y: ek.dtw(x, y, band=1.5), TypeError, r"band must be an int"),
     (lambda x, y: ek.dtw(x, y, x_lengths=torch.tensor([0, 3])), ValueError, r"x_lengths must lie in \[1, 5\], got 0"),
@@ -345,6 +348,31 @@ def test_torch_compile_fullgraph(backend):
         (expected_grad,) = torch.autograd.grad(expected, (x_ref,))
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
     assert ((grad.double() - expected_grad).abs().max() / expected_grad.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_compile_fullgraph_gamma_and_lengths_change_between_calls(backend):
+    """A float gamma that changes between calls (traced as a symbolic float) and per-pair
+    lengths (checked on the device while compiling: no host read) keep a fullgraph compile
+    working; a length out of range still raises, naming the argument."""
+    def soft(a, b, gamma, x_lengths, y_lengths):
+        return ek.soft_dtw(a, b, gamma, x_lengths=x_lengths, y_lengths=y_lengths)
+
+    compiled = torch.compile(soft, fullgraph=True)
+    x = torch.randn(3, 7, 2, requires_grad=True)
+    y = torch.randn(3, 5, 2)
+    with ek.use_backend(backend):
+        for gamma, x_lengths, y_lengths in ((0.5, [7, 4, 1], [5, 2, 3]),
+                                            (1.3, [2, 7, 6], [1, 5, 5])):
+            lengths = torch.tensor(x_lengths), torch.tensor(y_lengths)
+            got = compiled(x, y, gamma, *lengths)
+            (grad,) = torch.autograd.grad(got.sum(), (x,))
+            want = soft(x, y, gamma, *lengths)
+            (want_grad,) = torch.autograd.grad(want.sum(), (x,))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5)
+        with pytest.raises(RuntimeError, match=r"soft_dtw: x_lengths must lie in \[1, 7\]"):
+            compiled(x, y, 0.5, torch.tensor([7, 0, 2]), torch.tensor([5, 5, 5]))
 
 
 @pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
