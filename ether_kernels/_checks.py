@@ -75,6 +75,23 @@ def check_positive_real(value, name, op_name, allow_inf=False):
     return value
 
 
+def check_class_labels(labels, num_classes, name, op_name):
+    """Every label in [0, num_classes): for CPU labels a ValueError naming the first bad
+    value; on a GPU, and while compiling (a host read breaks a fullgraph compile), an
+    asynchronous device assert (no host synchronisation), as F.cross_entropy's."""
+    if labels.numel() == 0:
+        return
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = labels.min().item(), labels.max().item()
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{op_name}: {name} must be class indices in [0, {num_classes}), "
+                             f"got {bad}")
+    else:
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                            f"{op_name}: {name} must be class indices in [0, {num_classes})")
+
+
 def check_int(value, name, op_name, minimum=None):
     """An int (bool refused), at least `minimum` when given; returns it as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -25,7 +25,8 @@ import numbers
 import torch
 
 from . import _dispatch, _extension
-from ._checks import check_choice, check_finite_real, check_int
+from ._checks import (check_choice, check_class_labels, check_finite_real, check_int,
+                      check_non_negative_real)
 from ._triton_support import triton_import_error
 from .reference.amss import (MODES, SCALINGS, mask_gradients_reference,
                              masked_sgd_step_reference, update_ratios_reference)
@@ -59,6 +60,8 @@ def update_ratios(logits, labels, features, *, temperature=0.2, offset=0.5, bias
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != B:
             raise ValueError(f"{op}: features[{m}] must be a (B, F) = ({B}, F) tensor, got "
                              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z)}")
+    # (on a GPU a device assert: no host synchronisation)
+    check_class_labels(labels, logits[0].shape[1], "labels", op)
     # Python numbers, not tensors: hyper-parameters, and no host read in the fast path.
     for name, value in (("temperature", temperature), ("offset", offset), ("bias", bias)):
         check_finite_real(value, name, op)
@@ -224,8 +227,11 @@ def _check_ratios(ratios, groups, op):
 
 
 def _as_groups(groups, what, op):
-    """Lists of tensors, one per modality, from an iterable of iterables; a bare tensor is
-    refused (iterating it would give its rows)."""
+    """Lists of tensors, one per modality, from an iterable of iterables (or a dict name ->
+    iterable, in its order), each read once; a bare tensor is refused (iterating it would
+    give its rows)."""
+    if isinstance(groups, collections.abc.Mapping):
+        groups = groups.values()
     if isinstance(groups, torch.Tensor):
         raise TypeError(f"{op}: {what} must hold one iterable of tensors per modality, got a "
                         "tensor (wrap it in a list: [[tensor]])")
@@ -298,6 +304,7 @@ def mask_gradients(grads_per_group, ratios, *, mode="amss", scaling=None, seed=0
     """
     op = "mask_gradients"
     scaling = _scaling(mode, scaling, op)
+    seed, step = check_int(seed, "seed", op), check_int(step, "step", op, minimum=0)
     groups = _as_groups(grads_per_group, "grads_per_group", op)
     ratios = _check_ratios(ratios, len(groups), op)
     unit_size = check_int(unit_size, "unit_size", op, minimum=1)
@@ -340,13 +347,19 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
     """
     op = "masked_sgd_step"
     scaling = _scaling(mode, scaling, op)
+    seed, step = check_int(seed, "seed", op), check_int(step, "step", op, minimum=0)
     groups = _as_groups(params_per_group, "params_per_group", op)
     ratios = _check_ratios(ratios, len(groups), op)
     _check_distinct([p for group in groups for p in group], "params_per_group", op)
+    if not all(isinstance(p, torch.Tensor) for group in groups for p in group):
+        for m, group in enumerate(groups):
+            for t, p in enumerate(group):
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"{op}: params_per_group[{m}][{t}] must be a tensor (a "
+                                    f"parameter), got {type(p).__name__}")
     for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
                         ("weight_decay", weight_decay)):
-        if not (isinstance(value, numbers.Real) and value >= 0):
-            raise ValueError(f"{op}: {name} must be a number >= 0, got {value}")
+        check_non_negative_real(value, name, op)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening = 0")
     unit_size = check_int(unit_size, "unit_size", op, minimum=1)
@@ -368,6 +381,8 @@ def masked_sgd_step(params_per_group, ratios, *, lr, momentum=0.0, dampening=0.0
                                      f"parameter's dtype and shape")
     if momentum_buffers is None:
         momentum_buffers = [[None] * len(group) for group in groups]
+    else:  # read once (any iterables), into new lists: the caller's containers stay as given
+        momentum_buffers = _as_groups(momentum_buffers, "momentum_buffers", op)
     if [len(b) for b in momentum_buffers] != [len(g) for g in groups]:
         raise ValueError(f"{op}: momentum_buffers must match params_per_group")
     if not all(_buffer_fits(buf, p) for group_buffers, group in zip(momentum_buffers, groups)
@@ -445,7 +460,7 @@ class SubnetworkMasker:
                     raise TypeError(f"{op}: modality {name!r} item {t} is not a tensor")
                 _check_units(p, unit_dim, unit_size, f"modality {name!r} parameter {t}", op)
         self.unit_dim, self.unit_size = unit_dim, unit_size
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed", op)
         self.step_count = 0
 
     def step(self, ratios):

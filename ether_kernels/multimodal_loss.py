@@ -28,7 +28,7 @@ import numbers
 import torch
 
 from . import _dispatch, _double_backward, _extension
-from ._checks import check_tensor
+from ._checks import check_class_labels, check_tensor
 from ._triton_support import triton_import_error
 from .reference.multimodal_loss import multimodal_logits_reference, multimodal_loss_reference
 
@@ -83,20 +83,11 @@ if triton_import_error is None:
 
 
 def _check_labels(labels, num_classes):
-    """Every label in [0, C): a clear error for CPU labels; on a GPU an asynchronous device
-    assert (no host synchronisation), as F.cross_entropy's. (cross_entropy's ignore_index
-    -100 is not a label here: the loss is the mean over every row.)"""
-    if labels.numel() == 0 or torch.compiler.is_compiling() or _dispatch.transformed():
-        return  # (no host read of traced or vmap-batched labels)
-    if labels.device.type == "cpu":
-        low, high = labels.min().item(), labels.max().item()
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(f"{_OP}: labels must be class indices in [0, {num_classes}), got "
-                             f"{bad}")
-    else:
-        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
-                            f"{_OP}: labels must be class indices in [0, {num_classes})")
+    """Every label in [0, C) (check_class_labels). (cross_entropy's ignore_index -100 is not
+    a label here: the loss is the mean over every row.)"""
+    if _dispatch.transformed():
+        return  # (no host read of vmap-batched labels)
+    check_class_labels(labels, num_classes, "labels", _OP)
 
 
 def multimodal_loss(z, labels, W, num_classes, gamma):

@@ -112,6 +112,13 @@ def test_update_ratios_bad_input():
         ek.amss.update_ratios(x, labels.float(), z)
     with pytest.raises(ValueError, match=r"logits\[0\]"):
         ek.amss.update_ratios([torch.randn(7, 3)], labels, z)
+    # a label outside [0, K) (or cross_entropy's ignore_index) was an indexing error
+    for bad in (3, -100):
+        wrong = labels.clone()
+        wrong[5] = bad
+        with pytest.raises(ValueError, match=rf"update_ratios: labels must be class indices in "
+                                             rf"\[0, 3\), got {bad}"):
+            ek.amss.update_ratios(x, wrong, z)
 
 
 # ------------------------------------------------------------------------ sampling laws
@@ -827,9 +834,76 @@ def test_masked_sgd_bad_input():
         ek.amss.masked_sgd_step([params], [0.5], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="lr"):
         ek.amss.masked_sgd_step([params], [0.5], lr=-1.0)
+    # an infinite lr moved every kept parameter to -inf; a bool was a number
+    with pytest.raises(ValueError, match="masked_sgd_step: lr must be a finite number >= 0, got inf"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=math.inf)
+    with pytest.raises(TypeError, match="masked_sgd_step: momentum must be a real number, got bool"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=True)
+    # an item that is not a tensor was an AttributeError ('float' object has no attribute 'grad')
+    with pytest.raises(TypeError, match=r"params_per_group\[0\]\[1\] must be a tensor"):
+        ek.amss.masked_sgd_step([[params[0], 1.0]], [0.5], lr=0.1)
     params[1].grad = None
     with pytest.raises(RuntimeError, match="no .grad"):
         ek.amss.masked_sgd_step([params], [0.5], lr=0.1)
+
+
+def test_seed_and_step_must_be_ints():
+    """A float seed was truncated (1.7 ran as 1), a string parsed, None a bare int() error."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    for kwargs, error, match in ((dict(seed=1.7), TypeError, "seed must be an int, got float"),
+                                 (dict(seed="3"), TypeError, "seed must be an int, got str"),
+                                 (dict(seed=None), TypeError, "seed must be an int, got NoneType"),
+                                 (dict(step=2.0), TypeError, "step must be an int, got float"),
+                                 (dict(step=-1), ValueError, "step must be an int >= 0")):
+        with pytest.raises(error, match="mask_gradients: " + match):
+            ek.amss.mask_gradients([[torch.randn(4, 3)]], [0.5], **kwargs)
+        with pytest.raises(error, match="masked_sgd_step: " + match):
+            ek.amss.masked_sgd_step([[p]], [0.5], lr=0.1, **kwargs)
+        if "seed" in kwargs:
+            with pytest.raises(error, match="SubnetworkMasker: " + match):
+                ek.amss.SubnetworkMasker([[p]], **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + list(amss_module._CPU_BACKENDS))
+def test_groups_and_buffers_as_dicts_generators_and_tuples(backend):
+    """mask_gradients and masked_sgd_step take a dict of groups (its values, in order) as
+    SubnetworkMasker does (a dict gave its keys: "must be a floating-point tensor"), and
+    momentum buffers in any iterables, read once (a generator was read twice: the reference
+    silently skipped the step, the fused op failed), never writing the caller's containers
+    (a tuple failed on the fused path)."""
+    with ek.use_backend(backend):
+        grads = params_with_grads()
+        as_list = [[g.grad.clone() for g in grads[:2]], [grads[2].grad.clone()]]
+        as_dict = {"audio": [t.clone() for t in as_list[0]], "video": [as_list[1][0].clone()]}
+        ek.amss.mask_gradients(as_list, [0.5, 0.3], seed=4, step=1)
+        ek.amss.mask_gradients(as_dict, [0.5, 0.3], seed=4, step=1)
+        for want, got in zip(as_list[0] + as_list[1], as_dict["audio"] + as_dict["video"]):
+            assert torch.equal(want, got)
+
+        def two_steps(wrap):
+            params = params_with_grads()
+            buffers = ek.amss.masked_sgd_step({"a": params[:2], "b": params[2:]}, [0.5, 0.6],
+                                              lr=0.1, momentum=0.9, seed=2)
+            given = wrap(buffers)
+            again = ek.amss.masked_sgd_step({"a": params[:2], "b": params[2:]}, [0.5, 0.6],
+                                            lr=0.1, momentum=0.9, momentum_buffers=given,
+                                            seed=2, step=1)
+            return params, again, given
+
+        want_params, want_buffers, _ = two_steps(lambda b: b)
+        for wrap in (lambda b: (tuple(group) for group in b),
+                     lambda b: tuple(tuple(group) for group in b)):
+            params, buffers, given = two_steps(wrap)
+            for want, got in zip(want_params, params):
+                assert torch.equal(want, got)
+            for want, got in zip(sum(want_buffers, []), sum(buffers, [])):
+                assert torch.equal(want, got)
+        first = params_with_grads()
+        fresh = ((None,) * 2, (None,))
+        ek.amss.masked_sgd_step([first[:2], first[2:]], [0.5, 0.6], lr=0.1, momentum=0.9,
+                                momentum_buffers=fresh)
+        assert fresh == ((None,) * 2, (None,))
 
 
 @needs_cpp
