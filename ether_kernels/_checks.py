@@ -92,6 +92,13 @@ def check_class_labels(labels, num_classes, name, op_name):
                             f"{op_name}: {name} must be class indices in [0, {num_classes})")
 
 
+def check_bool(value, name, op_name):
+    """A bool (an int, a string or None is refused: squared="no" ran as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op_name}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_int(value, name, op_name, minimum=None):
     """An int (bool refused), at least `minimum` when given; returns it as an int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

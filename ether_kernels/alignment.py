@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
-from ._checks import (check_choice, check_finite_real, check_int, check_loss_pair,
+from ._checks import (check_bool, check_choice, check_finite_real, check_int, check_loss_pair,
                       check_non_negative_real, check_positive_real, check_tensor)
 from .reference.alignment import contrastive_loss_reference
 
@@ -95,6 +95,7 @@ def triplet_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=F
                          f"{tuple(positive.shape)} and negative {tuple(negative.shape)} do not "
                          "broadcast") from None
     margin = _check_margin(margin, op)
+    check_bool(swap, "swap", op)
     check_positive_real(p, "p", op, allow_inf=True)  # p = inf: the max norm
     check_choice(reduction, "reduction", _REDUCTIONS, op)
     return F.triplet_margin_loss(anchor, positive, negative, margin=margin, p=p, eps=eps,
@@ -116,6 +117,7 @@ def pairwise_distances(x, y, squared=False):
             raise ValueError(f"{op}: {name} must be a (rows, E) tensor, got shape "
                              f"{tuple(t.shape)}")
     _check_same_width(x, y, "x", "y", op)
+    check_bool(squared, "squared", op)
     d2 = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.t())
     d2 = torch.clamp_min(d2, 0.0)
     if squared:
@@ -171,6 +173,7 @@ def batch_hard_triplet_loss(embeddings, labels, margin=1.0, squared=False):
     op = "batch_hard_triplet_loss"
     _check_pair_labels(embeddings, labels, op)
     margin = _check_margin(margin, op)
+    check_bool(squared, "squared", op)
     d = pairwise_distances(embeddings, embeddings, squared)
     return _mined(d, labels, labels, margin, "hard", exclude_self=True)
 
@@ -182,6 +185,7 @@ def batch_all_triplet_loss(embeddings, labels, margin=1.0, squared=False):
     op = "batch_all_triplet_loss"
     _check_pair_labels(embeddings, labels, op)
     margin = _check_margin(margin, op)
+    check_bool(squared, "squared", op)
     d = pairwise_distances(embeddings, embeddings, squared)
     return _mined(d, labels, labels, margin, "all", exclude_self=True)
 
@@ -199,6 +203,7 @@ def cross_modal_triplet_loss(anchors, others, anchor_labels, other_labels, margi
     _check_labels(other_labels, others.shape[0], "other_labels", op, anchors.device)
     margin = _check_margin(margin, op)
     check_choice(mining, "mining", ("hard", "all"), op)
+    check_bool(squared, "squared", op)
     d = pairwise_distances(anchors, others, squared)
     return _mined(d, anchor_labels, other_labels, margin, mining, exclude_self=False)
 
@@ -410,6 +415,8 @@ def contrastive_loss(a, b, temperature=0.07, symmetric=True, *, normalize=True, 
         entries = 1 << (24 if a.is_cuda else 21)
         block = max(1, min(B, entries // B))
     check_int(block, "block", op, minimum=1)
+    check_bool(symmetric, "symmetric", op)  # (symmetric="no" ran as True)
+    check_bool(normalize, "normalize", op)
     if not torch.compiler.is_compiling() and _dispatch.transformed():
         # forward AD / torch.func: the blockwise Function's backward is reverse-mode only
         return contrastive_loss_reference(a, b, temperature, symmetric, normalize)

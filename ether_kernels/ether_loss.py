@@ -92,8 +92,12 @@ class ModalityGroups:
                     raise TypeError(f"{where}: slice bounds must be ints or None, got {entry}")
             if entry.step == 0:
                 raise ValueError(f"{where}: slice step cannot be zero")
-            start, stop, step = entry.start or 0, entry.stop, entry.step or 1
-            if stop is not None and start >= 0 and stop >= 0 and len(range(start, stop, step)) == 0:
+            start, stop, step = entry.start, entry.stop, entry.step or 1
+            # (a missing start is 0 going up, the last channel going down: not known yet)
+            if start is None and step > 0:
+                start = 0
+            if start is not None and stop is not None and start >= 0 and stop >= 0 and \
+                    len(range(start, stop, step)) == 0:
                 raise ValueError(f"{where} = {entry} selects no channel (an empty group)")
             return entry
         if isinstance(entry, torch.Tensor):

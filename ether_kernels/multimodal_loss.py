@@ -28,7 +28,7 @@ import numbers
 import torch
 
 from . import _dispatch, _double_backward, _extension
-from ._checks import check_class_labels, check_tensor
+from ._checks import check_class_labels, check_positive_real, check_tensor
 from ._triton_support import triton_import_error
 from .reference.multimodal_loss import multimodal_logits_reference, multimodal_loss_reference
 
@@ -57,7 +57,10 @@ def _backward(ctx, grad_loss, _grad_z, _grad_W):
         return (None,) * 6
     grad_z, grad_W, z, labels, W = ctx.saved_tensors
     need_z, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    if _double_backward.wants_graph():  # create_graph=True: through the reference
+    # create_graph=True, or an op called with compute_grad=False (no gradients formed): through
+    # the reference
+    if _double_backward.wants_graph() or (need_z and grad_z.shape != z.shape) or \
+            (need_W and grad_W.shape != W.shape):
         a, b = _double_backward.distinct_nodes(z, W)
         grad_z, grad_W = _double_backward.reference_gradients(
             lambda: multimodal_loss_reference(a, labels, b, *ctx.options), (a, b), grad_loss)
@@ -121,8 +124,7 @@ class MultiModalLoss(torch.nn.Module):
                             ("proxies_per_class", proxies_per_class)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MultiModalLoss: {name} must be an int >= 1, got {value!r}")
-        if not isinstance(gamma, numbers.Real) or not gamma > 0 or not math.isfinite(gamma):
-            raise ValueError(f"MultiModalLoss: gamma must be a finite number > 0, got {gamma!r}")
+        gamma = check_positive_real(gamma, "gamma", "MultiModalLoss")  # (a bool ran as 1.0)
         self.num_classes, self.num_modalities = num_classes, num_modalities
         self.proxies_per_class, self.gamma = proxies_per_class, float(gamma)
         self.W = torch.nn.Parameter(torch.empty(num_modalities * num_classes,
@@ -158,7 +160,8 @@ class MultiModalLoss(torch.nn.Module):
     def forward(self, z, labels):
         self._check_z(z, "forward")
         check_tensor(labels, "labels", "MultiModalLoss.forward")
-        if labels.dim() != 1 or labels.shape[0] != z.shape[0] or labels.is_floating_point():
+        if labels.dim() != 1 or labels.shape[0] != z.shape[0] or labels.is_floating_point() or \
+                labels.is_complex() or labels.dtype == torch.bool:  # (bools ran as classes 0, 1)
             raise ValueError(f"MultiModalLoss.forward: labels must be a ({z.shape[0]},) integer "
                              f"tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
         self._check_device(z, "forward", labels)

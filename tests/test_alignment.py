@@ -103,6 +103,18 @@ def test_batch_all_memory_stays_quadratic():
     assert torch.isfinite(value) and torch.isfinite(g).all()
 
 
+def test_a_nan_embedding_gives_nan_distances_in_ours_and_the_reference():
+    """The reference (the oracle) turned a NaN distance into 0 (d2 > 0 is False for NaN), so
+    it gave a finite loss where ours correctly gave NaN."""
+    x, labels = labelled_batch(6, 3, 2)
+    x[2, 1] = math.nan
+    for d in (ek.pairwise_distances(x, x), ref.pairwise_distances_reference(x, x)):
+        assert d[2].isnan().all() and d[:, 2].isnan().all()
+        keep = [0, 1, 3, 4, 5]
+        assert torch.isfinite(d[keep][:, keep]).all()
+    assert ek.batch_hard_triplet_loss(x, labels).isnan()
+
+
 def test_triplet_bad_input():
     x, labels = labelled_batch(6, 3, 2)
     cases = [
@@ -136,6 +148,17 @@ def test_triplet_bad_input():
         (lambda: ek.pairwise_distances(x, x[:, :2]), ValueError, "widths differ"),
         (lambda: ek.pairwise_distances(x[0], x), ValueError, r"x must be a \(rows, E\)"),
         (lambda: ek.pairwise_distances(x, x.long()), TypeError, "y must be a floating"),
+        # a string for a flag ran as True
+        (lambda: ek.batch_hard_triplet_loss(x, labels, squared="no"), TypeError,
+         "^batch_hard_triplet_loss: squared must be a bool, got str"),
+        (lambda: ek.batch_all_triplet_loss(x, labels, squared=1), TypeError,
+         "^batch_all_triplet_loss: squared must be a bool, got int"),
+        (lambda: ek.cross_modal_triplet_loss(x, x, labels, labels, squared=None), TypeError,
+         "^cross_modal_triplet_loss: squared must be a bool, got NoneType"),
+        (lambda: ek.pairwise_distances(x, x, squared="no"), TypeError,
+         "^pairwise_distances: squared must be a bool"),
+        (lambda: ek.triplet_loss(x, x, x, swap="no"), TypeError,
+         "^triplet_loss: swap must be a bool, got str"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
@@ -203,6 +226,11 @@ def test_contrastive_loss_under_autocast_and_create_graph(block):
 def test_contrastive_bad_input():
     a = torch.randn(5, 3)
     cases = [
+        # a string or None for a flag: symmetric="no" ran as True, None as False
+        (lambda: ek.contrastive_loss(a, a, symmetric="no"), TypeError,
+         "^contrastive_loss: symmetric must be a bool, got str"),
+        (lambda: ek.contrastive_loss(a, a, normalize=None), TypeError,
+         "^contrastive_loss: normalize must be a bool, got NoneType"),
         (lambda: ek.contrastive_loss(a, a[:4]), ValueError, "b has shape"),
         (lambda: ek.contrastive_loss(a, a, temperature=0), ValueError, "temperature"),
         (lambda: ek.contrastive_loss(a, a, block=0), ValueError, "block"),

@@ -79,6 +79,8 @@ def test_modality_forms_are_equivalent():
         [[0, 1], [2, 3, 4], [5]],                                 # index lists
         [slice(0, 2), slice(2, 5), -1],                           # slices and a negative int
         [torch.tensor([1, 0]), (2, 3, 4), torch.tensor([5])],     # tensors and tuples
+        # negative steps; no start going down is the last channel (was refused as empty)
+        [slice(1, None, -1), slice(4, 1, -1), slice(None, 4, -1)],
     ]
     losses = [ek.ether_loss(y_pred, y_true, form, 1.5) for form in forms]
     for loss in losses[1:]:

@@ -103,6 +103,11 @@ def test_multimodal_loss_bad_input():
         (lambda: module.predict(torch.ones(4, 6, dtype=torch.long)), TypeError, "floating"),
         (lambda: ek.MultiModalLoss(0, 2), ValueError, "num_classes"),
         (lambda: ek.MultiModalLoss(3, 2, gamma=0), ValueError, "gamma"),
+        # a bool ran as gamma 1.0, bool labels as classes 0 and 1
+        (lambda: ek.MultiModalLoss(3, 2, gamma=True), TypeError,
+         "MultiModalLoss: gamma must be a real number, got bool"),
+        (lambda: module(torch.rand(4, 6), torch.ones(4, dtype=torch.bool)), ValueError,
+         r"labels must be a \(4,\) integer tensor, got torch.bool"),
         # another device (meta here) ran the fake kernel: an uninitialised "loss"
         (lambda: module(torch.rand(4, 6), torch.zeros(4, dtype=torch.long, device="meta")),
          RuntimeError, "labels is on meta but z is on cpu"),
@@ -141,6 +146,23 @@ def test_fused_against_fp64_on_every_device(device, backend, dtype):
     assert abs(loss.double().item() - expected.item()) <= tol * abs(expected.item())
     for g, e in ((gz, ez), (gW, eW)):
         assert ((g.double().cpu() - e).abs().max() / e.abs().max()).item() <= tol
+
+
+@needs_cpp
+def test_the_op_called_without_its_gradients_still_differentiates():
+    """compute_grad=False (the op forms no gradients) with inputs that require grad: the
+    backward returned the empty tensors (an invalid-gradient error, and opcheck failed);
+    now it goes through the reference."""
+    z = torch.rand(5, 6, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (5,))
+    loss, _, _ = torch.ops.ether_kernels.multimodal_loss_forward(z, labels, W, 3, 0.1, False)
+    got = torch.autograd.grad(loss * 2.5, (z, W))
+    want = torch.autograd.grad(multimodal_loss_reference(z, labels, W, 3, 0.1) * 2.5, (z, W))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    torch.library.opcheck(torch.ops.ether_kernels.multimodal_loss_forward,
+                          (z, labels, W, 3, 0.1, False))
 
 
 @needs_cpp

@@ -20,8 +20,9 @@ def pairwise_distances_reference(x, y, squared=False):
     if squared:
         return d2
     # a zero distance (a point against itself) gets a zero gradient, not sqrt's infinite one
-    positive = d2 > 0
-    return torch.where(positive, torch.where(positive, d2, 1.0).sqrt(), 0.0)
+    # (tested with == 0, so that a NaN stays NaN: d2 > 0 made it 0)
+    zero = d2 == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, d2).sqrt())
 
 
 def triplet_loss_reference(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6,
