@@ -1097,7 +1097,7 @@ struct RowRing {
       pause_or_yield(spins);
     }
   }
-  // Step q is done (after its releases).
+  // The step just run is done (called after its releases).
   void finish() { finished.value.fetch_add(1, std::memory_order_acq_rel); }
   // Step q's input row (step q - 1's boundary row) and output row.
   int64_t input_slot(int64_t q) const { return q % slots; }
@@ -1135,8 +1135,8 @@ struct RowRing {
       std::this_thread::yield();
     }
   }
-  // A wait this long marks the ring contended: 1 ms, or ETHER_KERNELS_DTW_CONTENDED_WAIT_US
-  // microseconds (0: at the first wait, as the tests force it).
+  // A wait this long counts as a long wait (the second marks the ring contended): 1 ms, or
+  // ETHER_KERNELS_DTW_CONTENDED_WAIT_US microseconds (0: every wait counts, as in a test).
   static std::chrono::nanoseconds contended_wait() {
     const char* value = std::getenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US");
     const long long us = value != nullptr ? std::atoll(value) : 1000;
