@@ -870,6 +870,7 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
     (8, 200, 180, 4, None, False, "sqeuclidean", False),  # one lane group
     (5, 230, 190, 2, 30, True, "sqeuclidean", False),     # filled group, masked lanes
     (3, 181, 203, 6, None, True, "l1", False),            # D > 4 (D not fixed at compile time)
+    (8, 170, 230, 16, 60, True, "sqeuclidean", False),    # D >= 16: the grid backward shared
     (2, 300, 150, 1, None, False, "sqeuclidean", True),   # checkpointed segments
     (8, 190, 260, 3, 50, True, "euclidean", True),        # checkpointed along y, band
 ])

@@ -2465,20 +2465,25 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
     }
     constexpr int64_t LA = VA::size();
     const LaneGroups lg(LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths);
-    for_each_task(lg.tasks(), grain, [&](auto next_task) {
+    // The passes over the whole kept grid on several threads (RowRing) only for D >= 16.
+    // A pass (1 or 2 rows) hands its boundary row to another core: ~2 x 513 lines of 64
+    // bytes per pass at 512 columns, a fixed ~17 us per pass on the EPYC, against ~9 us
+    // of work per pass at D = 4, where sharing made the backward slower (8 pairs of 512^2:
+    // 2.0-2.8 -> 3.3 ms on 2 threads; 256^2: 0.55 -> 1.0); at D = 16 the work per pass
+    // is larger (512^2: 7.1-10.7 -> 6.1-6.4 ms; 256^2: 2.0-2.3 -> 1.6), at D = 32 too
+    // (12.5-15.5 -> 8.6-11.8 ms); D = 8 won at 512^2 (5.5-6.1 -> 4.3) but lost at 256^2
+    // (0.8 -> 1.2). A checkpointed segment's passes share well (they follow a recompute).
+    // Sharing at small D needs passes of several rows per hand-over (not done).
+    constexpr int64_t kSharedGridPassesMinDim = 16;
+    const int64_t row_workers = a.soft && D >= kSharedGridPassesMinDim
+                                    ? row_workers_for<T>(lg.tasks(), N, M) : 1;
+    for_each_task(lg.tasks(), row_workers > 1 ? lg.tasks() : grain, [&](auto next_task) {
       const FlushSubnormalsScope flush_subnormals;  // see the class comment
       std::vector<A> e_scratch, gx, gy, gd(std::max<int64_t>(1, D));
       std::vector<double> xt, yt;
       std::vector<VA> gxl, gyl;
       BackWork back_work;
-      // One thread per group: the backward's passes on two threads, faster on a
-      // checkpointed segment (3 pairs of 1500^2: 45 -> 37 ms), were slower here, on the
-      // whole kept grid (8 pairs of 512^2: 2.2 -> 3.5 ms; 256^2: 0.55 -> 1.0 ms), for
-      // reasons not found yet: each worker ran its half of the passes in ~3.0 ms, waiting
-      // < 10% of it (one worker runs all of them in 2.4 ms); not gy's buckets (per-worker
-      // buckets were as slow), nor the boundary row's read latency (fetching a batch
-      // ahead changed nothing).
-      back_work.workers = 1;
+      back_work.workers = row_workers;
       auto single = [&](int64_t b, int64_t slot) {  // soft: kept at its task's slot
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         const int64_t n = pb.n, m = pb.m;
