@@ -2467,10 +2467,11 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
     const LaneGroups lg(LA, B, (a.soft && LA > 1) ? B / LA : 0, a.x_lengths, a.y_lengths);
     // The passes over the whole kept grid on several threads (RowRing) only for D >= 16.
     // A pass (1 or 2 rows) hands its boundary row to another core: ~2 x 513 lines of 64
-    // bytes per pass at 512 columns, a fixed ~17 us per pass on the EPYC, against ~9 us
-    // of work per pass at D = 4, where sharing made the backward slower (8 pairs of 512^2:
-    // 2.0-2.8 -> 3.3 ms on 2 threads; 256^2: 0.55 -> 1.0); at D = 16 the work per pass
-    // is larger (512^2: 7.1-10.7 -> 6.1-6.4 ms; 256^2: 2.0-2.3 -> 1.6), at D = 32 too
+    // bytes per pass at 512 columns, by the timings ~17 us more per pass on the EPYC,
+    // against ~9 us of work per pass at D = 4, where sharing made the backward slower
+    // (8 pairs of 512^2: 2.0-2.8 -> 3.3 ms on 2 threads; 256^2: 0.55 -> 1.0); at D = 16
+    // the work per pass is larger (512^2: 7.1-10.7 -> 4.8-6.4 ms; 256^2: 2.0-2.3 -> 1.6),
+    // at D = 32 too
     // (12.5-15.5 -> 8.6-11.8 ms); D = 8 won at 512^2 (5.5-6.1 -> 4.3) but lost at 256^2
     // (0.8 -> 1.2). A checkpointed segment's passes share well (they follow a recompute).
     // Sharing at small D needs passes of several rows per hand-over (not done).
