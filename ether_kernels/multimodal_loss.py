@@ -23,7 +23,6 @@ exact zeros does not train here (the default initialisation is kaiming_uniform_)
 """
 
 import math
-import numbers
 
 import torch
 
