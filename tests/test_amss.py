@@ -842,6 +842,14 @@ def test_masked_sgd_bad_input():
     # an item that is not a tensor was an AttributeError ('float' object has no attribute 'grad')
     with pytest.raises(TypeError, match=r"params_per_group\[0\]\[1\] must be a tensor"):
         ek.amss.masked_sgd_step([[params[0], 1.0]], [0.5], lr=0.1)
+    # momentum buffers are read like the groups: a bare tensor would be iterated row by row
+    with pytest.raises(TypeError, match="masked_sgd_step: momentum_buffers must hold one iterable"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9,
+                                momentum_buffers=torch.zeros(3))
+    with pytest.raises(TypeError, match=r"masked_sgd_step: momentum_buffers\[0\] must be an "
+                                        "iterable of tensors"):
+        ek.amss.masked_sgd_step([params], [0.5], lr=0.1, momentum=0.9,
+                                momentum_buffers=[torch.zeros(3)])
     params[1].grad = None
     with pytest.raises(RuntimeError, match="no .grad"):
         ek.amss.masked_sgd_step([params], [0.5], lr=0.1)
