@@ -1169,6 +1169,53 @@ def test_length_grouped_lanes_give_every_pair_its_own_results(monkeypatch, dtype
         torch.testing.assert_close(got.double(), want, rtol=bound, atol=bound)
 
 
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("band", [None, 0, 3, 40])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
+@pytest.mark.parametrize("D", [1, 3])
+def test_pairs_run_alone_in_strips_match_the_reference(dtype, band, metric, D):
+    """The hard value-only DTW of a pair run alone (fewer pairs than lanes, or the B mod L
+    left over) sweeps it a strip of L rows at a time, lane k one column behind lane k - 1
+    (xy_forward_hard_strips). Row counts around the strip height (fewer rows than lanes,
+    L, L + 1, a remainder), long and wide grids, bands that cut strips, per-pair lengths:
+    the values equal the reference's; a NaN in a cell the band allows makes the pair NaN,
+    one outside it changes nothing, an infinite point gives +inf."""
+    shapes = [(5, 900), (16, 300), (17, 290), (8, 700), (9, 640), (67, 129), (130, 45),
+              (300, 17), (96, 96), (301, 333)]
+    for N, M in shapes:
+        x = torch.randn(3, N, D, dtype=torch.float64).to(dtype) * 3
+        y = torch.randn(3, M, D, dtype=torch.float64).to(dtype) * 3
+        x_lengths = torch.tensor([N, max(1, N - 4), max(1, (2 * N) // 3)])
+        y_lengths = torch.tensor([M, (3 * M) // 4, max(1, M - 7)])
+        for lengths in (dict(), dict(x_lengths=x_lengths, y_lengths=y_lengths)):
+            with ek.use_backend("cpp"):
+                got = ek.dtw(x, y, band=band, metric=metric, **lengths)
+            with ek.use_backend("reference"):
+                want = ek.dtw(x.double(), y.double(), band=band, metric=metric, **lengths)
+            bound = 1e-12 if dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(got.double(), want, rtol=bound, atol=bound,
+                                       msg=lambda m: f"{(N, M)} {lengths != {}}: {m}")
+    # The NaN convention, and +inf, in one 100 x 100 pair (a strip path: 10^4 cells).
+    x = torch.randn(1, 100, D, dtype=dtype)
+    y = torch.randn(1, 100, D, dtype=dtype)
+    with ek.use_backend("cpp"):
+        clean = ek.dtw(x, y, band=band, metric=metric)
+        for i, j, nan in ((50, 50, True), (37, 99, band is None or band >= 62)):
+            a, b = x.clone(), y.clone()
+            a[0, i - 1, 0], b[0, j - 1, 0] = math.inf, math.inf  # cost(i, j) = inf - inf
+            value = ek.dtw(a, b, band=band, metric=metric)
+            assert bool(value.isnan()) == nan, (i, j, value)
+            if not nan:  # the cell is outside the band: only the points' other cells count
+                with ek.use_backend("reference"):
+                    want = ek.dtw(a.double(), b.double(), band=band, metric=metric)
+                torch.testing.assert_close(value.double(), want)
+        a = x.clone()
+        a[0, 20, 0] = math.inf
+        assert ek.dtw(a, y, band=band, metric=metric).item() == math.inf
+        assert clean.isfinite().all()
+
+
 def _forward_batch_sizes(run):
     """The batch sizes ether_kernels::dtw_xy_forward ran with while run() ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],

@@ -549,6 +549,189 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D,
 }
 
 // ---------------------------------------------------------------------------------------
+// Hard DTW of ONE pair in the lanes of one vector (value only), for the pairs that run
+// alone (fewer than L pairs, or the B mod L left over): a strip of L rows at a time, lane
+// k sweeping row i0 + k one column behind lane k - 1, so that step s computes the cells
+// (i0 + k, s - k) of an anti-diagonal of the strip, each from cells of the two steps before:
+//   left (i0 + k,     s - k - 1) = lane k's value at step s - 1
+//   up   (i0 + k - 1, s - k)     = lane k - 1's value at step s - 1 (the vector shifted up
+//                                  one lane, row i0 - 1 shifted into lane 0)
+//   diag (i0 + k - 1, s - k - 1) = up at step s - 1
+// One lane shift per step is the only cross-lane work, so a step's dependency chain is a
+// shift, a minimum and an add for L cells where the pair-by-pair sweep's is a minimum and
+// an add per cell. Row i0 - 1 comes from `row`, which the strip overwrites with its own
+// last row (lane L - 1, L - 1 columns behind the reads). Cells outside the band or the
+// grid get a +inf cost, so their value is +inf (a NaN cost is recorded off the chain, as
+// the scalar path does, since the min instruction drops NaN operands). The cells, their
+// costs and the sums are those of xy_forward_pair: the value is bitwise the same.
+// Offsets are compared in T: exact while max(n, m) < 2^(digits - 2) (strips_exact).
+
+// (first, v[0], ..., v[L - 2]): v shifted up one lane, `first` into lane 0.
+template <typename T>
+inline at::vec::Vectorized<T> shift_in(const at::vec::Vectorized<T>& v, T first) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(
+        _mm512_castps_si512(v), _mm512_castps_si512(_mm512_set1_ps(first)), 15));
+  } else {
+    return _mm512_castsi512_pd(_mm512_alignr_epi64(
+        _mm512_castpd_si512(v), _mm512_castpd_si512(_mm512_set1_pd(first)), 7));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 rotated = _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6));
+    return _mm256_blend_ps(rotated, _mm256_set1_ps(first), 1);
+  } else {
+    const __m256d rotated = _mm256_permute4x64_pd(v, _MM_SHUFFLE(2, 1, 0, 3));
+    return _mm256_blend_pd(rotated, _mm256_set1_pd(first), 1);
+  }
+#else
+  constexpr int64_t L = at::vec::Vectorized<T>::size();
+  alignas(64) T lanes[L + 1];
+  v.store(lanes + 1);
+  lanes[0] = first;
+  return at::vec::Vectorized<T>::loadu(lanes);
+#endif
+}
+
+// min(a, b) lane by lane as the min instruction (a NaN operand dropped: see above).
+template <typename T>
+inline at::vec::Vectorized<T> min_instruction(const at::vec::Vectorized<T>& a,
+                                              const at::vec::Vectorized<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_min_ps(a, b);
+  else return _mm512_min_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_min_ps(a, b);
+  else return _mm256_min_pd(a, b);
+#else
+  return at::vec::minimum(a, b);
+#endif
+}
+
+// Pairs of fewer cells run pair by pair (the strips' copies of the series would cost more
+// than the lanes save).
+constexpr int64_t kStripsMinCells = 4096;
+
+template <typename T>
+bool strips_exact(const PairBand& pb) {
+  return std::max(pb.n, pb.m) < (int64_t(1) << (std::numeric_limits<T>::digits - 2));
+}
+
+template <typename T>
+struct StripBuffers {
+  std::vector<T> xs, yr, row;
+  std::vector<at::vec::Vectorized<T>> xv;
+};
+
+// x: (n, D) and y: (m, D) rows of one pair (row stride D); kD1: D == 1.
+template <int kMetric, bool kD1, typename T>
+T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
+                         StripBuffers<T>& buf) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t L = V::size();
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const int64_t n = pb.n, m = pb.m;
+  // x transposed, (D, n_pad), zeros past row n; y reversed and transposed, (D, m + 2 L):
+  // y's column j (1-based) at L + m - j, so that the L columns s - k of step s are
+  // contiguous from L + m - s (zeros past both ends).
+  const int64_t n_pad = (n + L - 1) / L * L, ldy = m + 2 * L;
+  buf.xs.assign(D * n_pad, T(0));
+  buf.yr.assign(D * ldy, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t d = 0; d < D; ++d) buf.xs[d * n_pad + i] = x[i * D + d];
+  }
+  for (int64_t j = 1; j <= m; ++j) {
+    for (int64_t d = 0; d < D; ++d) buf.yr[d * ldy + L + m - j] = y[(j - 1) * D + d];
+  }
+  buf.row.assign(m + 1, kInf);
+  buf.xv.resize(D);
+  T* row = buf.row.data();
+  const T* yr = buf.yr.data();
+  alignas(64) T lane_index[L];
+  for (int64_t k = 0; k < L; ++k) lane_index[k] = static_cast<T>(k);
+  const V lanes = V::loadu(lane_index), one(T(1)), inf(kInf);
+  // Allowed offsets j - i (any, unbanded) and columns.
+  const T wide = static_cast<T>(n + m + 4 * L);
+  const V lo(pb.banded ? static_cast<T>(pb.lo) : -wide);
+  const V hi(pb.banded ? static_cast<T>(pb.hi) : wide);
+  const V first_column(T(1)), last_column(static_cast<T>(m));
+  V nan_cost(T(0));  // lanes that met a NaN cost in an allowed cell (all bits set)
+  int64_t held_first = 1, held_last = 0;  // the columns of row i0 - 1 that `row` holds
+  T value = kInf;
+  for (int64_t i0 = 1; i0 <= n; i0 += L) {
+    const bool last_strip = i0 + L > n;
+    const int64_t s_first = pb.first(i0);
+    const int64_t s_last = last_strip ? m + (n - i0) : pb.last(i0 + L - 1) + (L - 1);
+    // R[i0 - 1][s]: row 0 is 0 at column 0, +inf after; other rows +inf where not held.
+    auto above = [&](int64_t s) -> T {
+      if (i0 == 1) return s == 0 ? T(0) : kInf;
+      return s >= held_first && s <= held_last ? row[s] : kInf;
+    };
+    for (int64_t d = 0; d < D; ++d) buf.xv[d] = V::loadu(buf.xs.data() + d * n_pad + (i0 - 1));
+    const V xv0 = buf.xv[0];
+    const V past_n = lanes > V(static_cast<T>(n - i0));  // rows past n (the last strip)
+    V column = V(static_cast<T>(s_first)) - lanes;        // j of lane k at step s
+    V offset = column - V(static_cast<T>(i0)) - lanes;   // j - i
+    V left = inf;                                        // step s - 1: all outside
+    V diag = shift_in(inf, above(s_first - 1));
+    for (int64_t s = s_first; s <= s_last; ++s) {
+      const V up = shift_in(left, above(s));
+      const T* ys = yr + L + m - s;
+      const V outside = (column < first_column) | (column > last_column) | (offset < lo) |
+                        (offset > hi) | past_n;
+      V c;
+      if constexpr (kD1) {
+        // +inf into the difference, and the NaN test on it, not on the cost: the cost's
+        // one use is then t * t + best, as in the pair-by-pair and lane paths, which the
+        // compiler fuses the same way (bitwise the same values).
+        const V t = V::blendv(xv0 - V::loadu(ys), inf, outside);
+        nan_cost = nan_cost | (t != t);
+        if constexpr (kMetric == kSqEuclidean) c = t * t;
+        else c = t.abs();
+      } else {
+        c = V(T(0));
+        for (int64_t d = 0; d < D; ++d) {
+          const V t = buf.xv[d] - V::loadu(ys + d * ldy);
+          if constexpr (kMetric == kL1) c = c + t.abs();
+          else c = c + t * t;  // no FMA: the same rounding as the scalar path
+        }
+        if constexpr (kMetric == kEuclidean) c = c.sqrt();
+        c = V::blendv(c, inf, outside);
+        nan_cost = nan_cost | (c != c);
+      }
+      const V v = c + min_instruction(min_instruction(diag, left), up);
+      if (!last_strip) {
+        const int64_t j = s - (L - 1);  // lane L - 1's column: row i0 + L - 1 into `row`
+        if (j >= 1 && j <= m) {
+          alignas(64) T values[L];
+          v.store(values);
+          row[j] = values[L - 1];
+        }
+      }
+      diag = up;
+      left = v;
+      column = column + one;
+      offset = offset + one;
+    }
+    if (last_strip) {
+      alignas(64) T values[L];
+      left.store(values);
+      value = values[n - i0];
+    } else {
+      held_first = std::max<int64_t>(1, s_first - (L - 1));
+      held_last = std::min<int64_t>(m, s_last - (L - 1));
+    }
+  }
+  alignas(64) T flags[L];
+  nan_cost.store(flags);
+  for (int64_t k = 0; k < L; ++k) {
+    if (flags[k] != T(0)) return std::numeric_limits<T>::quiet_NaN();
+  }
+  return value;
+}
+
+// ---------------------------------------------------------------------------------------
 // Soft-DTW on the series, kLanes pairs at once (pair k in lane k of at::vec::Vectorized
 // <double>; the group's grid and lengths: LaneShape). The same recurrence and
 // numerics contract as softmin3 / soft_backward_pair, with the vectorised exp / log
@@ -2381,8 +2564,14 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       std::vector<T> buf(2 * (M + 1));
       std::vector<V> vbuf;
       std::vector<T> xt, yt;
+      StripBuffers<T> strips;
       auto single = [&](int64_t b) {
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
+        if (R == nullptr && L > 1 && pb.n * pb.m >= kStripsMinCells && strips_exact<T>(pb)) {
+          values[b] = xy_forward_hard_strips<kMetric, kD1, T>(
+              x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, strips);
+          return;
+        }
         T* Rb = R != nullptr ? R + b * N * M : nullptr;
         values[b] = xy_forward_pair<kMetric, kD1, false, T, T, T>(
             x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, T(1), buf.data(),
