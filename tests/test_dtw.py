@@ -1216,6 +1216,45 @@ def test_pairs_run_alone_in_strips_match_the_reference(dtype, band, metric, D):
         assert clean.isfinite().all()
 
 
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("band", [None, 0, 5])
+@pytest.mark.parametrize("D", [1, 2])
+def test_strips_keep_the_reference_R_and_give_its_gradients(dtype, band, D):
+    """Hard DTW with a gradient keeps R pair by pair, in strips for all but small pairs
+    (xy_forward_hard_strips, each step scattering its L cells into their rows): the kept
+    R equals the reference's accumulated cost matrix in every cell (+inf outside the band
+    and past the lengths, the rows up to N included), and fp64 gradients equal the
+    reference's."""
+    ops = torch.ops.ether_kernels
+    for N, M in [(17, 290), (130, 45), (96, 96), (5, 900)]:
+        x = torch.randn(3, N, D, dtype=torch.float64)
+        y = torch.randn(3, M, D, dtype=torch.float64)
+        x_lengths = torch.tensor([N, max(1, N - 3), max(1, (2 * N) // 3)])
+        y_lengths = torch.tensor([M, max(1, M - 9), (3 * M) // 4])
+        _, R = ops.dtw_xy_forward(x.to(dtype), y.to(dtype), x_lengths, y_lengths, 0,
+                                  -1 if band is None else band, 1.0, False, True)
+        cost = dynamic_time_warping.pairwise_cost(x, y)
+        want = ek.reference.dtw.accumulated_cost_matrix(cost, x_lengths, y_lengths, band)
+        want = want[:, 1:, 1:]
+        allowed = dynamic_time_warping.allowed_cells(x_lengths, y_lengths, N, M, band)
+        want = torch.where(allowed, want, math.inf)
+        bound = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(R.double(), want, rtol=bound, atol=bound,
+                                   msg=lambda m: f"{(N, M)}: {m}")
+        if dtype == torch.float64:
+            grads = {}
+            for backend in ("cpp", "reference"):
+                a, b = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+                with ek.use_backend(backend):
+                    values = ek.dtw(a, b, band=band, x_lengths=x_lengths, y_lengths=y_lengths)
+                weights = torch.tensor([0.5, 1.0, 1.5], dtype=values.dtype)
+                grads[backend] = [values.detach(),
+                                  *torch.autograd.grad((values * weights).sum(), (a, b))]
+            for got, want in zip(grads["cpp"], grads["reference"]):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def _forward_batch_sizes(run):
     """The batch sizes ether_kernels::dtw_xy_forward ran with while run() ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
