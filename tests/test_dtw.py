@@ -1177,7 +1177,7 @@ def test_length_grouped_lanes_give_every_pair_its_own_results(monkeypatch, dtype
 def test_pairs_run_alone_in_strips_match_the_reference(dtype, band, metric, D):
     """The hard value-only DTW of a pair run alone (fewer pairs than lanes, or the B mod L
     left over) sweeps it a strip of L rows at a time, lane k one column behind lane k - 1
-    (xy_forward_hard_strips). Row counts around the strip height (fewer rows than lanes,
+    (forward_hard_strips). Row counts around the strip height (fewer rows than lanes,
     L, L + 1, a remainder), long and wide grids, bands that cut strips, per-pair lengths:
     the values equal the reference's; a NaN in a cell the band allows makes the pair NaN,
     one outside it changes nothing, an infinite point gives +inf."""
@@ -1222,10 +1222,11 @@ def test_pairs_run_alone_in_strips_match_the_reference(dtype, band, metric, D):
 @pytest.mark.parametrize("D", [1, 2])
 def test_strips_keep_the_reference_R_and_give_its_gradients(dtype, band, D):
     """Hard DTW with a gradient keeps R pair by pair, in strips for all but small pairs
-    (xy_forward_hard_strips, each step scattering its L cells into their rows): the kept
-    R equals the reference's accumulated cost matrix in every cell (+inf outside the band
-    and past the lengths, the rows up to N included), and fp64 gradients equal the
-    reference's."""
+    (forward_hard_strips, the steps' cells staged and written out by row segments), on the
+    series and on a precomputed cost (dtw_from_cost, dtw_path; its costs staged the same
+    way): the kept R equals the reference's accumulated cost matrix in every cell (+inf
+    outside the band and past the lengths, the rows up to N included), the values its
+    end cells, and fp64 gradients equal the reference's."""
     ops = torch.ops.ether_kernels
     for N, M in [(17, 290), (130, 45), (96, 96), (5, 900)]:
         x = torch.randn(3, N, D, dtype=torch.float64)
@@ -1242,6 +1243,15 @@ def test_strips_keep_the_reference_R_and_give_its_gradients(dtype, band, D):
         bound = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(R.double(), want, rtol=bound, atol=bound,
                                    msg=lambda m: f"{(N, M)}: {m}")
+        # The same from the precomputed cost (strips too; fp64 arithmetic, R in the dtype).
+        for keep in (False, True):
+            values, R = ops.dtw_forward(cost.to(dtype), x_lengths, y_lengths,
+                                        -1 if band is None else band, 1.0, False, keep)
+            ends = want[torch.arange(3), x_lengths - 1, y_lengths - 1]
+            torch.testing.assert_close(values.double(), ends, rtol=bound, atol=bound)
+            if keep:
+                torch.testing.assert_close(R.double(), want, rtol=bound, atol=bound,
+                                           msg=lambda m: f"from cost {(N, M)}: {m}")
         if dtype == torch.float64:
             grads = {}
             for backend in ("cpp", "reference"):

@@ -17,7 +17,9 @@
 // Forward: one pair per task (at::parallel_for over pairs), two rolling rows of m + 1
 // values; only the band's cells are computed, and a row buffer is reset to +inf only over
 // the range it held before, so a banded pair costs O(n * band), not O(n * m). Keep mode also
-// writes each row into R (+inf outside the band and beyond the lengths).
+// writes each row into R (+inf outside the band and beyond the lengths). Hard DTW of all
+// but small pairs runs in strips of vector lanes instead (forward_hard_strips: the same
+// cells and sums, L cells of an anti-diagonal per step).
 //
 // Backward (soft): Algorithm 2 of Cuturi & Blondel written as a "push": cells are visited
 // in reverse row-major order, so when (p, q) is visited its E is final; its E is then split
@@ -179,35 +181,6 @@ A forward_pair(const T* cost, int64_t M, const PairBand& pb, A gamma, A* prev, A
     std::fill(R_out + n * ldr, R_out + rows * ldr, std::numeric_limits<O>::infinity());
   }
   return nan_seen ? std::numeric_limits<A>::quiet_NaN() : prev[m];
-}
-
-template <typename T>
-void forward_impl(const DtwForwardArgs& a) {
-  using A = Acc<T>;
-  const T* cost = static_cast<const T*>(a.cost);
-  T* values = static_cast<T*>(a.values);
-  T* R = static_cast<T*>(a.R);               // hard: kept in the dtype
-  double* R_soft = static_cast<double*>(a.R);  // soft: kept in fp64
-  const int64_t B = a.B, N = a.N, M = a.M;
-  const A gamma = static_cast<A>(a.gamma);
-  const int64_t cells = std::max<int64_t>(1, N * M);
-  const int64_t grain = std::max<int64_t>(1, 32768 / cells);
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(2 * (M + 1));
-    A* prev = buf.data();
-    A* cur = buf.data() + M + 1;
-    for (int64_t b = begin; b < end; ++b) {
-      const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
-      const T* cb = cost + b * N * M;
-      const A v =
-          a.soft ? forward_pair<T, A, double, true>(
-                       cb, M, pb, gamma, prev, cur, R != nullptr ? R_soft + b * N * M : nullptr,
-                       M, N)
-                 : forward_pair<T, A, T, false>(cb, M, pb, gamma, prev, cur,
-                                                R != nullptr ? R + b * N * M : nullptr, M, N);
-      values[b] = static_cast<T>(v);
-    }
-  });
 }
 
 // R[i][j] for 1-based (i, j) with the boundary and band conventions.
@@ -619,10 +592,11 @@ bool strips_exact(const PairBand& pb) {
 }
 
 constexpr int64_t kStripStageSteps = 64;
+constexpr int kPrecomputedCost = -1;  // forward_hard_strips' kMetric for a given cost
 
 template <typename T>
 struct StripBuffers {
-  std::vector<T> xs, yr, row, stage;
+  std::vector<T> xs, yr, row, stage, cost_stage;
   std::vector<at::vec::Vectorized<T>> xv;
 };
 
@@ -632,50 +606,60 @@ struct StripBuffers {
 // the rows kStripStageSteps columns at a time: a step's L cells lie in L rows whose
 // addresses differ by about ldr elements, which for a power-of-2 ldr map to one cache set
 // (written directly, 1 x 4096^2 kept R took 35 ms against 4.6 ms for the values).
-template <int kMetric, bool kD1, typename T>
-T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
-                         StripBuffers<T>& buf, T* R_out = nullptr, int64_t ldr = 0,
-                         int64_t rows = 0) {
-  using V = at::vec::Vectorized<T>;
+// kMetric == kPrecomputedCost: the costs come from `cost` (row stride ldc) instead of x and
+// y, staged as the values are, kStripStageSteps steps at a time (each row read in order).
+// The arithmetic is in A (T for the series, fp64 for a precomputed fp32 cost, as
+// forward_pair); R_out and `cost` are in T.
+template <int kMetric, bool kD1, typename A, typename T>
+A forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
+                      StripBuffers<A>& buf, T* R_out = nullptr, int64_t ldr = 0,
+                      int64_t rows = 0, const T* cost = nullptr, int64_t ldc = 0) {
+  using V = at::vec::Vectorized<A>;
   constexpr int64_t L = V::size();
-  constexpr T kInf = std::numeric_limits<T>::infinity();
+  constexpr A kInf = std::numeric_limits<A>::infinity();
+  constexpr bool kCost = kMetric == kPrecomputedCost;
   const int64_t n = pb.n, m = pb.m;
+  if constexpr (kCost) D = 0;  // no series to copy
   // x transposed, (D, n_pad), zeros past row n; y reversed and transposed, (D, m + 2 L):
   // y's column j (1-based) at L + m - j, so that the L columns s - k of step s are
   // contiguous from L + m - s (zeros past both ends).
   const int64_t n_pad = (n + L - 1) / L * L, ldy = m + 2 * L;
-  buf.xs.assign(D * n_pad, T(0));
-  buf.yr.assign(D * ldy, T(0));
+  buf.xs.assign(D * n_pad, A(0));
+  buf.yr.assign(D * ldy, A(0));
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t d = 0; d < D; ++d) buf.xs[d * n_pad + i] = x[i * D + d];
+    for (int64_t d = 0; d < D; ++d) buf.xs[d * n_pad + i] = static_cast<A>(x[i * D + d]);
   }
   for (int64_t j = 1; j <= m; ++j) {
-    for (int64_t d = 0; d < D; ++d) buf.yr[d * ldy + L + m - j] = y[(j - 1) * D + d];
+    for (int64_t d = 0; d < D; ++d) {
+      buf.yr[d * ldy + L + m - j] = static_cast<A>(y[(j - 1) * D + d]);
+    }
   }
   buf.row.assign(m + 1, kInf);
   buf.xv.resize(D);
   if (R_out != nullptr) buf.stage.resize(kStripStageSteps * L);
-  T* stage = buf.stage.data();
-  T* row = buf.row.data();
-  const T* yr = buf.yr.data();
-  alignas(64) T lane_index[L];
-  for (int64_t k = 0; k < L; ++k) lane_index[k] = static_cast<T>(k);
-  const V lanes = V::loadu(lane_index), one(T(1)), inf(kInf);
+  if constexpr (kCost) buf.cost_stage.resize(kStripStageSteps * L);
+  A* stage = buf.stage.data();
+  A* cost_stage = buf.cost_stage.data();
+  A* row = buf.row.data();
+  const A* yr = buf.yr.data();
+  alignas(64) A lane_index[L];
+  for (int64_t k = 0; k < L; ++k) lane_index[k] = static_cast<A>(k);
+  const V lanes = V::loadu(lane_index), one(A(1)), inf(kInf);
   // Allowed offsets j - i (any, unbanded) and columns.
-  const T wide = static_cast<T>(n + m + 4 * L);
-  const V lo(pb.banded ? static_cast<T>(pb.lo) : -wide);
-  const V hi(pb.banded ? static_cast<T>(pb.hi) : wide);
-  const V first_column(T(1)), last_column(static_cast<T>(m));
-  V nan_cost(T(0));  // lanes that met a NaN cost in an allowed cell (all bits set)
+  const A wide = static_cast<A>(n + m + 4 * L);
+  const V lo(pb.banded ? static_cast<A>(pb.lo) : -wide);
+  const V hi(pb.banded ? static_cast<A>(pb.hi) : wide);
+  const V first_column(A(1)), last_column(static_cast<A>(m));
+  V nan_cost(A(0));  // lanes that met a NaN cost in an allowed cell (all bits set)
   int64_t held_first = 1, held_last = 0;  // the columns of row i0 - 1 that `row` holds
-  T value = kInf;
+  A value = kInf;
   for (int64_t i0 = 1; i0 <= n; i0 += L) {
     const bool last_strip = i0 + L > n;
     const int64_t s_first = pb.first(i0);
     const int64_t s_last = last_strip ? m + (n - i0) : pb.last(i0 + L - 1) + (L - 1);
     // R[i0 - 1][s]: row 0 is 0 at column 0, +inf after; other rows +inf where not held.
-    auto above = [&](int64_t s) -> T {
-      if (i0 == 1) return s == 0 ? T(0) : kInf;
+    auto above = [&](int64_t s) -> A {
+      if (i0 == 1) return s == 0 ? A(0) : kInf;
       return s >= held_first && s <= held_last ? row[s] : kInf;
     };
     for (int64_t d = 0; d < D; ++d) buf.xv[d] = V::loadu(buf.xs.data() + d * n_pad + (i0 - 1));
@@ -689,10 +673,10 @@ T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
         std::fill(rrow + written_last, rrow + ldr, kInf);
       }
     }
-    const V xv0 = buf.xv[0];
-    const V past_n = lanes > V(static_cast<T>(n - i0));  // rows past n (the last strip)
-    V column = V(static_cast<T>(s_first)) - lanes;        // j of lane k at step s
-    V offset = column - V(static_cast<T>(i0)) - lanes;   // j - i
+    const V xv0 = D > 0 ? buf.xv[0] : V(A(0));
+    const V past_n = lanes > V(static_cast<A>(n - i0));  // rows past n (the last strip)
+    V column = V(static_cast<A>(s_first)) - lanes;        // j of lane k at step s
+    V offset = column - V(static_cast<A>(i0)) - lanes;   // j - i
     V left = inf;                                        // step s - 1: all outside
     V diag = shift_in(inf, above(s_first - 1));
     // The steps staged_first .. s - 1 into their rows: lane k's cells (i0 + k, s' - k).
@@ -702,18 +686,36 @@ T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
         T* rrow = R_out + (i0 + k - 1) * ldr;
         const int64_t j_first = std::max<int64_t>(1, staged_first - k);
         const int64_t j_last = std::min<int64_t>(m, s_end - 1 - k);
-        const T* lane = stage + (k - staged_first) * L + k;  // column j at lane[j * L]
-        for (int64_t j = j_first; j <= j_last; ++j) rrow[j - 1] = lane[j * L];
+        const A* lane = stage + (k - staged_first) * L + k;  // column j at lane[j * L]
+        for (int64_t j = j_first; j <= j_last; ++j) rrow[j - 1] = static_cast<T>(lane[j * L]);
       }
       staged_first = s_end;
     };
+    // The costs of the steps cost_first .. cost_end - 1 (0 off the grid: masked).
+    int64_t cost_first = s_first, cost_end = s_first;
+    auto stage_costs = [&](int64_t s_begin) {
+      cost_first = s_begin;
+      cost_end = std::min(s_last + 1, s_begin + kStripStageSteps);
+      std::fill(cost_stage, cost_stage + kStripStageSteps * L, A(0));
+      for (int64_t k = 0; k < strip_rows; ++k) {
+        const T* crow = cost + (i0 + k - 1) * ldc;
+        const int64_t j_first = std::max<int64_t>(1, cost_first - k);
+        const int64_t j_last = std::min<int64_t>(m, cost_end - 1 - k);
+        A* lane = cost_stage + (k - cost_first) * L + k;  // column j at lane[j * L]
+        for (int64_t j = j_first; j <= j_last; ++j) lane[j * L] = static_cast<A>(crow[j - 1]);
+      }
+    };
     for (int64_t s = s_first; s <= s_last; ++s) {
       const V up = shift_in(left, above(s));
-      const T* ys = yr + L + m - s;
+      const A* ys = yr + L + m - s;
       const V outside = (column < first_column) | (column > last_column) | (offset < lo) |
                         (offset > hi) | past_n;
       V c;
-      if constexpr (kD1) {
+      if constexpr (kCost) {
+        if (s == cost_end) stage_costs(s);
+        c = V::blendv(V::loadu(cost_stage + (s - cost_first) * L), inf, outside);
+        nan_cost = nan_cost | (c != c);
+      } else if constexpr (kD1) {
         // +inf into the difference, and the NaN test on it, not on the cost: the cost's
         // one use is then t * t + best, as in the pair-by-pair and lane paths, which the
         // compiler fuses the same way (bitwise the same values).
@@ -722,7 +724,7 @@ T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
         if constexpr (kMetric == kSqEuclidean) c = t * t;
         else c = t.abs();
       } else {
-        c = V(T(0));
+        c = V(A(0));
         for (int64_t d = 0; d < D; ++d) {
           const V t = buf.xv[d] - V::loadu(ys + d * ldy);
           if constexpr (kMetric == kL1) c = c + t.abs();
@@ -740,7 +742,7 @@ T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
       if (!last_strip) {
         const int64_t j = s - (L - 1);  // lane L - 1's column: row i0 + L - 1 into `row`
         if (j >= 1 && j <= m) {
-          alignas(64) T values[L];
+          alignas(64) A values[L];
           v.store(values);
           row[j] = values[L - 1];
         }
@@ -751,7 +753,7 @@ T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
       offset = offset + one;
     }
     if (last_strip) {
-      alignas(64) T values[L];
+      alignas(64) A values[L];
       left.store(values);
       value = values[n - i0];
     } else {
@@ -759,13 +761,54 @@ T xy_forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
       held_last = std::min<int64_t>(m, s_last - (L - 1));
     }
   }
-  if (R_out != nullptr && rows > n) std::fill(R_out + n * ldr, R_out + rows * ldr, kInf);
-  alignas(64) T flags[L];
+  if (R_out != nullptr && rows > n) {
+    std::fill(R_out + n * ldr, R_out + rows * ldr, std::numeric_limits<T>::infinity());
+  }
+  alignas(64) A flags[L];
   nan_cost.store(flags);
   for (int64_t k = 0; k < L; ++k) {
-    if (flags[k] != T(0)) return std::numeric_limits<T>::quiet_NaN();
+    if (flags[k] != A(0)) return std::numeric_limits<A>::quiet_NaN();
   }
   return value;
+}
+
+// The precomputed-cost forward: pair by pair (forward_pair), hard DTW in strips.
+template <typename T>
+void forward_impl(const DtwForwardArgs& a) {
+  using A = Acc<T>;
+  const T* cost = static_cast<const T*>(a.cost);
+  T* values = static_cast<T*>(a.values);
+  T* R = static_cast<T*>(a.R);               // hard: kept in the dtype
+  double* R_soft = static_cast<double*>(a.R);  // soft: kept in fp64
+  const int64_t B = a.B, N = a.N, M = a.M;
+  const A gamma = static_cast<A>(a.gamma);
+  const int64_t cells = std::max<int64_t>(1, N * M);
+  const int64_t grain = std::max<int64_t>(1, 32768 / cells);
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(2 * (M + 1));
+    A* prev = buf.data();
+    A* cur = buf.data() + M + 1;
+    StripBuffers<A> strips;
+    for (int64_t b = begin; b < end; ++b) {
+      const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
+      const T* cb = cost + b * N * M;
+      // Hard DTW in strips of lanes (forward_hard_strips) unless the pair is small.
+      if (!a.soft && at::vec::Vectorized<A>::size() > 1 && pb.n * pb.m >= kStripsMinCells &&
+          strips_exact<A>(pb)) {
+        values[b] = static_cast<T>(forward_hard_strips<kPrecomputedCost, false, A, T>(
+            nullptr, nullptr, 0, pb, strips, R != nullptr ? R + b * N * M : nullptr, M, N, cb,
+            M));
+        continue;
+      }
+      const A v =
+          a.soft ? forward_pair<T, A, double, true>(
+                       cb, M, pb, gamma, prev, cur, R != nullptr ? R_soft + b * N * M : nullptr,
+                       M, N)
+                 : forward_pair<T, A, T, false>(cb, M, pb, gamma, prev, cur,
+                                                R != nullptr ? R + b * N * M : nullptr, M, N);
+      values[b] = static_cast<T>(v);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2593,7 +2636,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
     // LaneGroups), or pair by pair when their band masks would not be exact (see
     // LaneShape::exact_offsets); the other pairs run one by one. Keeping R: pair by pair,
     // R kept by pair (no groups, the batch order). A pair run alone sweeps in strips of L
-    // rows (xy_forward_hard_strips) unless it is small.
+    // rows (forward_hard_strips) unless it is small.
     using V = at::vec::Vectorized<T>;
     constexpr int64_t L = V::size();
     const LaneGroups lg(L, B, (R == nullptr && L > 1) ? B / L : 0, a.x_lengths, a.y_lengths);
@@ -2607,7 +2650,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
         const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
         T* Rb = R != nullptr ? R + b * N * M : nullptr;
         if (L > 1 && pb.n * pb.m >= kStripsMinCells && strips_exact<T>(pb)) {
-          values[b] = xy_forward_hard_strips<kMetric, kD1, T>(
+          values[b] = forward_hard_strips<kMetric, kD1, T, T>(
               x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, strips, Rb, M, N);
           return;
         }
