@@ -117,6 +117,39 @@ def test_soft_dtw_forward_backward(benchmark, provider, lengths):
            dtype=torch.float32, device="cpu", provider=provider, cells=cells)
 
 
+LONG_PAIR = 4096
+
+
+@pytest.mark.parametrize("provider", ["ether_kernels", "eager", "dtaidistance", "tslearn"])
+def test_hard_dtw_one_long_pair(benchmark, provider):
+    """Hard DTW of 1 pair of 4096 x 4096, D = 1, values: a pair alone in the C++ lanes runs
+    in strips of 16 rows (forward_hard_strips), one thread; dtaidistance's C code and
+    tslearn take one pair on one thread too."""
+    n = LONG_PAIR
+    x, y = _series(1, n, 1, 3), _series(1, n, 1, 4)
+    rounds = 5
+    if provider == "ether_kernels":
+        fn = lambda: ek.dtw(x, y)  # noqa: E731
+    elif provider == "eager":
+        def fn():
+            with ek.use_backend("reference"):
+                return ek.dtw(x, y)
+        rounds = 1
+    elif provider == "dtaidistance":
+        dtai = pytest.importorskip("dtaidistance.dtw")
+        a, b = x[0, :, 0].double().numpy(), y[0, :, 0].double().numpy()
+        fn = lambda: dtai.distance_fast(a, b)  # noqa: E731
+    else:
+        metrics = pytest.importorskip("tslearn.metrics")
+        a, b = x[0].double().numpy(), y[0].double().numpy()
+        metrics.dtw(a[:8], b[:8])  # numba compilation outside the timing
+        fn = lambda: metrics.dtw(a, b)  # noqa: E731
+    benchmark.group = f"dtw hard 1 x {n} x {n}"
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1 if provider != "eager" else 0)
+    record(benchmark, op="dtw-one-pair", mode="forward", shape=(1, n, n), dtype=torch.float32,
+           device="cpu", provider=provider, cells=n * n)
+
+
 FEW = [(8, 1024), (1, 2048)]  # (pairs, n): fewer lane groups (8 pairs) than threads
 
 
