@@ -522,8 +522,9 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D,
 }
 
 // ---------------------------------------------------------------------------------------
-// Hard DTW of ONE pair in the lanes of one vector (value only), for the pairs that run
-// alone (fewer than L pairs, or the B mod L left over): a strip of L rows at a time, lane
+// Hard DTW of ONE pair in the lanes of one vector: the value of a pair that runs alone
+// (fewer than L pairs, or the B mod L left over), any pair whose R is kept (hard DTW with a
+// gradient), and the pairs of a precomputed cost. A strip of L rows at a time, lane
 // k sweeping row i0 + k one column behind lane k - 1, so that step s computes the cells
 // (i0 + k, s - k) of an anti-diagonal of the strip, each from cells of the two steps before:
 //   left (i0 + k,     s - k - 1) = lane k's value at step s - 1
@@ -536,8 +537,9 @@ void xy_forward_hard_lanes(const T* xt, const T* yt, int64_t D,
 // last row (lane L - 1, L - 1 columns behind the reads). Cells outside the band or the
 // grid get a +inf cost, so their value is +inf (a NaN cost is recorded off the chain, as
 // the scalar path does, since the min instruction drops NaN operands). The cells, their
-// costs and the sums are those of xy_forward_pair: the value is bitwise the same.
-// Offsets are compared in T: exact while max(n, m) < 2^(digits - 2) (strips_exact).
+// costs and the sums are those of xy_forward_pair (forward_pair for a precomputed cost):
+// the values are bitwise the same. Offsets are compared in the arithmetic type: exact
+// while max(n, m) < 2^(digits - 2) (strips_exact).
 
 // (first, v[0], ..., v[L - 2]): v shifted up one lane, `first` into lane 0.
 template <typename T>
