@@ -19,6 +19,7 @@ reference, warning once; ETHER_KERNELS_REQUIRE_EXTENSION=1 (set by the Makefile)
 failed build into a failed install instead. The sdist carries every source (MANIFEST.in).
 """
 
+import concurrent.futures
 import glob
 import os
 import platform
@@ -73,7 +74,10 @@ def extensions_and_cmdclass():
         warnings.warn(message + ". Installing without the compiled extension.")
         return [], {}
 
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    # ETHER_KERNELS_BASELINE_ONLY=1: the CPU kernels for the x86-64 baseline alone (a third of
+    # their compile time, for builds where CPU speed does not matter, e.g. a GPU session).
+    x86 = (platform.machine().lower() in ("x86_64", "amd64")
+           and not env_flag("ETHER_KERNELS_BASELINE_ONLY"))
     # Per instruction set: the macros ATen's vector headers key on, and the compiler flags.
     capabilities = {"DEFAULT": []}
     if x86:
@@ -144,11 +148,16 @@ def extensions_and_cmdclass():
             return os.path.join(package_dir, filename)
 
         def _build(self, ext):
+            # The kernels of each instruction set compile in their own ninja run (their own
+            # build directory), all at once and beside the extension's other sources: one
+            # after another, the three copies of the largest kernel file set the build's
+            # length. Their objects join the link, which waits for them.
             cxx = list(ext.extra_compile_args["cxx"])
-            for name, flags in capabilities.items():
+
+            def compile_capability(name, flags):
                 post_args = dict(ext.extra_compile_args)
                 post_args["cxx"] = cxx + flags
-                objects = self.compiler.compile(
+                return self.compiler.compile(
                     kernel_sources,
                     output_dir=os.path.join(self.build_temp, "capability", name),
                     macros=[("CPU_CAPABILITY", name), ("CPU_CAPABILITY_" + name, None)],
@@ -156,8 +165,23 @@ def extensions_and_cmdclass():
                     extra_postargs=post_args if self.use_ninja else post_args["cxx"],
                     depends=ext.depends,
                 )
-                ext.extra_objects = list(ext.extra_objects or []) + objects
-            super().build_extension(ext)
+
+            link = self.compiler.link_shared_object
+            with concurrent.futures.ThreadPoolExecutor(len(capabilities)) as pool:
+                compiles = [pool.submit(compile_capability, name, flags)
+                            for name, flags in capabilities.items()]
+
+                def link_with_kernels(objects, *args, **kwargs):
+                    kernels = [o for done in compiles for o in done.result()]
+                    return link(list(objects) + kernels, *args, **kwargs)
+
+                self.compiler.link_shared_object = link_with_kernels
+                try:
+                    super().build_extension(ext)
+                finally:
+                    self.compiler.link_shared_object = link
+                    for done in compiles:  # a failed compile raises here if not at the link
+                        done.result()
 
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
