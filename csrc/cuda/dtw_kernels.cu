@@ -49,6 +49,16 @@ constexpr int64_t kMaxPairs = 2147483647;  // one block per pair: the grid's x l
 // Boundary rows of fp64 per pair in the workspace: the forward's R (or the backward's S) of
 // the last (first) row of a stripe, double-buffered, then the fused backward's E likewise.
 constexpr int kEdgeRows = 4;
+// Steps of lookahead of the fp32 soft backward's loads of the kept weights: each step a thread
+// loads the column it reaches kLookahead - 1 steps later, into a register ring of kLookahead
+// columns. A step's arithmetic and barrier take ~200 cycles, a DRAM load under load ~1000+
+// (Nsight on the H100: one step of lookahead left the backward bound on these loads), so a
+// load needs several steps in flight to be hidden. Costs 2 K (kLookahead - 1) more registers
+// per thread; the step loop is unrolled by it (static ring indices). The fp64 R-based
+// backward keeps one step: already at the 128-register cap of __launch_bounds__(kMaxThreads),
+// it spilled with a ring of any depth (2, 3 or 4: ptxas -v, sm_90).
+constexpr int kLookahead = 4;
+static_assert(kLookahead >= 2, "the slot refilled at a step is not the one it reads");
 
 template <typename T> __device__ __forceinline__ T infinity();
 template <> __device__ __forceinline__ float infinity<float>() {
@@ -548,7 +558,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     // R of the thread's K rows at column j, read one step ahead: the loads of the next
     // step's column are issued before this step's cells and land during its arithmetic and
     // barrier (issued at use, their latency stalled every step: Nsight on the H200 put half
-    // the backward's stalls on them). Only cells the forward wrote are read.
+    // the backward's stalls on them). Only cells the forward wrote are read. One step, not
+    // the weights backward's ring of kLookahead: no registers to spare (see kLookahead).
     const int valid_rows = pair.n - first_row;
     auto load_R = [&](int j, double (&dst)[K]) {
       const bool active = owns_rows && j >= stripe.j_begin && j <= stripe.j_end;
@@ -719,8 +730,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       from_diag[K - 1] = edge_diag_below[stripe.j_end + 1];
     }
     T out_up = T(0), out_diag = T(0);  // this thread's top-row pushes at its previous step
-    // The weights of the thread's K rows at column j, read one step ahead (see the R
-    // lookahead of soft_dtw_backward_kernel); only cells the forward wrote are read.
+    // The weights of the thread's K rows at column j, read kLookahead - 1 steps ahead: the
+    // loads of a later step's column are issued before this step's cells and land during
+    // the arithmetic and barriers of the steps in between (see kLookahead). Only cells the
+    // forward wrote are read; columns outside the stripe's range, which include those past
+    // the sweep's last step, load {0, 0}.
     auto load_weights = [&](int j, WeightPair (&dst)[K]) {
       const bool active = owns_rows && j >= stripe.j_begin && j <= stripe.j_end;
       const WeightPair* src = active ? W + layout.at(p, t, j) : nullptr;
@@ -729,82 +743,93 @@ __global__ void __launch_bounds__(kMaxThreads)
         dst[k] = active && k < valid_rows ? src[k * int(blockDim.x)] : WeightPair{0.0f, 0.0f};
       }
     };
-    WeightPair W_now[K], W_next[K];
-    load_weights(stripe.j_end + lag, W_now);
+    // The ring: step s reads slot s % kLookahead (column j(s) = j(0) - s) and first refills
+    // the slot step s - 1 read with the column of step s + kLookahead - 1. Steps 0 ..
+    // kLookahead - 2 are loaded here.
+    const int j0 = stripe.j_end + lag;  // the column of step 0
+    WeightPair W_ring[kLookahead][K];
+#pragma unroll
+    for (int u = 0; u + 1 < kLookahead; ++u) load_weights(j0 - u, W_ring[u]);
     const int steps = stripe.j_end - stripe.j_begin + 1 + stripe.t_last;
-    for (int s = 0; s < steps; ++s) {
-      // The pushes of the row below this thread's rows at its previous step: into
-      // (last row, j) now, and into (last row, j - 1) at the next step.
-      T in_up = __shfl_down_sync(kFullMask, out_up, 1);
-      T in_diag = __shfl_down_sync(kFullMask, out_diag, 1);
-      if (lane == kWarpSize - 1 && warp + 1 < warps) {
-        in_up = s > 0 ? handoff_up[(s + 1) % 2][warp + 1] : T(0);
-        in_diag = s > 0 ? handoff_diag[(s + 1) % 2][warp + 1] : T(0);
-      }
-      const int j = stripe.j_end - (s - lag);
-      if (t == stripe.t_last) {  // the row below the stripe: pushed by the previous stripe
-        const bool ok = pair.allowed(below_row, j);
-        in_up = ok ? edge_up_below[j] : T(0);
-        in_diag = ok ? edge_diag_below[j] : T(0);
-      }
-      load_weights(j - 1, W_next);
-      if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
-        if constexpr (kFused) cost.column(j);
-        T* E_here = kFused ? nullptr : E + int64_t(first_row) * M + j;
-        const int offset = j - first_row;
-        const int end_row = j == pair.m - 1 ? pair.n - 1 - first_row : -1;
-        T column_grad[kG];
+    // Unrolled by kLookahead so that the ring's slots are static (registers); the guard is
+    // block-uniform, so the __syncthreads below is reached by all threads or none.
+    for (int s0 = 0; s0 < steps; s0 += kLookahead) {
 #pragma unroll
-        for (int d = 0; d < kG; ++d) column_grad[d] = T(0);
-        T below = in_up;    // the push into (k, j) from (k + 1, j)
-        T carry = in_diag;  // the push into (k, j - 1) from (k + 1, j): next step's from_diag[k]
+      for (int u = 0; u < kLookahead; ++u) {
+        const int s = s0 + u;
+        if (s >= steps) break;
+        const WeightPair (&W_now)[K] = W_ring[u];
+        // The pushes of the row below this thread's rows at its previous step: into
+        // (last row, j) now, and into (last row, j - 1) at the next step.
+        T in_up = __shfl_down_sync(kFullMask, out_up, 1);
+        T in_diag = __shfl_down_sync(kFullMask, out_diag, 1);
+        if (lane == kWarpSize - 1 && warp + 1 < warps) {
+          in_up = s > 0 ? handoff_up[(s + 1) % 2][warp + 1] : T(0);
+          in_diag = s > 0 ? handoff_diag[(s + 1) % 2][warp + 1] : T(0);
+        }
+        const int j = stripe.j_end - (s - lag);
+        if (t == stripe.t_last) {  // the row below the stripe: pushed by the previous stripe
+          const bool ok = pair.allowed(below_row, j);
+          in_up = ok ? edge_up_below[j] : T(0);
+          in_diag = ok ? edge_diag_below[j] : T(0);
+        }
+        load_weights(j - (kLookahead - 1), W_ring[(u + kLookahead - 1) % kLookahead]);
+        if (owns_rows && j >= stripe.j_begin && j <= stripe.j_end) {
+          if constexpr (kFused) cost.column(j);
+          T* E_here = kFused ? nullptr : E + int64_t(first_row) * M + j;
+          const int offset = j - first_row;
+          const int end_row = j == pair.m - 1 ? pair.n - 1 - first_row : -1;
+          T column_grad[kG];
 #pragma unroll
-        for (int k = K - 1; k >= 0; --k) {
-          const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
-          const WeightPair w = W_now[k];
-          const bool reached = w.up >= 0.0f;  // see kUnreachable
-          T e = below + from_right[k] + from_diag[k];
-          e = reached ? e : T(0);  // as the R-based backward: no alignment through R = +inf
-          e = k == end_row ? seed : e;
-          e = ok ? e : T(0);  // invalid cells push nothing (their weights are 0 as well)
-          const T w_up = reached ? w.up : T(0), w_left = reached ? w.left : T(0);
-          const T w_diag = reached ? fmaxf(0.0f, 1.0f - w.up - w.left) : T(0);  // sum to 1
-          from_diag[k] = carry;
-          below = e * w_up;
-          from_right[k] = e * w_left;
-          carry = e * w_diag;
-          if constexpr (kFused) {
-            const T g = ok ? T(2) * e : T(0);
+          for (int d = 0; d < kG; ++d) column_grad[d] = T(0);
+          T below = in_up;    // the push into (k, j) from (k + 1, j)
+          T carry = in_diag;  // the push into (k, j - 1) from (k + 1, j): next step's from_diag[k]
 #pragma unroll
-            for (int d = 0; d < kG; ++d) {
-              const T diff = cost.xr[k][d] - cost.yj[d];
-              row_grad[k][d] += g * diff;
-              column_grad[d] -= g * diff;
+          for (int k = K - 1; k >= 0; --k) {
+            const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
+            const WeightPair w = W_now[k];
+            const bool reached = w.up >= 0.0f;  // see kUnreachable
+            T e = below + from_right[k] + from_diag[k];
+            e = reached ? e : T(0);  // as the R-based backward: no alignment through R = +inf
+            e = k == end_row ? seed : e;
+            e = ok ? e : T(0);  // invalid cells push nothing (their weights are 0 as well)
+            const T w_up = reached ? w.up : T(0), w_left = reached ? w.left : T(0);
+            const T w_diag = reached ? fmaxf(0.0f, 1.0f - w.up - w.left) : T(0);  // sum to 1
+            from_diag[k] = carry;
+            below = e * w_up;
+            from_right[k] = e * w_left;
+            carry = e * w_diag;
+            if constexpr (kFused) {
+              const T g = ok ? T(2) * e : T(0);
+#pragma unroll
+              for (int d = 0; d < kG; ++d) {
+                const T diff = cost.xr[k][d] - cost.yj[d];
+                row_grad[k][d] += g * diff;
+                column_grad[d] -= g * diff;
+              }
+            } else if (ok) {
+              E_here[k * M] = e;
             }
-          } else if (ok) {
-            E_here[k * M] = e;
           }
+          out_up = below;
+          out_diag = carry;
+          if (t == 0 && p > 0) {
+            edge_up_above[j] = out_up;
+            edge_diag_above[j] = out_diag;
+          }
+          if constexpr (kFused) {
+            add_column_grad<T, kG>(column_ring, j, t, stripe.t_last, column_grad, gy, D);
+          }
+        } else {
+          out_up = T(0);  // no cell at this step: nothing pushed up
+          out_diag = T(0);
         }
-        out_up = below;
-        out_diag = carry;
-        if (t == 0 && p > 0) {
-          edge_up_above[j] = out_up;
-          edge_diag_above[j] = out_diag;
+        if (lane == 0) {
+          handoff_up[s % 2][warp] = out_up;
+          handoff_diag[s % 2][warp] = out_diag;
         }
-        if constexpr (kFused) {
-          add_column_grad<T, kG>(column_ring, j, t, stripe.t_last, column_grad, gy, D);
-        }
-      } else {
-        out_up = T(0);  // no cell at this step: nothing pushed up
-        out_diag = T(0);
+        __syncthreads();
       }
-      if (lane == 0) {
-        handoff_up[s % 2][warp] = out_up;
-        handoff_diag[s % 2][warp] = out_diag;
-      }
-#pragma unroll
-      for (int k = 0; k < K; ++k) W_now[k] = W_next[k];
-      __syncthreads();
     }
     if constexpr (kFused) {
       if (owns_rows) store_row_grad<T, K, kG>(row_grad, first_row, valid_rows, gx, D);
