@@ -167,6 +167,44 @@ def profile_dtw(backends=("cuda",)):
             os.environ.pop("ETHER_KERNELS_DTW_FUSED_BACKWARD", None)
 
 
+def sweep_soft_dtw_rows():
+    """Soft-DTW (fp32, D = 4, CUDA extension) forward and forward+backward in G cells/s at
+    bench_dtw.py's GPU shapes, with 4 rows per thread (the default) and 2
+    (ETHER_KERNELS_DTW_SOFT_ROWS=2: twice the warps per pair), then the GPU time of the
+    forward and backward kernels at 256 x 512^2."""
+    import os
+    torch.manual_seed(0)
+    print("\n== soft-DTW rows per thread: cuda (fp32, D = 4)")
+    for batch, length in ((256, 512), (1024, 512), (128, 1024), (512, 1024), (128, 2048),
+                          (64, 4096), (128, 4096)):
+        x = torch.randn(batch, length, 4, device="cuda")
+        y = torch.randn(batch, length, 4, device="cuda")
+        cells = batch * length * length
+
+        def fwd_bwd():
+            x.grad = None
+            ek.soft_dtw(x.requires_grad_(), y, 1.0).sum().backward()
+
+        for rows in ("4", "2"):
+            os.environ["ETHER_KERNELS_DTW_SOFT_ROWS"] = rows
+            for name, fn in (("fwd", lambda: ek.soft_dtw(x.detach(), y, 1.0)),
+                             ("fwd+bwd", fwd_bwd)):
+                with ek.use_backend("cuda"):
+                    ms = cuda_ms(fn, repeats=5 if length > 1024 else 10, warmup=2)
+                print(f"  {batch:5d}x{length}^2 rows {rows} {name:8s} {ms:8.3f} ms "
+                      f"{cells / ms / 1e6:7.1f} G cells/s", flush=True)
+        if length == 512 and batch == 256:
+            os.environ["ETHER_KERNELS_DTW_SOFT_ROWS"] = "4"
+            with ek.use_backend("cuda"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fwd_bwd()
+                torch.cuda.synchronize()
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+            for e in events[:3]:
+                print(f"    {e.self_device_time_total / 3:9.1f} us  {e.key[:70]}")
+        os.environ.pop("ETHER_KERNELS_DTW_SOFT_ROWS", None)
+
+
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     parts = sys.argv[1:] or ["amss", "dtw"]
@@ -175,5 +213,7 @@ if __name__ == "__main__":
         sweep_amss_passes()
     if "dtw" in parts:
         profile_dtw()
+    if "dtw-soft" in parts:
+        sweep_soft_dtw_rows()
     if "dtw-triton" in parts:  # the Triton fallback as well (slow: ~10x the CUDA kernels)
         profile_dtw(("cuda", "triton"))
