@@ -73,6 +73,20 @@ __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 __device__ __forceinline__ float fast_log(float x) { return __logf(x); }
 __device__ __forceinline__ double fast_log(double x) { return log(x); }
+// Base 2, one special-function instruction each for fp32 (the scaling by log2(e) or ln(2)
+// that __expf / __logf add is folded into the callers' constants).
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return exp2f(x);
+#endif
+}
+__device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
+__device__ __forceinline__ float fast_log2(float x) { return __log2f(x); }
+__device__ __forceinline__ double fast_log2(double x) { return log2(x); }
 
 // Pair b's lengths and band, as 32-bit ints (the op checks N, M < 2^30): index arithmetic
 // inside a pair is 32-bit, which halves the integer instructions of a cell. A pair with
@@ -300,9 +314,51 @@ __device__ __forceinline__ double soft_min_and_weights(double diag, double up, d
   return base - gamma * static_cast<double>(fast_log(sum));
 }
 
+// One soft-DTW cell, R[i][j] = cost + softmin_gamma(diag, up, left), and with kWeights its
+// soft-argmin weights as soft_min_and_weights gives them. The soft-min is split so that
+// most of it stays off the dependency chain through `up` (the cell the same thread has just
+// computed), and so that the exponential of the minimum, exactly 1, is never evaluated:
+//   m2 = min(diag, left),  q = 2^(-|diag - left| log2(e) / gamma)      (known a step early)
+//   d  = up - m2,          t = 2^(-|d| log2(e) / gamma)
+//   d >= 0: base = m2, sum = 1 + q + t       (the minimum is diag or left)
+//   d <  0: base = up, sum = (1 + q) t + 1    (the minimum is up: the others scale by t)
+//   R = base + (cost - gamma ln(2) log2(sum))
+// Two exponentials, one logarithm and three fp64 <-> fp32 conversions a cell (three, one
+// and six before: those units run at a quarter of the fp32 rate on the H100); the
+// differences in fp64 as before, cost - gamma ln(sum) in T (|.| <= cost + gamma ln 3, so
+// its rounding is that of the fp32 cost itself). Equal operands give a zero difference, so
+// +inf == +inf gives 0, not inf - inf = NaN: all three +inf give base = +inf, R = +inf
+// (unreachable). A NaN operand makes its difference, hence the sum and R, NaN.
+// inv_gamma_log2e = log2(e) / gamma, gamma_ln2 = gamma ln(2).
+template <typename T, bool kWeights>
+__device__ __forceinline__ double soft_cell(double diag, double up, double left, T cost,
+                                            double inv_gamma_log2e, T gamma_ln2,
+                                            WeightPair& weights) {
+  const double m2 = fmin(diag, left);
+  const double gap = diag == left ? 0.0 : fabs(diag - left);
+  const T q = fast_exp2(static_cast<T>(-gap * inv_gamma_log2e));
+  const double d = up == m2 ? 0.0 : up - m2;
+  const T t = fast_exp2(static_cast<T>(-fabs(d) * inv_gamma_log2e));
+  const bool up_is_min = d < 0.0;
+  const T scale = up_is_min ? t : T(1);  // e of the smaller of diag and left
+  const T e_up = up_is_min ? T(1) : t;
+  const T sum = (T(1) + q) * scale + e_up;  // in [1, 3] unless NaN
+  const double base = up_is_min ? up : m2;
+  if constexpr (kWeights) {
+    const bool reached = base < infinity<double>() && sum > T(0);  // false for +inf and NaN
+    const T inv_sum = __fdividef(1.0f, sum);  // one fast reciprocal (2 ulp) for both
+    const T e_left = diag <= left ? scale * q : scale;
+    weights.up = reached ? e_up * inv_sum : kUnreachable;
+    weights.left = reached ? e_left * inv_sum : 0.0f;
+  }
+  return base + static_cast<double>(cost - gamma_ln2 * fast_log2(sum));
+}
+
 // kKeep: R_out is non-null and every element of it is written (the value-only forward is a
 // separate instantiation, free of the keeping code: registers matter in the sweep).
-template <typename T, bool kSoft, int K, typename Cost, bool kKeep>
+// kLegacySoftmin: the soft cell as three exponentials (best_predecessor /
+// soft_min_and_weights) instead of soft_cell (A/B timing: ETHER_KERNELS_DTW_LEGACY_SOFTMIN=1).
+template <typename T, bool kSoft, int K, typename Cost, bool kKeep, bool kLegacySoftmin = false>
 __global__ void __launch_bounds__(kMaxThreads)
     dtw_forward_kernel(const DtwArgs args, T* __restrict__ values,
                        value_t<T, kSoft>* __restrict__ R_out) {
@@ -329,6 +385,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int rows_per_stripe = blockDim.x * K;
   const int64_t M = args.M;
   const double gamma = args.gamma, inv_gamma = 1.0 / args.gamma;
+  const double inv_gamma_log2e = 1.4426950408889634 / args.gamma;  // soft_cell's constants
+  const T gamma_ln2 = static_cast<T>(args.gamma * 0.6931471805599453);
   Cost cost = make_cost(args, b, static_cast<Cost*>(nullptr));
   const KeptLayout layout(blockDim.x, K, M);
   const int64_t slots_per_step = int64_t(K) * blockDim.x;  // the (k, t) slots of one step
@@ -393,12 +451,16 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const bool ok = k < valid_rows && offset - k >= pair.lo && offset - k <= pair.hi;
-          const V c = static_cast<V>(cost.at(k, first_row + k));
           V r;
           WeightPair weights{0.0f, 0.0f};
-          if constexpr (kKeepWeights) {
+          if constexpr (kSoft && !kLegacySoftmin) {
+            r = soft_cell<T, kKeepWeights>(diag, up, left[k], cost.at(k, first_row + k),
+                                           inv_gamma_log2e, gamma_ln2, weights);
+          } else if constexpr (kKeepWeights) {
+            const V c = static_cast<V>(cost.at(k, first_row + k));
             r = c + soft_min_and_weights(diag, up, left[k], gamma, inv_gamma, weights);
           } else {
+            const V c = static_cast<V>(cost.at(k, first_row + k));
             r = c + best_predecessor<T, kSoft>(diag, up, left[k], gamma, inv_gamma);
           }
           r = ok ? r : inf;
@@ -953,7 +1015,15 @@ cudaError_t forward_typed(const DtwArgs& args, void* values, void* R, cudaStream
       constexpr int K = decltype(rows)::value;
       return with_cost<T, K>(a, [&](auto* cost_tag) {
         using Cost = std::remove_pointer_t<decltype(cost_tag)>;
-        if (R != nullptr) {
+        if (a.legacy_softmin) {
+          if (R != nullptr) {
+            dtw_forward_kernel<T, true, K, Cost, true, true><<<a.B, a.threads, 0, stream>>>(
+                a, static_cast<T*>(values), static_cast<double*>(R));
+          } else {
+            dtw_forward_kernel<T, true, K, Cost, false, true><<<a.B, a.threads, 0, stream>>>(
+                a, static_cast<T*>(values), nullptr);
+          }
+        } else if (R != nullptr) {
           dtw_forward_kernel<T, true, K, Cost, true><<<a.B, a.threads, 0, stream>>>(
               a, static_cast<T*>(values), static_cast<double*>(R));
         } else {
