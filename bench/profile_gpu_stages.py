@@ -185,17 +185,15 @@ def sweep_soft_dtw_rows():
             x.grad = None
             ek.soft_dtw(x.requires_grad_(), y, 1.0).sum().backward()
 
-        for rows, legacy in (("4", "0"), ("4", "1"), ("2", "0")):
+        for rows in ("4", "2"):
             os.environ["ETHER_KERNELS_DTW_SOFT_ROWS"] = rows
-            os.environ["ETHER_KERNELS_DTW_LEGACY_SOFTMIN"] = legacy  # the 3-exp soft cell
-            label = f"rows {rows}" + (" legacy" if legacy == "1" else "")
+            label = f"rows {rows}"
             for name, fn in (("fwd", lambda: ek.soft_dtw(x.detach(), y, 1.0)),
                              ("fwd+bwd", fwd_bwd)):
                 with ek.use_backend("cuda"):
                     ms = cuda_ms(fn, repeats=5 if length > 1024 else 10, warmup=2)
                 print(f"  {batch:5d}x{length}^2 {label:13s} {name:8s} {ms:8.3f} ms "
                       f"{cells / ms / 1e6:7.1f} G cells/s", flush=True)
-        os.environ.pop("ETHER_KERNELS_DTW_LEGACY_SOFTMIN", None)
         if length == 512 and batch == 256:
             os.environ["ETHER_KERNELS_DTW_SOFT_ROWS"] = "4"
             with ek.use_backend("cuda"), profile(activities=[ProfilerActivity.CUDA]) as prof:

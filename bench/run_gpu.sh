@@ -5,26 +5,32 @@
 # Usage on a GPU machine whose python3 has torch, triton, pytest and pytest-benchmark:
 #   bash bench/run_gpu.sh
 # Options (environment):
-#   SKIP_BUILD=1     no C++/CUDA build (~130 s on an H100 machine): the reference and Triton
-#                    paths only (enough after a change to the Triton kernels alone)
+#   SKIP_BUILD=1     no C++/CUDA build: the reference and Triton paths only (enough after a
+#                    change to the Triton kernels alone)
+#   ETHER_KERNELS_BASELINE_ONLY  default 1 here: the CPU kernels for the x86-64 baseline
+#                    alone (the GPU work does not need their AVX2 / AVX-512 copies)
 #   SKIP_TESTS=1     no tests (a second call on the still-warm machine, after the build)
 #   TEST_PATHS       default: tests;  TEST_FILTER: pytest -k for the tests (default: none)
 #   BENCH_FILES      default: bench;  BENCH_FILTER: pytest -k for bench/ (default: cuda)
-#   PROFILE_PARTS    default: both stage profiles ("amss", "dtw" or "amss dtw")
+#   PROFILE_PARTS    default: both stage profiles ("amss", "dtw", "dtw-soft", ...)
+#   NCU_SECONDS      > 0: Nsight Compute on the soft-DTW kernels (per-SASS-line stalls)
 #   BUILD_SECONDS / TEST_SECONDS / BENCH_SECONDS / PROFILE_SECONDS: time limits of each part
-# A 15-minute session (measured on an H100, 2026-11-26: machine start ~35 s, build ~150 s,
-# every gpu-marked test ~110 s, DTW + AMSS benchmarks ~40 s, both profiles ~25 s): one call
+# Measured on an H100 machine: start ~35 s; build 76 s with ETHER_KERNELS_BASELINE_ONLY=1
+# (2026-11-27; the full build, its three instruction sets then compiled one after another,
+# ran past 200 s); the gpu-marked tests of tests/test_dtw_cuda.py alone take over 80 s (145
+# of them in 80 s), every gpu-marked test ~110 s on the Triton paths alone (2026-11-26);
+# DTW + AMSS benchmarks ~40 s, both profiles ~25 s. A machine goes back 30 s after a call,
+# and a pip editable build keeps nothing between calls: plan one call, e.g.
 #   TEST_SECONDS=200 BENCH_FILES="bench/bench_dtw.py bench/bench_amss.py" bash bench/run_gpu.sh
-# then, within idle_release_s (30 s) so the build is still there, a second one
-#   SKIP_BUILD=1 SKIP_TESTS=1 BENCH_FILES=bench/bench_alignment.py PROFILE_SECONDS=1 bash bench/run_gpu.sh
 # Lessons of earlier sessions: keep --maxfail (not -x: one failure must not hide the rest),
-# and run a whole bench file (a filtered run rewrites that family's results with only its
-# rows).
+# run a whole bench file (a filtered run rewrites that family's results with only its
+# rows), and put the measurement that matters most first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
 mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export ETHER_KERNELS_BASELINE_ONLY=${ETHER_KERNELS_BASELINE_ONLY:-1}
 start=$(date +%s)
 stamp() { echo "$1 at $(( $(date +%s) - start )) s"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv

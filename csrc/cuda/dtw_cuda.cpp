@@ -128,8 +128,6 @@ DtwArgs base_args(at::ScalarType dtype, int64_t B, int64_t N, int64_t M, int64_t
   a.soft = soft;
   a.max_threads = max_threads_per_pair();
   a.soft_rows = soft_rows_per_thread();
-  const char* legacy = std::getenv("ETHER_KERNELS_DTW_LEGACY_SOFTMIN");  // A/B timing only
-  a.legacy_softmin = legacy != nullptr && std::string(legacy) == "1";
   return a;
 }
 

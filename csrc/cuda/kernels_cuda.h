@@ -152,7 +152,6 @@ struct DtwArgs {
   int max_threads;   // threads per pair (a multiple of 32, <= 512); 0 = the default 512
   int soft_rows;     // rows per thread for soft-DTW: 2 or 4 (0 = the default 4); fewer rows
                      // give a pair more threads (more warps per SM for small batches)
-  int legacy_softmin;  // 1: the soft forward's cell as three exponentials (A/B timing only)
   void* workspace;   // dtw_workspace_bytes(*this) bytes (four boundary rows per pair)
   size_t workspace_bytes;
   // Set by the launchers (callers leave them 0): threads and rows per thread of a pair's
