@@ -40,7 +40,11 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
        torch.float64: tl.float64}
 SUPPORTED_DTYPES = tuple(_TL)
 _VEC = {dtype: 16 // dtype.itemsize for dtype in _TL}  # elements per 16-byte vector
-BLOCK = 1024  # elements per iteration of a unit's loop
+# Elements per iteration of a unit's loop, and warps per program. On an H100 (2026-11-27,
+# bench/results/h100-run3/profile-amss-triton.txt, 22.3M fp32 gradients) the importance pass
+# took 43.4 / 46.6 / 51.3 us at BLOCK 512 / 1024 / 2048 with 4 warps (8 or 16 warps: slower
+# still), the apply pass 14.6 / 15.5 / 17.6 us.
+BLOCK = 512
 NUM_WARPS = 4
 
 
