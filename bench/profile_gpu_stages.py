@@ -114,6 +114,19 @@ def sweep_amss_passes():
         triton_amss.BLOCK, triton_amss.NUM_WARPS = defaults
 
 
+def _soft_dtw_case(batch, length, dim=4):
+    """Random (batch, length, dim) x and y on the GPU, the cells of one call, and a soft-DTW
+    forward+backward (gamma = 1) through x."""
+    x = torch.randn(batch, length, dim, device="cuda")
+    y = torch.randn(batch, length, dim, device="cuda")
+
+    def fwd_bwd():
+        x.grad = None
+        ek.soft_dtw(x.requires_grad_(), y, 1.0).sum().backward()
+
+    return x, y, batch * length * length, fwd_bwd
+
+
 def profile_dtw(backends=("cuda",)):
     """G cells/s of hard DTW, soft forward and soft forward+backward; for the CUDA extension
     the backward both fused (E contracted in the kernel, the default) and through E
@@ -124,13 +137,7 @@ def profile_dtw(backends=("cuda",)):
     torch.manual_seed(0)
     print(f"\n== DTW: {', '.join(backends)} (fp32, D = 4)")
     for batch, length in ((256, 512), (64, 1024), (32, 4096)):
-        x = torch.randn(batch, length, 4, device="cuda")
-        y = torch.randn(batch, length, 4, device="cuda")
-        cells = batch * length * length
-
-        def fwd_bwd():
-            x.grad = None
-            ek.soft_dtw(x.requires_grad_(), y, 1.0).sum().backward()
+        x, y, cells, fwd_bwd = _soft_dtw_case(batch, length)
 
         for backend in backends:
             cases = [("hard", lambda: ek.dtw(x.detach(), y)),
@@ -177,13 +184,7 @@ def sweep_soft_dtw_rows():
     print("\n== soft-DTW rows per thread: cuda (fp32, D = 4)")
     for batch, length in ((256, 512), (1024, 512), (128, 1024), (512, 1024), (128, 2048),
                           (64, 4096), (128, 4096)):
-        x = torch.randn(batch, length, 4, device="cuda")
-        y = torch.randn(batch, length, 4, device="cuda")
-        cells = batch * length * length
-
-        def fwd_bwd():
-            x.grad = None
-            ek.soft_dtw(x.requires_grad_(), y, 1.0).sum().backward()
+        x, y, cells, fwd_bwd = _soft_dtw_case(batch, length)
 
         for rows in ("4", "2"):
             os.environ["ETHER_KERNELS_DTW_SOFT_ROWS"] = rows
