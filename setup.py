@@ -7,7 +7,11 @@ What gets built:
   * always (unless ETHER_KERNELS_BUILD_EXTENSION=0): the C++ CPU operators, C++17 -O3 with
     OpenMP. The kernels in csrc/cpu/kernels/ are compiled three times, for the x86-64
     baseline, AVX2 and AVX-512, and the widest one the processor supports is chosen at run
-    time (no -march=native: the wheel runs on any x86-64).
+    time (no -march=native: the wheel runs on any x86-64). With ninja (torch's default) the
+    three compile at once, each a ninja run of its own beside the extension's other sources
+    (MAX_JOBS caps each run, not their sum). ETHER_KERNELS_BASELINE_ONLY=1 compiles the
+    baseline alone (a third of their compile time, where CPU speed does not matter: a GPU
+    session).
   * the CUDA operators (csrc/cuda/), only where both the CUDA toolkit (CUDA_HOME / nvcc)
     and a CUDA build of torch exist. Decided from the toolkit, never from a visible GPU, so
     a build machine without a GPU produces the same package. ETHER_KERNELS_WITH_CUDA=0/1
@@ -74,20 +78,19 @@ def extensions_and_cmdclass():
         warnings.warn(message + ". Installing without the compiled extension.")
         return [], {}
 
-    # ETHER_KERNELS_BASELINE_ONLY=1: the CPU kernels for the x86-64 baseline alone (a third of
-    # their compile time, for builds where CPU speed does not matter, e.g. a GPU session).
-    x86 = (platform.machine().lower() in ("x86_64", "amd64")
-           and not env_flag("ETHER_KERNELS_BASELINE_ONLY"))
+    # The AVX2 and AVX-512 copies: on x86-64, unless ETHER_KERNELS_BASELINE_ONLY=1.
+    wide_copies = (platform.machine().lower() in ("x86_64", "amd64")
+                   and not env_flag("ETHER_KERNELS_BASELINE_ONLY"))
     # Per instruction set: the macros ATen's vector headers key on, and the compiler flags.
     capabilities = {"DEFAULT": []}
-    if x86:
+    if wide_copies:
         capabilities["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
         capabilities["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                                   "-mavx2", "-mfma", "-mf16c"]
     kernel_sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cpu", "kernels", "*.cpp")))
 
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
-    if x86:
+    if wide_copies:
         cxx_flags += ["-DETHER_KERNELS_HAVE_AVX2", "-DETHER_KERNELS_HAVE_AVX512"]
     sources = ["csrc/ether_kernels.cpp"] + [
         s for s in relative(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
@@ -148,25 +151,39 @@ def extensions_and_cmdclass():
             return os.path.join(package_dir, filename)
 
         def _build(self, ext):
-            # The kernels of each instruction set compile in their own ninja run (their own
-            # build directory), all at once and beside the extension's other sources: one
-            # after another, the three copies of the largest kernel file set the build's
-            # length. Their objects join the link, which waits for them.
+            # With ninja, the kernels of each instruction set compile in a ninja run of their
+            # own (their own build directory), all at once and beside the extension's other
+            # sources: one after another, the three copies of the largest kernel file set the
+            # build's length. Their objects join the link, which waits for them. Without
+            # ninja, torch's compile swaps the shared compiler command per source file, so
+            # the copies compile one after another first.
             cxx = list(ext.extra_compile_args["cxx"])
 
             def compile_capability(name, flags):
                 post_args = dict(ext.extra_compile_args)
                 post_args["cxx"] = cxx + flags
-                return self.compiler.compile(
-                    kernel_sources,
-                    output_dir=os.path.join(self.build_temp, "capability", name),
-                    macros=[("CPU_CAPABILITY", name), ("CPU_CAPABILITY_" + name, None)],
-                    include_dirs=ext.include_dirs,
-                    extra_postargs=post_args if self.use_ninja else post_args["cxx"],
-                    depends=ext.depends,
-                )
+                try:
+                    return self.compiler.compile(
+                        kernel_sources,
+                        output_dir=os.path.join(self.build_temp, "capability", name),
+                        macros=[("CPU_CAPABILITY", name), ("CPU_CAPABILITY_" + name, None)],
+                        include_dirs=ext.include_dirs,
+                        extra_postargs=post_args if self.use_ninja else post_args["cxx"],
+                        depends=ext.depends,
+                    )
+                except Exception as error:
+                    raise RuntimeError(f"compiling the {name} CPU kernels failed: "
+                                       f"{error}") from error
+
+            if not self.use_ninja:
+                for name, flags in capabilities.items():
+                    ext.extra_objects = (list(ext.extra_objects or [])
+                                         + compile_capability(name, flags))
+                super().build_extension(ext)
+                return
 
             link = self.compiler.link_shared_object
+            link_was_patched = "link_shared_object" in vars(self.compiler)
             with concurrent.futures.ThreadPoolExecutor(len(capabilities)) as pool:
                 compiles = [pool.submit(compile_capability, name, flags)
                             for name, flags in capabilities.items()]
@@ -178,10 +195,19 @@ def extensions_and_cmdclass():
                 self.compiler.link_shared_object = link_with_kernels
                 try:
                     super().build_extension(ext)
+                except BaseException:
+                    # The extension's own error is the one to report: let the kernel compiles
+                    # finish (the pool waits for them) without raising theirs over it.
+                    for done in compiles:
+                        done.cancel()
+                    raise
                 finally:
-                    self.compiler.link_shared_object = link
-                    for done in compiles:  # a failed compile raises here if not at the link
-                        done.result()
+                    if link_was_patched:
+                        self.compiler.link_shared_object = link
+                    else:
+                        del self.compiler.link_shared_object  # the class's method again
+                for done in compiles:  # a compile that failed though nothing linked its objects
+                    done.result()
 
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

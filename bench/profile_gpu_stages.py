@@ -88,17 +88,18 @@ def profile_amss():
 
 def sweep_amss_passes():
     """GPU time of the two passes over gradient memory (importance: one read; apply: the
-    dropped units' zeros) for other elements per loop iteration (BLOCK) and warps per
-    program than the defaults: the importance pass reads at ~70% of the copy bandwidth."""
+    dropped units' zeros) for other elements per loop iteration (BLOCK = 32 warps vectors
+    per thread x 4 elements, fp32) and warps per program than the defaults."""
     from ether_kernels.triton import amss as triton_amss
     torch.manual_seed(0)
     grads = [[torch.randn(s, device="cuda") for s in SHAPES] for _ in range(2)]
     numel = sum(g.numel() for group in grads for g in group)
-    defaults = triton_amss.BLOCK, triton_amss.NUM_WARPS
+    defaults = triton_amss.VECTORS_PER_THREAD, triton_amss.NUM_WARPS
     print("\n== AMSS passes by (BLOCK, warps), fp32 amss: importance us (TB/s), apply us")
     try:
-        for block, warps in ((1024, 4), (512, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16)):
-            triton_amss.BLOCK, triton_amss.NUM_WARPS = block, warps
+        for vectors, warps in ((1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (4, 16)):
+            triton_amss.VECTORS_PER_THREAD, triton_amss.NUM_WARPS = vectors, warps
+            block = triton_amss._block(torch.float32)
             for _ in range(3):
                 ek.amss.mask_gradients(grads, [0.3, 0.7], mode="amss", seed=0, step=1)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -111,7 +112,7 @@ def sweep_amss_passes():
                   f"({4 * numel / importance / 1e6:.2f} TB/s), apply "
                   f"{times.get('_apply_kernel', float('nan')):6.1f} us")
     finally:
-        triton_amss.BLOCK, triton_amss.NUM_WARPS = defaults
+        triton_amss.VECTORS_PER_THREAD, triton_amss.NUM_WARPS = defaults
 
 
 def _soft_dtw_case(batch, length, dim=4):

@@ -53,14 +53,17 @@ timeout "${BENCH_SECONDS:-200}" python3 -m pytest ${BENCH_FILES:-bench} -q -k "$
 stamp "bench exit $?" | tee -a "$OUT/bench.log"
 timeout "${PROFILE_SECONDS:-90}" python3 bench/profile_gpu_stages.py ${PROFILE_PARTS:-} > "$OUT/profile.log" 2>&1
 stamp "profile exit $?" | tee -a "$OUT/profile.log"
-if [ "${NCU_SECONDS:-0}" -gt 0 ]; then  # Nsight Compute, per-SASS-line stalls of the soft kernels
+# Nsight Compute, per-SASS-line stalls of the soft kernels
+if [ "${NCU_SECONDS:-0}" -gt 0 ]; then
   mkdir -p bench/results/ncu
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ]; then
-    timeout "$NCU_SECONDS" "$NCU" -f -o bench/results/ncu/soft -k regex:"dtw_forward_kernel|soft_dtw_backward" \
-      --launch-skip 6 --launch-count 2 --section SpeedOfLight --section WarpStateStats \
-      --section SourceCounters --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
-      --section MemoryWorkloadAnalysis --import-source yes python3 bench/profile_dtw.py 256 512 4 \
+    timeout "$NCU_SECONDS" "$NCU" -f -o bench/results/ncu/soft \
+      -k regex:"dtw_forward_kernel|soft_dtw_backward" --launch-skip 6 --launch-count 2 \
+      --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+      --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --import-source yes \
+      python3 bench/profile_dtw.py 256 512 4 \
       > bench/results/ncu/run.log 2>&1
     "$NCU" -i bench/results/ncu/soft.ncu-rep > bench/results/ncu/details.txt 2>&1
     "$NCU" -i bench/results/ncu/soft.ncu-rep --page source --print-source sass --csv \

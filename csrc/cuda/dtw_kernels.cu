@@ -271,7 +271,8 @@ constexpr float kUnreachable = -1.0f;
 //   d <  0: base = up, sum = (1 + q) t + 1    (the minimum is up: the others scale by t)
 //   R = base + (cost - gamma ln(2) log2(sum))
 // Two exponentials, one logarithm and three fp64 <-> fp32 conversions a cell (three, one
-// and six before: those units run at a quarter of the fp32 rate on the H100); the
+// and five before: the H100 runs special functions and fp64 conversions 16 a clock per SM,
+// against 128 fp32 operations); the
 // differences in fp64 as before, cost - gamma ln(sum) in T (|.| <= cost + gamma ln 3, so
 // its rounding is that of the fp32 cost itself). Equal operands give a zero difference, so
 // +inf == +inf gives 0, not inf - inf = NaN: all three +inf give base = +inf, R = +inf
@@ -280,7 +281,7 @@ constexpr float kUnreachable = -1.0f;
 // (2 ulp; an IEEE division would cost the forward a third of its time).
 // inv_gamma_log2e = log2(e) / gamma, gamma_ln2 = gamma ln(2). Measured on an H100
 // (2026-11-27, against the three-exponential cell it replaced, same run): the fp32 soft
-// forward 1.24x (256 x 512^2) to 1.37x (1024 x 512^2) faster.
+// forward 1.24x-1.38x faster (1.02x at 128 x 2048^2), forward+backward 1.08x-1.17x.
 template <typename T, bool kWeights>
 __device__ __forceinline__ double soft_cell(double diag, double up, double left, T cost,
                                             double inv_gamma_log2e, T gamma_ln2,

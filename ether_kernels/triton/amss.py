@@ -40,12 +40,19 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
        torch.float64: tl.float64}
 SUPPORTED_DTYPES = tuple(_TL)
 _VEC = {dtype: 16 // dtype.itemsize for dtype in _TL}  # elements per 16-byte vector
-# Elements per iteration of a unit's loop, and warps per program. On an H100 (2026-11-27,
-# bench/results/h100-run3/profile-amss-triton.txt, 22.3M fp32 gradients) the importance pass
-# took 43.4 / 46.6 / 51.3 us at BLOCK 512 / 1024 / 2048 with 4 warps (8 or 16 warps: slower
-# still), the apply pass 14.6 / 15.5 / 17.6 us.
-BLOCK = 512
+# Warps per program, and 16-byte vectors per thread in each iteration of a unit's loop:
+# BLOCK = 32 NUM_WARPS VEC elements (fp32 512, fp16 / bf16 1024, fp64 256). On an H100
+# (2026-11-27, bench/results/h100-run3/profile-amss-triton.txt, 22.3M fp32 gradients, 4
+# warps) the importance pass took 43.4 / 46.6 / 51.3 us at 1 / 2 / 4 vectors a thread (512 /
+# 1024 / 2048 elements), the apply pass 14.6 / 15.5 / 17.6 us; 8 warps at 2048 or 4096 and
+# 16 warps at 8192 elements were slower still.
 NUM_WARPS = 4
+VECTORS_PER_THREAD = 1
+
+
+def _block(dtype):
+    """Elements per iteration of a unit's loop for gradients of `dtype`."""
+    return 32 * NUM_WARPS * _VEC[dtype] * VECTORS_PER_THREAD
 
 
 # ----------------------------------------------------------- counter-based generator
@@ -552,7 +559,7 @@ def _importance(grads, plan, addresses, seed, step, work):
         _grid_launch(_importance_kernel, units, plan.unit_slot_t, addresses, plan.unit_len_t,
                      plan.first_unit_t, plan.num_units_t, plan.tensor_index_t, work.u,
                      work.noise, work.start, step_lo, step_hi, seed_lo, seed_hi,
-                     DTYPE=_TL[dtype], VEC=_VEC[dtype], BLOCK=BLOCK)
+                     DTYPE=_TL[dtype], VEC=_VEC[dtype], BLOCK=_block(dtype))
 
 
 def _padded(plan, values, fill):
@@ -727,7 +734,7 @@ def mask_gradients_unchecked(grads, group_of_tensor, ratios, sampling, scaling, 
     for dtype, units in plan.units_by_dtype.items():
         _grid_launch(_apply_kernel, units, plan.unit_slot_t, addresses, plan.unit_len_t,
                      plan.first_unit_t, factors, DTYPE=_TL[dtype], VEC=_VEC[dtype],
-                     BLOCK=BLOCK)
+                     BLOCK=_block(dtype))
 
 
 @torch.library.custom_op("ether_kernels::amss_mask_gradients_triton", mutates_args=("grads",))
@@ -798,7 +805,7 @@ def masked_sgd_step_unchecked(params, grads, buffers, fresh, group_of_tensor, ra
         _grid_launch(_sgd_kernel, units, plan.unit_slot_t, param_addresses, grad_addresses,
                      buffer_addresses, fresh_t, plan.unit_len_t, plan.first_unit_t, factors,
                      hyper, DTYPE=_TL[dtype], MOMENTUM=with_momentum, NESTEROV=bool(nesterov),
-                     VEC=_VEC[dtype], BLOCK=BLOCK, enable_fp_fusion=False)
+                     VEC=_VEC[dtype], BLOCK=_block(dtype), enable_fp_fusion=False)
 
 
 @torch.library.custom_op("ether_kernels::amss_masked_sgd_step_triton",
