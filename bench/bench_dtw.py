@@ -24,18 +24,25 @@ def _series(pairs, n, dim, seed):
     return torch.randn(pairs, n, dim, generator=generator)
 
 
+def _hard_dtw_ours_or_eager(provider, x, y):
+    """ek.dtw(x, y) as dispatched ("ether_kernels") or on the pure-PyTorch reference
+    ("eager")."""
+    if provider == "ether_kernels":
+        return lambda: ek.dtw(x, y)
+
+    def eager():
+        with ek.use_backend("reference"):
+            return ek.dtw(x, y)
+    return eager
+
+
 @pytest.mark.parametrize("provider", ["ether_kernels", "eager", "dtaidistance", "tslearn"])
 def test_hard_dtw(benchmark, provider):
     x, y = _series(HARD["pairs"], HARD["n"], 1, 0), _series(HARD["pairs"], HARD["n"], 1, 1)
     cells = HARD["pairs"] * HARD["n"] * HARD["n"]
-    rounds = 5
-    if provider == "ether_kernels":
-        fn = lambda: ek.dtw(x, y)  # noqa: E731
-    elif provider == "eager":
-        def fn():
-            with ek.use_backend("reference"):
-                return ek.dtw(x, y)
-        rounds = 2
+    rounds = 2 if provider == "eager" else 5
+    if provider in ("ether_kernels", "eager"):
+        fn = _hard_dtw_ours_or_eager(provider, x, y)
     elif provider == "dtaidistance":
         dtai = pytest.importorskip("dtaidistance.dtw")
         series = np.concatenate([x[:, :, 0].double().numpy(), y[:, :, 0].double().numpy()])
@@ -127,14 +134,9 @@ def test_hard_dtw_one_long_pair(benchmark, provider):
     tslearn take one pair on one thread too."""
     n = LONG_PAIR
     x, y = _series(1, n, 1, 3), _series(1, n, 1, 4)
-    rounds = 5
-    if provider == "ether_kernels":
-        fn = lambda: ek.dtw(x, y)  # noqa: E731
-    elif provider == "eager":
-        def fn():
-            with ek.use_backend("reference"):
-                return ek.dtw(x, y)
-        rounds = 1
+    rounds = 1 if provider == "eager" else 5
+    if provider in ("ether_kernels", "eager"):
+        fn = _hard_dtw_ours_or_eager(provider, x, y)
     elif provider == "dtaidistance":
         dtai = pytest.importorskip("dtaidistance.dtw")
         a, b = x[0, :, 0].double().numpy(), y[0, :, 0].double().numpy()
