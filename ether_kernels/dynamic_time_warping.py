@@ -258,6 +258,26 @@ def _segment_rows(N):
     return max(4, -(-root // 4) * 4)
 
 
+# The C++ soft-DTW runs a batch of up to this many pairs pair by pair, each in strips of
+# rows swept along anti-diagonals in the lanes of a vector (soft_strips_forward in
+# csrc/cpu/kernels/dtw_kernel.cpp; its kSoftStripsMaxPairs): a lane group of 8 would repeat
+# or pad them, 8 pairs' work for one or two. Pairs of fewer cells than CPU_SOFT_STRIP_MIN_CELLS
+# (its kStripsMinCells) are filled into a lane group as before.
+CPU_SOFT_STRIP_PAIRS = 2
+CPU_SOFT_STRIP_MIN_CELLS = 4096
+
+
+def _runs_in_strips(B, N, M):
+    return 1 <= B <= CPU_SOFT_STRIP_PAIRS and N * M >= CPU_SOFT_STRIP_MIN_CELLS
+
+
+def _strip_segment_rows(N):
+    """~sqrt(N) rounded up to a multiple of 8 (the strips' rows in AVX-512; AVX2 and the
+    portable build run 4): the rows between the strips' checkpoints."""
+    root = math.isqrt(N - 1) + 1  # ceil(sqrt(N))
+    return max(8, -(-root // 8) * 8)
+
+
 def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     """Hard or soft DTW of every pair of checked series: the C++ kernels form each local cost
     in place from x and y; the reference forms the (B, N, M) cost with PyTorch."""
@@ -274,8 +294,13 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     # soft-DTW is symmetric (the metrics are, and so is the band: tslearn's convention), so
     # sdtw(x, y) = sdtw(y, x) and autograd takes the gradients back to x and y either way.
     N, M = x.shape[1], y.shape[1]
+    strips = backend == "cpp" and gamma is not None and _runs_in_strips(x.shape[0], N, M)
     rows = cpu_checkpoint_rows(max(N, M), min(N, M)) if backend == "cpp" else 0
-    if backend == "cpp" and keep and gamma is not None and rows == 0 and \
+    if strips and keep:
+        # One or two pairs: each swept alone in strips of rows (the C++ checkpointed ops
+        # run them so for segments of whole strips), not in a lane group of 8.
+        rows = _strip_segment_rows(max(N, M))
+    elif backend == "cpp" and keep and gamma is not None and rows == 0 and \
             _lane_fill(x.shape[0], N, M, keep) is None and \
             (x.dtype != torch.float64 or x.shape[0] >= 3):
         # 1 to 3 long pairs, too long to fill up to 8 (their kept state would grow 8-fold):
@@ -295,7 +320,7 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
             -1 if band is None else band, gamma, rows)
         return values
     B = x.shape[0]
-    if backend == "cpp" and gamma is not None:
+    if backend == "cpp" and gamma is not None and not strips:
         x, y, x_lengths, y_lengths = _fill_lane_groups(x, y, x_lengths, y_lengths, keep)
     # Both C++ ops read a broadcast (stride-0) batch in place: cdist_dtw copies nothing.
     values, _ = torch.ops.ether_kernels.dtw_xy_forward(

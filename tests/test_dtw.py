@@ -1612,3 +1612,102 @@ def test_soft_dtw_alignment_under_no_grad_and_inference_mode(backend):
             inferred = ek.soft_dtw_alignment(xi, yi, 0.5, x_lengths=xli, y_lengths=yli)
     assert torch.equal(plain, expected) and torch.equal(inferred, expected)
     assert expected.abs().sum() > 0
+
+
+def _soft_dtw_ops_ran(run):
+    """The ether_kernels ops a callable ran (name, batch size, checkpoint rows if any)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        result = run()
+    ran = [(e.name, e.input_shapes[0][0] if e.input_shapes and e.input_shapes[0] else None)
+           for e in prof.events() if e.name.startswith("ether_kernels::dtw_xy")]
+    return result, ran
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("band", [None, 0, 3, 40])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
+@pytest.mark.parametrize("D", [1, 3])
+def test_one_or_two_soft_pairs_run_in_strips_and_match_the_reference(dtype, band, metric, D):
+    """One or two soft-DTW pairs run alone, each swept in strips of L rows along the
+    anti-diagonals (soft_strips_forward / soft_strips_backward), not in a lane group of 8:
+    with a gradient through the checkpointed ops (segments of whole strips, recomputed with
+    their weights in the backward), without one through the value-only op, unfilled. Row
+    counts around the strip height and its multiples, long and wide grids (the longer side
+    swept as rows), bands that cut strips, per-pair lengths: values and gradients in x and
+    y equal the fp64 reference's."""
+    shapes = [(1, 77, 61), (2, 61, 77), (1, 9, 460), (2, 260, 17), (2, 96, 96)]
+    for B, N, M in shapes:
+        x = torch.randn(B, N, D, dtype=torch.float64) * 1.5
+        y = torch.randn(B, M, D, dtype=torch.float64) * 1.5
+        x_lengths = torch.tensor([N, max(1, N - 5)][:B])
+        y_lengths = torch.tensor([M, max(1, (3 * M) // 4)][:B])
+        weights = torch.tensor([0.7, 1.3][:B], dtype=torch.float64)
+        for lengths in (dict(), dict(x_lengths=x_lengths, y_lengths=y_lengths)):
+            results = []
+            for backend, dt in (("cpp", dtype), ("reference", torch.float64)):
+                a, b = x.to(dt).requires_grad_(True), y.to(dt).requires_grad_(True)
+
+                def run():
+                    with ek.use_backend(backend):
+                        values = ek.soft_dtw(a, b, 0.5, band=band, metric=metric, **lengths)
+                        grads = torch.autograd.grad((values * weights.to(dt)).sum(), (a, b))
+                        with torch.no_grad():
+                            alone = ek.soft_dtw(a, b, 0.5, band=band, metric=metric, **lengths)
+                    return [t.double() for t in (values, *grads, alone)]
+                if backend == "cpp":
+                    got, ran = _soft_dtw_ops_ran(run)
+                    assert ("ether_kernels::dtw_xy_soft_forward_checkpointed", B) in ran, ran
+                    assert ("ether_kernels::dtw_xy_forward", B) in ran, ran  # not filled
+                    results.append(got)
+                else:
+                    results.append(run())
+            got, want = results
+            want.append(want[0])  # the value without a gradient
+            bound = 1e-10 if dtype == torch.float64 else 2e-5
+            for name, g, w in zip(("values", "grad x", "grad y", "values (no grad)"), got, want):
+                assert torch.isfinite(g).all(), (N, M, name)
+                error = ((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+                assert error < bound, (N, M, lengths != {}, name, error)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("band", [None, 4])
+def test_soft_strips_follow_the_nan_and_inf_conventions(dtype, band):
+    """In strips too: a NaN in a cell the band allows makes that pair's value (and
+    gradient) NaN and leaves the other pair alone; a +inf point makes its pair +inf, with
+    the reference's gradient (the seed meets only the end cell's own cost)."""
+    N, M = 70, 66
+    x = torch.randn(2, N, 2, dtype=torch.float64)
+    y = torch.randn(2, M, 2, dtype=torch.float64)
+    for poison in (math.nan, math.inf):
+        a0 = x.clone()
+        a0[1, 33, 1] = poison
+        results = []
+        for backend, dt in (("cpp", dtype), ("reference", torch.float64)):
+            a = a0.to(dt).requires_grad_(True)
+            with ek.use_backend(backend):
+                values = ek.soft_dtw(a, y.to(dt), 0.5, band=band)
+                (grad,) = torch.autograd.grad(values.sum(), (a,))
+            results.append((values.double(), grad.double()))
+        (value, grad), (want_value, want_grad) = results
+        if math.isnan(poison):
+            assert value[1].isnan() and grad[1].isnan().all()
+        else:
+            assert value[1].item() == math.inf
+        bound = 1e-10 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(value, want_value, rtol=bound, atol=bound, equal_nan=True)
+        torch.testing.assert_close(grad, want_grad, rtol=bound, atol=bound, equal_nan=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("band", [None, 3])
+def test_soft_strips_gradcheck_fp64(band):
+    """fp64 gradcheck of a single pair in strips (64 x 80 cells: the strips' route)."""
+    x = torch.randn(1, 64, 1, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 80, 2, dtype=torch.float64)[..., :1].contiguous().requires_grad_(True)
+    with ek.use_backend("cpp"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: ek.soft_dtw(a, b, 0.7, band=band), (x, y), eps=1e-6, atol=1e-7)

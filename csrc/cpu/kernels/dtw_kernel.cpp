@@ -602,6 +602,24 @@ struct StripBuffers {
   std::vector<at::vec::Vectorized<T>> xv;
 };
 
+// The series of one pair for the strips, in A: x transposed, (D, n_pad) with n_pad = n
+// rounded up to L, zeros past row n; y reversed and transposed, (D, m + 2 L): y's column j
+// (1-based) at L + m - j, so that the L columns s - k of step s are contiguous from
+// L + m - s (zeros past both ends).
+template <typename A, typename T>
+void strip_series(const T* x, const T* y, int64_t D, int64_t n, int64_t m, int64_t L,
+                  std::vector<A>& xs, std::vector<A>& yr) {
+  const int64_t n_pad = (n + L - 1) / L * L, ldy = m + 2 * L;
+  xs.assign(D * n_pad, A(0));
+  yr.assign(D * ldy, A(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t d = 0; d < D; ++d) xs[d * n_pad + i] = static_cast<A>(x[i * D + d]);
+  }
+  for (int64_t j = 1; j <= m; ++j) {
+    for (int64_t d = 0; d < D; ++d) yr[d * ldy + L + m - j] = static_cast<A>(y[(j - 1) * D + d]);
+  }
+}
+
 // x: (n, D) and y: (m, D) rows of one pair (row stride D); kD1: D == 1. R_out (nullable)
 // as xy_forward_pair's: rows 1..n of R with row stride ldr (+inf outside the band and past
 // m), then +inf rows up to `rows`. The steps' vectors go to a small stage first and out to
@@ -622,20 +640,8 @@ A forward_hard_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
   constexpr bool kCost = kMetric == kPrecomputedCost;
   const int64_t n = pb.n, m = pb.m;
   if constexpr (kCost) D = 0;  // no series to copy
-  // x transposed, (D, n_pad), zeros past row n; y reversed and transposed, (D, m + 2 L):
-  // y's column j (1-based) at L + m - j, so that the L columns s - k of step s are
-  // contiguous from L + m - s (zeros past both ends).
   const int64_t n_pad = (n + L - 1) / L * L, ldy = m + 2 * L;
-  buf.xs.assign(D * n_pad, A(0));
-  buf.yr.assign(D * ldy, A(0));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t d = 0; d < D; ++d) buf.xs[d * n_pad + i] = static_cast<A>(x[i * D + d]);
-  }
-  for (int64_t j = 1; j <= m; ++j) {
-    for (int64_t d = 0; d < D; ++d) {
-      buf.yr[d * ldy + L + m - j] = static_cast<A>(y[(j - 1) * D + d]);
-    }
-  }
+  strip_series<A, T>(x, y, D, n, m, L, buf.xs, buf.yr);
   buf.row.assign(m + 1, kInf);
   buf.xv.resize(D);
   if (R_out != nullptr) buf.stage.resize(kStripStageSteps * L);
@@ -2428,6 +2434,532 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
 }
 
 
+// ------------------------------------------------------------ soft-DTW of a pair in strips
+// One or two pairs fill few of a lane group's L lanes: a group costs L pairs' work whatever
+// its lanes hold (the spare lanes repeat a pair or run empty ones). A pair that runs alone
+// is swept instead like forward_hard_strips: L rows at a time, lane k one column behind
+// lane k - 1, so one step computes L cells of an anti-diagonal, cell (i0 + k, s - k) in
+// lane k at step s, from
+//   left (i0 + k, s - k - 1):     lane k of step s - 1,
+//   up   (i0 + k - 1, s - k):     lane k - 1 of step s - 1 (lane 0: row i0 - 1, in `row`),
+//   diag (i0 + k - 1, s - k - 1): lane k - 1 of step s - 2 (step s - 1's up).
+// R is fp64 and the soft-min the lanes' (softmin3_lanes: precise exp / log) for fp32 and fp64
+// inputs alike. The backward recomputes: the forward keeps R's rows 0, S, 2S, ... (S a
+// multiple of L: rows that end a strip; the checkpointed ops' layout); the backward sweeps
+// one segment of S rows again from its checkpoint, keeping its cells' soft-argmin weights
+// (8 bytes a cell, one segment's worth), then walks the segment's strips back:
+//   E(i, j) = E(i, j + 1) wl(i, j + 1) + E(i + 1, j) wu(i + 1, j)
+//             + E(i + 1, j + 1) wd(i + 1, j + 1)
+// (each successor's weight of (i, j) among its predecessors), in reverse step order
+//   E_s = E_{s+1} wl_{s+1} + down(Pu_{s+1} + Pd_{s+2}, below[s - L + 1]),
+// Pu = E wu, Pd = E wd, down() moving lane k + 1 into lane k and `below` (the pushes of the
+// strip below into its row above) into lane L - 1; lane 0's Pu and Pd go up into `above`.
+// The gradient is contracted per cell: gx of the strip's rows in lanes, gy in a register
+// whose lane k holds column s - k, one column leaving through lane 0 per step.
+// Memory per pair: (n / S + 1) (m + 1) kept doubles, S (m + L) kept weights in the backward.
+
+// (v[1], ..., v[L - 1], last): v shifted down one lane, `last` into lane L - 1.
+inline VA shift_out(const VA& v, double last) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_pd(_mm512_alignr_epi64(
+      _mm512_castpd_si512(_mm512_set1_pd(last)), _mm512_castpd_si512(v), 1));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256d rotated = _mm256_permute4x64_pd(v, _MM_SHUFFLE(0, 3, 2, 1));
+  return _mm256_blend_pd(rotated, _mm256_set1_pd(last), 8);
+#else
+  constexpr int64_t L = VA::size();
+  alignas(64) double lanes[2 * L];
+  v.store(lanes);
+  lanes[L] = last;
+  return VA::loadu(lanes + 1);
+#endif
+}
+
+inline double first_lane(const VA& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtsd_f64(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtsd_f64(v);
+#else
+  alignas(64) double lanes[VA::size()];
+  v.store(lanes);
+  return lanes[0];
+#endif
+}
+
+// The steps of the strip of rows i0 .. i0 + L - 1 (the last strip: to n): lane k's first
+// allowed column is first(i0 + k) >= first(i0) + k, so steps before first(i0) hold none;
+// its last is last(i0 + k) <= last(i0 + L - 1) (the last strip: m, at step m + n - i0).
+struct StripSteps {
+  int64_t rows = 0, first = 0, last = -1;
+  bool holds_end = false;  // the strip holds row n, and the end cell (n, m) at its last step
+  StripSteps() = default;
+  StripSteps(const PairBand& pb, int64_t i0, int64_t L) {
+    holds_end = i0 + L > pb.n;
+    rows = std::min<int64_t>(L, pb.n - i0 + 1);
+    first = pb.first(i0);
+    last = holds_end ? pb.m + (pb.n - i0) : pb.last(i0 + L - 1) + (L - 1);
+  }
+};
+
+// A pair's series for the strips (strip_series) and the sweeps' rows and accumulators.
+struct SoftStrips {
+  int64_t n_pad = 0, ldy = 0;
+  std::vector<double> xs, yr;
+  std::vector<double> rows;           // R of the rows between the strips (forward)
+  std::vector<double> above;          // the backward's pushes into the row above a strip
+  std::vector<VA> xv, t, gx, gy;      // per feature
+};
+
+// Kept weights per strip: up to m + L - 1 steps of L (diagonal, up) pairs.
+inline int64_t strip_weight_count(int64_t m) { return (m + VA::size()) * 2 * VA::size(); }
+
+// A step's weights as fp32 (store_weights' layout) or fp64 (the two vectors).
+inline void store_step_weights(float* dst, const VA& wa, const VA& wb) {
+  store_weights(dst, wa, wb);
+}
+inline void store_step_weights(double* dst, const VA& wa, const VA& wb) {
+  wa.store(dst);
+  wb.store(dst + VA::size());
+}
+inline void load_step_weights(const float* src, VA& wa, VA& wb) { load_weights(src, wa, wb); }
+inline void load_step_weights(const double* src, VA& wa, VA& wb) {
+  wa = VA::loadu(src);
+  wb = VA::loadu(src + VA::size());
+}
+
+// The masks of lanes outside the grid or the band at step s (see forward_hard_strips).
+struct StripMask {
+  VA lanes, lo, hi, m, rows;
+  StripMask() = default;
+  StripMask(const PairBand& pb, int64_t i0, int64_t rows_in_strip) {
+    constexpr int64_t L = VA::size();
+    alignas(64) double lane_index[L];
+    for (int64_t k = 0; k < L; ++k) lane_index[k] = static_cast<double>(k);
+    lanes = VA::loadu(lane_index);
+    const double wide = static_cast<double>(pb.n + pb.m + 4 * L);
+    lo = VA(pb.banded ? static_cast<double>(pb.lo) : -wide);
+    hi = VA(pb.banded ? static_cast<double>(pb.hi) : wide);
+    m = VA(static_cast<double>(pb.m));
+    rows = VA(static_cast<double>(rows_in_strip - 1));
+    (void)i0;
+  }
+  // column: s - k per lane; offset: column - (i0 + k).
+  VA outside(const VA& column, const VA& offset) const {
+    return (column < VA(1.0)) | (column > m) | (offset < lo) | (offset > hi) | (lanes > rows);
+  }
+};
+
+template <typename T>
+void prepare_soft_strips(const T* x, const T* y, int64_t D, const PairBand& pb,
+                         SoftStrips& w) {
+  strip_series<double, T>(x, y, D, pb.n, pb.m, VA::size(), w.xs, w.yr);
+  constexpr int64_t L = VA::size();
+  w.n_pad = (pb.n + L - 1) / L * L;
+  w.ldy = pb.m + 2 * L;
+  w.xv.resize(std::max<int64_t>(1, D));
+  w.t.resize(std::max<int64_t>(1, D));
+  w.gx.resize(std::max<int64_t>(1, D));
+  w.gy.resize(std::max<int64_t>(1, D));
+}
+
+// The local costs of a step's lanes: xv, x's D vectors of the strip's rows; ys, y's
+// columns s - k (row stride ldy).
+template <int kMetric>
+inline VA strip_cost(const VA* xv, const double* ys, int64_t ldy, int64_t D) {
+  VA c(0.0);
+  for (int64_t d = 0; d < D; ++d) {
+    const VA t = xv[d] - VA::loadu(ys + d * ldy);
+    if constexpr (kMetric == kL1) c = c + t.abs();
+    else c = at::vec::fmadd(t, t, c);
+  }
+  if constexpr (kMetric == kEuclidean) c = c.sqrt();
+  return c;
+}
+
+// Strips swept at once: each step of a strip waits for its previous step's soft-min (an
+// exp -> log chain of ~150 cycles), so one strip alone is latency-bound (~0.14 G cells/s
+// on the EPYC). Strip u + 1 of a group runs L steps behind strip u, reading the row that
+// strip u wrote one iteration before: the group's K chains are independent within an
+// iteration and overlap in the out-of-order window.
+constexpr int kStripsInFlight = 4;
+
+// Whether the strips sweep X = 2^(-R') (the fp32 lanes' representation, see "fp32 lanes"
+// above: one exp2 polynomial a cell, no logarithm) or R (the precise exp / log): as the lane
+// groups, fp32 inputs in the AVX512 and AVX2 builds.
+template <typename T>
+constexpr bool strips_sweep_scaled() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+
+// Rows i_begin .. i_end of the pair (i_begin = 1 mod L) from `start`, row i_begin - 1 (m + 1
+// values; null: row 0). Returns R[n][m] when i_end = n. checkpoints (nullable): row i for
+// every i < n that is a multiple of `every` goes to checkpoints + (i / every) ld. Start and
+// checkpoint rows hold R, or R' = R / (gamma ln 2) when kScaled (converted once per row).
+// weights (nullable): strip t of the call (0-based) keeps step s's diagonal and up weights
+// (store_step_weights) at weights + t strip_weight_count(m) + (s - first) 2 L.
+template <int kMetric, bool kScaled, typename W = float>
+double soft_strips_forward(SoftStrips& w, int64_t D, const PairBand& pb, double gamma,
+                           int64_t i_begin, int64_t i_end, const double* start,
+                           double* checkpoints, int64_t every, int64_t ld,
+                           W* weights = nullptr) {
+  constexpr int64_t L = VA::size();
+  constexpr int K = kStripsInFlight;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  const int64_t m = pb.m, ldr = m + 1;
+  // A row of the sweep: R (ldr values), or X's mantissas then exponents (2 ldr).
+  constexpr int64_t kParts = kScaled ? 2 : 1;
+  const int64_t row_size = kParts * ldr;
+  const double r_unit = kScaled ? gamma * std::log(2.0) : 1.0;  // R = r_unit R'
+  const VA inf(kInf), one(1.0), g(gamma), inv_g(1.0 / gamma), inv_unit(1.0 / r_unit);
+  // rows[u]: the row above strip u of a group (rows[0]: the group's input; rows[K'], K'
+  // the group's strips: the row below its last strip, the next group's input).
+  w.rows.resize((K + 1) * row_size);
+  double* rows = w.rows.data();
+  // Row r of R or R' from / into a sweep row.
+  auto load_row = [&](const double* r, double* row) {
+    if constexpr (kScaled) {  // X = 2^-R' = mant 2^expo (r_to_scaled, one column at a time)
+      for (int64_t j = 0; j < ldr; ++j) {
+        const double k = std::floor(-r[j]);
+        row[j] = r[j] == kInf ? 0.0 : std::exp2(-r[j] - k);
+        row[ldr + j] = r[j] == kInf ? -kInf : k;
+      }
+    } else {
+      std::copy(r, r + ldr, row);
+    }
+  };
+  auto store_row = [&](const double* row, double* r) {
+    if constexpr (kScaled) {  // R' = -(expo + log2 mant) (scaled_to_r)
+      for (int64_t j = 0; j < ldr; ++j) r[j] = -(row[ldr + j] + std::log2(row[j]));
+    } else {
+      std::copy(row, row + ldr, r);
+    }
+  };
+  auto clear_row = [&](double* row) {  // every cell unreachable: R = +inf, X = 0
+    std::fill(row, row + ldr, kScaled ? 0.0 : kInf);
+    if constexpr (kScaled) std::fill(row + ldr, row + 2 * ldr, -kInf);
+  };
+  if (start != nullptr) {
+    load_row(start, rows);
+  } else {  // row 0: R[0][0] = 0 (X = 1)
+    clear_row(rows);
+    rows[0] = kScaled ? 1.0 : 0.0;
+    if constexpr (kScaled) rows[ldr] = 0.0;
+  }
+  w.xv.resize(K * std::max<int64_t>(1, D));
+  double value = kInf;
+  for (int64_t g0 = i_begin; g0 <= i_end; g0 += K * L) {
+    const int strips = static_cast<int>(std::min<int64_t>(K, (i_end - g0 + L) / L));
+    StripSteps steps[K];
+    StripMask mask[K];
+    // Per strip: the previous step's cells (R, or X's mantissas) and the one before's up
+    // neighbours; left_e, diag_e: X's exponents.
+    VA left[K], diag[K], left_e[K], diag_e[K], column[K], offset[K];
+    int64_t t_last = 0;
+    for (int u = 0; u < strips; ++u) {
+      const int64_t i0 = g0 + u * L;
+      steps[u] = StripSteps(pb, i0, L);
+      mask[u] = StripMask(pb, i0, steps[u].rows);
+      for (int64_t d = 0; d < D; ++d) {
+        w.xv[u * D + d] = VA::loadu(w.xs.data() + d * w.n_pad + (i0 - 1));
+      }
+      clear_row(rows + (u + 1) * row_size);
+      column[u] = VA(static_cast<double>(steps[u].first)) - mask[u].lanes;  // s - k
+      offset[u] = column[u] - VA(static_cast<double>(i0)) - mask[u].lanes;  // - (i0 + k)
+      left[u] = kScaled ? VA(0.0) : inf;
+      left_e[u] = VA(-kInf);
+      t_last = std::max(t_last, steps[u].last + u * L);
+    }
+    // Iteration t runs step t - u L of strip u.
+    for (int64_t t = steps[0].first; t <= t_last; ++t) {
+#pragma GCC unroll 4
+      for (int u = 0; u < K; ++u) {
+        const int64_t s = t - u * L;
+        if (u >= strips || s < steps[u].first || s > steps[u].last) continue;
+        const double* above = rows + u * row_size;  // row i0 - 1
+        const bool first_step = s == steps[u].first;
+        const VA c = VA::blendv(
+            strip_cost<kMetric>(w.xv.data() + u * D, w.yr.data() + L + m - s, w.ldy, D), inf,
+            mask[u].outside(column[u], offset[u]));
+        VA v, v_e, wts[2];
+        if constexpr (kScaled) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+          if (first_step) {
+            diag[u] = shift_in(VA(0.0), above[s - 1]);
+            diag_e[u] = shift_in(VA(-kInf), above[ldr + s - 1]);
+          }
+          const VA up = shift_in(left[u], s <= m ? above[s] : 0.0);
+          const VA up_e = shift_in(left_e[u], s <= m ? above[ldr + s] : -kInf);
+          const VA cost = c * inv_unit;
+          scaled_cells<1>(&diag[u], &diag_e[u], &up, &up_e, &left[u], &left_e[u], &cost, &v,
+                          &v_e, weights != nullptr ? &wts[0] : nullptr, &wts[1]);
+          diag[u] = up;
+          diag_e[u] = up_e;
+          left_e[u] = v_e;
+#endif
+        } else {
+          if (first_step) diag[u] = shift_in(inf, above[s - 1]);
+          const VA up = shift_in(left[u], s <= m ? above[s] : kInf);
+          v = c + softmin3_lanes(diag[u], up, left[u], g, inv_g,
+                                 weights != nullptr ? wts : nullptr);
+          diag[u] = up;
+        }
+        left[u] = v;
+        if (weights != nullptr) {
+          W* kept = weights + ((g0 - i_begin) / L + u) * strip_weight_count(m);
+          store_step_weights(kept + (s - steps[u].first) * 2 * L, wts[0], wts[1]);
+        }
+        const int64_t j = s - (L - 1);  // lane L - 1's column: row i0 + L - 1
+        if (!steps[u].holds_end && j >= 1 && j <= m) {
+          alignas(64) double lanes[L];
+          v.store(lanes);
+          double* out = rows + (u + 1) * row_size;
+          out[j] = lanes[L - 1];
+          if constexpr (kScaled) {
+            v_e.store(lanes);
+            out[ldr + j] = lanes[L - 1];
+          }
+        }
+        if (steps[u].holds_end && s == steps[u].last) {
+          alignas(64) double lanes[L];
+          if constexpr (kScaled) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+            (scaled_to_r(v, v_e) * VA(r_unit)).store(lanes);
+#endif
+          } else {
+            v.store(lanes);
+          }
+          value = lanes[pb.n - (g0 + u * L)];
+        }
+        column[u] = column[u] + one;
+        offset[u] = offset[u] + one;
+      }
+    }
+    for (int u = 1; u <= strips; ++u) {
+      const int64_t row = g0 + u * L - 1;  // the row in rows[u]
+      if (checkpoints != nullptr && row % every == 0 && row < pb.n) {
+        store_row(rows + u * row_size, checkpoints + row / every * ld);
+      }
+    }
+    std::copy(rows + strips * row_size, rows + (strips + 1) * row_size, rows);
+  }
+  return value;
+}
+
+// The backward over the strips of rows i_begin .. i_end, whose weights soft_strips_forward
+// kept. w.above on entry: the pushes into row i_end from row i_end + 1 (m + 1 values; zeros
+// below the pair's last row); on return: those into row i_begin - 1. seed: the gradient of
+// the pair's value, given to the end cell when the rows hold it; end_unreachable: that
+// cell is +inf, so it pushes nothing (its weights, (0, 0) like every unreachable cell's,
+// would hand the seed to its left neighbour; the reference's soft-min passes no gradient
+// through +inf) and only its own cost takes the seed. gx (n, D) and gy (m, D) accumulate
+// E d cost / d x_i (metric_scale applied by the caller).
+template <int kMetric, typename W>
+void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t i_begin,
+                          int64_t i_end, const W* weights, double seed,
+                          bool end_unreachable, double* gx, double* gy) {
+  constexpr int64_t L = VA::size();
+  const int64_t n = pb.n, m = pb.m;
+  const VA zero(0.0), one(1.0);
+  std::vector<double> below;
+  const int64_t last_strip_i0 = i_begin + (i_end - i_begin) / L * L;
+  for (int64_t i0 = last_strip_i0; i0 >= i_begin; i0 -= L) {
+    const StripSteps steps(pb, i0, L);
+    const StripMask mask(pb, i0, steps.rows);
+    for (int64_t d = 0; d < D; ++d) {
+      w.xv[d] = VA::loadu(w.xs.data() + d * w.n_pad + (i0 - 1));
+      w.gx[d] = zero;
+      w.gy[d] = zero;
+    }
+    below.swap(w.above);  // the pushes into this strip's last row
+    w.above.assign(m + 1, 0.0);
+    const W* kept = weights + (i0 - i_begin) / L * strip_weight_count(m);
+    VA column = VA(static_cast<double>(steps.last)) - mask.lanes;
+    VA offset = column - VA(static_cast<double>(i0)) - mask.lanes;
+    VA e1 = zero, wl1 = zero, pu1 = zero, pd1 = zero, pd2 = zero;
+    VA end_lane = zero;  // all bits set in the end cell's lane
+    if (steps.holds_end) {
+      alignas(64) double lanes[L] = {};
+      std::memset(lanes + (n - i0), 0xff, sizeof(double));
+      end_lane = VA::loadu(lanes);
+    }
+    for (int64_t s = steps.last; s >= steps.first; --s) {
+      const int64_t j_below = s - (L - 1);
+      const double from_below = j_below >= 1 && j_below <= m ? below[j_below] : 0.0;
+      VA e = at::vec::fmadd(e1, wl1, shift_out(pu1 + pd2, from_below));
+      const bool at_end = steps.holds_end && s == steps.last;
+      if (at_end) e = e + (VA(seed) & end_lane);
+      const VA outside = mask.outside(column, offset);
+      e = VA::blendv(e, zero, outside);
+      VA wd, wu;
+      load_step_weights(kept + (s - steps.first) * 2 * L, wd, wu);
+      VA wl = max_instruction(zero, (one - wd) - wu);
+      if (at_end && end_unreachable) {
+        wd = VA::blendv(wd, zero, end_lane);
+        wu = VA::blendv(wu, zero, end_lane);
+        wl = VA::blendv(wl, zero, end_lane);
+      }
+      const VA pu = e * wu, pd = e * wd;
+      if (s <= m) w.above[s] += first_lane(pu);       // (i0, s) -> (i0 - 1, s)
+      if (s >= 1 && s <= m + 1) w.above[s - 1] += first_lane(pd);  // -> (i0 - 1, s - 1)
+      // E d cost / d x of every lane's cell into gx and gy (d / d y is its negative: the
+      // caller's sign).
+      const double* ys = w.yr.data() + L + m - s;
+      if constexpr (kMetric == kEuclidean) {
+        VA sum = zero;
+        for (int64_t d = 0; d < D; ++d) {
+          w.t[d] = w.xv[d] - VA::loadu(ys + d * w.ldy);
+          sum = at::vec::fmadd(w.t[d], w.t[d], sum);
+        }
+        const VA c = sum.sqrt();
+        const VA scale = VA::blendv(zero, e / c, c > zero);
+        for (int64_t d = 0; d < D; ++d) {
+          const VA u = VA::blendv(scale * w.t[d], zero, outside);
+          w.gx[d] = w.gx[d] + u;
+          w.gy[d] = w.gy[d] + u;
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          const VA t = w.xv[d] - VA::loadu(ys + d * w.ldy);
+          VA u;
+          if constexpr (kMetric == kL1) {
+            u = e * (((t > zero) & one) - ((t < zero) & one));
+          } else {
+            u = e * t;  // the factor 2 applied by the caller
+          }
+          u = VA::blendv(u, zero, outside);
+          w.gx[d] = w.gx[d] + u;
+          w.gy[d] = w.gy[d] + u;
+        }
+      }
+      // Column s leaves through lane 0; lane k takes lane k + 1's column s - 1 - k.
+      for (int64_t d = 0; d < D; ++d) {
+        if (s >= 1 && s <= m) gy[(s - 1) * D + d] += first_lane(w.gy[d]);
+        w.gy[d] = shift_out(w.gy[d], 0.0);
+      }
+      pd2 = pd1;
+      pd1 = pd;
+      pu1 = pu;
+      e1 = e;
+      wl1 = wl;
+      column = column - one;
+      offset = offset - one;
+    }
+    alignas(64) double lanes[L];
+    for (int64_t d = 0; d < D; ++d) {
+      w.gy[d].store(lanes);  // lane k: column first - 1 - k
+      for (int64_t k = 0; k < L; ++k) {
+        const int64_t j = steps.first - 1 - k;
+        if (j >= 1 && j <= m) gy[(j - 1) * D + d] += lanes[k];
+      }
+      w.gx[d].store(lanes);
+      for (int64_t k = 0; k < steps.rows; ++k) gx[(i0 + k - 1) * D + d] += lanes[k];
+    }
+  }
+}
+
+// Whether a checkpointed op runs its pairs in strips: one or two pairs (up to
+// kSoftStripsMaxPairs, which dynamic_time_warping.CPU_SOFT_STRIP_PAIRS mirrors), with
+// segments of whole strips. More pairs run in lane groups.
+constexpr int64_t kSoftStripsMaxPairs = 2;
+
+inline bool soft_strips_for(int64_t B, int64_t S) {
+  return B <= kSoftStripsMaxPairs && S % VA::size() == 0;
+}
+
+// d cost / d x = metric_scale * (the contraction's factor): 2 (x - y) for sqeuclidean.
+template <int kMetric>
+constexpr double strips_metric_scale() { return kMetric == kSqEuclidean ? 2.0 : 1.0; }
+
+template <typename T, int kMetric>
+void xy_soft_forward_strips(const DtwXYForwardArgs& a) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  T* values = static_cast<T*>(a.values);
+  double* kept = static_cast<double*>(a.R);  // (B, C, M + 1)
+  const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
+  const int64_t C = (N + S - 1) / S;
+  const double inf = std::numeric_limits<double>::infinity();
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormalsScope flush_subnormals;  // see the class comment
+    SoftStrips w;
+    for (int64_t b = begin; b < end; ++b) {
+      const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
+      double* pair_kept = kept + b * C * (M + 1);
+      std::fill(pair_kept, pair_kept + C * (M + 1), inf);
+      pair_kept[0] = 0.0;  // row 0: R[0][0] = 0
+      prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, w);
+      const double value = soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(w, D, pb, a.gamma, 1, pb.n, nullptr,
+                                                        pair_kept, S, M + 1);
+      values[b] = static_cast<T>(value);
+      // Row 0's last column records S (see xy_soft_forward_checkpointed).
+      pair_kept[M] = static_cast<double>(S);
+    }
+  });
+}
+
+template <typename T, int kMetric>
+void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
+  constexpr int64_t L = VA::size();
+  const T* grad = static_cast<const T*>(a.grad);
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  const double* kept = static_cast<const double*>(a.R);  // (B, C, M + 1)
+  T* gx_out = static_cast<T*>(a.grad_x);
+  T* gy_out = static_cast<T*>(a.grad_y);
+  const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
+  const int64_t C = (N + S - 1) / S;
+  constexpr double kScale = strips_metric_scale<kMetric>();
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormalsScope flush_subnormals;  // see the class comment
+    SoftStrips w;
+    // One segment's soft-argmin weights: fp32 for fp32 inputs (as the lane groups keep
+    // them), fp64 for fp64 ones (fp32 weights would cost ~1e-7 relative in the gradient).
+    using W = std::conditional_t<std::is_same_v<T, float>, float, double>;
+    std::vector<W> weights;
+    std::vector<double> gx, gy;
+    for (int64_t b = begin; b < end; ++b) {
+      const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
+      const int64_t n = pb.n, m = pb.m;
+      prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, w);
+      weights.resize(S / L * strip_weight_count(m));
+      w.above.assign(m + 1, 0.0);
+      gx.assign(n * D, 0.0);
+      gy.assign(m * D, 0.0);
+      const double* pair_kept = kept + b * C * (M + 1);
+      const int64_t segments = (n + S - 1) / S;
+      bool end_unreachable = false;
+      for (int64_t c = segments - 1; c >= 0; --c) {
+        const int64_t i_begin = c * S + 1, i_end = std::min(n, (c + 1) * S);
+        const double value = soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(
+            w, D, pb, a.gamma, i_begin, i_end, c > 0 ? pair_kept + c * (M + 1) : nullptr,
+            nullptr, S, M + 1, weights.data());
+        if (c == segments - 1) {
+          end_unreachable = value == std::numeric_limits<double>::infinity();
+        }
+        soft_strips_backward<kMetric>(w, D, pb, i_begin, i_end, weights.data(),
+                                      static_cast<double>(grad[b]), end_unreachable,
+                                      gx.data(), gy.data());
+      }
+      if (gx_out != nullptr) {
+        T* o = gx_out + b * N * D;
+        for (int64_t e = 0; e < n * D; ++e) o[e] = static_cast<T>(kScale * gx[e]);
+        std::fill(o + n * D, o + N * D, T(0));
+      }
+      if (gy_out != nullptr) {
+        T* o = gy_out + b * M * D;
+        for (int64_t e = 0; e < m * D; ++e) o[e] = static_cast<T>(-kScale * gy[e]);
+        std::fill(o + m * D, o + M * D, T(0));
+      }
+    }
+  });
+}
+
+
 // ------------------------------------------------------------ checkpointed soft-DTW
 // For long pairs the kept state of the whole (n, m) grid (8 bytes per cell) is replaced by
 // checkpoints: the forward keeps R of every S-th row (rows 0, S, 2S, ...: C = ceil(N / S)
@@ -2578,7 +3110,8 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
     constexpr int kMetric = decltype(metric_c)::value;
     constexpr bool kD1 = decltype(d1_c)::value;
     if (a.soft && a.checkpoint_rows > 0 && a.R != nullptr) {
-      xy_soft_forward_checkpointed<T, kMetric>(a);
+      if (soft_strips_for(a.B, a.checkpoint_rows)) xy_soft_forward_strips<T, kMetric>(a);
+      else xy_soft_forward_checkpointed<T, kMetric>(a);
       return;
     }
     if (a.soft) {
@@ -2594,10 +3127,19 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
         std::vector<double> xt, yt;
         SweepWork work;
         work.workers = row_workers;
+        SoftStrips strips;
         double* R_soft = static_cast<double*>(a.R);  // soft-DTW keeps R in fp64
         auto single = [&](int64_t b, int64_t slot) {  // kept at its task's slot
           const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
           double* Rb = R_soft != nullptr ? R_soft + slot * N * M : nullptr;
+          if (Rb == nullptr && VA::size() > 1 && pb.n * pb.m >= kStripsMinCells) {
+            // The value alone, in strips (see soft_strips_forward).
+            prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb,
+                                strips);
+            values[b] = static_cast<T>(soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(
+                strips, D, pb, a.gamma, 1, pb.n, nullptr, nullptr, 0, 0));
+            return;
+          }
           values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, double>(
               x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, gamma, buf.data(),
               buf.data() + M + 1, Rb,
@@ -2732,7 +3274,8 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
   dispatch_metric_d(a.metric, D, [&](auto metric_c, auto d1_c) {
     constexpr int kMetric = decltype(metric_c)::value;
     if (a.soft && a.checkpoint_rows > 0) {
-      xy_soft_backward_checkpointed<T, kMetric>(a);
+      if (soft_strips_for(a.B, a.checkpoint_rows)) xy_soft_backward_strips<T, kMetric>(a);
+      else xy_soft_backward_checkpointed<T, kMetric>(a);
       return;
     }
     constexpr int64_t LA = VA::size();
