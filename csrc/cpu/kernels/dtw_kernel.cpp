@@ -2490,8 +2490,11 @@ inline double first_lane(const VA& v) {
 // The steps of the strip of rows i0 .. i0 + L - 1 (the last strip: to n): lane k's first
 // allowed column is first(i0 + k) >= first(i0) + k, so steps before first(i0) hold none;
 // its last is last(i0 + k) <= last(i0 + L - 1) (the last strip: m, at step m + n - i0).
+// Steps interior_first .. interior_last have every lane's cell allowed (a full strip: lane
+// k's cells are allowed for s in [first(i0 + k) + k, last(i0 + k) + k], and first and last
+// do not decrease with the row): no masking there.
 struct StripSteps {
-  int64_t rows = 0, first = 0, last = -1;
+  int64_t rows = 0, first = 0, last = -1, interior_first = 0, interior_last = -1;
   bool holds_end = false;  // the strip holds row n, and the end cell (n, m) at its last step
   StripSteps() = default;
   StripSteps(const PairBand& pb, int64_t i0, int64_t L) {
@@ -2499,7 +2502,12 @@ struct StripSteps {
     rows = std::min<int64_t>(L, pb.n - i0 + 1);
     first = pb.first(i0);
     last = holds_end ? pb.m + (pb.n - i0) : pb.last(i0 + L - 1) + (L - 1);
+    if (rows == L) {
+      interior_first = pb.first(i0 + L - 1) + (L - 1);
+      interior_last = pb.last(i0);
+    }
   }
+  bool interior(int64_t s) const { return s >= interior_first && s <= interior_last; }
 };
 
 // A pair's series for the strips (strip_series) and the sweeps' rows and accumulators.
@@ -2682,9 +2690,10 @@ double soft_strips_forward(SoftStrips& w, int64_t D, const PairBand& pb, double 
         if (u >= strips || s < steps[u].first || s > steps[u].last) continue;
         const double* above = rows + u * row_size;  // row i0 - 1
         const bool first_step = s == steps[u].first;
-        const VA c = VA::blendv(
-            strip_cost<kMetric>(w.xv.data() + u * D, w.yr.data() + L + m - s, w.ldy, D), inf,
-            mask[u].outside(column[u], offset[u]));
+        VA c = strip_cost<kMetric>(w.xv.data() + u * D, w.yr.data() + L + m - s, w.ldy, D);
+        if (!steps[u].interior(s)) {
+          c = VA::blendv(c, inf, mask[u].outside(column[u], offset[u]));
+        }
         VA v, v_e, wts[2];
         if constexpr (kScaled) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -2793,8 +2802,9 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
       VA e = at::vec::fmadd(e1, wl1, shift_out(pu1 + pd2, from_below));
       const bool at_end = steps.holds_end && s == steps.last;
       if (at_end) e = e + (VA(seed) & end_lane);
-      const VA outside = mask.outside(column, offset);
-      e = VA::blendv(e, zero, outside);
+      const bool interior = steps.interior(s);
+      const VA outside = interior ? zero : mask.outside(column, offset);
+      if (!interior) e = VA::blendv(e, zero, outside);
       VA wd, wu;
       load_step_weights(kept + (s - steps.first) * 2 * L, wd, wu);
       VA wl = max_instruction(zero, (one - wd) - wu);
@@ -2818,7 +2828,7 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
         const VA c = sum.sqrt();
         const VA scale = VA::blendv(zero, e / c, c > zero);
         for (int64_t d = 0; d < D; ++d) {
-          const VA u = VA::blendv(scale * w.t[d], zero, outside);
+          const VA u = interior ? scale * w.t[d] : VA::blendv(scale * w.t[d], zero, outside);
           w.gx[d] = w.gx[d] + u;
           w.gy[d] = w.gy[d] + u;
         }
@@ -2831,7 +2841,7 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
           } else {
             u = e * t;  // the factor 2 applied by the caller
           }
-          u = VA::blendv(u, zero, outside);
+          if (!interior) u = VA::blendv(u, zero, outside);
           w.gx[d] = w.gx[d] + u;
           w.gy[d] = w.gy[d] + u;
         }
@@ -2849,13 +2859,9 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
       column = column - one;
       offset = offset - one;
     }
+    // Left in w.gy: the columns first - 1 - k, left of every row's band (nothing added).
     alignas(64) double lanes[L];
     for (int64_t d = 0; d < D; ++d) {
-      w.gy[d].store(lanes);  // lane k: column first - 1 - k
-      for (int64_t k = 0; k < L; ++k) {
-        const int64_t j = steps.first - 1 - k;
-        if (j >= 1 && j <= m) gy[(j - 1) * D + d] += lanes[k];
-      }
       w.gx[d].store(lanes);
       for (int64_t k = 0; k < steps.rows; ++k) gx[(i0 + k - 1) * D + d] += lanes[k];
     }
