@@ -152,7 +152,7 @@ def test_hard_dtw_one_long_pair(benchmark, provider):
            device="cpu", provider=provider, cells=n * n)
 
 
-FEW = [(8, 1024), (1, 2048)]  # (pairs, n): fewer lane groups (8 pairs) than threads
+FEW = [(8, 1024), (4, 1024), (1, 2048)]  # (pairs, n): few lane groups, or strips (<= 4 pairs)
 
 
 @pytest.mark.parametrize("pairs,n", FEW, ids=[f"{p}x{n}" for p, n in FEW])
@@ -160,9 +160,9 @@ FEW = [(8, 1024), (1, 2048)]  # (pairs, n): fewer lane groups (8 pairs) than thr
 @pytest.mark.parametrize("provider", ["ether_kernels", "ether_kernels-1-thread", "eager",
                                       "pysdtw"])
 def test_soft_dtw_few_long_pairs(benchmark, provider, mode, pairs, n):
-    """A few long pairs, D = 4: one lane group of 8 pairs, so the C++ kernels share its rows
-    among the threads (the forward, and a checkpointed backward: 1 pair of 2048^2 runs
-    checkpointed); "ether_kernels-1-thread" is the same call on one thread."""
+    """A few long pairs, D = 4: 8 pairs make one lane group, whose rows the C++ kernels share
+    among the threads; 4 pairs and 1 run in strips (each pair on one thread, checkpointed
+    for the backward); "ether_kernels-1-thread" is the same call on one thread."""
     x = _series(pairs, n, 4, 7)
     y = _series(pairs, n, 4, 8)
     gamma = SOFT["gamma"]

@@ -261,9 +261,12 @@ def _segment_rows(N):
 # The C++ soft-DTW runs a batch of up to this many pairs pair by pair, each in strips of
 # rows swept along anti-diagonals in the lanes of a vector (soft_strips_forward in
 # csrc/cpu/kernels/dtw_kernel.cpp; its kSoftStripsMaxPairs): a lane group of 8 would repeat
-# or pad them, 8 pairs' work for one or two. Pairs of fewer cells than CPU_SOFT_STRIP_MIN_CELLS
-# (its kStripsMinCells) are filled into a lane group as before.
-CPU_SOFT_STRIP_PAIRS = 2
+# or pad them, 8 pairs' work for up to 4. Per cell a strip costs ~1.2x a full lane group,
+# so strips win up to ~6 pairs on one thread; the limit of 4 keeps them ahead on 2 threads
+# (fp32, D = 4, fwd+bwd, EPYC, 2 threads: 4 pairs of 1024^2 25.7 -> 14.5 ms, 3 pairs 26.1
+# -> 10.7 ms). Pairs of fewer cells than CPU_SOFT_STRIP_MIN_CELLS (its kStripsMinCells)
+# are filled into a lane group as before.
+CPU_SOFT_STRIP_PAIRS = 4
 CPU_SOFT_STRIP_MIN_CELLS = 4096
 
 
@@ -297,12 +300,14 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     strips = backend == "cpp" and gamma is not None and _runs_in_strips(x.shape[0], N, M)
     rows = cpu_checkpoint_rows(max(N, M), min(N, M)) if backend == "cpp" else 0
     if strips and keep:
-        # One or two pairs: each swept alone in strips of rows (the C++ checkpointed ops
-        # run them so for segments of whole strips), not in a lane group of 8.
+        # Up to 4 pairs: each swept alone in strips of rows (the C++ checkpointed ops run
+        # them so for segments of whole strips), not in a lane group of 8.
         rows = _strip_segment_rows(max(N, M))
     elif backend == "cpp" and keep and gamma is not None and rows == 0 and \
             _lane_fill(x.shape[0], N, M, keep) is None and \
             (x.dtype != torch.float64 or x.shape[0] >= 3):
+        # (Since the strips above took 1 to 4 pairs of 4096 cells or more, this is reached
+        # only where CPU_CHECKPOINT_CELLS is lowered, as a test does.)
         # 1 to 3 long pairs, too long to fill up to 8 (their kept state would grow 8-fold):
         # the checkpointed kernels run them as one partial lane group (its spare lanes
         # repeat a pair; their state is per pair), not one by one on the scalar path (~16x

@@ -1629,21 +1629,21 @@ def _soft_dtw_ops_ran(run):
 @pytest.mark.parametrize("band", [None, 0, 3, 40])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
 @pytest.mark.parametrize("D", [1, 3])
-def test_one_or_two_soft_pairs_run_in_strips_and_match_the_reference(dtype, band, metric, D):
-    """One or two soft-DTW pairs run alone, each swept in strips of L rows along the
+def test_up_to_four_soft_pairs_run_in_strips_and_match_the_reference(dtype, band, metric, D):
+    """Up to four soft-DTW pairs run alone, each swept in strips of L rows along the
     anti-diagonals (soft_strips_forward / soft_strips_backward), not in a lane group of 8:
     with a gradient through the checkpointed ops (segments of whole strips, recomputed with
     their weights in the backward), without one through the value-only op, unfilled. Row
     counts around the strip height and its multiples, long and wide grids (the longer side
     swept as rows), bands that cut strips, per-pair lengths: values and gradients in x and
     y equal the fp64 reference's."""
-    shapes = [(1, 77, 61), (2, 61, 77), (1, 9, 460), (2, 260, 17), (2, 96, 96)]
+    shapes = [(1, 77, 61), (2, 61, 77), (1, 9, 460), (3, 260, 17), (4, 96, 96)]
     for B, N, M in shapes:
         x = torch.randn(B, N, D, dtype=torch.float64) * 1.5
         y = torch.randn(B, M, D, dtype=torch.float64) * 1.5
-        x_lengths = torch.tensor([N, max(1, N - 5)][:B])
-        y_lengths = torch.tensor([M, max(1, (3 * M) // 4)][:B])
-        weights = torch.tensor([0.7, 1.3][:B], dtype=torch.float64)
+        x_lengths = torch.tensor([N, max(1, N - 5), N // 2 + 1, max(1, N - 8)][:B])
+        y_lengths = torch.tensor([M, max(1, (3 * M) // 4), M, M // 3 + 1][:B])
+        weights = torch.tensor([0.7, 1.3, 0.9, 1.1][:B], dtype=torch.float64)
         for lengths in (dict(), dict(x_lengths=x_lengths, y_lengths=y_lengths)):
             results = []
             for backend, dt in (("cpp", dtype), ("reference", torch.float64)):

@@ -2435,8 +2435,8 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
 
 
 // ------------------------------------------------------------ soft-DTW of a pair in strips
-// One or two pairs fill few of a lane group's L lanes: a group costs L pairs' work whatever
-// its lanes hold (the spare lanes repeat a pair or run empty ones). A pair that runs alone
+// A few pairs fill few of a lane group's L lanes: a group costs L pairs' work whatever its
+// lanes hold (the spare lanes repeat a pair or run empty ones). A pair that runs alone
 // is swept instead like forward_hard_strips: L rows at a time, lane k one column behind
 // lane k - 1, so one step computes L cells of an anti-diagonal, cell (i0 + k, s - k) in
 // lane k at step s, from
@@ -2868,10 +2868,10 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
   }
 }
 
-// Whether a checkpointed op runs its pairs in strips: one or two pairs (up to
-// kSoftStripsMaxPairs, which dynamic_time_warping.CPU_SOFT_STRIP_PAIRS mirrors), with
-// segments of whole strips. More pairs run in lane groups.
-constexpr int64_t kSoftStripsMaxPairs = 2;
+// Whether a checkpointed op runs its pairs in strips, one pair per thread: up to
+// kSoftStripsMaxPairs pairs (dynamic_time_warping.CPU_SOFT_STRIP_PAIRS mirrors it, and
+// gives the measurements), with segments of whole strips. More pairs run in lane groups.
+constexpr int64_t kSoftStripsMaxPairs = 4;
 
 inline bool soft_strips_for(int64_t B, int64_t S) {
   return B <= kSoftStripsMaxPairs && S % VA::size() == 0;
