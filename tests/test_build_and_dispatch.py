@@ -142,6 +142,24 @@ for dtype in (torch.float32, torch.float64):
                 for g, w in zip(grads, torch.autograd.grad(want.sum(), (ra, rb))):
                     errors.append(((g.double() - w).abs().max() / w.abs().max()).item())
         results[f"dtw_{dtype}-band-{band}"] = errors
+# Up to 4 soft-DTW pairs run alone in strips (lanes along anti-diagonals: 8 in AVX512, 4 in
+# AVX2 and DEFAULT; fp32 sweeps 2^(-R) in AVX512 and AVX2): values and gradients.
+sx, sy = torch.randn(2, 70, 3, dtype=torch.float64), torch.randn(2, 66, 3, dtype=torch.float64)
+sl = dict(x_lengths=torch.tensor([70, 61]), y_lengths=torch.tensor([66, 59]))
+for dtype in (torch.float32, torch.float64):
+    for band in (None, 5):
+        a = sx.to(dtype).requires_grad_(True)
+        b = sy.to(dtype).requires_grad_(True)
+        ra = sx.to(dtype).double().requires_grad_(True)
+        rb = sy.to(dtype).double().requires_grad_(True)
+        got = ek.soft_dtw(a, b, 0.3, band=band, **sl)
+        with ek.use_backend("reference"):
+            want = ek.soft_dtw(ra, rb, 0.3, band=band, **sl)
+        errors = [((got.double() - want).abs() / want.abs()).max().item()]
+        for g, w in zip(torch.autograd.grad(got.sum(), (a, b)),
+                        torch.autograd.grad(want.sum(), (ra, rb))):
+            errors.append(((g.double() - w).abs().max() / w.abs().max()).item())
+        results[f"dtw_{dtype}-strips-band-{band}"] = errors
 print(json.dumps(results))
 """
 

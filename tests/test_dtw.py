@@ -1711,3 +1711,33 @@ def test_soft_strips_gradcheck_fp64(band):
     with ek.use_backend("cpp"):
         assert torch.autograd.gradcheck(
             lambda a, b: ek.soft_dtw(a, b, 0.7, band=band), (x, y), eps=1e-6, atol=1e-7)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_single_strips_pair_is_bitwise_the_same_on_one_and_two_threads(dtype):
+    """A single pair's strips backward runs its segments' recomputes beside their walks on
+    two threads (soft_strips_pair_backward): the same cells in the same order, so values and
+    gradients equal one thread's bit for bit, and the reference's."""
+    x = torch.randn(1, 150, 3, dtype=torch.float64)
+    y = torch.randn(1, 131, 3, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            a, b = x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
+            with ek.use_backend("cpp"):
+                value = ek.soft_dtw(a, b, 0.4, band=20)
+            results.append([value.detach(), *torch.autograd.grad(value.sum(), (a, b))])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    a, b = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    with ek.use_backend("reference"):
+        value = ek.soft_dtw(a, b, 0.4, band=20)
+    want = [value.detach(), *torch.autograd.grad(value.sum(), (a, b))]
+    bound = 1e-10 if dtype == torch.float64 else 2e-5
+    for got, w in zip(results[1], want):
+        assert ((got.double() - w).abs().max() / w.abs().max()).item() < bound

@@ -2908,9 +2908,63 @@ void xy_soft_forward_strips(const DtwXYForwardArgs& a) {
   });
 }
 
+// The backward of one pair in strips (soft_strips_backward), segment by segment from the
+// last: recompute segment c from its checkpoint keeping its weights (item R_c), then walk it
+// back (item B_c). With two workers R_(c-1) runs beside B_c (two weight buffers): the items
+// are claimed in the order R, B, R, B, ... and each waits for what it needs (B_c: R_c and
+// B_(c+1); R_c: the B two segments below, which last used its buffer), always an item
+// claimed before it, so one worker, or a worker the pool never starts, cannot deadlock it.
+// recompute, back: the work areas of the two kinds of item, both prepared with the pair's
+// series (prepare_soft_strips). gx (n, D), gy (m, D): E d cost / d x summed per row and
+// per column.
+template <int kMetric, bool kScaled, typename W>
+void soft_strips_pair_backward(SoftStrips& recompute, SoftStrips& back, int64_t D,
+                               const PairBand& pb, double gamma, const double* pair_kept,
+                               int64_t S, int64_t ld, double seed, int64_t workers,
+                               std::vector<W> (&weights)[2], double* gx, double* gy) {
+  constexpr int64_t L = VA::size();
+  const int64_t n = pb.n, m = pb.m;
+  const int64_t segments = (n + S - 1) / S;
+  for (auto& buffer : weights) buffer.resize(S / L * strip_weight_count(m));
+  back.above.assign(m + 1, 0.0);
+  std::atomic<int64_t> next_item{0}, recomputed{0}, walked{0};
+  bool end_unreachable = false;  // written by R of the last segment, read after it
+  auto wait_until = [](const std::atomic<int64_t>& count, int64_t target) {
+    while (count.load(std::memory_order_acquire) < target) std::this_thread::yield();
+  };
+  auto worker = [&]() {
+    const FlushSubnormalsScope flush_subnormals;  // see the class comment
+    for (int64_t item; (item = next_item.fetch_add(1)) < 2 * segments;) {
+      const int64_t k = item / 2;  // the k-th segment from the last
+      const int64_t c = segments - 1 - k;
+      const int64_t i_begin = c * S + 1, i_end = std::min(n, (c + 1) * S);
+      W* buffer = weights[k % 2].data();
+      if (item % 2 == 0) {
+        wait_until(walked, k - 1);   // B of segment k - 2 (same buffer) done
+        wait_until(recomputed, k);   // one recompute at a time (one work area)
+        const double value = soft_strips_forward<kMetric, kScaled>(
+            recompute, D, pb, gamma, i_begin, i_end, c > 0 ? pair_kept + c * ld : nullptr,
+            nullptr, S, ld, buffer);
+        if (k == 0) end_unreachable = value == std::numeric_limits<double>::infinity();
+        recomputed.fetch_add(1, std::memory_order_release);
+      } else {
+        wait_until(recomputed, k + 1);
+        wait_until(walked, k);
+        soft_strips_backward<kMetric>(back, D, pb, i_begin, i_end, buffer, seed,
+                                      end_unreachable, gx, gy);
+        walked.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  if (workers > 1) {
+    at::parallel_for(0, 2, 1, [&](int64_t, int64_t) { worker(); });
+  } else {
+    worker();
+  }
+}
+
 template <typename T, int kMetric>
 void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
-  constexpr int64_t L = VA::size();
   const T* grad = static_cast<const T*>(a.grad);
   const T* x = static_cast<const T*>(a.x);
   const T* y = static_cast<const T*>(a.y);
@@ -2920,37 +2974,26 @@ void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   constexpr double kScale = strips_metric_scale<kMetric>();
-  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
-    const FlushSubnormalsScope flush_subnormals;  // see the class comment
-    SoftStrips w;
+  // A single pair takes two threads (its recompute beside its backward); more pairs one each.
+  const int64_t workers = a.B == 1 && at::get_num_threads() > 1 ? 2 : 1;
+  auto pairs = [&](int64_t begin, int64_t end) {
+    SoftStrips recompute, back;
     // One segment's soft-argmin weights: fp32 for fp32 inputs (as the lane groups keep
     // them), fp64 for fp64 ones (fp32 weights would cost ~1e-7 relative in the gradient).
     using W = std::conditional_t<std::is_same_v<T, float>, float, double>;
-    std::vector<W> weights;
+    std::vector<W> weights[2];
     std::vector<double> gx, gy;
     for (int64_t b = begin; b < end; ++b) {
       const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
       const int64_t n = pb.n, m = pb.m;
-      prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, w);
-      weights.resize(S / L * strip_weight_count(m));
-      w.above.assign(m + 1, 0.0);
+      prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb,
+                          recompute);
+      prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, back);
       gx.assign(n * D, 0.0);
       gy.assign(m * D, 0.0);
-      const double* pair_kept = kept + b * C * (M + 1);
-      const int64_t segments = (n + S - 1) / S;
-      bool end_unreachable = false;
-      for (int64_t c = segments - 1; c >= 0; --c) {
-        const int64_t i_begin = c * S + 1, i_end = std::min(n, (c + 1) * S);
-        const double value = soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(
-            w, D, pb, a.gamma, i_begin, i_end, c > 0 ? pair_kept + c * (M + 1) : nullptr,
-            nullptr, S, M + 1, weights.data());
-        if (c == segments - 1) {
-          end_unreachable = value == std::numeric_limits<double>::infinity();
-        }
-        soft_strips_backward<kMetric>(w, D, pb, i_begin, i_end, weights.data(),
-                                      static_cast<double>(grad[b]), end_unreachable,
-                                      gx.data(), gy.data());
-      }
+      soft_strips_pair_backward<kMetric, strips_sweep_scaled<T>()>(
+          recompute, back, D, pb, a.gamma, kept + b * C * (M + 1), S, M + 1,
+          static_cast<double>(grad[b]), workers, weights, gx.data(), gy.data());
       if (gx_out != nullptr) {
         T* o = gx_out + b * N * D;
         for (int64_t e = 0; e < n * D; ++e) o[e] = static_cast<T>(kScale * gx[e]);
@@ -2962,7 +3005,12 @@ void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
         std::fill(o + m * D, o + M * D, T(0));
       }
     }
-  });
+  };
+  if (workers > 1) {
+    pairs(0, a.B);  // the pair's two threads are the pool's
+  } else {
+    at::parallel_for(0, a.B, 1, pairs);
+  }
 }
 
 
