@@ -2441,10 +2441,11 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
 // lane k - 1, so one step computes L cells of an anti-diagonal, cell (i0 + k, s - k) in
 // lane k at step s, from
 //   left (i0 + k, s - k - 1):     lane k of step s - 1,
-//   up   (i0 + k - 1, s - k):     lane k - 1 of step s - 1 (lane 0: row i0 - 1, in `row`),
+//   up   (i0 + k - 1, s - k):     lane k - 1 of step s - 1 (lane 0: row i0 - 1, in `rows`),
 //   diag (i0 + k - 1, s - k - 1): lane k - 1 of step s - 2 (step s - 1's up).
-// R is fp64 and the soft-min the lanes' (softmin3_lanes: precise exp / log) for fp32 and fp64
-// inputs alike. The backward recomputes: the forward keeps R's rows 0, S, 2S, ... (S a
+// The cells are the lane groups': fp32 inputs sweep X = 2^(-R') (scaled_cells) in the AVX512
+// and AVX2 builds, the rest R in fp64 (softmin3_lanes: precise exp / log); kStripsInFlight
+// strips run at once (see there). The backward recomputes: the forward keeps R's rows 0, S, 2S, ... (S a
 // multiple of L: rows that end a strip; the checkpointed ops' layout); the backward sweeps
 // one segment of S rows again from its checkpoint, keeping its cells' soft-argmin weights
 // (8 bytes a cell, one segment's worth), then walks the segment's strips back:
