@@ -262,10 +262,11 @@ def _segment_rows(N):
 # rows swept along anti-diagonals in the lanes of a vector (soft_strips_forward in
 # csrc/cpu/kernels/dtw_kernel.cpp; its kSoftStripsMaxPairs): a lane group of 8 would repeat
 # or pad them, 8 pairs' work for up to 4. Per cell a strip costs ~1.2x a full lane group,
-# so strips win up to ~6 pairs on one thread; the limit of 4 keeps them ahead on 2 threads
-# (fp32, D = 4, fwd+bwd, EPYC, 2 threads: 4 pairs of 1024^2 25.7 -> 14.5 ms, 3 pairs 26.1
-# -> 10.7 ms). Pairs of fewer cells than CPU_SOFT_STRIP_MIN_CELLS (its kStripsMinCells)
-# are filled into a lane group as before.
+# so by that estimate strips would win up to ~6 pairs on one thread; 4 is what was measured
+# (fp32, D = 4, fwd+bwd, EPYC, 2 threads, bench_dtw.py: 4 pairs of 1024^2 in strips 11.7 ms,
+# where filled to 8 in a lane group they took what 8 pairs take, 15.2 ms). A batch whose
+# padded N M is below CPU_SOFT_STRIP_MIN_CELLS (its kStripsMinCells) is filled into a lane
+# group as before; in the value op a pair of fewer cells (by its own lengths) runs scalar.
 CPU_SOFT_STRIP_PAIRS = 4
 CPU_SOFT_STRIP_MIN_CELLS = 4096
 
@@ -276,7 +277,7 @@ def _runs_in_strips(B, N, M):
 
 def _strip_segment_rows(N):
     """~sqrt(N) rounded up to a multiple of 8 (the strips' rows in AVX-512; AVX2 and the
-    portable build run 4): the rows between the strips' checkpoints."""
+    portable x86 build run 4, NEON 2): the rows between the strips' checkpoints."""
     root = math.isqrt(N - 1) + 1  # ceil(sqrt(N))
     return max(8, -(-root // 8) * 8)
 
@@ -309,9 +310,9 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
         # (Since the strips above took 1 to 4 pairs of 4096 cells or more, this is reached
         # only where CPU_CHECKPOINT_CELLS is lowered, as a test does.)
         # 1 to 3 long pairs, too long to fill up to 8 (their kept state would grow 8-fold):
-        # the checkpointed kernels run them as one partial lane group (its spare lanes
-        # repeat a pair; their state is per pair), not one by one on the scalar path (~16x
-        # slower per cell). fp32, 2 threads, D = 4, fwd+bwd: 1 pair of 2000^2 246 -> 112 ms,
+        # the checkpointed kernels run them in strips where S is a multiple of the lanes,
+        # else as one partial lane group (its spare lanes repeat a pair; their state is per
+        # pair), not one by one on the scalar path (~16x slower per cell). fp32, 2 threads, D = 4, fwd+bwd: 1 pair of 2000^2 246 -> 112 ms,
         # 3 pairs of 1500^2 293 -> 69 ms. In fp64 the lanes' exp / log are the precise ones:
         # 3 pairs 278 -> 206 ms, but 1 pair 248 -> 399 ms, so one or two stay scalar.
         rows = _segment_rows(max(N, M))

@@ -852,14 +852,16 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
     rows = dynamic_time_warping.cpu_checkpoint_rows(N, M)
     checkpoints = -(-N // rows) * (M + 1) * 8
     assert max(saved_bytes) == checkpoints < N * M * 8 / 20
-    # the same pair with the whole grid kept (threshold raised): the same gradient
+    # the same pair with the whole grid kept (threshold raised, and not in strips, which
+    # always checkpoint): the same gradient
     b = x.clone().requires_grad_(True)
-    old = dynamic_time_warping.CPU_CHECKPOINT_CELLS
+    old = dynamic_time_warping.CPU_CHECKPOINT_CELLS, dynamic_time_warping.CPU_SOFT_STRIP_PAIRS
     try:
         dynamic_time_warping.CPU_CHECKPOINT_CELLS = N * M
+        dynamic_time_warping.CPU_SOFT_STRIP_PAIRS = 0
         (reference,) = torch.autograd.grad(ek.soft_dtw(b, y, 1.0).sum(), (b,))
     finally:
-        dynamic_time_warping.CPU_CHECKPOINT_CELLS = old
+        dynamic_time_warping.CPU_CHECKPOINT_CELLS, dynamic_time_warping.CPU_SOFT_STRIP_PAIRS = old
     torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-12)
 
 
@@ -869,9 +871,9 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
 @pytest.mark.parametrize("B,N,M,D,band,ragged,metric,checkpointed", [
     (8, 200, 180, 4, None, False, "sqeuclidean", False),  # one lane group
     (5, 230, 190, 2, 30, True, "sqeuclidean", False),     # filled group, masked lanes
-    (3, 181, 203, 6, None, True, "l1", False),            # D > 4 (D not fixed at compile time)
+    (5, 181, 203, 6, None, True, "l1", False),            # D > 4 (D not fixed at compile time)
     (8, 170, 230, 16, 60, True, "sqeuclidean", False),    # D >= 16: the grid backward shared
-    (2, 300, 150, 1, None, False, "sqeuclidean", True),   # checkpointed segments
+    (6, 300, 150, 1, None, False, "sqeuclidean", True),   # checkpointed segments
     (8, 190, 260, 3, 50, True, "euclidean", True),        # checkpointed along y, band
 ])
 def test_rows_shared_by_threads_match_one_thread_and_the_reference(

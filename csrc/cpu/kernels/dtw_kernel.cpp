@@ -2434,6 +2434,17 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
 }
 
 
+// Pair b's gradient in a (B, rows_out, D) output (null: not wanted): scale * g for its
+// `rows` rows, zeros for the padding rows after them.
+template <typename T, typename A>
+void write_pair_gradient(const A* g, A scale, int64_t rows, int64_t rows_out, int64_t D,
+                         T* out, int64_t b) {
+  if (out == nullptr) return;
+  T* o = out + b * rows_out * D;
+  for (int64_t e = 0; e < rows * D; ++e) o[e] = static_cast<T>(scale * g[e]);
+  std::fill(o + rows * D, o + rows_out * D, T(0));
+}
+
 // ------------------------------------------------------------ soft-DTW of a pair in strips
 // A few pairs fill few of a lane group's L lanes: a group costs L pairs' work whatever its
 // lanes hold (the spare lanes repeat a pair or run empty ones). A pair that runs alone
@@ -2445,10 +2456,12 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
 //   diag (i0 + k - 1, s - k - 1): lane k - 1 of step s - 2 (step s - 1's up).
 // The cells are the lane groups': fp32 inputs sweep X = 2^(-R') (scaled_cells) in the AVX512
 // and AVX2 builds, the rest R in fp64 (softmin3_lanes: precise exp / log); kStripsInFlight
-// strips run at once (see there). The backward recomputes: the forward keeps R's rows 0, S, 2S, ... (S a
-// multiple of L: rows that end a strip; the checkpointed ops' layout); the backward sweeps
+// strips run at once (see there). The backward recomputes: the forward keeps R's rows 0, S,
+// 2S, ... (S a multiple of L: rows that end a strip; the checkpointed ops' layout; R' when
+// the sweep is in X); the backward sweeps
 // one segment of S rows again from its checkpoint, keeping its cells' soft-argmin weights
-// (8 bytes a cell, one segment's worth), then walks the segment's strips back:
+// (8 bytes a cell for fp32 inputs, 16 for fp64; one segment's worth, two when a single
+// pair's backward takes two threads), then walks the segment's strips back:
 //   E(i, j) = E(i, j + 1) wl(i, j + 1) + E(i + 1, j) wu(i + 1, j)
 //             + E(i + 1, j + 1) wd(i + 1, j + 1)
 // (each successor's weight of (i, j) among its predecessors), in reverse step order
@@ -2457,7 +2470,8 @@ void xy_soft_backward_sweep(const double* xt, const double* yt, int64_t D,
 // strip below into its row above) into lane L - 1; lane 0's Pu and Pd go up into `above`.
 // The gradient is contracted per cell: gx of the strip's rows in lanes, gy in a register
 // whose lane k holds column s - k, one column leaving through lane 0 per step.
-// Memory per pair: (n / S + 1) (m + 1) kept doubles, S (m + L) kept weights in the backward.
+// Memory per pair: (n / S + 1) (m + 1) kept doubles; in the backward S (m + L) cells'
+// weights per segment buffer.
 
 // (v[1], ..., v[L - 1], last): v shifted down one lane, `last` into lane L - 1.
 inline VA shift_out(const VA& v, double last) {
@@ -2541,7 +2555,7 @@ inline void load_step_weights(const double* src, VA& wa, VA& wb) {
 struct StripMask {
   VA lanes, lo, hi, m, rows;
   StripMask() = default;
-  StripMask(const PairBand& pb, int64_t i0, int64_t rows_in_strip) {
+  StripMask(const PairBand& pb, int64_t rows_in_strip) {
     constexpr int64_t L = VA::size();
     alignas(64) double lane_index[L];
     for (int64_t k = 0; k < L; ++k) lane_index[k] = static_cast<double>(k);
@@ -2551,7 +2565,6 @@ struct StripMask {
     hi = VA(pb.banded ? static_cast<double>(pb.hi) : wide);
     m = VA(static_cast<double>(pb.m));
     rows = VA(static_cast<double>(rows_in_strip - 1));
-    (void)i0;
   }
   // column: s - k per lane; offset: column - (i0 + k).
   VA outside(const VA& column, const VA& offset) const {
@@ -2672,7 +2685,7 @@ double soft_strips_forward(SoftStrips& w, int64_t D, const PairBand& pb, double 
     for (int u = 0; u < strips; ++u) {
       const int64_t i0 = g0 + u * L;
       steps[u] = StripSteps(pb, i0, L);
-      mask[u] = StripMask(pb, i0, steps[u].rows);
+      mask[u] = StripMask(pb, steps[u].rows);
       for (int64_t d = 0; d < D; ++d) {
         w.xv[u * D + d] = VA::loadu(w.xs.data() + d * w.n_pad + (i0 - 1));
       }
@@ -2779,7 +2792,7 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
   const int64_t last_strip_i0 = i_begin + (i_end - i_begin) / L * L;
   for (int64_t i0 = last_strip_i0; i0 >= i_begin; i0 -= L) {
     const StripSteps steps(pb, i0, L);
-    const StripMask mask(pb, i0, steps.rows);
+    const StripMask mask(pb, steps.rows);
     for (int64_t d = 0; d < D; ++d) {
       w.xv[d] = VA::loadu(w.xs.data() + d * w.n_pad + (i0 - 1));
       w.gx[d] = zero;
@@ -2871,7 +2884,8 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
 
 // Whether a checkpointed op runs its pairs in strips, one pair per thread: up to
 // kSoftStripsMaxPairs pairs (dynamic_time_warping.CPU_SOFT_STRIP_PAIRS mirrors it, and
-// gives the measurements), with segments of whole strips. More pairs run in lane groups.
+// gives the measurements), with segments of whole strips. More pairs run in lane groups, and
+// so does a segment length that is not a multiple of L (tests use that to reach them).
 constexpr int64_t kSoftStripsMaxPairs = 4;
 
 inline bool soft_strips_for(int64_t B, int64_t S) {
@@ -2900,8 +2914,8 @@ void xy_soft_forward_strips(const DtwXYForwardArgs& a) {
       std::fill(pair_kept, pair_kept + C * (M + 1), inf);
       pair_kept[0] = 0.0;  // row 0: R[0][0] = 0
       prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, w);
-      const double value = soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(w, D, pb, a.gamma, 1, pb.n, nullptr,
-                                                        pair_kept, S, M + 1);
+      const double value = soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(
+          w, D, pb, a.gamma, 1, pb.n, nullptr, pair_kept, S, M + 1);
       values[b] = static_cast<T>(value);
       // Row 0's last column records S (see xy_soft_forward_checkpointed).
       pair_kept[M] = static_cast<double>(S);
@@ -2995,16 +3009,8 @@ void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
       soft_strips_pair_backward<kMetric, strips_sweep_scaled<T>()>(
           recompute, back, D, pb, a.gamma, kept + b * C * (M + 1), S, M + 1,
           static_cast<double>(grad[b]), workers, weights, gx.data(), gy.data());
-      if (gx_out != nullptr) {
-        T* o = gx_out + b * N * D;
-        for (int64_t e = 0; e < n * D; ++e) o[e] = static_cast<T>(kScale * gx[e]);
-        std::fill(o + n * D, o + N * D, T(0));
-      }
-      if (gy_out != nullptr) {
-        T* o = gy_out + b * M * D;
-        for (int64_t e = 0; e < m * D; ++e) o[e] = static_cast<T>(-kScale * gy[e]);
-        std::fill(o + m * D, o + M * D, T(0));
-      }
+      write_pair_gradient(gx.data(), kScale, n, N, D, gx_out, b);
+      write_pair_gradient(gy.data(), -kScale, m, M, D, gy_out, b);
     }
   };
   if (workers > 1) {
@@ -3175,7 +3181,9 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       const int64_t grain = std::max<int64_t>(1, 32768 / cells);
       constexpr int64_t LA = VA::size();
       const LaneGroups lg(LA, B, LA > 1 ? B / LA : 0, a.x_lengths, a.y_lengths);
-      const int64_t row_workers = row_workers_for<T>(lg.tasks(), N, M);
+      // Rows across threads for lane groups only: a batch of single pairs (1 to 4 pairs in
+      // strips, unfilled) spreads its pairs over the threads.
+      const int64_t row_workers = lg.groups > 0 ? row_workers_for<T>(lg.tasks(), N, M) : 1;
       for_each_task(lg.tasks(), row_workers > 1 ? lg.tasks() : grain, [&](auto next_task) {
         const FlushSubnormalsScope flush_subnormals;  // see the class comment
         std::vector<A> buf(2 * (M + 1));
@@ -3413,16 +3421,8 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
             }
           }
         }
-        if (gx_out != nullptr) {
-          T* o = gx_out + b * N * D;
-          for (int64_t e = 0; e < n * D; ++e) o[e] = static_cast<T>(gx[e]);
-          std::fill(o + n * D, o + N * D, T(0));
-        }
-        if (gy_out != nullptr) {
-          T* o = gy_out + b * M * D;
-          for (int64_t e = 0; e < m * D; ++e) o[e] = static_cast<T>(gy[e]);
-          std::fill(o + m * D, o + M * D, T(0));
-        }
+        write_pair_gradient(gx.data(), A(1), n, N, D, gx_out, b);
+        write_pair_gradient(gy.data(), A(1), m, M, D, gy_out, b);
       };
       for (int64_t t; (t = next_task()) >= 0;) {
         if (lg.single(t)) {
