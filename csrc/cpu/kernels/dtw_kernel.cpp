@@ -2642,21 +2642,33 @@ double soft_strips_forward(SoftStrips& w, int64_t D, const PairBand& pb, double 
   // the group's strips: the row below its last strip, the next group's input).
   w.rows.resize((K + 1) * row_size);
   double* rows = w.rows.data();
-  // Row r of R or R' from / into a sweep row.
+  // Row r of R or R' from / into a sweep row, L columns at a time (r_to_scaled,
+  // scaled_to_r; a scalar exp2 or log2 a column cost ~1 ms of the 1 x 2048^2 backward's
+  // recomputes at S = 48).
   auto load_row = [&](const double* r, double* row) {
-    if constexpr (kScaled) {  // X = 2^-R' = mant 2^expo (r_to_scaled, one column at a time)
-      for (int64_t j = 0; j < ldr; ++j) {
-        const double k = std::floor(-r[j]);
-        row[j] = r[j] == kInf ? 0.0 : std::exp2(-r[j] - k);
-        row[ldr + j] = r[j] == kInf ? -kInf : k;
+    if constexpr (kScaled) {  // X = 2^-R' = mant 2^expo
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      for (int64_t j = 0; j < ldr; j += L) {
+        const int count = static_cast<int>(std::min<int64_t>(L, ldr - j));
+        VA mant, expo;
+        r_to_scaled(VA::loadu(r + j, count), mant, expo);
+        mant.store(row + j, count);
+        expo.store(row + ldr + j, count);
       }
+#endif
     } else {
       std::copy(r, r + ldr, row);
     }
   };
   auto store_row = [&](const double* row, double* r) {
-    if constexpr (kScaled) {  // R' = -(expo + log2 mant) (scaled_to_r)
-      for (int64_t j = 0; j < ldr; ++j) r[j] = -(row[ldr + j] + std::log2(row[j]));
+    if constexpr (kScaled) {  // R' = -(expo + log2 mant)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      for (int64_t j = 0; j < ldr; j += L) {
+        const int count = static_cast<int>(std::min<int64_t>(L, ldr - j));
+        scaled_to_r(VA::loadu(row + j, count), VA::loadu(row + ldr + j, count))
+            .store(r + j, count);
+      }
+#endif
     } else {
       std::copy(row, row + ldr, r);
     }
@@ -2780,30 +2792,40 @@ double soft_strips_forward(SoftStrips& w, int64_t D, const PairBand& pb, double 
 // cell is +inf, so it pushes nothing (its weights, (0, 0) like every unreachable cell's,
 // would hand the seed to its left neighbour; the reference's soft-min passes no gradient
 // through +inf) and only its own cost takes the seed. gx (n, D) and gy (m, D) accumulate
-// E d cost / d x_i (metric_scale applied by the caller).
-template <int kMetric, typename W>
-void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t i_begin,
-                          int64_t i_end, const W* weights, double seed,
+// E d cost / d x_i (metric_scale applied by the caller). kDim > 0: D known at compile time
+// (with_fixed_dim), so x's rows and the gx / gy accumulators stay in registers (1 x 2048^2,
+// D = 4, one thread: the walk 8.0 -> 4.4 ms, by perf).
+template <int kMetric, int kDim, typename W>
+void soft_strips_backward(SoftStrips& w, int64_t D_runtime, const PairBand& pb,
+                          int64_t i_begin, int64_t i_end, const W* weights, double seed,
                           bool end_unreachable, double* gx, double* gy) {
   constexpr int64_t L = VA::size();
+  const int64_t D = kDim > 0 ? kDim : D_runtime;
   const int64_t n = pb.n, m = pb.m;
   const VA zero(0.0), one(1.0);
+  // Per feature: x's rows of the strip, the strip's gx and gy (lane k: column s - k).
+  constexpr int kLocal = kDim > 0 ? kDim : 1;
+  VA xv_fixed[kLocal], gx_fixed[kLocal], gy_fixed[kLocal];
+  VA* const xv = kDim > 0 ? xv_fixed : w.xv.data();
+  VA* const gxv = kDim > 0 ? gx_fixed : w.gx.data();
+  VA* const gyv = kDim > 0 ? gy_fixed : w.gy.data();
   std::vector<double> below;
   const int64_t last_strip_i0 = i_begin + (i_end - i_begin) / L * L;
   for (int64_t i0 = last_strip_i0; i0 >= i_begin; i0 -= L) {
     const StripSteps steps(pb, i0, L);
     const StripMask mask(pb, steps.rows);
     for (int64_t d = 0; d < D; ++d) {
-      w.xv[d] = VA::loadu(w.xs.data() + d * w.n_pad + (i0 - 1));
-      w.gx[d] = zero;
-      w.gy[d] = zero;
+      xv[d] = VA::loadu(w.xs.data() + d * w.n_pad + (i0 - 1));
+      gxv[d] = zero;
+      gyv[d] = zero;
     }
     below.swap(w.above);  // the pushes into this strip's last row
     w.above.assign(m + 1, 0.0);
+    double* above = w.above.data();
     const W* kept = weights + (i0 - i_begin) / L * strip_weight_count(m);
-    VA column = VA(static_cast<double>(steps.last)) - mask.lanes;
-    VA offset = column - VA(static_cast<double>(i0)) - mask.lanes;
-    VA e1 = zero, wl1 = zero, pu1 = zero, pd1 = zero, pd2 = zero;
+    // The previous step's E, left weight and pushes down (q = Pu_s + Pd_(s+1): the cells
+    // of step s - 1 one row below take lane k + 1, and row i0 - 1 takes lane 0).
+    VA e1 = zero, wl1 = zero, q1 = zero, pd1 = zero;
     VA end_lane = zero;  // all bits set in the end cell's lane
     if (steps.holds_end) {
       alignas(64) double lanes[L] = {};
@@ -2813,12 +2835,16 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
     for (int64_t s = steps.last; s >= steps.first; --s) {
       const int64_t j_below = s - (L - 1);
       const double from_below = j_below >= 1 && j_below <= m ? below[j_below] : 0.0;
-      VA e = at::vec::fmadd(e1, wl1, shift_out(pu1 + pd2, from_below));
+      VA e = at::vec::fmadd(e1, wl1, shift_out(q1, from_below));
       const bool at_end = steps.holds_end && s == steps.last;
       if (at_end) e = e + (VA(seed) & end_lane);
       const bool interior = steps.interior(s);
-      const VA outside = interior ? zero : mask.outside(column, offset);
-      if (!interior) e = VA::blendv(e, zero, outside);
+      VA outside = zero;
+      if (!interior) {
+        const VA column = VA(static_cast<double>(s)) - mask.lanes;  // s - k
+        outside = mask.outside(column, column - VA(static_cast<double>(i0)) - mask.lanes);
+        e = VA::blendv(e, zero, outside);
+      }
       VA wd, wu;
       load_step_weights(kept + (s - steps.first) * 2 * L, wd, wu);
       VA wl = max_instruction(zero, (one - wd) - wu);
@@ -2827,56 +2853,63 @@ void soft_strips_backward(SoftStrips& w, int64_t D, const PairBand& pb, int64_t 
         wu = VA::blendv(wu, zero, end_lane);
         wl = VA::blendv(wl, zero, end_lane);
       }
-      const VA pu = e * wu, pd = e * wd;
-      if (s <= m) w.above[s] += first_lane(pu);       // (i0, s) -> (i0 - 1, s)
-      if (s >= 1 && s <= m + 1) w.above[s - 1] += first_lane(pd);  // -> (i0 - 1, s - 1)
+      const VA pd = e * wd, q = at::vec::fmadd(e, wu, pd1);
+      // Row i0 - 1's column s takes (i0, s)'s up push and (i0, s + 1)'s diagonal one: lane
+      // 0 of q (for s = m + 1 only the latter, to column m, at step m + 1 below).
+      if (s <= m) above[s] = first_lane(q);
+      if (s == m + 1) above[m] = first_lane(pd);
       // E d cost / d x of every lane's cell into gx and gy (d / d y is its negative: the
       // caller's sign).
       const double* ys = w.yr.data() + L + m - s;
+      // x - y of the lanes' cells; 0 outside the grid or band (whose e is 0: 0 * t would
+      // be NaN for an infinite x or y there).
+      auto difference = [&](int64_t d) {
+        const VA t = xv[d] - VA::loadu(ys + d * w.ldy);
+        return interior ? t : VA::blendv(t, zero, outside);
+      };
       if constexpr (kMetric == kEuclidean) {
+        VA t_fixed[kLocal];
+        VA* const t = kDim > 0 ? t_fixed : w.t.data();
         VA sum = zero;
         for (int64_t d = 0; d < D; ++d) {
-          w.t[d] = w.xv[d] - VA::loadu(ys + d * w.ldy);
-          sum = at::vec::fmadd(w.t[d], w.t[d], sum);
+          t[d] = difference(d);
+          sum = at::vec::fmadd(t[d], t[d], sum);
         }
         const VA c = sum.sqrt();
         const VA scale = VA::blendv(zero, e / c, c > zero);
         for (int64_t d = 0; d < D; ++d) {
-          const VA u = interior ? scale * w.t[d] : VA::blendv(scale * w.t[d], zero, outside);
-          w.gx[d] = w.gx[d] + u;
-          w.gy[d] = w.gy[d] + u;
+          gxv[d] = at::vec::fmadd(scale, t[d], gxv[d]);
+          gyv[d] = at::vec::fmadd(scale, t[d], gyv[d]);
         }
       } else {
         for (int64_t d = 0; d < D; ++d) {
-          const VA t = w.xv[d] - VA::loadu(ys + d * w.ldy);
-          VA u;
+          const VA t = difference(d);
           if constexpr (kMetric == kL1) {
-            u = e * (((t > zero) & one) - ((t < zero) & one));
-          } else {
-            u = e * t;  // the factor 2 applied by the caller
+            const VA u = e * (((t > zero) & one) - ((t < zero) & one));
+            gxv[d] = gxv[d] + u;
+            gyv[d] = gyv[d] + u;
+          } else {  // e t, the factor 2 applied by the caller
+            gxv[d] = at::vec::fmadd(e, t, gxv[d]);
+            gyv[d] = at::vec::fmadd(e, t, gyv[d]);
           }
-          if (!interior) u = VA::blendv(u, zero, outside);
-          w.gx[d] = w.gx[d] + u;
-          w.gy[d] = w.gy[d] + u;
         }
       }
       // Column s leaves through lane 0; lane k takes lane k + 1's column s - 1 - k.
       for (int64_t d = 0; d < D; ++d) {
-        if (s >= 1 && s <= m) gy[(s - 1) * D + d] += first_lane(w.gy[d]);
-        w.gy[d] = shift_out(w.gy[d], 0.0);
+        if (s >= 1 && s <= m) gy[(s - 1) * D + d] += first_lane(gyv[d]);
+        gyv[d] = shift_out(gyv[d], 0.0);
       }
-      pd2 = pd1;
       pd1 = pd;
-      pu1 = pu;
+      q1 = q;
       e1 = e;
       wl1 = wl;
-      column = column - one;
-      offset = offset - one;
     }
-    // Left in w.gy: the columns first - 1 - k, left of every row's band (nothing added).
+    // Row i0 - 1's column first - 1 takes the diagonal push of (i0, first) alone.
+    if (steps.first - 1 <= m) above[steps.first - 1] = first_lane(pd1);
+    // Left in gyv: the columns first - 1 - k, left of every row's band (nothing added).
     alignas(64) double lanes[L];
     for (int64_t d = 0; d < D; ++d) {
-      w.gx[d].store(lanes);
+      gxv[d].store(lanes);
       for (int64_t k = 0; k < steps.rows; ++k) gx[(i0 + k - 1) * D + d] += lanes[k];
     }
   }
@@ -2924,51 +2957,55 @@ void xy_soft_forward_strips(const DtwXYForwardArgs& a) {
 }
 
 // The backward of one pair in strips (soft_strips_backward), segment by segment from the
-// last: recompute segment c from its checkpoint keeping its weights (item R_c), then walk it
-// back (item B_c). With two workers R_(c-1) runs beside B_c (two weight buffers): the items
-// are claimed in the order R, B, R, B, ... and each waits for what it needs (B_c: R_c and
-// B_(c+1); R_c: the B two segments below, which last used its buffer), always an item
-// claimed before it, so one worker, or a worker the pool never starts, cannot deadlock it.
-// recompute, back: the work areas of the two kinds of item, both prepared with the pair's
-// series (prepare_soft_strips). gx (n, D), gy (m, D): E d cost / d x summed per row and
-// per column.
+// last: recompute segment c from its checkpoint keeping its weights (R_c), then walk it back
+// (B_c). A segment is one item, R_c and B_c on the same thread: the weights R_c writes
+// (~0.8 MB for m = 2048, S = 48) are read back from that core's own L2. (Handing them to
+// the other core, R on one thread and B on the other, cost more than the overlap won: 1 x
+// 2048^2, D = 4, 2 threads, 14.2 ms against 15.9 on one; as items 8.1 ms.) With two
+// workers, R_(c-1) runs beside B_c: items are claimed in order, R_c waits for the walk
+// kStripsBuffers segments below (which last used its weight buffer and work area), B_c for
+// the walk below it (the pushes into its last row; gx / gy are added in one order: bitwise
+// the result of one thread). Each waits only for items claimed before it, so one worker,
+// or a worker the pool never starts, cannot deadlock it. recompute, back: the work areas of
+// the recomputes and of the walks, prepared with the pair's series (prepare_soft_strips).
+// gx (n, D), gy (m, D): E d cost / d x summed per row and per column.
+// (3 buffers, a faster core recomputing further ahead, measured no better than 2.)
+constexpr int64_t kStripsBuffers = 2;
+
 template <int kMetric, bool kScaled, typename W>
-void soft_strips_pair_backward(SoftStrips& recompute, SoftStrips& back, int64_t D,
-                               const PairBand& pb, double gamma, const double* pair_kept,
-                               int64_t S, int64_t ld, double seed, int64_t workers,
-                               std::vector<W> (&weights)[2], double* gx, double* gy) {
+void soft_strips_pair_backward(SoftStrips (&recompute)[kStripsBuffers], SoftStrips& back,
+                               int64_t D, const PairBand& pb, double gamma,
+                               const double* pair_kept, int64_t S, int64_t ld, double seed,
+                               int64_t workers, std::vector<W> (&weights)[kStripsBuffers],
+                               double* gx, double* gy) {
   constexpr int64_t L = VA::size();
   const int64_t n = pb.n, m = pb.m;
   const int64_t segments = (n + S - 1) / S;
   for (auto& buffer : weights) buffer.resize(S / L * strip_weight_count(m));
   back.above.assign(m + 1, 0.0);
-  std::atomic<int64_t> next_item{0}, recomputed{0}, walked{0};
-  bool end_unreachable = false;  // written by R of the last segment, read after it
+  std::atomic<int64_t> next_segment{0}, walked{0};
+  // Written by R of the last segment (item 0), read by its B on the same thread.
+  bool end_unreachable = false;
   auto wait_until = [](const std::atomic<int64_t>& count, int64_t target) {
     while (count.load(std::memory_order_acquire) < target) std::this_thread::yield();
   };
   auto worker = [&]() {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
-    for (int64_t item; (item = next_item.fetch_add(1)) < 2 * segments;) {
-      const int64_t k = item / 2;  // the k-th segment from the last
+    for (int64_t k; (k = next_segment.fetch_add(1)) < segments;) {  // k-th from the last
       const int64_t c = segments - 1 - k;
       const int64_t i_begin = c * S + 1, i_end = std::min(n, (c + 1) * S);
-      W* buffer = weights[k % 2].data();
-      if (item % 2 == 0) {
-        wait_until(walked, k - 1);   // B of segment k - 2 (same buffer) done
-        wait_until(recomputed, k);   // one recompute at a time (one work area)
-        const double value = soft_strips_forward<kMetric, kScaled>(
-            recompute, D, pb, gamma, i_begin, i_end, c > 0 ? pair_kept + c * ld : nullptr,
-            nullptr, S, ld, buffer);
-        if (k == 0) end_unreachable = value == std::numeric_limits<double>::infinity();
-        recomputed.fetch_add(1, std::memory_order_release);
-      } else {
-        wait_until(recomputed, k + 1);
-        wait_until(walked, k);
-        soft_strips_backward<kMetric>(back, D, pb, i_begin, i_end, buffer, seed,
-                                      end_unreachable, gx, gy);
-        walked.fetch_add(1, std::memory_order_release);
-      }
+      W* buffer = weights[k % kStripsBuffers].data();
+      wait_until(walked, k - (kStripsBuffers - 1));  // B_(k - 2): its buffer, work area
+      const double value = soft_strips_forward<kMetric, kScaled>(
+          recompute[k % kStripsBuffers], D, pb, gamma, i_begin, i_end,
+          c > 0 ? pair_kept + c * ld : nullptr, nullptr, S, ld, buffer);
+      if (k == 0) end_unreachable = value == std::numeric_limits<double>::infinity();
+      wait_until(walked, k);  // B of segment k - 1: the pushes into this segment's last row
+      with_fixed_dim(D, [&](auto dim_c) {
+        soft_strips_backward<kMetric, decltype(dim_c)::value>(
+            back, D, pb, i_begin, i_end, buffer, seed, end_unreachable, gx, gy);
+      });
+      walked.fetch_add(1, std::memory_order_release);
     }
   };
   if (workers > 1) {
@@ -2989,20 +3026,26 @@ void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   constexpr double kScale = strips_metric_scale<kMetric>();
-  // A single pair takes two threads (its recompute beside its backward); more pairs one each.
-  const int64_t workers = a.B == 1 && at::get_num_threads() > 1 ? 2 : 1;
+  // A pair takes two threads (its recomputes beside its walks, ~1.95x one thread) where one
+  // pair per thread would keep fewer than two threads busy on average (B / ceil(B / P) < 2:
+  // on 2 threads 1 or 3 pairs; 3 pairs one each take 2 pairs' time, two at a time 1.5);
+  // else each thread takes its own pairs.
+  const int64_t threads = at::get_num_threads();
+  const int64_t workers =
+      threads > 1 && a.B < 2 * ((a.B + threads - 1) / threads) ? 2 : 1;
   auto pairs = [&](int64_t begin, int64_t end) {
-    SoftStrips recompute, back;
+    SoftStrips recompute[kStripsBuffers], back;
     // One segment's soft-argmin weights: fp32 for fp32 inputs (as the lane groups keep
     // them), fp64 for fp64 ones (fp32 weights would cost ~1e-7 relative in the gradient).
     using W = std::conditional_t<std::is_same_v<T, float>, float, double>;
-    std::vector<W> weights[2];
+    std::vector<W> weights[kStripsBuffers];
     std::vector<double> gx, gy;
     for (int64_t b = begin; b < end; ++b) {
       const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
       const int64_t n = pb.n, m = pb.m;
-      prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb,
-                          recompute);
+      for (SoftStrips& w : recompute) {
+        prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, w);
+      }
       prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, back);
       gx.assign(n * D, 0.0);
       gy.assign(m * D, 0.0);
@@ -3014,7 +3057,7 @@ void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
     }
   };
   if (workers > 1) {
-    pairs(0, a.B);  // the pair's two threads are the pool's
+    pairs(0, a.B);  // one pair after the other, each on two of the pool's threads
   } else {
     at::parallel_for(0, a.B, 1, pairs);
   }
