@@ -1722,30 +1722,44 @@ def test_soft_strips_gradcheck_fp64(band):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("B", [1, 3])
-def test_strips_pairs_are_bitwise_the_same_on_one_and_two_threads(dtype, B):
-    """On two threads a strips pair's backward (1 or 3 pairs: each pair on both threads,
-    soft_strips_pair_backward) runs its segments' recomputes beside their walks: the same
-    cells in the same order, so values and gradients equal one thread's bit for bit, and
-    the reference's."""
-    x = torch.randn(B, 150, 3, dtype=dtype).double()  # exact in dtype (see above)
-    y = torch.randn(B, 131, 3, dtype=dtype).double()
-    threads = torch.get_num_threads()
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("contended", [False, True])
+def test_strips_pairs_are_bitwise_the_same_on_one_and_several_threads(
+        monkeypatch, dtype, B, threads, contended):
+    """Pairs in strips too few to spread one per thread (1 on 2 or 3 threads, 3 on 2) each
+    take two threads: the forward's strip groups handed over in a RowRing, the backward's
+    recomputes beside its walks (soft_strips_forward, soft_strips_pair_backward). The same
+    cells in the same order: values (with and without a gradient) and gradients equal one
+    thread's bit for bit, and the reference's. `contended`: every wait counts as a lost
+    core (ETHER_KERNELS_DTW_CONTENDED_WAIT_US=0), the ring's groups then run one at a
+    time: still the same bits."""
+    if contended:
+        monkeypatch.setenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "0")
+    # >= 2^15 cells a pair (kStripsSharedMinCells); exact in dtype (see above).
+    x = torch.randn(B, 230, 3, dtype=dtype).double()
+    y = torch.randn(B, 190, 3, dtype=dtype).double()
+    lengths = dict(x_lengths=torch.tensor([230, 201, 215][:B]),
+                   y_lengths=torch.tensor([190, 190, 177][:B]))
+    before = torch.get_num_threads()
     results = []
     try:
-        for count in (1, 2):
+        for count in (1, threads):
             torch.set_num_threads(count)
             a, b = x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
             with ek.use_backend("cpp"):
-                value = ek.soft_dtw(a, b, 0.4, band=20)
-            results.append([value.detach(), *torch.autograd.grad(value.sum(), (a, b))])
+                value = ek.soft_dtw(a, b, 0.4, band=40, **lengths)
+                grads = torch.autograd.grad(value.sum(), (a, b))
+                with torch.no_grad():
+                    alone = ek.soft_dtw(a, b, 0.4, band=40, **lengths)
+            results.append([value.detach(), *grads, alone])
     finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+        torch.set_num_threads(before)
+    for one, several in zip(*results):
+        assert torch.equal(one, several)
     a, b = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
     with ek.use_backend("reference"):
-        value = ek.soft_dtw(a, b, 0.4, band=20)
-    want = [value.detach(), *torch.autograd.grad(value.sum(), (a, b))]
+        value = ek.soft_dtw(a, b, 0.4, band=40, **lengths)
+    want = [value.detach(), *torch.autograd.grad(value.sum(), (a, b)), value.detach()]
     bound = 1e-10 if dtype == torch.float64 else 2e-5
     for got, w in zip(results[1], want):
         assert ((got.double() - w).abs().max() / w.abs().max()).item() < bound
