@@ -2460,18 +2460,23 @@ void write_pair_gradient(const A* g, A scale, int64_t rows, int64_t rows_out, in
 // 2S, ... (S a multiple of L: rows that end a strip; the checkpointed ops' layout; R' when
 // the sweep is in X); the backward sweeps
 // one segment of S rows again from its checkpoint, keeping its cells' soft-argmin weights
-// (8 bytes a cell for fp32 inputs, 16 for fp64; one segment's worth, two when a single
-// pair's backward takes two threads), then walks the segment's strips back:
+// (8 bytes a cell for fp32 inputs, 16 for fp64; two segments' worth: the next segment's
+// recompute may run beside a walk), then walks the segment's strips back:
 //   E(i, j) = E(i, j + 1) wl(i, j + 1) + E(i + 1, j) wu(i + 1, j)
 //             + E(i + 1, j + 1) wd(i + 1, j + 1)
 // (each successor's weight of (i, j) among its predecessors), in reverse step order
 //   E_s = E_{s+1} wl_{s+1} + down(Pu_{s+1} + Pd_{s+2}, below[s - L + 1]),
 // Pu = E wu, Pd = E wd, down() moving lane k + 1 into lane k and `below` (the pushes of the
-// strip below into its row above) into lane L - 1; lane 0's Pu and Pd go up into `above`.
+// strip below into its row above) into lane L - 1; lane 0's Pu and Pd go up into `above`
+// (column s of row i0 - 1 takes Pu_s + Pd_(s+1): the same sum, lane 0).
 // The gradient is contracted per cell: gx of the strip's rows in lanes, gy in a register
 // whose lane k holds column s - k, one column leaving through lane 0 per step.
 // Memory per pair: (n / S + 1) (m + 1) kept doubles; in the backward S (m + L) cells'
 // weights per segment buffer.
+// Threads: pairs go one per thread, or, where that would keep fewer than two threads busy
+// (1 or 3 pairs on 2 threads: strips_pairs_share_threads), one after the other, each on
+// two: its forward's strip groups across both (soft_strips_forward's RowRing), its
+// backward's recomputes beside its walks (soft_strips_pair_backward).
 
 // (v[1], ..., v[L - 1], last): v shifted down one lane, `last` into lane L - 1.
 inline VA shift_out(const VA& v, double last) {
