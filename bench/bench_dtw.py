@@ -14,6 +14,7 @@ import torch
 
 import ether_kernels as ek
 from conftest import record
+from ether_kernels import dynamic_time_warping
 
 HARD = dict(pairs=64, n=512, dim=1)
 SOFT = dict(pairs=64, n=256, dim=4, gamma=1.0)
@@ -152,17 +153,23 @@ def test_hard_dtw_one_long_pair(benchmark, provider):
            device="cpu", provider=provider, cells=n * n)
 
 
-FEW = [(8, 1024), (4, 1024), (1, 2048)]  # (pairs, n): few lane groups, or strips (<= 4 pairs)
+# (pairs, n): one lane group (8 pairs), or strips (up to 6 fp32 pairs on 2 threads, 4 on one:
+# dynamic_time_warping.cpu_soft_strip_pairs)
+FEW = [(8, 1024), (6, 1024), (4, 1024), (1, 2048)]
 
 
 @pytest.mark.parametrize("pairs,n", FEW, ids=[f"{p}x{n}" for p, n in FEW])
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("provider", ["ether_kernels", "ether_kernels-1-thread", "eager",
-                                      "pysdtw"])
+@pytest.mark.parametrize("provider", ["ether_kernels", "ether_kernels-1-thread",
+                                      "ether_kernels-lane-groups", "eager", "pysdtw"])
 def test_soft_dtw_few_long_pairs(benchmark, provider, mode, pairs, n):
     """A few long pairs, D = 4: 8 pairs make one lane group, whose rows the C++ kernels share
-    among the threads; 4 pairs and 1 run in strips (each pair on one thread, checkpointed
-    for the backward); "ether_kernels-1-thread" is the same call on one thread."""
+    among the threads; 6, 4 and 1 pair run in strips (each pair alone, checkpointed for the
+    backward); "ether_kernels-1-thread" is the same call on one thread (6 pairs: a lane
+    group there), "ether_kernels-lane-groups" the same call with the pairs filled into a
+    lane group instead of strips (what 5 to 6 pairs took before, and 2 to 4 before strips)."""
+    if provider == "ether_kernels-lane-groups" and pairs not in (4, 6):
+        pytest.skip("lane groups against strips: 4 and 6 pairs")
     x = _series(pairs, n, 4, 7)
     y = _series(pairs, n, 4, 8)
     gamma = SOFT["gamma"]
@@ -172,10 +179,18 @@ def test_soft_dtw_few_long_pairs(benchmark, provider, mode, pairs, n):
         backend = "reference" if provider == "eager" else "auto"
         if provider == "eager":
             rounds = 1
+        strip_pairs = ({torch.float32: (0, 0), torch.float64: (0, 0)}
+                       if provider == "ether_kernels-lane-groups"
+                       else dynamic_time_warping.CPU_SOFT_STRIP_PAIRS)
 
         def call(a):
-            with ek.use_backend(backend):
-                return ek.soft_dtw(a, y, gamma)
+            saved = dynamic_time_warping.CPU_SOFT_STRIP_PAIRS
+            dynamic_time_warping.CPU_SOFT_STRIP_PAIRS = strip_pairs
+            try:
+                with ek.use_backend(backend):
+                    return ek.soft_dtw(a, y, gamma)
+            finally:
+                dynamic_time_warping.CPU_SOFT_STRIP_PAIRS = saved
     else:
         pysdtw = pytest.importorskip("pysdtw")
         criterion = pysdtw.SoftDTW(gamma=gamma, use_cuda=False)

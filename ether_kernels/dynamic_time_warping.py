@@ -260,19 +260,34 @@ def _segment_rows(N):
 
 # The C++ soft-DTW runs a batch of up to this many pairs pair by pair, each in strips of
 # rows swept along anti-diagonals in the lanes of a vector (soft_strips_forward in
-# csrc/cpu/kernels/dtw_kernel.cpp; its kSoftStripsMaxPairs): a lane group of 8 would repeat
-# or pad them, 8 pairs' work for up to 4. Per cell a strip costs ~1.2x a full lane group,
-# so by that estimate strips would win up to ~6 pairs on one thread; 4 is what was measured
-# (fp32, D = 4, fwd+bwd, EPYC, 2 threads, bench_dtw.py: 4 pairs of 1024^2 in strips 11.7 ms,
-# where filled to 8 in a lane group they took what 8 pairs take, 15.2 ms). A batch whose
+# csrc/cpu/kernels/dtw_kernel.cpp), not in a lane group of 8, which costs 8 pairs' work
+# whatever its lanes hold: (one thread, two or more) per arithmetic dtype (fp16 / bf16
+# inputs compute in fp32). Measured on 2 threads (Xeon, D = 4, fwd+bwd, best of 12, the same
+# process): fp32 5 pairs of 1024^2 in lane groups 23.9 ms, in strips 21.0; 6 pairs 26.5 /
+# 23.7; 7 pairs 26.4 / 28.6 (512^2: 5 pairs 6.75 / 5.79, 6 pairs 7.15 / 6.54, 7 pairs
+# 7.15 / 8.16); the forward alone 8.9 / 6.8 ms (5 pairs), 9.7 / 6.3 (6). fp64, whose lane
+# groups use the precise exp / log: 5 pairs of 1024^2 105 / 39 ms, 8 pairs 105 / 76 (512^2:
+# 8 pairs 27.1 / 17.9, 10 pairs 32.1 / 25.8, 12 pairs 31.9 / 30.4, 16 pairs 32.5 / 40.6).
+# On one thread a strip costs ~2x a full group per cell (512^2 fwd+bwd, fp32: 5 pairs 8.7
+# / 10.2 ms, 6 pairs 8.8 / 12.0; fp64 8 pairs 27.3 / 36.0): 4 pairs, where a group would
+# be half empty. The C++ checkpointed ops take strips for up to 6 / 8 pairs (their
+# soft_strips_max_pairs, whatever the threads: a forward and its backward must agree), so
+# a batch of 5 to 8 long pairs on one thread may still run in strips there. A batch whose
 # padded N M is below CPU_SOFT_STRIP_MIN_CELLS (its kStripsMinCells) is filled into a lane
 # group as before; in the value op a pair of fewer cells (by its own lengths) runs scalar.
-CPU_SOFT_STRIP_PAIRS = 4
+CPU_SOFT_STRIP_PAIRS = {torch.float32: (4, 6), torch.float64: (4, 8)}
 CPU_SOFT_STRIP_MIN_CELLS = 4096
 
 
-def _runs_in_strips(B, N, M):
-    return 1 <= B <= CPU_SOFT_STRIP_PAIRS and N * M >= CPU_SOFT_STRIP_MIN_CELLS
+def cpu_soft_strip_pairs(dtype):
+    """The most pairs of this (fp32 or fp64) dtype a C++ soft-DTW call runs in strips, for
+    the current torch thread count (see CPU_SOFT_STRIP_PAIRS)."""
+    one_thread, threaded = CPU_SOFT_STRIP_PAIRS[dtype]
+    return one_thread if torch.get_num_threads() == 1 else threaded
+
+
+def _runs_in_strips(B, N, M, dtype):
+    return 1 <= B <= cpu_soft_strip_pairs(dtype) and N * M >= CPU_SOFT_STRIP_MIN_CELLS
 
 
 def _strip_segment_rows(N):
@@ -298,17 +313,18 @@ def _run_series(x, y, x_lengths, y_lengths, band, gamma, metric):
     # soft-DTW is symmetric (the metrics are, and so is the band: tslearn's convention), so
     # sdtw(x, y) = sdtw(y, x) and autograd takes the gradients back to x and y either way.
     N, M = x.shape[1], y.shape[1]
-    strips = backend == "cpp" and gamma is not None and _runs_in_strips(x.shape[0], N, M)
+    strips = (backend == "cpp" and gamma is not None
+              and _runs_in_strips(x.shape[0], N, M, x.dtype))
     rows = cpu_checkpoint_rows(max(N, M), min(N, M)) if backend == "cpp" else 0
     if strips and keep:
-        # Up to 4 pairs: each swept alone in strips of rows (the C++ checkpointed ops run
-        # them so for segments of whole strips), not in a lane group of 8.
+        # A few pairs (cpu_soft_strip_pairs): each swept alone in strips of rows (the C++
+        # checkpointed ops run them so for segments of whole strips), not in a lane group.
         rows = _strip_segment_rows(max(N, M))
     elif backend == "cpp" and keep and gamma is not None and rows == 0 and \
             _lane_fill(x.shape[0], N, M, keep) is None and \
             (x.dtype != torch.float64 or x.shape[0] >= 3):
-        # (Since the strips above took 1 to 4 pairs of 4096 cells or more, this is reached
-        # only where CPU_CHECKPOINT_CELLS is lowered, as a test does.)
+        # (Since the strips above take 1 to 4 pairs of 4096 cells or more, this is reached
+        # only where CPU_CHECKPOINT_CELLS is lowered, as a test does, or CPU_SOFT_STRIP_PAIRS.)
         # 1 to 3 long pairs, too long to fill up to 8 (their kept state would grow 8-fold):
         # the checkpointed kernels run them in strips where S is a multiple of the lanes,
         # else as one partial lane group (its spare lanes repeat a pair; their state is per

@@ -800,6 +800,10 @@ needs_cpp = pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW ke
     (16, 8, 40, 3, None, True, "sqeuclidean"),   # mixed groups, lengths up to N = 2 S
     (3, 4, 5, 5, 0, False, "sqeuclidean"),       # one segment
     (4, 6, 41, 2, 3, True, "l1"),                # N < M: checkpointed along y (swapped)
+    # S = 8 (a multiple of the lanes) runs 5 pairs (and 8 in fp64) in strips
+    # (soft_strips_for); S = 12 keeps them in lane groups:
+    (5, 70, 12, 6, 2, True, "euclidean"),        # per-pair lengths, D > 4, lane groups
+    (8, 90, 30, 1, None, False, "sqeuclidean"),  # D = 1, lane groups in fp64 too
 ])
 def test_checkpointed_cpu_soft_dtw_matches_the_reference(monkeypatch, dtype, B, N, M, D, band,
                                                          ragged, metric):
@@ -858,7 +862,8 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
     old = dynamic_time_warping.CPU_CHECKPOINT_CELLS, dynamic_time_warping.CPU_SOFT_STRIP_PAIRS
     try:
         dynamic_time_warping.CPU_CHECKPOINT_CELLS = N * M
-        dynamic_time_warping.CPU_SOFT_STRIP_PAIRS = 0
+        dynamic_time_warping.CPU_SOFT_STRIP_PAIRS = {torch.float32: (0, 0),
+                                                     torch.float64: (0, 0)}
         (reference,) = torch.autograd.grad(ek.soft_dtw(b, y, 1.0).sum(), (b,))
     finally:
         dynamic_time_warping.CPU_CHECKPOINT_CELLS, dynamic_time_warping.CPU_SOFT_STRIP_PAIRS = old
@@ -888,6 +893,10 @@ def test_rows_shared_by_threads_match_one_thread_and_the_reference(
     bit."""
     if contended:
         monkeypatch.setenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "0")
+    # Lane groups here: 5 or 6 pairs on 2 threads would run in strips (cpu_soft_strip_pairs;
+    # the strips' threads: test_strips_pairs_are_bitwise_the_same_on_one_and_several_threads).
+    monkeypatch.setattr(dynamic_time_warping, "CPU_SOFT_STRIP_PAIRS",
+                        {torch.float32: (0, 0), torch.float64: (0, 0)})
     checked = force_cpu_checkpoints(monkeypatch) if checkpointed else (lambda run: run())
     x = torch.randn(B, N, D)
     y = torch.randn(B, M, D)
@@ -1631,15 +1640,17 @@ def _soft_dtw_ops_ran(run):
 @pytest.mark.parametrize("band", [None, 0, 3, 40])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "l1"])
 @pytest.mark.parametrize("D", [1, 3])
-def test_up_to_four_soft_pairs_run_in_strips_and_match_the_reference(dtype, band, metric, D):
-    """Up to four soft-DTW pairs run alone, each swept in strips of L rows along the
+def test_a_few_soft_pairs_run_in_strips_and_match_the_reference(dtype, band, metric, D):
+    """A few soft-DTW pairs (up to cpu_soft_strip_pairs: 4 on one thread; 6 in fp32, 8 in
+    fp64 on more) run alone, each swept in strips of L rows along the
     anti-diagonals (soft_strips_forward / soft_strips_backward), not in a lane group of 8:
     with a gradient through the checkpointed ops (segments of whole strips, recomputed with
     their weights in the backward), without one through the value-only op, unfilled. Row
     counts around the strip height and its multiples, long and wide grids (the longer side
     swept as rows), bands that cut strips, per-pair lengths: values and gradients in x and
     y equal the fp64 reference's."""
-    shapes = [(1, 77, 61), (2, 61, 77), (1, 9, 460), (3, 260, 17), (4, 96, 96)]
+    most = dynamic_time_warping.cpu_soft_strip_pairs(dtype)
+    shapes = [(1, 77, 61), (2, 61, 77), (1, 9, 460), (3, 260, 17), (4, 96, 96), (most, 70, 83)]
     for B, N, M in shapes:
         # Values the tested dtype holds exactly, so the fp64 reference sees the kernel's
         # inputs: rounding these to fp32 alone moves the (1, 9, 460) gradient by up to
@@ -1647,9 +1658,11 @@ def test_up_to_four_soft_pairs_run_in_strips_and_match_the_reference(dtype, band
         # ~1e-7 of the reference on the rounded inputs.
         x = (torch.randn(B, N, D, dtype=torch.float64) * 1.5).to(dtype).double()
         y = (torch.randn(B, M, D, dtype=torch.float64) * 1.5).to(dtype).double()
-        x_lengths = torch.tensor([N, max(1, N - 5), N // 2 + 1, max(1, N - 8)][:B])
-        y_lengths = torch.tensor([M, max(1, (3 * M) // 4), M, M // 3 + 1][:B])
-        weights = torch.tensor([0.7, 1.3, 0.9, 1.1][:B], dtype=torch.float64)
+        x_lengths = torch.tensor([N, max(1, N - 5), N // 2 + 1, max(1, N - 8), N - 1,
+                                  N // 3 + 1, N, max(1, N - 2)][:B])
+        y_lengths = torch.tensor([M, max(1, (3 * M) // 4), M, M // 3 + 1, M - 2, M, M // 2,
+                                  M - 1][:B])
+        weights = torch.linspace(0.7, 1.3, B, dtype=torch.float64)
         for lengths in (dict(), dict(x_lengths=x_lengths, y_lengths=y_lengths)):
             results = []
             for backend, dt in (("cpp", dtype), ("reference", torch.float64)):
@@ -1721,25 +1734,29 @@ def test_soft_strips_gradcheck_fp64(band):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 5])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("contended", [False, True])
 def test_strips_pairs_are_bitwise_the_same_on_one_and_several_threads(
         monkeypatch, dtype, B, threads, contended):
-    """Pairs in strips too few to spread one per thread (1 on 2 or 3 threads, 3 on 2) each
-    take two threads: the forward's strip groups handed over in a RowRing, the backward's
-    recomputes beside its walks (soft_strips_forward, soft_strips_pair_backward). The same
+    """Pairs in strips too few to spread one per thread (1 on 2 or 3 threads, 3 or 5 on 2)
+    each take two threads (3 or 5 on 3 go one per thread): the forward's strip groups handed
+    over in a RowRing, the backward's recomputes beside its walks (soft_strips_forward,
+    soft_strips_pair_backward). The same
     cells in the same order: values (with and without a gradient) and gradients equal one
     thread's bit for bit, and the reference's. `contended`: every wait counts as a lost
     core (ETHER_KERNELS_DTW_CONTENDED_WAIT_US=0), the ring's groups then run one at a
     time: still the same bits."""
     if contended:
         monkeypatch.setenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "0")
+    # In strips on one thread too (5 pairs would take lane groups there).
+    monkeypatch.setattr(dynamic_time_warping, "CPU_SOFT_STRIP_PAIRS",
+                        {torch.float32: (5, 5), torch.float64: (5, 5)})
     # >= 2^15 cells a pair (kStripsSharedMinCells); exact in dtype (see above).
     x = torch.randn(B, 230, 3, dtype=dtype).double()
     y = torch.randn(B, 190, 3, dtype=dtype).double()
-    lengths = dict(x_lengths=torch.tensor([230, 201, 215][:B]),
-                   y_lengths=torch.tensor([190, 190, 177][:B]))
+    lengths = dict(x_lengths=torch.tensor([230, 201, 215, 222, 208][:B]),
+                   y_lengths=torch.tensor([190, 190, 177, 185, 180][:B]))
     before = torch.get_num_threads()
     results = []
     try:

@@ -2645,7 +2645,7 @@ double soft_strips_forward(SoftStrips& w, int64_t D_arg, const PairBand& pb, dou
                            int64_t i_begin, int64_t i_end, const double* start,
                            double* checkpoints, int64_t every, int64_t ld,
                            W* weights_arg = nullptr, int64_t workers = 1) {
-  const int64_t D = D_arg;  // (D_arg, weights_arg: see the workers' copies below)
+  [[maybe_unused]] const int64_t D = D_arg;  // (D_arg, weights_arg: see the workers' copies below)
   constexpr int64_t L = VA::size();
   constexpr int K = kStripsInFlight;
   constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -2691,7 +2691,9 @@ double soft_strips_forward(SoftStrips& w, int64_t D_arg, const PairBand& pb, dou
   };
   const int64_t group_rows = K * L;
   const int64_t groups = (i_end - i_begin + group_rows) / group_rows;
-  workers = std::max<int64_t>(1, std::min(workers, groups));
+  // One thread once a sweep with this work area found the threads contended (RowRing,
+  // kept across its reset: the next pairs of a batch too): the same results.
+  workers = w.ring.contended() ? 1 : std::max<int64_t>(1, std::min(workers, groups));
   RowRing& ring = w.ring;
   ring.reset(workers, (row_size + L - 1) / L, m);
   auto slot = [&](int64_t q) { return reinterpret_cast<double*>(ring.slot(q)); };
@@ -2734,7 +2736,7 @@ double soft_strips_forward(SoftStrips& w, int64_t D_arg, const PairBand& pb, dou
       StripMask mask[K];
       // Per strip: the previous step's cells (R, or X's mantissas) and the one before's up
       // neighbours; left_e, diag_e: X's exponents.
-      VA left[K], diag[K], left_e[K], diag_e[K], column[K], offset[K];
+      [[maybe_unused]] VA left[K], diag[K], left_e[K], diag_e[K], column[K], offset[K];
       int64_t t_last = 0;
       for (int u = 0; u < strips; ++u) {
         const int64_t i0 = g0 + u * L;
@@ -2970,35 +2972,46 @@ void soft_strips_backward(SoftStrips& w, int64_t D_runtime, const PairBand& pb,
   }
 }
 
-// Whether a checkpointed op runs its pairs in strips, one pair per thread: up to
-// kSoftStripsMaxPairs pairs (dynamic_time_warping.CPU_SOFT_STRIP_PAIRS mirrors it, and
-// gives the measurements), with segments of whole strips. More pairs run in lane groups, and
-// so does a segment length that is not a multiple of L (tests use that to reach them).
-constexpr int64_t kSoftStripsMaxPairs = 4;
+// Whether a checkpointed op runs its pairs in strips (each pair alone) instead of lane
+// groups of 8: up to 6 pairs with fp32 arithmetic, 8 with fp64, with segments of whole
+// strips. A lane group costs 8 pairs' work whatever its lanes hold; per cell a strip costs
+// ~1.3x a full group's on 2 threads (fp32; fp64's groups use the precise exp / log, strips
+// are cheaper there), ~2x on one (dynamic_time_warping.cpu_soft_strip_pairs gives the
+// measurements, and asks for strips only up to 4 pairs on one thread). Not the thread
+// count: a forward and its backward must agree on the checkpoints' layout. More pairs run
+// in lane groups, and so does a segment length that is not a multiple of L (tests use that
+// to reach them).
+template <typename T>
+constexpr int64_t soft_strips_max_pairs() { return std::is_same_v<T, double> ? 8 : 6; }
 
-inline bool soft_strips_for(int64_t B, int64_t S) {
-  return B <= kSoftStripsMaxPairs && S % VA::size() == 0;
-}
-
-// Whether B pairs in strips run one after the other, each on two threads (the forward's
-// strip groups across them, the backward's recomputes beside its walks: ~1.8x one thread
-// for 1 x 2048^2), or one pair per thread: two a pair where one per thread would keep
-// fewer than two threads busy on average (B / ceil(B / P) < 2: on 2 threads 1 or 3 pairs;
-// 3 pairs one per thread take 2 pairs' time, each on both 1.5).
-inline bool strips_pairs_share_threads(int64_t B) {
-  const int64_t threads = at::get_num_threads();
-  return threads > 1 && B < 2 * ((B + threads - 1) / threads);
+template <typename T>
+bool soft_strips_for(int64_t B, int64_t S) {
+  return B <= soft_strips_max_pairs<T>() && S % VA::size() == 0;
 }
 
 // A pair of fewer cells stays on one thread: a parallel region would cost more than its
 // rows (as row_workers_for's lane groups).
 constexpr int64_t kStripsSharedMinCells = 1 << 15;
 
-inline int64_t strips_pair_workers(bool shared, const PairBand& pb) {
-  return shared && pb.n * pb.m >= kStripsSharedMinCells ? 2 : 1;
+// Whether B pairs in strips run one after the other, each on two threads (the forward's
+// strip groups across them, the backward's recomputes beside its walks: ~1.8x one thread
+// for 1 x 2048^2), or one pair per thread: two a pair where one per thread would keep
+// fewer than two threads busy on average (B / ceil(B / P) < 2: on 2 threads 1, 3, 5 or 7
+// pairs; 3 pairs one per thread take 2 pairs' time, each on both 1.5), and only where
+// every pair has kStripsSharedMinCells cells (by its own lengths): smaller pairs would each
+// run on one thread, one after the other, so they go one per thread instead.
+inline bool strips_pairs_share_threads(int64_t B, const int64_t* x_lengths,
+                                       const int64_t* y_lengths) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || B >= 2 * ((B + threads - 1) / threads)) return false;
+  for (int64_t b = 0; b < B; ++b) {
+    if (x_lengths[b] * y_lengths[b] < kStripsSharedMinCells) return false;
+  }
+  return true;
 }
 
-// d cost / d x = metric_scale * (the contraction's factor): 2 (x - y) for sqeuclidean.
+inline int64_t strips_pair_workers(bool shared) { return shared ? 2 : 1; }
+
 template <int kMetric>
 constexpr double strips_metric_scale() { return kMetric == kSqEuclidean ? 2.0 : 1.0; }
 
@@ -3011,7 +3024,7 @@ void xy_soft_forward_strips(const DtwXYForwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   const double inf = std::numeric_limits<double>::infinity();
-  const bool shared = strips_pairs_share_threads(a.B);
+  const bool shared = strips_pairs_share_threads(a.B, a.x_lengths, a.y_lengths);
   auto pairs = [&](int64_t begin, int64_t end) {
     const FlushSubnormalsScope flush_subnormals;  // see the class comment
     SoftStrips w;
@@ -3023,7 +3036,7 @@ void xy_soft_forward_strips(const DtwXYForwardArgs& a) {
       prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, w);
       const double value = soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(
           w, D, pb, a.gamma, 1, pb.n, nullptr, pair_kept, S, M + 1, static_cast<float*>(nullptr),
-          strips_pair_workers(shared, pb));
+          strips_pair_workers(shared));
       values[b] = static_cast<T>(value);
       // Row 0's last column records S (see xy_soft_forward_checkpointed).
       pair_kept[M] = static_cast<double>(S);
@@ -3061,10 +3074,14 @@ void soft_strips_pair_backward(SoftStrips (&recompute)[kStripsBuffers], SoftStri
   constexpr int64_t L = VA::size();
   const int64_t n = pb.n, m = pb.m;
   const int64_t segments = (n + S - 1) / S;
-  for (auto& buffer : weights) buffer.resize(S / L * strip_weight_count(m));
+  // One worker alternates nothing: one buffer and work area stay in its caches.
+  const int64_t buffers = workers > 1 ? kStripsBuffers : 1;
+  for (int64_t k = 0; k < buffers; ++k) weights[k].resize(S / L * strip_weight_count(m));
   back.above.assign(m + 1, 0.0);
   std::atomic<int64_t> next_segment{0}, walked{0};
-  // Written by R of the last segment (item 0), read by its B on the same thread.
+  // Written by R of the last segment (item 0) before its walk; every walk reads it, on
+  // either thread: each walk waits (acquire) for the one below, item 0's walk first, whose
+  // release of `walked` follows the write.
   bool end_unreachable = false;
   auto wait_until = [](const std::atomic<int64_t>& count, int64_t target) {
     while (count.load(std::memory_order_acquire) < target) std::this_thread::yield();
@@ -3074,10 +3091,10 @@ void soft_strips_pair_backward(SoftStrips (&recompute)[kStripsBuffers], SoftStri
     for (int64_t k; (k = next_segment.fetch_add(1)) < segments;) {  // k-th from the last
       const int64_t c = segments - 1 - k;
       const int64_t i_begin = c * S + 1, i_end = std::min(n, (c + 1) * S);
-      W* buffer = weights[k % kStripsBuffers].data();
-      wait_until(walked, k - (kStripsBuffers - 1));  // B_(k - 2): its buffer, work area
+      W* buffer = weights[k % buffers].data();
+      wait_until(walked, k - (buffers - 1));  // B_(k - 2): its buffer, work area
       const double value = soft_strips_forward<kMetric, kScaled>(
-          recompute[k % kStripsBuffers], D, pb, gamma, i_begin, i_end,
+          recompute[k % buffers], D, pb, gamma, i_begin, i_end,
           c > 0 ? pair_kept + c * ld : nullptr, nullptr, S, ld, buffer);
       if (k == 0) end_unreachable = value == std::numeric_limits<double>::infinity();
       wait_until(walked, k);  // B of segment k - 1: the pushes into this segment's last row
@@ -3106,7 +3123,7 @@ void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
   const int64_t N = a.N, M = a.M, D = a.D, S = a.checkpoint_rows;
   const int64_t C = (N + S - 1) / S;
   constexpr double kScale = strips_metric_scale<kMetric>();
-  const bool shared = strips_pairs_share_threads(a.B);
+  const bool shared = strips_pairs_share_threads(a.B, a.x_lengths, a.y_lengths);
   auto pairs = [&](int64_t begin, int64_t end) {
     SoftStrips recompute[kStripsBuffers], back;
     // One segment's soft-argmin weights: fp32 for fp32 inputs (as the lane groups keep
@@ -3117,16 +3134,17 @@ void xy_soft_backward_strips(const DtwXYBackwardArgs& a) {
     for (int64_t b = begin; b < end; ++b) {
       const PairBand pb(a.x_lengths[b], a.y_lengths[b], a.band);
       const int64_t n = pb.n, m = pb.m;
-      for (SoftStrips& w : recompute) {
-        prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, w);
+      const int64_t workers = strips_pair_workers(shared);
+      for (int64_t k = 0; k < (workers > 1 ? kStripsBuffers : 1); ++k) {
+        prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb,
+                            recompute[k]);
       }
       prepare_soft_strips(x + b * a.x_batch_stride, y + b * a.y_batch_stride, D, pb, back);
       gx.assign(n * D, 0.0);
       gy.assign(m * D, 0.0);
       soft_strips_pair_backward<kMetric, strips_sweep_scaled<T>()>(
           recompute, back, D, pb, a.gamma, kept + b * C * (M + 1), S, M + 1,
-          static_cast<double>(grad[b]), strips_pair_workers(shared, pb), weights, gx.data(),
-          gy.data());
+          static_cast<double>(grad[b]), workers, weights, gx.data(), gy.data());
       write_pair_gradient(gx.data(), kScale, n, N, D, gx_out, b);
       write_pair_gradient(gy.data(), -kScale, m, M, D, gy_out, b);
     }
@@ -3289,7 +3307,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
     constexpr int kMetric = decltype(metric_c)::value;
     constexpr bool kD1 = decltype(d1_c)::value;
     if (a.soft && a.checkpoint_rows > 0 && a.R != nullptr) {
-      if (soft_strips_for(a.B, a.checkpoint_rows)) xy_soft_forward_strips<T, kMetric>(a);
+      if (soft_strips_for<T>(a.B, a.checkpoint_rows)) xy_soft_forward_strips<T, kMetric>(a);
       else xy_soft_forward_checkpointed<T, kMetric>(a);
       return;
     }
@@ -3305,7 +3323,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
       // 1 or 3 single pairs (on 2 threads; strips_pairs_share_threads): one task at a time,
       // each pair in strips on two threads.
       const bool shared = lg.groups == 0 && a.R == nullptr && VA::size() > 1 &&
-                          strips_pairs_share_threads(B);
+                          strips_pairs_share_threads(B, a.x_lengths, a.y_lengths);
       for_each_task(lg.tasks(), row_workers > 1 || shared ? lg.tasks() : grain,
                     [&](auto next_task) {
         const FlushSubnormalsScope flush_subnormals;  // see the class comment
@@ -3325,7 +3343,7 @@ void xy_forward_impl(const DtwXYForwardArgs& a) {
                                 strips);
             values[b] = static_cast<T>(soft_strips_forward<kMetric, strips_sweep_scaled<T>()>(
                 strips, D, pb, a.gamma, 1, pb.n, nullptr, nullptr, 0, 0,
-                static_cast<float*>(nullptr), strips_pair_workers(shared, pb)));
+                static_cast<float*>(nullptr), strips_pair_workers(shared)));
             return;
           }
           values[b] = static_cast<T>(xy_forward_pair<kMetric, kD1, true, T, A, double>(
@@ -3462,7 +3480,7 @@ void xy_backward_impl(const DtwXYBackwardArgs& a) {
   dispatch_metric_d(a.metric, D, [&](auto metric_c, auto d1_c) {
     constexpr int kMetric = decltype(metric_c)::value;
     if (a.soft && a.checkpoint_rows > 0) {
-      if (soft_strips_for(a.B, a.checkpoint_rows)) xy_soft_backward_strips<T, kMetric>(a);
+      if (soft_strips_for<T>(a.B, a.checkpoint_rows)) xy_soft_backward_strips<T, kMetric>(a);
       else xy_soft_backward_checkpointed<T, kMetric>(a);
       return;
     }
