@@ -279,11 +279,19 @@ CPU_SOFT_STRIP_PAIRS = {torch.float32: (4, 6), torch.float64: (4, 8)}
 CPU_SOFT_STRIP_MIN_CELLS = 4096
 
 
+@torch.compiler.assume_constant_result
+def _torch_threads():
+    # torch.compile cannot trace torch.get_num_threads (an int from a torch.* call breaks a
+    # fullgraph compile): a compiled graph keeps the count it was traced with. Only the
+    # choice of strips or lane groups hangs on it, a matter of speed: both are exact.
+    return torch.get_num_threads()
+
+
 def cpu_soft_strip_pairs(dtype):
     """The most pairs of this (fp32 or fp64) dtype a C++ soft-DTW call runs in strips, for
     the current torch thread count (see CPU_SOFT_STRIP_PAIRS)."""
     one_thread, threaded = CPU_SOFT_STRIP_PAIRS[dtype]
-    return one_thread if torch.get_num_threads() == 1 else threaded
+    return one_thread if _torch_threads() == 1 else threaded
 
 
 def _runs_in_strips(B, N, M, dtype):

@@ -376,6 +376,31 @@ def test_torch_compile_fullgraph_gamma_and_lengths_change_between_calls(backend)
 
 
 @pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_compile_fullgraph_a_few_long_pairs_in_strips(threads):
+    """A few long pairs take the C++ strips by a rule that reads the torch thread count (see
+    cpu_soft_strip_pairs): a fullgraph compile traces that rule and matches eager C++."""
+    x = torch.randn(2, 83, 3, requires_grad=True)
+    y = torch.randn(2, 70, 3)
+    assert dynamic_time_warping._runs_in_strips(2, 83, 70, x.dtype)
+    previous = torch.get_num_threads()
+    torch._dynamo.reset()  # a graph traced on another thread count would be reused
+    try:
+        torch.set_num_threads(threads)
+        with ek.use_backend("cpp"):
+            compiled = torch.compile(lambda a, b: ek.soft_dtw(a, b, 0.7), fullgraph=True)
+            got = compiled(x, y)
+            (grad,) = torch.autograd.grad(got.sum(), (x,))
+            want = ek.soft_dtw(x, y, 0.7)
+            (want_grad,) = torch.autograd.grad(want.sum(), (x,))
+    finally:
+        torch.set_num_threads(previous)
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
 def test_opcheck_series_ops():
     x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
     y = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
@@ -790,6 +815,20 @@ def test_strided_inputs_match_contiguous_ones_and_are_left_unmodified(backend):
 needs_cpp = pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="the C++ DTW kernels are not built")
 
 
+def _set_schedule(monkeypatch, schedule):
+    """How the C++ kernels' threads hand rows over (RowRing): "free" as in use;
+    "contended": every wait counts as a lost core; "publish delayed": a writer stalls 50 us
+    after each publish (a test-only setting)."""
+    for name in ("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "ETHER_KERNELS_DTW_PUBLISH_DELAY_US"):
+        monkeypatch.delenv(name, raising=False)
+    if schedule == "contended":
+        monkeypatch.setenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "0")
+    elif schedule == "publish delayed":
+        monkeypatch.setenv("ETHER_KERNELS_DTW_PUBLISH_DELAY_US", "50")
+    else:
+        assert schedule == "free", schedule
+
+
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("B,N,M,D,band,ragged,metric", [
@@ -871,7 +910,7 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
 
 
 @needs_cpp
-@pytest.mark.parametrize("contended", [False, True])
+@pytest.mark.parametrize("schedule", ["free", "contended", "publish delayed"])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("B,N,M,D,band,ragged,metric,checkpointed", [
     (8, 200, 180, 4, None, False, "sqeuclidean", False),  # one lane group
@@ -882,17 +921,18 @@ def test_long_cpu_soft_dtw_keeps_checkpoints_not_the_grid():
     (8, 190, 260, 3, 50, True, "euclidean", True),        # checkpointed along y, band
 ])
 def test_rows_shared_by_threads_match_one_thread_and_the_reference(
-        monkeypatch, threads, B, N, M, D, band, ragged, metric, checkpointed, contended):
+        monkeypatch, threads, B, N, M, D, band, ragged, metric, checkpointed, schedule):
     """Fewer fp32 lane groups than threads: a group's rows are swept by several threads at
     once (RowRing in the C++ kernels: here one group of >= 2^15 cells, 2 or 3 threads, 3
     on 2 cores oversubscribed). The values and x-gradients equal one thread's exactly, the
     y-gradients to rounding (a checkpointed backward sums per-thread partial gy), two runs
-    are identical, and all match the fp64 reference. `contended`: every wait counts as a
-    lost core (ETHER_KERNELS_DTW_CONTENDED_WAIT_US=0), so the sweeps switch to one step at a
-    time, then one thread, mid-sweep: the same results as a run not contended, bit for
-    bit."""
-    if contended:
-        monkeypatch.setenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "0")
+    are identical, and all match the fp64 reference. `schedule`: "contended": every wait
+    counts as a lost core (ETHER_KERNELS_DTW_CONTENDED_WAIT_US=0), so the sweeps switch to
+    one step at a time, then one thread, mid-sweep: the same results as a run not contended,
+    bit for bit; "publish delayed": each writer stalls after every publish
+    (ETHER_KERNELS_DTW_PUBLISH_DELAY_US), so a read past the published columns would meet
+    stale ones and differ."""
+    _set_schedule(monkeypatch, schedule)
     # Lane groups here: 5 or 6 pairs on 2 threads would run in strips (cpu_soft_strip_pairs;
     # the strips' threads: test_strips_pairs_are_bitwise_the_same_on_one_and_several_threads).
     monkeypatch.setattr(dynamic_time_warping, "CPU_SOFT_STRIP_PAIRS",
@@ -923,8 +963,7 @@ def test_rows_shared_by_threads_match_one_thread_and_the_reference(
 
     one = checked(lambda: run("cpp", torch.float32, 1))
     shared = checked(lambda: run("cpp", torch.float32, threads))
-    if contended:  # the run it is compared with below: not contended
-        monkeypatch.delenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US")
+    _set_schedule(monkeypatch, "free")  # the run it is compared with below
     again = checked(lambda: run("cpp", torch.float32, threads))
     want = run("reference", torch.float64, 1)
     assert torch.equal(shared[0], one[0]) and torch.equal(shared[1], one[1])
@@ -1736,19 +1775,19 @@ def test_soft_strips_gradcheck_fp64(band):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("B", [1, 3, 5])
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("contended", [False, True])
+@pytest.mark.parametrize("schedule", ["free", "contended", "publish delayed"])
 def test_strips_pairs_are_bitwise_the_same_on_one_and_several_threads(
-        monkeypatch, dtype, B, threads, contended):
+        monkeypatch, dtype, B, threads, schedule):
     """Pairs in strips too few to spread one per thread (1 on 2 or 3 threads, 3 or 5 on 2)
     each take two threads (3 or 5 on 3 go one per thread): the forward's strip groups handed
     over in a RowRing, the backward's recomputes beside its walks (soft_strips_forward,
     soft_strips_pair_backward). The same
     cells in the same order: values (with and without a gradient) and gradients equal one
-    thread's bit for bit, and the reference's. `contended`: every wait counts as a lost
-    core (ETHER_KERNELS_DTW_CONTENDED_WAIT_US=0), the ring's groups then run one at a
-    time: still the same bits."""
-    if contended:
-        monkeypatch.setenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US", "0")
+    thread's bit for bit, and the reference's. `schedule` (see
+    test_rows_shared_by_threads_match_one_thread_and_the_reference): contended, the ring's
+    groups then run one at a time, or writers stalled after each publish: still the same
+    bits."""
+    _set_schedule(monkeypatch, schedule)
     # In strips on one thread too (5 pairs would take lane groups there).
     monkeypatch.setattr(dynamic_time_warping, "CPU_SOFT_STRIP_PAIRS",
                         {torch.float32: (5, 5), torch.float64: (5, 5)})

@@ -1324,6 +1324,7 @@ struct RowRing {
   // waits count them.
   mutable std::atomic<int> long_waits{0};
   std::chrono::nanoseconds contended_after = contended_wait();
+  std::chrono::microseconds publish_delay = publish_delay_for_tests();
 
   // `workers` threads, slots of `slot_width` vectors, rows of `row_columns` + 1 columns
   // (0 .. row_columns); every slot reads `fill` (its cleared state).
@@ -1387,6 +1388,7 @@ struct RowRing {
   }
   void publish(int64_t q, int64_t count) {
     ready[output_slot(q)].value.store(tag(q) + count, std::memory_order_release);
+    if (publish_delay.count() > 0) std::this_thread::sleep_for(publish_delay);
   }
   void release_input(int64_t q) {
     released[input_slot(q)].value.fetch_add(1, std::memory_order_acq_rel);
@@ -1412,6 +1414,15 @@ struct RowRing {
     const char* value = std::getenv("ETHER_KERNELS_DTW_CONTENDED_WAIT_US");
     const long long us = value != nullptr ? std::atoll(value) : 1000;
     return std::chrono::microseconds(std::max(0LL, us));
+  }
+  // For tests: ETHER_KERNELS_DTW_PUBLISH_DELAY_US stalls a writer that long after each
+  // publish, before it writes the next columns, so a reader that read past what was
+  // published (a wait one column short) would find the slot's stale contents there, not
+  // columns written a moment before: the tests comparing with one thread bit for bit then
+  // fail. Unset (0) in use.
+  static std::chrono::microseconds publish_delay_for_tests() {
+    const char* value = std::getenv("ETHER_KERNELS_DTW_PUBLISH_DELAY_US");
+    return std::chrono::microseconds(value != nullptr ? std::max(0LL, std::atoll(value)) : 0);
   }
   void spin_until(const std::atomic<int64_t>& counter, int64_t target) const {
     if (counter.load(std::memory_order_acquire) >= target) return;
